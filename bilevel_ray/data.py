@@ -1,0 +1,181 @@
+"""Where each step's data comes from: a stream of ``BilevelBatch(upper, lower)`` pairs.
+
+PBGD-Free draws an upper-level batch xi_t and a lower-level batch zeta_t at every step and uses
+xi_t in both its y and x updates (digest §1.5). ``solve(data=...)`` accepts:
+
+* ``None``: deterministic problems; every step gets ``BilevelBatch(None, None)``;
+* :func:`full_batch`: the same in-memory batches at every step;
+* :func:`minibatches`: random minibatches of in-memory tensors, without replacement within an
+  epoch, drawn from a generator seeded by the run's ``seed`` (reproducible, resumable);
+* a pair ``(upper_iterable, lower_iterable)`` of re-iterable batch sources (e.g. two
+  ``DataLoader``\\ s), each restarted when exhausted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bilevel_ray.errors import ConfigError
+
+__all__ = ["BilevelBatch", "FullBatch", "Minibatches", "as_batches", "full_batch", "minibatches"]
+
+
+class BilevelBatch(NamedTuple):
+    upper: Any
+    lower: Any
+
+
+def _tensors(name: str, value: Any) -> list[Tensor]:
+    """The tensors of one level's data: a tensor, or a tuple / list / dict of tensors."""
+    if isinstance(value, Tensor):
+        items = [value]
+    elif isinstance(value, (tuple, list)):
+        items = list(value)
+    elif isinstance(value, Mapping):
+        items = list(value.values())
+    else:
+        items = [value]
+    problems = []
+    for i, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            problems.append(
+                f"{name}: item {i} is a {type(t).__name__}; level data must be a tensor or a "
+                "tuple/list/dict of tensors"
+            )
+        elif t.dim() == 0:
+            problems.append(
+                f"{name}: item {i} is a 0-d tensor; data needs a leading sample dimension"
+            )
+        elif t.shape[0] == 0:
+            problems.append(f"{name}: item {i} is empty (0 samples); give at least one sample")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            problems.append(
+                f"{name}: item {i} holds {bad} NaN/Inf values; clean or impute them before solving"
+            )
+    if not problems and len({t.shape[0] for t in items}) > 1:
+        problems.append(
+            f"{name}: tensors have different numbers of samples {[t.shape[0] for t in items]}; "
+            "every tensor of a level must have the same leading dimension"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return items
+
+
+def _take(value: Any, index: Tensor) -> Any:
+    if isinstance(value, Tensor):
+        return value[index]
+    if isinstance(value, Mapping):
+        return {k: v[index] for k, v in value.items()}
+    return type(value)(v[index] for v in value)
+
+
+@dataclass(frozen=True)
+class FullBatch:
+    upper: Any
+    lower: Any
+
+    def stream(self, seed: int, start_step: int = 0) -> Iterator[BilevelBatch]:
+        return itertools.repeat(BilevelBatch(self.upper, self.lower))
+
+
+def full_batch(upper: Any, lower: Any) -> FullBatch:
+    """Use all of ``upper`` and all of ``lower`` at every step (checked for shape and NaN/Inf)."""
+    _tensors("upper", upper)
+    _tensors("lower", lower)
+    return FullBatch(upper, lower)
+
+
+@dataclass(frozen=True)
+class Minibatches:
+    upper: Any
+    lower: Any
+    upper_batch_size: int
+    lower_batch_size: int
+    sizes: tuple[int, int]
+
+    def stream(self, seed: int, start_step: int = 0) -> Iterator[BilevelBatch]:
+        """Batches from step ``start_step`` on; a resumed run gets exactly the batches it missed."""
+        generator = torch.Generator().manual_seed(int(seed))
+        up = _index_stream(self.sizes[0], self.upper_batch_size, generator)
+        low = _index_stream(self.sizes[1], self.lower_batch_size, generator)
+        for _ in range(start_step):
+            next(up), next(low)
+        while True:
+            yield BilevelBatch(_take(self.upper, next(up)), _take(self.lower, next(low)))
+
+
+def _index_stream(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    # Without replacement within an epoch; the tail shorter than a batch is dropped so every step
+    # sees the same batch size (a data-parallel all-reduce mean then weights samples equally).
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def minibatches(upper: Any, lower: Any, batch_size: int | tuple[int, int]) -> Minibatches:
+    """Random minibatches of in-memory data; ``batch_size`` is one size or (upper, lower)."""
+    n_up, n_low = _tensors("upper", upper)[0].shape[0], _tensors("lower", lower)[0].shape[0]
+    sizes = batch_size if isinstance(batch_size, (tuple, list)) else (batch_size, batch_size)
+    if len(sizes) != 2:
+        raise ConfigError(f"batch_size={batch_size!r}: give one size or a pair (upper, lower)")
+    for level, size, n in (("upper", sizes[0], n_up), ("lower", sizes[1], n_low)):
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= n:
+            raise ConfigError(
+                f"batch_size for {level}={size!r}: must be an integer in [1, {n}] "
+                f"(the {level}-level data has {n} samples)"
+            )
+    return Minibatches(upper, lower, sizes[0], sizes[1], (n_up, n_low))
+
+
+def _cycle(source: Iterable[Any], name: str) -> Iterator[Any]:
+    while True:
+        empty = True
+        for item in source:
+            empty = False
+            yield item
+        if empty:
+            raise ConfigError(f"data {name} yielded no batch; it must yield at least one")
+
+
+def as_batches(data: Any, seed: int, start_step: int = 0) -> Iterator[BilevelBatch]:
+    """Normalise ``solve(data=...)`` into an endless iterator of :class:`BilevelBatch`."""
+    if data is None:
+        return itertools.repeat(BilevelBatch(None, None))
+    if isinstance(data, (FullBatch, Minibatches)):
+        return data.stream(seed, start_step)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        upper, lower = data
+        if isinstance(upper, Tensor) or isinstance(lower, Tensor):
+            raise ConfigError(
+                "data=(tensor, tensor) is ambiguous: for in-memory tensors pass "
+                "br.full_batch(upper=..., lower=...) or br.minibatches(upper=..., lower=..., "
+                "batch_size=...)"
+            )
+        for name, source in (("upper", upper), ("lower", lower)):
+            if not isinstance(source, Iterable):
+                raise ConfigError(
+                    f"data {name} source is a {type(source).__name__}: must be re-iterable "
+                    "(e.g. a DataLoader or a list of batches)"
+                )
+            if iter(source) is source:
+                raise ConfigError(
+                    f"data {name} source is a one-shot iterator: it cannot restart for a second "
+                    "epoch; pass a list or a DataLoader instead"
+                )
+        stream = (
+            BilevelBatch(u, v) for u, v in zip(_cycle(upper, "upper"), _cycle(lower, "lower"))
+        )
+        return itertools.islice(stream, start_step, None)
+    raise ConfigError(
+        f"data is a {type(data).__name__}: pass None, br.full_batch(...), br.minibatches(...) or "
+        "a pair (upper_batches, lower_batches) of re-iterable batch sources"
+    )

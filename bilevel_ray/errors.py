@@ -1,0 +1,47 @@
+"""The library's exceptions.
+
+Every message follows one template: *where*, *what*, *the value*, *the rule*, *the fix*, e.g.
+``lr_x=-0.1: must be > 0; pass a positive step size such as lr_x=0.01``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+__all__ = ["BilevelRayError", "ConfigError", "DivergenceError"]
+
+
+class BilevelRayError(Exception):
+    """Base class of every error bilevel_ray raises on purpose."""
+
+
+class ConfigError(BilevelRayError, ValueError):
+    """Bad input found before any work started; lists every problem found, one per line."""
+
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(message)
+
+
+class DivergenceError(BilevelRayError, FloatingPointError):
+    """A loss became NaN or infinite; names the step and carries the last finite metrics."""
+
+    def __init__(self, step: int, metric: str, last_finite: Mapping[str, float] | None):
+        self.step = step
+        self.metric = metric
+        self.last_finite = dict(last_finite or {})
+        shown = (
+            ", ".join(f"{k}={v:.6g}" for k, v in self.last_finite.items())
+            if self.last_finite
+            else "none (the first step already failed)"
+        )
+        super().__init__(
+            f"diverged at step {step}: {metric} is not finite; last finite metrics: {shown}. "
+            "Lower lr_x / lr_y, or use a smaller gamma or a gamma ramp."
+        )

@@ -1,0 +1,299 @@
+"""What a bilevel problem is, and adapters that make one from ``nn.Module``s.
+
+The problem is ``min_x f(x, y*(x))`` with ``y*(x) in argmin_y g(x, y)``. Any object with
+
+    upper_loss(x, y, batch) -> scalar Tensor     # f, evaluated on an upper-level batch
+    lower_loss(x, y, batch) -> scalar Tensor     # g, evaluated on a lower-level batch
+
+is a problem; ``x`` and ``y`` are :data:`~bilevel_ray.tree.Params`. The solvers pass the
+upper-level part of a step's data to ``upper_loss`` and the lower-level part to ``lower_loss``
+(``None`` for deterministic problems).
+
+Modules are adapted through ``torch.func.functional_call``, so a solver can evaluate g at a second
+copy of y (PBGD's value-function copy) without copying the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.tree import Params
+
+__all__ = [
+    "BilevelProblem",
+    "ProblemSpec",
+    "check_losses",
+    "check_params",
+    "check_problem",
+    "module_problem",
+    "split_module_problem",
+]
+
+
+@runtime_checkable
+class BilevelProblem(Protocol):
+    def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor: ...
+
+    def lower_loss(self, x: Params, y: Params, batch: Any) -> Tensor: ...
+
+
+@dataclass
+class ProblemSpec:
+    """Everything a run needs besides the solver settings: what a problem factory returns.
+
+    ``data`` is anything :func:`bilevel_ray.data.as_batches` accepts; ``defaults`` holds the
+    solver settings that suit this problem (a user's keywords override them).
+    """
+
+    problem: BilevelProblem
+    x0: Params
+    y0: Params
+    data: Any = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def check_params(x0: Any, y0: Any) -> None:
+    """Refuse x0 / y0 that are not disjoint dicts of floating tensors, listing every problem."""
+    problems = []
+    for name, group in (("x0", x0), ("y0", y0)):
+        if not isinstance(group, Mapping):
+            problems.append(
+                f"{name} is a {type(group).__name__}: must be a dict of tensors such as "
+                f"{{'w': torch.zeros(3)}}"
+            )
+            continue
+        if not group:
+            problems.append(f"{name} is empty: each level needs at least one tensor to optimize")
+        for key, value in group.items():
+            if not isinstance(key, str):
+                problems.append(f"{name} key {key!r}: names must be strings")
+            if not isinstance(value, Tensor):
+                problems.append(
+                    f"{name}[{key!r}] is a {type(value).__name__}: must be a torch.Tensor "
+                    f"(wrap it: torch.tensor({value!r}))"
+                )
+            elif not value.is_floating_point():
+                problems.append(
+                    f"{name}[{key!r}] has dtype {value.dtype}: must be floating point; "
+                    f"use .float() or .double()"
+                )
+    if not problems:
+        shared = sorted(set(x0) & set(y0))
+        if shared:
+            problems.append(
+                f"x0 and y0 share the names {shared}: each tensor belongs to exactly one level; "
+                "rename one of them"
+            )
+        y_storage = {v.untyped_storage().data_ptr(): k for k, v in y0.items() if v.numel()}
+        for k, v in x0.items():
+            other = y_storage.get(v.untyped_storage().data_ptr()) if v.numel() else None
+            if other is not None:
+                problems.append(
+                    f"x0[{k!r}] and y0[{other!r}] are the same tensor (shared memory, e.g. tied "
+                    "weights): each level needs its own; pass a .clone() or untie the weights"
+                )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _selector(
+    name: str, spec: str | Iterable[str] | Callable[[str], bool]
+) -> Callable[[str], bool]:
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise ConfigError(f"{name}={spec!r}: not a valid regular expression ({err})") from None
+        return lambda n: pattern.search(n) is not None
+    names = set(spec)
+    return lambda n: n in names
+
+
+class _SingleModelProblem:
+    """One model; x and y are two disjoint groups of its parameters, the rest is frozen."""
+
+    def __init__(self, model: nn.Module, frozen: Params, upper: Callable, lower: Callable):
+        self.model, self.frozen, self._upper, self._lower = model, frozen, upper, lower
+
+    def _forward(self, x: Params, y: Params) -> Callable[..., Any]:
+        params = {**self.frozen, **x, **y}
+        return lambda *args, **kwargs: functional_call(self.model, params, args, kwargs)
+
+    def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self._upper(self._forward(x, y), batch)
+
+    def lower_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self._lower(self._forward(x, y), batch)
+
+
+def module_problem(
+    model: nn.Module,
+    *,
+    x: str | Iterable[str] | Callable[[str], bool],
+    y: str | Iterable[str] | Callable[[str], bool],
+    upper_loss: Callable[[Callable[..., Any], Any], Tensor],
+    lower_loss: Callable[[Callable[..., Any], Any], Tensor],
+) -> tuple[BilevelProblem, Params, Params]:
+    """Adapt one model whose parameters split by name into x (upper) and y (lower).
+
+    ``x`` and ``y`` select parameter names: a regular expression (``"lora_"``), a list of exact
+    names, or a predicate. Parameters in neither group, and all buffers, are frozen.
+    The losses receive ``forward`` (the model called with the current x and y) and the batch::
+
+        problem, x0, y0 = br.module_problem(
+            model, x="lora_", y=r"^lm_head\\.",
+            upper_loss=lambda forward, batch: dpo_loss(forward(batch["ids"]), batch),
+            lower_loss=lambda forward, batch: sft_loss(forward(batch["ids"]), batch))
+
+    Returns ``(problem, x0, y0)`` with x0, y0 detached copies of the selected parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model is a {type(model).__name__}: must be a torch.nn.Module")
+    in_x, in_y = _selector("x", x), _selector("y", y)
+    named = dict(model.named_parameters())
+    both = sorted(n for n in named if in_x(n) and in_y(n))
+    if both:
+        raise ConfigError(
+            f"parameters {both} match both x={x!r} and y={y!r}: the groups must be disjoint; "
+            "narrow one selector"
+        )
+    x0 = {n: p.detach().clone() for n, p in named.items() if in_x(n)}
+    y0 = {n: p.detach().clone() for n, p in named.items() if in_y(n)}
+    for level, group, spec in (("x", x0, x), ("y", y0, y)):
+        if not group:
+            sample = ", ".join(list(named)[:6])
+            raise ConfigError(
+                f"{level}={spec!r} selects no parameter of the model; its parameters are named "
+                f"like: {sample}"
+            )
+    frozen = {n: p.detach() for n, p in named.items() if n not in x0 and n not in y0}
+    frozen.update({n: b.detach() for n, b in model.named_buffers()})
+    return _SingleModelProblem(model, frozen, upper_loss, lower_loss), x0, y0
+
+
+class _TwoModuleProblem:
+    """Separate upper (x) and lower (y) modules; names carry an ``upper.`` / ``lower.`` prefix."""
+
+    def __init__(
+        self,
+        modules: tuple[nn.Module, nn.Module],
+        frozen: tuple[Params, Params],
+        upper: Callable,
+        lower: Callable,
+    ):
+        self.modules, self.frozen, self._upper, self._lower = modules, frozen, upper, lower
+
+    def _forwards(self, x: Params, y: Params) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        px = {**self.frozen[0], **{k[len("upper.") :]: v for k, v in x.items()}}
+        py = {**self.frozen[1], **{k[len("lower.") :]: v for k, v in y.items()}}
+        return (
+            lambda *a, **kw: functional_call(self.modules[0], px, a, kw),
+            lambda *a, **kw: functional_call(self.modules[1], py, a, kw),
+        )
+
+    def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self._upper(*self._forwards(x, y), batch)
+
+    def lower_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self._lower(*self._forwards(x, y), batch)
+
+
+def split_module_problem(
+    upper_module: nn.Module,
+    lower_module: nn.Module,
+    *,
+    upper_loss: Callable[[Callable[..., Any], Callable[..., Any], Any], Tensor],
+    lower_loss: Callable[[Callable[..., Any], Callable[..., Any], Any], Tensor],
+) -> tuple[BilevelProblem, Params, Params]:
+    """Adapt separate modules: x = the trainable parameters of ``upper_module`` (named
+    ``upper.<name>``), y = those of ``lower_module`` (``lower.<name>``); parameters with
+    ``requires_grad=False`` and buffers stay frozen.
+
+    The losses receive ``(x_forward, y_forward, batch)``, e.g. for representation learning
+    (x = feature extractor, y = head)::
+
+        mse = lambda fx, fy, b: ((fy(fx(b[0])).squeeze(-1) - b[1]) ** 2).mean()
+        problem, x0, y0 = br.split_module_problem(extractor, head, upper_loss=mse, lower_loss=mse)
+    """
+    modules = (upper_module, lower_module)
+    for name, module in zip(("upper_module", "lower_module"), modules):
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"{name} is a {type(module).__name__}: must be a torch.nn.Module")
+    if {id(p) for p in upper_module.parameters()} & {id(p) for p in lower_module.parameters()}:
+        raise ConfigError(
+            "upper_module and lower_module share parameter tensors: each level needs its own; "
+            "pass separate modules (or use module_problem to split one model by name)"
+        )
+    groups, frozen = [], []
+    for name, prefix, module in zip(
+        ("upper_module", "lower_module"), ("upper.", "lower."), modules
+    ):
+        params = dict(module.named_parameters())
+        trainable = {prefix + n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+        if not trainable:
+            raise ConfigError(
+                f"{name} has no trainable parameter (all have requires_grad=False): its level "
+                "would have nothing to optimize"
+            )
+        rest = {n: p.detach() for n, p in params.items() if not p.requires_grad}
+        rest.update({n: b.detach() for n, b in module.named_buffers()})
+        groups.append(trainable)
+        frozen.append(rest)
+    problem = _TwoModuleProblem(modules, (frozen[0], frozen[1]), upper_loss, lower_loss)
+    return problem, groups[0], groups[1]
+
+
+def check_problem(problem: Any) -> None:
+    missing = [m for m in ("upper_loss", "lower_loss") if not callable(getattr(problem, m, None))]
+    if missing:
+        raise ConfigError(
+            f"problem {type(problem).__name__} lacks {', '.join(missing)}: a problem needs "
+            "upper_loss(x, y, batch) and lower_loss(x, y, batch) returning scalar tensors "
+            "(or build one with br.module_problem / br.split_module_problem)"
+        )
+
+
+def check_losses(problem: BilevelProblem, x: Params, y: Params, batch: Any) -> None:
+    """Evaluate f and g once at (x, y) and refuse what no solver can use, listing every problem."""
+    problems = []
+    xl = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+    yl = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+    for name, fn, part, wrt in (
+        ("upper_loss", problem.upper_loss, batch.upper, "x or y"),
+        ("lower_loss", problem.lower_loss, batch.lower, "y"),
+    ):
+        with torch.enable_grad():
+            out = fn(xl, yl, part)
+        if not isinstance(out, Tensor):
+            problems.append(
+                f"{name} returned a {type(out).__name__}: must return a scalar torch.Tensor"
+            )
+        elif out.dim() != 0:
+            problems.append(
+                f"{name} returned a tensor of shape {tuple(out.shape)}: must be a scalar (0-d) "
+                "tensor; reduce it with .mean() or .sum()"
+            )
+        elif not out.is_floating_point():
+            problems.append(f"{name} returned dtype {out.dtype}: must be floating point")
+        elif not bool(torch.isfinite(out)):
+            problems.append(f"{name} is {float(out)} at the initial point: fix x0 / y0 or the data")
+        else:
+            inputs = list(yl.values()) if wrt == "y" else [*xl.values(), *yl.values()]
+            grads = torch.autograd.grad(out, inputs, allow_unused=True) if out.requires_grad else []
+            if not any(g is not None for g in grads):
+                problems.append(
+                    f"{name} does not depend on {wrt}: its gradient is undefined; compute it "
+                    "from the x and y it receives (not from copies or .detach()ed tensors)"
+                )
+    if problems:
+        raise ConfigError(problems)

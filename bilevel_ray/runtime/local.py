@@ -1,0 +1,212 @@
+"""The local runtime: ``br.solve`` runs a solver in this process, with no Ray.
+
+    for t in range(steps): state, metrics = solver.step(state, next(batches))
+
+Everything is validated before step 0 (settings, x0 / y0, data, one evaluation of each loss).
+Metrics become floats only every ``report_every`` steps; a non-finite loss stops the run with
+:class:`~bilevel_ray.errors.DivergenceError`. With ``checkpoint_path`` the state, the RNG, the
+history so far and the settings are saved every ``checkpoint_every`` steps, and ``resume=True``
+continues from there with the same batches and the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from bilevel_ray.config import SolverConfig
+from bilevel_ray.data import as_batches
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
+from bilevel_ray.runtime.checkpoint import load_checkpoint, save_checkpoint
+from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
+from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict, state_to_dict
+from bilevel_ray.tree import Params
+
+__all__ = ["SolveResult", "solve"]
+
+
+@dataclass
+class SolveResult:
+    """Final iterates, the logged history (``HISTORY_SCHEMA``), the solver state and settings."""
+
+    x: Params
+    y: Params
+    history: pa.Table
+    state: SolverState
+    config: dict[str, Any]
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
+    """A SolverConfig from keywords, refusing unknown ones by name."""
+    allowed = {f.name for f in fields(SolverConfig)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown keyword(s) {unknown}; solver settings are: {', '.join(sorted(allowed))}; "
+            "run settings are: steps, data, seed, report_every, history_path, checkpoint_path, "
+            "checkpoint_every, resume, progress, grad_reduce"
+        )
+    return SolverConfig(method=method, **options)
+
+
+def solve(
+    problem: BilevelProblem,
+    x0: Params,
+    y0: Params,
+    *,
+    method: str = "pbgd_free",
+    steps: int = 1000,
+    data: Any = None,
+    seed: int = 0,
+    report_every: int = 10,
+    history_path: str | os.PathLike[str] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+    grad_reduce: GradReduce | None = None,
+    **solver_options: Any,
+) -> SolveResult:
+    """Solve ``min_x f(x, y*(x))`` from ``(x0, y0)`` with ``method``, in this process.
+
+    Args:
+        problem: an object with ``upper_loss(x, y, batch)`` and ``lower_loss(x, y, batch)``.
+        x0, y0: initial upper / lower variables (dicts of floating tensors; copied, not modified).
+        method: ``pbgd_free`` (default), ``pbgd``, ``alt_pbgd``, ``f2sa``, ``bome``,
+            ``implicit_cg``.
+        steps: total iterations (a resumed run continues up to this count).
+        data: ``None``, ``br.full_batch(...)``, ``br.minibatches(...)`` or a pair of batch
+            sources; see :mod:`bilevel_ray.data`.
+        seed: seeds torch's RNG for the run (restored afterwards) and the minibatch sampler.
+        report_every: log a history row (and check for divergence) every this many steps.
+        history_path: also write the history to this Parquet file.
+        checkpoint_path, checkpoint_every, resume: save every K steps; continue a saved run.
+        progress: print one line per logged row (at most every 2 s) to stderr.
+        grad_reduce: the gradient reduction (identity here; the Ray runtime injects its own).
+        **solver_options: the :class:`~bilevel_ray.config.SolverConfig` fields (``lr_x``,
+            ``lr_y``, ``gamma``, ``inner_steps``, ``optimizer``, ...).
+
+    Raises:
+        ConfigError: bad input, before any step runs.
+        DivergenceError: a loss became NaN or infinite (names the step).
+    """
+    steps = _count("steps", steps, 1)
+    report_every = _count("report_every", report_every, 1)
+    seed = _count("seed", seed, 0)
+    checkpoint_every = _count("checkpoint_every", checkpoint_every, 0)
+    if (checkpoint_every or resume) and checkpoint_path is None:
+        raise ConfigError(
+            "checkpoint_every / resume need checkpoint_path: pass checkpoint_path='run/ckpt.pt'"
+        )
+    if checkpoint_path is not None and not checkpoint_every:
+        raise ConfigError(
+            f"checkpoint_path={str(checkpoint_path)!r} given with checkpoint_every=0: nothing "
+            "would be saved; pass checkpoint_every=K"
+        )
+    config = solver_config(method, solver_options)
+    check_problem(problem)
+    check_params(x0, y0)
+    solver = config.build(problem, grad_reduce)
+
+    saved = _load_resume(checkpoint_path, config) if resume else None
+    if saved is not None:
+        state = state_from_dict(saved["state"])
+        recorder = HistoryRecorder(method, report_every, saved["history"], saved["elapsed_s"])
+    else:
+        state = solver.init(x0, y0)
+        recorder = HistoryRecorder(method, report_every)
+
+    batches = as_batches(data, seed, start_step=state.step)
+    first = next(batches)
+    check_losses(problem, state.x, state.y, first)
+    batches = itertools.chain([first], batches)
+
+    with torch.random.fork_rng(devices=[]):
+        if saved is not None:
+            torch.set_rng_state(saved["rng"])
+        else:
+            torch.manual_seed(seed)
+        try:
+            state = _run(
+                solver,
+                state,
+                batches,
+                steps,
+                recorder,
+                progress,
+                checkpoint_path,
+                checkpoint_every,
+                config,
+            )
+        finally:
+            if history_path is not None:
+                write_parquet(recorder.table(), history_path)
+    return SolveResult(state.x, state.y, recorder.table(), state, config.to_dict())
+
+
+def _run(
+    solver, state, batches, steps, recorder, progress, checkpoint_path, checkpoint_every, config
+) -> SolverState:
+    last_print = -float("inf")
+    for t in range(state.step, steps):
+        state, metrics = solver.step(state, next(batches))
+        row = recorder.record(t + 1, metrics)
+        if (
+            progress
+            and row is not None
+            and (recorder.elapsed - last_print >= 2.0 or t + 1 == steps)
+        ):
+            last_print = recorder.elapsed
+            print(_progress_line(row, steps), file=sys.stderr, flush=True)
+        if checkpoint_every and (t + 1) % checkpoint_every == 0:
+            recorder.flush()
+            save_checkpoint(
+                {
+                    "state": state_to_dict(state),
+                    "rng": torch.get_rng_state(),
+                    "history": recorder.rows,
+                    "elapsed_s": recorder.elapsed,
+                    "config": config.to_dict(),
+                },
+                checkpoint_path,
+            )
+    recorder.flush()
+    return state
+
+
+def _load_resume(path: Any, config: SolverConfig) -> dict[str, Any] | None:
+    if not Path(path).exists():
+        return None
+    saved = load_checkpoint(path)
+    if saved.get("config") != config.to_dict():
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written with other solver settings "
+            f"({saved.get('config')}); resume with the same settings or pass resume=False"
+        )
+    return saved
+
+
+def _progress_line(row: dict[str, Any], steps: int) -> str:
+    shown = " ".join(
+        f"{k}={row[k]:.5g}"
+        for k in ("upper/loss", "lower/loss", "penalty/gamma")
+        if row[k] == row[k]  # skip NaN: the method has no such quantity
+    )
+    return (
+        f"[{row['method']}] step {row['step']}/{steps} {shown} "
+        f"({1e3 * row['time/step_s']:.2f} ms/step, {row['time/elapsed_s']:.1f} s)"
+    )

@@ -1,0 +1,35 @@
+"""One solver per file, all of the same ``(init, step)`` shape; chosen by name through SOLVERS."""
+
+from __future__ import annotations
+
+from bilevel_ray.solvers.alt_pbgd import alt_pbgd
+from bilevel_ray.solvers.base import BilevelSolver, SolverState, state_from_dict, state_to_dict
+from bilevel_ray.solvers.bome import bome
+from bilevel_ray.solvers.f2sa import f2sa
+from bilevel_ray.solvers.implicit_cg import implicit_cg, implicit_hypergradient
+from bilevel_ray.solvers.pbgd import pbgd
+from bilevel_ray.solvers.pbgd_free import pbgd_free
+
+__all__ = [
+    "SOLVERS",
+    "BilevelSolver",
+    "SolverState",
+    "alt_pbgd",
+    "bome",
+    "f2sa",
+    "implicit_cg",
+    "implicit_hypergradient",
+    "pbgd",
+    "pbgd_free",
+    "state_from_dict",
+    "state_to_dict",
+]
+
+SOLVERS = {
+    "pbgd_free": pbgd_free,
+    "pbgd": pbgd,
+    "alt_pbgd": alt_pbgd,
+    "f2sa": f2sa,
+    "bome": bome,
+    "implicit_cg": implicit_cg,
+}

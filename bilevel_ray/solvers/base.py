@@ -1,0 +1,142 @@
+"""The solver contract and the gradient plumbing every solver shares.
+
+A solver is a pair ``(init, step)``::
+
+    state = solver.init(x0, y0)
+    state, metrics = solver.step(state, batch)      # batch: BilevelBatch(upper, lower)
+
+The contract (the conformance tests enforce it):
+
+1. ``step`` returns the new state and the caller drops the old one; tensors are updated in place
+   for memory, so the returned state may alias the input.
+2. No tensor in a state has autograd history. Gradients come from ``torch.autograd.grad`` on
+   detached leaf views, never from ``.backward()`` into ``.grad``.
+3. No hidden state: the step count, optimizer moments, value-function copies and multipliers all
+   live in :class:`SolverState`, which round-trips through :func:`state_to_dict` /
+   :func:`state_from_dict` and ``torch.load(weights_only=True)``.
+4. Every gradient a solver uses passes through the injected ``grad_reduce`` once per level and
+   evaluation (identity locally, an all-reduce mean in data-parallel workers).
+5. Metrics are 0-d tensors or floats; turning them into Python floats (a device sync) is the
+   runtime's job, done only every ``report_every`` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.tree import Params
+
+__all__ = [
+    "BilevelSolver",
+    "GradReduce",
+    "Metrics",
+    "SolverState",
+    "check_inner_steps",
+    "descend",
+    "grads_of",
+    "identity_reduce",
+    "state_from_dict",
+    "state_to_dict",
+]
+
+Metrics = dict[str, Any]
+GradReduce = Callable[[Params], Params]
+
+
+class SolverState(NamedTuple):
+    """One solver's whole state.
+
+    ``opt`` holds one optimizer state per updated group (``"x"``, ``"y"`` and, where the method
+    has them, ``"y_g"`` / ``"y_hat"``); ``extra`` holds the method's other variables (the
+    value-function copy ``y_g``, a multiplier).
+    """
+
+    step: int
+    x: Params
+    y: Params
+    opt: dict[str, Any]
+    extra: dict[str, Any]
+
+
+class BilevelSolver(NamedTuple):
+    name: str
+    init: Callable[[Params, Params], SolverState]
+    step: Callable[[SolverState, Any], tuple[SolverState, Metrics]]
+
+
+def identity_reduce(grads: Params) -> Params:
+    return grads
+
+
+def grads_of(
+    fn: Callable[..., tuple[Tensor, Metrics]],
+    groups: Sequence[Params],
+    reduce: GradReduce,
+) -> tuple[Tensor, Metrics, list[Params]]:
+    """Gradients of ``objective, aux = fn(*groups)`` with respect to every group, in one backward.
+
+    Each group is reduced on its own (one collective per level). A parameter the objective does
+    not depend on gets a zero gradient.
+    """
+    leaves = [{k: v.detach().requires_grad_(True) for k, v in g.items()} for g in groups]
+    with torch.enable_grad():
+        objective, aux = fn(*leaves)
+    flat = [t for g in leaves for t in g.values()]
+    if objective.requires_grad:
+        flat_grads = torch.autograd.grad(objective, flat, allow_unused=True, materialize_grads=True)
+    else:
+        flat_grads = tuple(torch.zeros_like(t) for t in flat)
+    out, i = [], 0
+    for g in leaves:
+        out.append(reduce(dict(zip(g, flat_grads[i : i + len(g)]))))
+        i += len(g)
+    return objective.detach(), aux, out
+
+
+def descend(
+    fn: Callable[[Params], tuple[Tensor, Metrics]],
+    params: Params,
+    rule: Any,
+    opt_state: Any,
+    t: int,
+    steps: int,
+    reduce: GradReduce,
+) -> Metrics:
+    """``steps`` updates of ``params`` (in place) along the gradient of ``fn``; returns the aux
+    metrics of the last evaluation (taken before its update)."""
+    aux: Metrics = {}
+    for _ in range(steps):
+        _, aux, (grads,) = grads_of(fn, [params], reduce)
+        rule.apply(params, grads, opt_state, t)
+    return aux
+
+
+def check_inner_steps(value: Any, name: str = "inner_steps") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"{name}={value!r}: must be an integer >= 1 (1 is the single-loop choice)"
+        )
+    return value
+
+
+def state_to_dict(state: SolverState) -> dict[str, Any]:
+    """A plain nested dict of tensors and numbers (``torch.load(weights_only=True)`` safe)."""
+    return {"step": state.step, "x": state.x, "y": state.y, "opt": state.opt, "extra": state.extra}
+
+
+def state_from_dict(d: Any) -> SolverState:
+    keys = {"step", "x", "y", "opt", "extra"}
+    if not isinstance(d, dict) or set(d) != keys:
+        got = sorted(d) if isinstance(d, dict) else type(d).__name__
+        raise ConfigError(
+            f"not a solver state: expected the keys {sorted(keys)}, got {got}; load a file "
+            "written by state_to_dict (a bilevel_ray checkpoint)"
+        )
+    if isinstance(d["step"], bool) or not isinstance(d["step"], int) or d["step"] < 0:
+        raise ConfigError(f"solver state step={d['step']!r}: must be an integer >= 0")
+    return SolverState(d["step"], d["x"], d["y"], d["opt"], d["extra"])

@@ -1,0 +1,91 @@
+"""BOME: bilevel optimization made easy, a value-function method with an adaptive multiplier.
+
+Liu, Ye, Wright, Stone, Liu. *BOME! Bilevel Optimization Made Easy: A Simple First-Order
+Approach*. NeurIPS 2022 (digest §4.4). With q(x, y) = g(x, y) - g(x, y_hat), one step is::
+
+    for k = 1..K:   y_hat <- y_hat - lr_y * grad_y g(x, y_hat; zeta_t)          (warm-started)
+    phi    = eta * || grad q(x, y) ||^2
+    lam    = max( (phi - < grad f(x, y), grad q(x, y) >) / || grad q(x, y) ||^2 , 0 )
+    (x, y) <- (x, y) - (lr_x, lr_y) * [ grad f(x, y) + lam * grad q(x, y) ]
+
+where grad = (grad_x, grad_y) over both levels and y_hat is held fixed inside q, so
+grad_x q = grad_x g(x, y) - grad_x g(x, y_hat) and grad_y q = grad_y g(x, y). ``eta`` is
+``bome_eta`` (0.5 in the official code). When grad q = 0 the multiplier is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.problem import BilevelProblem
+from bilevel_ray.solvers.base import (
+    BilevelSolver,
+    GradReduce,
+    Metrics,
+    SolverState,
+    check_inner_steps,
+    grads_of,
+    identity_reduce,
+)
+from bilevel_ray.solvers.penalty import value_function_steps
+from bilevel_ray.tree import Params, clone, vdot
+from bilevel_ray.updates import UpdateRule
+
+__all__ = ["bome"]
+
+
+def bome(
+    problem: BilevelProblem,
+    *,
+    update_x: UpdateRule,
+    update_y: UpdateRule,
+    bome_eta: float = 0.5,
+    inner_steps: int = 5,
+    grad_reduce: GradReduce | None = None,
+) -> BilevelSolver:
+    """Build BOME; ``inner_steps`` is T, the lower-level steps for y_hat per iteration."""
+    if (
+        isinstance(bome_eta, bool)
+        or not isinstance(bome_eta, (int, float))
+        or not (0.0 < bome_eta < math.inf)
+    ):
+        raise ConfigError(f"bome_eta={bome_eta!r}: must be a finite number > 0; BOME uses 0.5")
+    inner_steps = check_inner_steps(inner_steps)
+    reduce = grad_reduce or identity_reduce
+
+    def init(x0: Params, y0: Params) -> SolverState:
+        x, y, y_hat = clone(x0), clone(y0), clone(y0)
+        opt = {"x": update_x.init(x), "y": update_y.init(y), "y_hat": update_y.init(y_hat)}
+        return SolverState(0, x, y, opt, {"y_hat": y_hat})
+
+    def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
+        t, x, y, y_hat = state.step, state.x, state.y, state.extra["y_hat"]
+        aux = value_function_steps(
+            problem, x, y_hat, update_y, state.opt["y_hat"], t, inner_steps, batch, reduce
+        )
+        f, _, (fx, fy) = grads_of(
+            lambda x_, y_: (problem.upper_loss(x_, y_, batch.upper), {}), [x, y], reduce
+        )
+
+        def gap(x_: Params, y_: Params) -> tuple[Any, Metrics]:
+            g = problem.lower_loss(x_, y_, batch.lower)
+            return g - problem.lower_loss(x_, y_hat, batch.lower), {"lower/loss": g.detach()}
+
+        _, gap_aux, (qx, qy) = grads_of(gap, [x, y], reduce)
+        q_sq = vdot(qx, qx) + vdot(qy, qy)
+        inner = vdot(fx, qx) + vdot(fy, qy)
+        safe = torch.where(q_sq > 0, q_sq, torch.ones_like(q_sq))
+        lam = torch.where(q_sq > 0, torch.clamp((bome_eta * q_sq - inner) / safe, min=0), 0.0)
+        # lam stays a 0-d tensor: a float() here would sync the device every step.
+        step_x = {k: fx[k] + lam * qx[k] for k in fx}
+        step_y = {k: fy[k] + lam * qy[k] for k in fy}
+        update_x.apply(x, step_x, state.opt["x"], t)
+        update_y.apply(y, step_y, state.opt["y"], t)
+        metrics = {"upper/loss": f, **gap_aux, **aux, "penalty/multiplier": lam}
+        return state._replace(step=t + 1), metrics
+
+    return BilevelSolver("bome", init, step)

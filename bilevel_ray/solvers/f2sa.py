@@ -1,0 +1,82 @@
+"""F2SA: fully first-order stochastic approximation with a growing Lagrange multiplier.
+
+Kwon, Kwon, Wright, Nowak. *A Fully First-Order Method for Stochastic Bilevel Optimization*.
+ICML 2023 (digest §4.3). With the Lagrangian L_lam(x, y, z) = f(x, y) + lam * [g(x, y) - g(x, z)],
+one step is::
+
+    for k = 1..K:   z <- z - lr_y * grad_z g(x, z; zeta_t)
+    for k = 1..K:   y <- y - lr_y * [ grad_y f(x, y; xi_t) / lam_t + grad_y g(x, y; zeta_t) ]
+    x <- x - lr_x * [ grad_x f(x, y) + lam_t * ( grad_x g(x, y) - grad_x g(x, z) ) ]
+    lam_{t+1} = lam_t + delta_t
+
+The y step is Kwon et al.'s ``y - alpha (grad_y f + lam grad_y g)`` with alpha = lr_y / lam_t, so
+lr_y keeps its lower-level meaning. The multiplier starts at ``gamma`` and grows by the schedule
+``multiplier_growth`` (delta_t >= 0); it lives in the state, so it is checkpointed and resumed.
+z is stored as ``y_g`` (it is the value-function copy). With delta = 0 this is ALT-PBGD at a
+fixed penalty, which is what the official PBGD-Free code calls F2SA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.problem import BilevelProblem
+from bilevel_ray.schedules import ScalarOrSchedule, as_schedule, positive_schedule
+from bilevel_ray.solvers.base import (
+    BilevelSolver,
+    GradReduce,
+    Metrics,
+    SolverState,
+    check_inner_steps,
+    identity_reduce,
+)
+from bilevel_ray.solvers.penalty import alternating_penalty_step
+from bilevel_ray.tree import Params, clone
+from bilevel_ray.updates import UpdateRule
+
+__all__ = ["f2sa"]
+
+
+def f2sa(
+    problem: BilevelProblem,
+    *,
+    update_x: UpdateRule,
+    update_y: UpdateRule,
+    gamma: float,
+    multiplier_growth: ScalarOrSchedule = 0.0,
+    inner_steps: int = 5,
+    grad_reduce: GradReduce | None = None,
+) -> BilevelSolver:
+    """Build F2SA; ``gamma`` is the initial multiplier lam_0, ``multiplier_growth`` is delta_t."""
+    lam0 = positive_schedule("gamma", gamma)(0)
+    growth = as_schedule("multiplier_growth", multiplier_growth)
+
+    def growth_at(t: int) -> float:
+        delta = growth(t)
+        if not isinstance(delta, (int, float)) or not (0.0 <= delta < math.inf):
+            raise ConfigError(
+                f"multiplier_growth is {delta!r} at step {t}: must be a finite number >= 0 (the "
+                "multiplier only grows); use 0 for a fixed multiplier"
+            )
+        return float(delta)
+
+    growth_at(0)
+    inner_steps = check_inner_steps(inner_steps)
+    reduce = grad_reduce or identity_reduce
+
+    def init(x0: Params, y0: Params) -> SolverState:
+        x, y, z = clone(x0), clone(y0), clone(y0)
+        opt = {"x": update_x.init(x), "y": update_y.init(y), "y_g": update_y.init(z)}
+        return SolverState(0, x, y, opt, {"y_g": z, "multiplier": lam0})
+
+    def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
+        lam = state.extra["multiplier"]
+        metrics = alternating_penalty_step(
+            problem, state, lam, update_x, update_y, inner_steps, batch, reduce
+        )
+        state.extra["multiplier"] = lam + growth_at(state.step)
+        return state._replace(step=state.step + 1), {**metrics, "penalty/gamma": lam}
+
+    return BilevelSolver("f2sa", init, step)

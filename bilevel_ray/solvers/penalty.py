@@ -1,0 +1,84 @@
+"""Pieces shared by the value-function penalty methods (PBGD, ALT-PBGD, F2SA).
+
+With y_g ~ argmin_y g(x, y) (the value-function copy) the penalty gradient in x is
+(digest §1.3, Eq. 5 of the PBGD-Free paper)::
+
+    grad_x F = grad_x f(x, y) + gamma * [ grad_x g(x, y) - grad_x g(x, y_g) ]
+
+computed here in one backward pass and reduced once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from bilevel_ray.problem import BilevelProblem
+from bilevel_ray.solvers.base import GradReduce, Metrics, descend, grads_of
+from bilevel_ray.tree import Params
+from bilevel_ray.updates import UpdateRule
+
+__all__ = ["alternating_penalty_step", "penalty_objective", "value_function_steps"]
+
+
+def value_function_steps(
+    problem: BilevelProblem,
+    x: Params,
+    y_g: Params,
+    rule: UpdateRule,
+    opt_state: Any,
+    t: int,
+    steps: int,
+    batch: Any,
+    reduce: GradReduce,
+) -> Metrics:
+    """Warm-started inner loop ``y_g <- y_g - lr * grad_y g(x, y_g)``, in place."""
+
+    def lower(y_: Params) -> tuple[Tensor, Metrics]:
+        g = problem.lower_loss(x, y_, batch.lower)
+        return g, {"value/loss": g.detach()}
+
+    return descend(lower, y_g, rule, opt_state, t, steps, reduce)
+
+
+def penalty_objective(
+    problem: BilevelProblem, x: Params, y: Params, y_g: Params, gamma: float, batch: Any
+) -> tuple[Tensor, Metrics]:
+    """f(x, y) + gamma * [g(x, y) - g(x, y_g)], whose x-gradient is the penalty gradient."""
+    f = problem.upper_loss(x, y, batch.upper)
+    g = problem.lower_loss(x, y, batch.lower)
+    g_value = problem.lower_loss(x, y_g, batch.lower)
+    return f + gamma * (g - g_value), {"upper/loss": f.detach(), "lower/loss": g.detach()}
+
+
+def alternating_penalty_step(
+    problem: BilevelProblem,
+    state: Any,
+    gamma: float,
+    update_x: UpdateRule,
+    update_y: UpdateRule,
+    inner_steps: int,
+    batch: Any,
+    reduce: GradReduce,
+) -> Metrics:
+    """The ALT-PBGD / F2SA iteration body, updating ``state``'s tensors in place::
+
+    K steps on g for y_g;  K steps on f / gamma + g for y;  one x step on the penalty gradient.
+    """
+    t, x, y, y_g = state.step, state.x, state.y, state.extra["y_g"]
+    value_aux = value_function_steps(
+        problem, x, y_g, update_y, state.opt["y_g"], t, inner_steps, batch, reduce
+    )
+
+    def perturbed_lower(y_: Params) -> tuple[Tensor, Metrics]:
+        return problem.upper_loss(x, y_, batch.upper) / gamma + problem.lower_loss(
+            x, y_, batch.lower
+        ), {}
+
+    descend(perturbed_lower, y, update_y, state.opt["y"], t, inner_steps, reduce)
+    _, metrics, (grad_x,) = grads_of(
+        lambda x_: penalty_objective(problem, x_, y, y_g, gamma, batch), [x], reduce
+    )
+    update_x.apply(x, grad_x, state.opt["x"], t)
+    return {**metrics, **value_aux}

@@ -1,0 +1,55 @@
+"""Parameters as ``dict[str, Tensor]`` and the few operations the solvers need on them.
+
+Example:
+    >>> import torch
+    >>> a = {"w": torch.tensor([1.0, 2.0])}
+    >>> float(vdot(a, a))
+    5.0
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Params",
+    "add_scaled",
+    "clone",
+    "detach",
+    "sub",
+    "vdot",
+    "zeros_like",
+]
+
+Params = dict[str, Tensor]
+"""A named group of tensors: one level's variables (x or y), gradients or optimizer moments."""
+
+
+def clone(p: Params) -> Params:
+    """A detached copy that owns its memory."""
+    return {k: v.detach().clone() for k, v in p.items()}
+
+
+def detach(p: Params) -> Params:
+    """Views without autograd history (no copy)."""
+    return {k: v.detach() for k, v in p.items()}
+
+
+def zeros_like(p: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in p.items()}
+
+
+def sub(a: Params, b: Params) -> Params:
+    """a - b, key by key."""
+    return dict(zip(a, torch._foreach_sub(list(a.values()), [b[k] for k in a])))
+
+
+def add_scaled(a: Params, b: Params, scale: float) -> Params:
+    """a + scale * b, key by key (a new dict; the inputs are not modified)."""
+    return dict(zip(a, torch._foreach_add(list(a.values()), [b[k] for k in a], alpha=scale)))
+
+
+def vdot(a: Params, b: Params) -> Tensor:
+    """Inner product <a, b> summed over all keys, as a 0-d tensor (no host sync)."""
+    return torch.stack([torch.sum(a[k] * b[k]) for k in a]).sum()
