@@ -8,7 +8,7 @@ fails before a run (or a sweep) starts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -17,8 +17,15 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule
 from bilevel_ray.solvers import SOLVERS, BilevelSolver
-from bilevel_ray.solvers.base import GradReduce
-from bilevel_ray.updates import UpdateRule, make_update
+from bilevel_ray.solvers.base import KNOB_CHECKS, GradReduce
+from bilevel_ray.updates import (
+    NEUTRAL_OPTIONS,
+    OPTIMIZERS,
+    OPTIONS,
+    UpdateRule,
+    make_update,
+    stray_options,
+)
 
 __all__ = ["METHOD_OPTIONS", "SolverConfig"]
 
@@ -32,6 +39,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "implicit_cg": {"inner_steps": 20, "cg_steps": 10, "cg_ridge": 0.0},
 }
 _SCHEDULE_FIELDS = ("lr_x", "lr_y", "gamma", "multiplier_growth")
+_METHOD_SPECIFIC = ("gamma", "inner_steps", "multiplier_growth", "bome_eta", "cg_steps", "cg_ridge")
 
 
 @dataclass(frozen=True)
@@ -73,39 +81,62 @@ class SolverConfig:
         if isinstance(self.optimizer, list):
             object.__setattr__(self, "optimizer", tuple(self.optimizer))
         problems = []
-        if self.method not in SOLVERS:
-            problems.append(f"method={self.method!r}: unknown; choose one of {', '.join(SOLVERS)}")
-        else:
-            allowed = METHOD_OPTIONS[self.method]
-            for name in (
-                "gamma",
-                "inner_steps",
-                "multiplier_growth",
-                "bome_eta",
-                "cg_steps",
-                "cg_ridge",
-            ):
-                if getattr(self, name) is not None and name not in allowed:
-                    takers = [m for m, opts in METHOD_OPTIONS.items() if name in opts]
-                    problems.append(
-                        f"{name}={getattr(self, name)!r} does not apply to method={self.method!r} "
-                        f"(only to {', '.join(takers)}); remove it"
-                    )
-        if not problems:
-            # Building the update rules and the solver checks every value; collect them all.
-            # The factories only capture the problem, so building for None is a dry run.
-            for check in (self._update_x, self._update_y):
+        for name in _SCHEDULE_FIELDS:
+            if isinstance(getattr(self, name), Mapping):
                 try:
-                    check()
+                    value = schedules.from_dict(dict(getattr(self, name)), name=name)
                 except ConfigError as err:
                     problems.extend(err.problems)
-            if not problems:
-                try:
-                    self.build(None)  # type: ignore[arg-type]
-                except ConfigError as err:
-                    problems.extend(err.problems)
+                    continue
+                object.__setattr__(self, name, value)
+        problems += [] if problems else self._problems()
         if problems:
             raise ConfigError(list(dict.fromkeys(problems)))
+
+    def _problems(self) -> list[str]:
+        if not isinstance(self.method, str) or self.method not in SOLVERS:
+            return [f"method={self.method!r}: unknown; choose one of {', '.join(SOLVERS)}"]
+        problems = []
+        allowed = METHOD_OPTIONS[self.method]
+        for name in _METHOD_SPECIFIC:
+            if getattr(self, name) is not None and name not in allowed:
+                takers = [m for m, opts in METHOD_OPTIONS.items() if name in opts]
+                problems.append(
+                    f"{name}={getattr(self, name)!r} does not apply to method={self.method!r} "
+                    f"(only to {', '.join(takers)}); remove it"
+                )
+        try:
+            kinds = self._kinds()
+        except ConfigError as err:
+            # Without valid kinds the step sizes can still be checked on their own.
+            problems.extend(err.problems)
+            for name in ("lr_x", "lr_y"):
+                try:
+                    schedules.positive_schedule(name, getattr(self, name))
+                except ConfigError as lr_err:
+                    problems.extend(lr_err.problems)
+            return problems + self._knob_problems()
+        stray = stray_options(set(kinds), self._optimizer_options())
+        if stray:
+            problems.append(
+                f"optimizer={self.optimizer!r} does not take {', '.join(stray)}; "
+                + "; ".join(f"{k} takes {', '.join(OPTIONS[k])}" for k in sorted(set(kinds)))
+            )
+        for build_rule in (self._update_x, self._update_y):
+            try:
+                build_rule()
+            except ConfigError as err:
+                problems.extend(err.problems)
+        return problems + self._knob_problems()
+
+    def _knob_problems(self) -> list[str]:
+        problems = []
+        for name in METHOD_OPTIONS[self.method]:
+            try:
+                KNOB_CHECKS[name](self.option(name))
+            except ConfigError as err:
+                problems.extend(err.problems)
+        return problems
 
     def option(self, name: str) -> Any:
         """The value in force: the given one, else the method's default."""
@@ -113,27 +144,24 @@ class SolverConfig:
         return METHOD_OPTIONS[self.method].get(name) if value is None else value
 
     def _kinds(self) -> tuple[str, str]:
-        if isinstance(self.optimizer, str):
-            return self.optimizer, self.optimizer
-        if isinstance(self.optimizer, tuple) and len(self.optimizer) == 2:
-            return self.optimizer
-        raise ConfigError(
-            f"optimizer={self.optimizer!r}: must be 'sgd', 'adam' or a pair such as "
-            "('adam', 'sgd') for (x, y)"
-        )
+        opt = self.optimizer
+        kinds = (opt, opt) if isinstance(opt, str) else opt
+        if (
+            not isinstance(kinds, tuple)
+            or len(kinds) != 2
+            or not all(isinstance(k, str) and k in OPTIMIZERS for k in kinds)
+        ):
+            raise ConfigError(
+                f"optimizer={opt!r}: must be one of {', '.join(OPTIMIZERS)} or a pair such as "
+                "('adam', 'sgd') for (x, y)"
+            )
+        return kinds
+
+    def _optimizer_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in NEUTRAL_OPTIONS}
 
     def _rule(self, level: int, lr: ScalarOrSchedule, name: str) -> UpdateRule:
-        return make_update(
-            self._kinds()[level],
-            lr,
-            name=name,
-            momentum=self.momentum,
-            nesterov=self.nesterov,
-            betas=self.betas,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            decoupled_weight_decay=self.decoupled_weight_decay,
-        )
+        return make_update(self._kinds()[level], lr, name=name, **self._optimizer_options())
 
     def _update_x(self) -> UpdateRule:
         return self._rule(0, self.lr_x, "lr_x")
@@ -141,26 +169,45 @@ class SolverConfig:
     def _update_y(self) -> UpdateRule:
         return self._rule(1, self.lr_y, "lr_y")
 
+    def _factory(
+        self,
+        problem: BilevelProblem,
+        update_x: UpdateRule,
+        update_y: UpdateRule,
+        grad_reduce: GradReduce | None = None,
+    ) -> BilevelSolver:
+        knobs = {name: self.option(name) for name in METHOD_OPTIONS[self.method]}
+        return SOLVERS[self.method](
+            problem, update_x=update_x, update_y=update_y, grad_reduce=grad_reduce, **knobs
+        )
+
     def build(
         self, problem: BilevelProblem, grad_reduce: GradReduce | None = None
     ) -> BilevelSolver:
         """The solver these settings describe, for ``problem``."""
-        knobs = {name: self.option(name) for name in METHOD_OPTIONS[self.method]}
-        factory: Callable[..., BilevelSolver] = SOLVERS[self.method]
-        return factory(
-            problem,
-            update_x=self._update_x(),
-            update_y=self._update_y(),
-            grad_reduce=grad_reduce,
-            **knobs,
-        )
+        return self._factory(problem, self._update_x(), self._update_y(), grad_reduce)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (schedules as dicts); the inverse of :meth:`from_dict`."""
+    def to_dict(self, strict: bool = True) -> dict[str, Any]:
+        """Plain JSON-able values (schedules as dicts); the inverse of :meth:`from_dict`.
+
+        A user-written schedule (a plain callable) cannot be serialised: ``strict=True`` raises
+        ConfigError, ``strict=False`` puts its ``repr`` instead (for display only).
+        """
         d = asdict(self)
         for name in _SCHEDULE_FIELDS:
-            if d[name] is not None:
-                d[name] = schedules.to_dict(getattr(self, name))
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if strict:
+                try:
+                    d[name] = schedules.to_dict(value)
+                except ConfigError:
+                    raise ConfigError(
+                        f"{name}={value!r}: a user-written schedule cannot be saved with the "
+                        "settings (checkpoints, Tune); use a br.schedules one"
+                    ) from None
+            else:
+                d[name] = schedules.to_dict_or_repr(value)
         d["betas"] = list(self.betas)
         if isinstance(self.optimizer, tuple):
             d["optimizer"] = list(self.optimizer)
@@ -168,14 +215,12 @@ class SolverConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SolverConfig:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"solver settings must be a dict, got {type(d).__name__}")
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ConfigError(
                 f"unknown solver setting(s) {unknown}; the allowed ones are: {', '.join(allowed)}"
             )
-        values = dict(d)
-        for name in _SCHEDULE_FIELDS:
-            if isinstance(values.get(name), Mapping):
-                values[name] = schedules.from_dict(dict(values[name]), name=name)
-        return cls(**values)
+        return cls(**d)

@@ -74,7 +74,8 @@ def _take(value: Any, index: Tensor) -> Any:
         return value[index]
     if isinstance(value, Mapping):
         return {k: v[index] for k, v in value.items()}
-    return type(value)(v[index] for v in value)
+    items = [v[index] for v in value]
+    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,11 @@ def _selector(
 ) -> Callable[[str], bool]:
     if callable(spec):
         return spec
+    if not isinstance(spec, (str, Iterable)):
+        raise ConfigError(
+            f"{name}={spec!r}: select parameters with a regular expression, a list of names or "
+            "a predicate name -> bool"
+        )
     if isinstance(spec, str):
         try:
             pattern = re.compile(spec)
@@ -169,9 +174,18 @@ def module_problem(
         )
     x0 = {n: p.detach().clone() for n, p in named.items() if in_x(n)}
     y0 = {n: p.detach().clone() for n, p in named.items() if in_y(n)}
+    if not named:
+        raise ConfigError(f"model {type(model).__name__} has no parameters to split into x and y")
+    sample = ", ".join(list(named)[:6])
     for level, group, spec in (("x", x0, x), ("y", y0, y)):
+        if not isinstance(spec, str) and not callable(spec):
+            unknown = sorted(set(spec) - set(named))
+            if unknown:
+                raise ConfigError(
+                    f"{level} names {unknown} that the model does not have; its parameters are "
+                    f"named like: {sample}"
+                )
         if not group:
-            sample = ", ".join(list(named)[:6])
             raise ConfigError(
                 f"{level}={spec!r} selects no parameter of the model; its parameters are named "
                 f"like: {sample}"
@@ -241,9 +255,10 @@ def split_module_problem(
         params = dict(module.named_parameters())
         trainable = {prefix + n: p.detach().clone() for n, p in params.items() if p.requires_grad}
         if not trainable:
+            why = "all have requires_grad=False" if params else "it has no parameters"
             raise ConfigError(
-                f"{name} has no trainable parameter (all have requires_grad=False): its level "
-                "would have nothing to optimize"
+                f"{name} has no trainable parameter ({why}): its level would have nothing to "
+                "optimize"
             )
         rest = {n: p.detach() for n, p in params.items() if not p.requires_grad}
         rest.update({n: b.detach() for n, b in module.named_buffers()})
@@ -286,7 +301,9 @@ def check_losses(problem: BilevelProblem, x: Params, y: Params, batch: Any) -> N
         elif not out.is_floating_point():
             problems.append(f"{name} returned dtype {out.dtype}: must be floating point")
         elif not bool(torch.isfinite(out)):
-            problems.append(f"{name} is {float(out)} at the initial point: fix x0 / y0 or the data")
+            problems.append(
+                f"{name} is {float(out.detach())} at the initial point: fix x0 / y0 or the data"
+            )
         else:
             inputs = list(yl.values()) if wrt == "y" else [*xl.values(), *yl.values()]
             grads = torch.autograd.grad(out, inputs, allow_unused=True) if out.requires_grad else []

@@ -26,10 +26,12 @@ __all__ = [
     "ScalarOrSchedule",
     "Schedule",
     "as_schedule",
+    "checked_value",
     "constant",
     "from_dict",
     "inverse_power",
     "linear",
+    "nonnegative_schedule",
     "pbgd_ramp",
     "positive_schedule",
     "positive_value",
@@ -58,8 +60,8 @@ class constant:
     def __call__(self, t: int) -> float:
         return self.value
 
-    def always_positive(self) -> bool:
-        return self.value > 0
+    def minimum(self) -> tuple[float, bool]:
+        return self.value, True
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,25 @@ class linear:
         frac = min(max((t - self.transition_begin) / self.transition_steps, 0.0), 1.0)
         return self.init_value + (self.end_value - self.init_value) * frac
 
-    def always_positive(self) -> bool:
-        return min(self.init_value, self.end_value) > 0
+    def minimum(self) -> tuple[float, bool]:
+        return min(self.init_value, self.end_value), True
 
 
 def pbgd_ramp(gamma_init: float, gamma_max: float, gamma_argmax_step: int) -> linear:
     """The PBGD penalty ramp: gamma grows linearly from gamma_init to gamma_max at step
     gamma_argmax_step and stays there (Shen & Chen 2023's schedule, in their vocabulary)."""
-    return linear(gamma_init, gamma_max, gamma_argmax_step)
+    if (
+        isinstance(gamma_argmax_step, bool)
+        or not isinstance(gamma_argmax_step, int)
+        or (gamma_argmax_step < 0)
+    ):
+        raise ConfigError(
+            f"gamma_argmax_step={gamma_argmax_step!r}: must be an integer >= 0 (the step at "
+            "which gamma reaches gamma_max)"
+        )
+    return linear(
+        _finite("gamma_init", gamma_init), _finite("gamma_max", gamma_max), gamma_argmax_step
+    )
 
 
 @dataclass(frozen=True)
@@ -123,17 +136,23 @@ class inverse_power:
     def __call__(self, t: int) -> float:
         return self.scale / (t + self.offset) ** self.exponent
 
-    def always_positive(self) -> bool:
-        return self.scale > 0
+    def minimum(self) -> tuple[float, bool]:
+        start = self.scale / self.offset**self.exponent
+        if self.scale == 0 or self.exponent == 0:
+            return start, True
+        if self.exponent > 0:  # decays towards 0 from the side of the scale's sign
+            return (0.0, False) if self.scale > 0 else (start, True)
+        return (start, True) if self.scale > 0 else (-math.inf, False)
 
 
 _KINDS: dict[str, type] = {"constant": constant, "linear": linear, "inverse_power": inverse_power}
 
 
 def as_schedule(name: str, value: ScalarOrSchedule) -> Schedule:
-    """A float becomes ``constant(value)``; a callable is used as is; anything else is refused."""
+    """A number becomes ``constant(value)``; a dict from :func:`to_dict` is rebuilt; a callable
+    is used as is; anything else is refused."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return constant(float(value))
+        return constant(_finite(name, value))
     if isinstance(value, dict):
         return from_dict(value, name=name)
     if callable(value):
@@ -144,31 +163,50 @@ def as_schedule(name: str, value: ScalarOrSchedule) -> Schedule:
     )
 
 
-def positive_schedule(name: str, value: ScalarOrSchedule) -> Schedule:
+def positive_schedule(name: str, value: ScalarOrSchedule, example: str = "0.01") -> Schedule:
     """:func:`as_schedule`, refusing a schedule that is or may become <= 0.
 
-    Built-in schedules are checked over all steps at once; a user callable is checked at t = 0
-    here and at every later step by :func:`positive_value`.
+    Built-in schedules are checked over all steps at once (their ``minimum()``); a user callable
+    is checked at t = 0 here and must be checked at later steps with :func:`positive_value`.
     """
+    return _bounded_schedule(name, value, example, strict=True)
+
+
+def nonnegative_schedule(name: str, value: ScalarOrSchedule, example: str = "0.0") -> Schedule:
+    """:func:`as_schedule`, refusing a schedule that is or may become < 0."""
+    return _bounded_schedule(name, value, example, strict=False)
+
+
+def _bounded_schedule(name: str, value: Any, example: str, strict: bool) -> Schedule:
     schedule = as_schedule(name, value)
-    ok = schedule.always_positive() if hasattr(schedule, "always_positive") else True
+    if hasattr(schedule, "minimum"):
+        low, attained = schedule.minimum()
+        ok = low > 0 or (low == 0 and not attained) if strict else low >= 0
+    else:
+        ok = True
     if ok:
-        ok = positive_value(name, schedule, 0) > 0
-    if not ok:
-        raise ConfigError(
-            f"{name}={to_dict_or_repr(schedule)}: must stay > 0 at every step; pass a positive "
-            f"value such as {name}=10.0"
-        )
-    return schedule
+        checked_value(name, schedule, 0, strict=strict)
+        return schedule
+    rule = "> 0" if strict else ">= 0"
+    raise ConfigError(f"{name}={value!r}: must stay {rule} at every step; e.g. {name}={example}")
 
 
 def positive_value(name: str, schedule: Schedule, t: int) -> float:
     """schedule(t), checked to be a finite number > 0 (one float comparison per step)."""
+    return checked_value(name, schedule, t, strict=True)
+
+
+def checked_value(name: str, schedule: Schedule, t: int, strict: bool = True) -> float:
     value = schedule(t)
-    if not isinstance(value, (int, float)) or not (0 < value < math.inf):
+    ok = (
+        isinstance(value, (int, float))
+        and value < math.inf
+        and (value > 0 if strict else value >= 0)
+    )
+    if not ok:
+        rule = "> 0" if strict else ">= 0"
         raise ConfigError(
-            f"{name} schedule returned {value!r} at step {t}: must be a finite number > 0; "
-            "fix the schedule"
+            f"{name} is {value!r} at step {t}: must be a finite number {rule}; fix the schedule"
         )
     return float(value)
 
@@ -195,7 +233,8 @@ def to_dict(schedule: ScalarOrSchedule) -> dict[str, Any] | float:
 
 def from_dict(d: dict[str, Any], name: str = "schedule") -> Schedule:
     """Inverse of :func:`to_dict`."""
-    kind = d.get("kind")
+    kind = d.get("kind") if isinstance(d, dict) else None
+    kind = kind if isinstance(kind, str) else None
     if kind not in _KINDS:
         raise ConfigError(
             f"{name}={d!r}: 'kind' must be one of {sorted(_KINDS)}; e.g. "

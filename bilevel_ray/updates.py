@@ -26,10 +26,10 @@ from typing import Any, NamedTuple
 import torch
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.schedules import ScalarOrSchedule, positive_schedule
+from bilevel_ray.schedules import ScalarOrSchedule, positive_schedule, positive_value
 from bilevel_ray.tree import Params
 
-__all__ = ["OPTIMIZERS", "UpdateRule", "adam", "make_update", "sgd"]
+__all__ = ["OPTIMIZERS", "OPTIONS", "UpdateRule", "adam", "make_update", "sgd", "stray_options"]
 
 OptState = dict[str, Any]
 
@@ -42,18 +42,32 @@ class UpdateRule(NamedTuple):
     apply: Callable[[Params, Params, OptState, int], OptState]
 
 
-def _check_unit(name: str, value: float, *, upper_open: bool = True) -> float:
-    if not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
-        raise ConfigError(f"{name}={value!r}: must be in [0, 1); typical values are 0.9 or 0.999")
+def _unit(name: str, value: Any, problems: list[str]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        problems.append(f"{name}={value!r}: must be in [0, 1); typical values are 0.9 or 0.999")
+        return 0.0
     return float(value)
 
 
-def _check_nonneg(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not (0.0 <= value < math.inf):
-        raise ConfigError(
+def _nonnegative(name: str, value: Any, problems: list[str]) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (0.0 <= value < math.inf)
+    ):
+        problems.append(
             f"{name}={value!r}: must be a finite number >= 0; use {name}=0.0 to disable"
         )
+        return 0.0
     return float(value)
+
+
+def _learning_rate(name: str, lr: Any, problems: list[str]) -> Any:
+    try:
+        return positive_schedule(name, lr)
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return None
 
 
 def sgd(
@@ -65,11 +79,14 @@ def sgd(
     name: str = "lr",
 ) -> UpdateRule:
     """Stochastic gradient descent with optional heavy-ball or Nesterov momentum."""
-    lr_t = positive_schedule(name, lr)
-    momentum = _check_unit("momentum", momentum)
-    weight_decay = _check_nonneg("weight_decay", weight_decay)
-    if nesterov and momentum == 0.0:
-        raise ConfigError("nesterov=True needs momentum > 0; set momentum=0.9 or nesterov=False")
+    problems: list[str] = []
+    lr_t = _learning_rate(name, lr, problems)
+    momentum = _unit("momentum", momentum, problems)
+    weight_decay = _nonnegative("weight_decay", weight_decay, problems)
+    if nesterov and momentum == 0.0 and not problems:
+        problems.append("nesterov=True needs momentum > 0; set momentum=0.9 or nesterov=False")
+    if problems:
+        raise ConfigError(problems)
 
     def init(params: Params) -> OptState:
         if momentum == 0.0:
@@ -90,7 +107,7 @@ def sgd(
                 torch._foreach_add_(bufs, d)
             state["count"] += 1
             d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
-        torch._foreach_add_(p, d, alpha=-lr_t(t))
+        torch._foreach_add_(p, d, alpha=-positive_value(name, lr_t, t))
         return state
 
     return UpdateRule("sgd", init, apply)
@@ -106,13 +123,18 @@ def adam(
     name: str = "lr",
 ) -> UpdateRule:
     """Adam; AdamW (the official LLM code's optimizer) with ``decoupled_weight_decay=True``."""
-    lr_t = positive_schedule(name, lr)
+    problems: list[str] = []
+    lr_t = _learning_rate(name, lr, problems)
+    b1 = b2 = 0.0
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ConfigError(f"betas={betas!r}: must be a pair (beta1, beta2) such as (0.9, 0.999)")
-    b1, b2 = _check_unit("betas[0]", betas[0]), _check_unit("betas[1]", betas[1])
-    if not isinstance(eps, (int, float)) or not (0.0 < eps < math.inf):
-        raise ConfigError(f"eps={eps!r}: must be > 0; the usual value is 1e-8")
-    weight_decay = _check_nonneg("weight_decay", weight_decay)
+        problems.append(f"betas={betas!r}: must be a pair (beta1, beta2) such as (0.9, 0.999)")
+    else:
+        b1, b2 = _unit("betas[0]", betas[0], problems), _unit("betas[1]", betas[1], problems)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < eps < math.inf):
+        problems.append(f"eps={eps!r}: must be a finite number > 0; the usual value is 1e-8")
+    weight_decay = _nonnegative("weight_decay", weight_decay, problems)
+    if problems:
+        raise ConfigError(problems)
 
     def init(params: Params) -> OptState:
         return {
@@ -122,7 +144,7 @@ def adam(
         }
 
     def apply(params: Params, grads: Params, state: OptState, t: int) -> OptState:
-        lr = lr_t(t)
+        lr = positive_value(name, lr_t, t)
         p = list(params.values())
         d = [grads[k] for k in params]
         m, v = list(state["m"].values()), list(state["v"].values())
@@ -146,33 +168,34 @@ def adam(
 
 OPTIMIZERS: dict[str, Callable[..., UpdateRule]] = {"sgd": sgd, "adam": adam}
 
-_OPTIONS = {
+OPTIONS = {
     "sgd": ("momentum", "weight_decay", "nesterov"),
     "adam": ("betas", "eps", "weight_decay", "decoupled_weight_decay"),
+}
+NEUTRAL_OPTIONS: dict[str, Any] = {
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "nesterov": False,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "decoupled_weight_decay": False,
 }
 
 
 def make_update(kind: str, lr: ScalarOrSchedule, *, name: str = "lr", **options: Any) -> UpdateRule:
-    """Build an update rule by name; options that do not apply to ``kind`` are ignored only when
-    they hold their neutral value, so that ``momentum=0.9`` with Adam is reported, not lost."""
-    if kind not in OPTIMIZERS:
+    """Build an update rule by name, passing it the options it takes (see :func:`stray_options`
+    for refusing the ones no level takes)."""
+    if not isinstance(kind, str) or kind not in OPTIMIZERS:
         raise ConfigError(
             f"optimizer={kind!r}: unknown; choose one of {sorted(OPTIMIZERS)} "
             "(or a pair such as ('adam', 'sgd') for x and y)"
         )
-    neutral = {
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "nesterov": False,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "decoupled_weight_decay": False,
-    }
-    stray = [k for k, v in options.items() if k not in _OPTIONS[kind] and v != neutral.get(k)]
-    if stray:
-        raise ConfigError(
-            f"optimizer={kind!r} does not take {', '.join(stray)}; it takes "
-            f"{', '.join(_OPTIONS[kind])} (drop the others or choose the other optimizer)"
-        )
-    kept = {k: v for k, v in options.items() if k in _OPTIONS[kind]}
+    kept = {k: v for k, v in options.items() if k in OPTIONS[kind]}
     return OPTIMIZERS[kind](lr, name=name, **kept)
+
+
+def stray_options(kinds: set[str], options: dict[str, Any]) -> list[str]:
+    """Options set away from their neutral value that none of ``kinds`` takes (so that
+    ``momentum=0.9`` with Adam is reported, not silently lost)."""
+    taken = {o for k in kinds if k in OPTIONS for o in OPTIONS[k]}
+    return [k for k, v in options.items() if k not in taken and v != NEUTRAL_OPTIONS.get(k)]

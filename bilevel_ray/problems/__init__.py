@@ -50,20 +50,33 @@ def load_factory(ref: str) -> ProblemFactory:
             "path/to/file.py:factory or package.module:factory"
         )
     where, _, attr = ref.rpartition(":")
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise ConfigError(f"problem {ref!r}: file {where!r} does not exist")
-        spec = importlib.util.spec_from_file_location(f"bilevel_ray_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[spec.name] = module  # type: ignore[union-attr]
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise ConfigError(f"problem {ref!r}: cannot import {where!r} ({err})") from None
+    if not where or not attr:
+        raise ConfigError(
+            f"problem {ref!r}: give both parts, as in path/to/file.py:factory or "
+            "package.module:factory"
+        )
+    try:
+        module = _import_module(where)
+    except ConfigError:
+        raise
+    except Exception as err:  # the user's module failed while importing: say which and why
+        raise ConfigError(
+            f"problem {ref!r}: importing {where!r} failed ({type(err).__name__}: {err})"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"problem {ref!r}: {where!r} has no callable named {attr!r}")
     return factory
+
+
+def _import_module(where: str) -> Any:
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ConfigError(f"problem file {where!r} does not exist")
+        spec = importlib.util.spec_from_file_location(f"bilevel_ray_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[spec.name] = module  # type: ignore[union-attr]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module
+    return importlib.import_module(where)

@@ -11,7 +11,9 @@ import torch
 
 from bilevel_ray.errors import ConfigError
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_KEYS = ("state", "rng", "history", "elapsed_s", "config")
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -29,12 +31,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a bad file; report them all alike
+        # torch's own text may advise weights_only=False, which would run code from the file.
         raise ConfigError(
-            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); it is "
-            "truncated, corrupted or not a bilevel_ray checkpoint. Delete it to start afresh."
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}): it is truncated, "
+            "corrupted or not a bilevel_ray checkpoint. Delete it to start afresh."
         ) from None
-    if not isinstance(payload, dict) or "state" not in payload:
+    missing = sorted(set(CHECKPOINT_KEYS) - set(payload)) if isinstance(payload, dict) else None
+    if missing is None or missing:
         raise ConfigError(
-            f"checkpoint {str(path)!r} is not a bilevel_ray checkpoint (no 'state' entry)"
+            f"checkpoint {str(path)!r} is not a bilevel_ray checkpoint (missing "
+            f"{missing if missing else 'everything: not a dict'}); delete it to start afresh"
         )
     return payload

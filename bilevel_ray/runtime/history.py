@@ -90,12 +90,15 @@ class HistoryRecorder:
         keys = [k for k in METRIC_KEYS if k in window[-1][1]]
         values = _to_floats([[m.get(k, math.nan) for k in keys] for _, m in window])
         last = self.last or {}
-        last_finite = {k: v for k, v in last.items() if k == "step" or k in METRIC_KEYS}
+        last_finite = {
+            k: v for k, v in last.items() if k == "step" or (k in METRIC_KEYS and math.isfinite(v))
+        }
         for (step, _), row_values in zip(window, values):
             for k, v in zip(keys, row_values):
                 if k in LOSS_KEYS and not math.isfinite(v):
                     raise DivergenceError(step, k, last_finite)
-            last_finite = {"step": step, **dict(zip(keys, row_values))}
+            last_finite = {"step": step}
+            last_finite.update((k, v) for k, v in zip(keys, row_values) if math.isfinite(v))
         now = time.perf_counter()
         row = {"step": window[-1][0], "method": self.method}
         row.update({k: math.nan for k in METRIC_KEYS})

@@ -118,6 +118,8 @@ def solve(
             "would be saved; pass checkpoint_every=K"
         )
     config = solver_config(method, solver_options)
+    if checkpoint_path is not None:
+        config.to_dict()  # a checkpoint stores the settings: refuse unserialisable ones now
     check_problem(problem)
     check_params(x0, y0)
     solver = config.build(problem, grad_reduce)
@@ -155,7 +157,7 @@ def solve(
         finally:
             if history_path is not None:
                 write_parquet(recorder.table(), history_path)
-    return SolveResult(state.x, state.y, recorder.table(), state, config.to_dict())
+    return SolveResult(state.x, state.y, recorder.table(), state, config.to_dict(strict=False))
 
 
 def _run(
@@ -192,7 +194,7 @@ def _load_resume(path: Any, config: SolverConfig) -> dict[str, Any] | None:
     if not Path(path).exists():
         return None
     saved = load_checkpoint(path)
-    if saved.get("config") != config.to_dict():
+    if saved["config"] != config.to_dict():
         raise ConfigError(
             f"checkpoint {str(path)!r} was written with other solver settings "
             f"({saved.get('config')}); resume with the same settings or pass resume=False"

@@ -17,13 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from bilevel_ray.problem import BilevelProblem
-from bilevel_ray.schedules import ScalarOrSchedule, positive_schedule, positive_value
+from bilevel_ray.schedules import ScalarOrSchedule, positive_value
 from bilevel_ray.solvers.base import (
+    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    check_inner_steps,
     identity_reduce,
 )
 from bilevel_ray.solvers.penalty import alternating_penalty_step
@@ -43,8 +43,8 @@ def alt_pbgd(
     grad_reduce: GradReduce | None = None,
 ) -> BilevelSolver:
     """Build ALT-PBGD; ``inner_steps`` is the length K of each of the two inner loops."""
-    gamma_t = positive_schedule("gamma", gamma)
-    inner_steps = check_inner_steps(inner_steps)
+    gamma_t = KNOB_CHECKS["gamma"](gamma)
+    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:

@@ -22,6 +22,7 @@ The contract (the conformance tests enforce it):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,14 +30,17 @@ import torch
 from torch import Tensor
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.schedules import nonnegative_schedule, positive_schedule
 from bilevel_ray.tree import Params
 
 __all__ = [
+    "KNOB_CHECKS",
     "BilevelSolver",
     "GradReduce",
     "Metrics",
     "SolverState",
     "check_inner_steps",
+    "check_number",
     "descend",
     "grads_of",
     "identity_reduce",
@@ -118,10 +122,18 @@ def descend(
 
 def check_inner_steps(value: Any, name: str = "inner_steps") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"{name}={value!r}: must be an integer >= 1 (1 is the single-loop choice)"
-        )
+        raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
     return value
+
+
+def check_number(name: str, value: Any, *, strict: bool, hint: str) -> float:
+    """A finite number > 0 (``strict``) or >= 0; ``hint`` says what to use instead."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and (0.0 < value < math.inf if strict else 0.0 <= value < math.inf)
+    if not ok:
+        rule = "> 0" if strict else ">= 0"
+        raise ConfigError(f"{name}={value!r}: must be a finite number {rule}; {hint}")
+    return float(value)
 
 
 def state_to_dict(state: SolverState) -> dict[str, Any]:
@@ -132,7 +144,7 @@ def state_to_dict(state: SolverState) -> dict[str, Any]:
 def state_from_dict(d: Any) -> SolverState:
     keys = {"step", "x", "y", "opt", "extra"}
     if not isinstance(d, dict) or set(d) != keys:
-        got = sorted(d) if isinstance(d, dict) else type(d).__name__
+        got = sorted(map(repr, d)) if isinstance(d, dict) else type(d).__name__
         raise ConfigError(
             f"not a solver state: expected the keys {sorted(keys)}, got {got}; load a file "
             "written by state_to_dict (a bilevel_ray checkpoint)"
@@ -140,3 +152,20 @@ def state_from_dict(d: Any) -> SolverState:
     if isinstance(d["step"], bool) or not isinstance(d["step"], int) or d["step"] < 0:
         raise ConfigError(f"solver state step={d['step']!r}: must be an integer >= 0")
     return SolverState(d["step"], d["x"], d["y"], d["opt"], d["extra"])
+
+
+# Each solver knob's check, shared by the factories and by SolverConfig (which runs them one by
+# one so that every problem is reported at once).
+KNOB_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "gamma": lambda v: positive_schedule("gamma", v, example="10.0"),
+    "inner_steps": check_inner_steps,
+    "multiplier_growth": lambda v: nonnegative_schedule("multiplier_growth", v),
+    "bome_eta": lambda v: check_number("bome_eta", v, strict=True, hint="BOME uses 0.5"),
+    "cg_steps": lambda v: check_inner_steps(v, "cg_steps"),
+    "cg_ridge": lambda v: check_number(
+        "cg_ridge",
+        v,
+        strict=False,
+        hint="it is added to the Hessian's diagonal; use 0 for a strongly convex lower level",
+    ),
+}

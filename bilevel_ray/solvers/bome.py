@@ -15,19 +15,17 @@ grad_x q = grad_x g(x, y) - grad_x g(x, y_hat) and grad_y q = grad_y g(x, y). ``
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import (
+    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    check_inner_steps,
     grads_of,
     identity_reduce,
 )
@@ -48,13 +46,8 @@ def bome(
     grad_reduce: GradReduce | None = None,
 ) -> BilevelSolver:
     """Build BOME; ``inner_steps`` is T, the lower-level steps for y_hat per iteration."""
-    if (
-        isinstance(bome_eta, bool)
-        or not isinstance(bome_eta, (int, float))
-        or not (0.0 < bome_eta < math.inf)
-    ):
-        raise ConfigError(f"bome_eta={bome_eta!r}: must be a finite number > 0; BOME uses 0.5")
-    inner_steps = check_inner_steps(inner_steps)
+    bome_eta = KNOB_CHECKS["bome_eta"](bome_eta)
+    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:

@@ -18,18 +18,19 @@ fixed penalty, which is what the official PBGD-Free code calls F2SA.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
-from bilevel_ray.schedules import ScalarOrSchedule, as_schedule, positive_schedule
+from bilevel_ray.schedules import (
+    ScalarOrSchedule,
+    checked_value,
+)
 from bilevel_ray.solvers.base import (
+    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    check_inner_steps,
     identity_reduce,
 )
 from bilevel_ray.solvers.penalty import alternating_penalty_step
@@ -50,20 +51,9 @@ def f2sa(
     grad_reduce: GradReduce | None = None,
 ) -> BilevelSolver:
     """Build F2SA; ``gamma`` is the initial multiplier lam_0, ``multiplier_growth`` is delta_t."""
-    lam0 = positive_schedule("gamma", gamma)(0)
-    growth = as_schedule("multiplier_growth", multiplier_growth)
-
-    def growth_at(t: int) -> float:
-        delta = growth(t)
-        if not isinstance(delta, (int, float)) or not (0.0 <= delta < math.inf):
-            raise ConfigError(
-                f"multiplier_growth is {delta!r} at step {t}: must be a finite number >= 0 (the "
-                "multiplier only grows); use 0 for a fixed multiplier"
-            )
-        return float(delta)
-
-    growth_at(0)
-    inner_steps = check_inner_steps(inner_steps)
+    lam0 = KNOB_CHECKS["gamma"](gamma)(0)
+    growth = KNOB_CHECKS["multiplier_growth"](multiplier_growth)
+    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:
@@ -76,7 +66,9 @@ def f2sa(
         metrics = alternating_penalty_step(
             problem, state, lam, update_x, update_y, inner_steps, batch, reduce
         )
-        state.extra["multiplier"] = lam + growth_at(state.step)
+        state.extra["multiplier"] = lam + checked_value(
+            "multiplier_growth", growth, state.step, strict=False
+        )
         return state._replace(step=state.step + 1), {**metrics, "penalty/gamma": lam}
 
     return BilevelSolver("f2sa", init, step)

@@ -19,20 +19,18 @@ the inner problem is solved, at the price of K + cg_steps lower-level gradient e
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from bilevel_ray.errors import ConfigError
 from bilevel_ray.linear_solve import solve_cg
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import (
+    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    check_inner_steps,
     identity_reduce,
 )
 from bilevel_ray.solvers.penalty import value_function_steps
@@ -93,17 +91,9 @@ def implicit_cg(
     grad_reduce: GradReduce | None = None,
 ) -> BilevelSolver:
     """Build AID-CG; ``inner_steps`` lower steps on y, then ``cg_steps`` CG iterations."""
-    inner_steps = check_inner_steps(inner_steps)
-    cg_steps = check_inner_steps(cg_steps, "cg_steps")
-    if (
-        isinstance(cg_ridge, bool)
-        or not isinstance(cg_ridge, (int, float))
-        or not (0.0 <= cg_ridge < math.inf)
-    ):
-        raise ConfigError(
-            f"cg_ridge={cg_ridge!r}: must be a finite number >= 0 (added to the Hessian's "
-            "diagonal); use 0 for a strongly convex lower level"
-        )
+    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
+    cg_steps = KNOB_CHECKS["cg_steps"](cg_steps)
+    cg_ridge = KNOB_CHECKS["cg_ridge"](cg_ridge)
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:

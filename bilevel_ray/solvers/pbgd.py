@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from bilevel_ray.problem import BilevelProblem
-from bilevel_ray.schedules import ScalarOrSchedule, positive_schedule, positive_value
+from bilevel_ray.schedules import ScalarOrSchedule, positive_value
 from bilevel_ray.solvers.base import (
+    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    check_inner_steps,
     grads_of,
     identity_reduce,
 )
@@ -47,8 +47,8 @@ def pbgd(
     grad_reduce: GradReduce | None = None,
 ) -> BilevelSolver:
     """Build V-PBGD; ``inner_steps`` is K_g, the value-function steps per joint step."""
-    gamma_t = positive_schedule("gamma", gamma)
-    inner_steps = check_inner_steps(inner_steps)
+    gamma_t = KNOB_CHECKS["gamma"](gamma)
+    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:

@@ -22,13 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from bilevel_ray.problem import BilevelProblem
-from bilevel_ray.schedules import ScalarOrSchedule, positive_schedule, positive_value
+from bilevel_ray.schedules import ScalarOrSchedule, positive_value
 from bilevel_ray.solvers.base import (
+    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    check_inner_steps,
     descend,
     grads_of,
     identity_reduce,
@@ -49,8 +49,8 @@ def pbgd_free(
     grad_reduce: GradReduce | None = None,
 ) -> BilevelSolver:
     """Build PBGD-Free; ``inner_steps`` is K, the number of y updates per x update."""
-    gamma_t = positive_schedule("gamma", gamma)
-    inner_steps = check_inner_steps(inner_steps)
+    gamma_t = KNOB_CHECKS["gamma"](gamma)
+    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:

@@ -1,0 +1,26 @@
+"""Shared fixtures. Math tests run in float64 on problems with closed-form answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bilevel_ray as br
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Keep reductions in a fixed order so that "identical" means bitwise identical.
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def quadratic():
+    return br.problems.QuadraticProblem(dim_x=3, dim_y=4, seed=0)
+
+
+@pytest.fixture
+def origin():
+    """x0 = 0, y0 = 0 for the 3 x 4 quadratic."""
+    return {"x": torch.zeros(3, dtype=torch.float64)}, {"y": torch.zeros(4, dtype=torch.float64)}
