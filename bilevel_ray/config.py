@@ -89,7 +89,7 @@ class SolverConfig:
                     problems.extend(err.problems)
                     continue
                 object.__setattr__(self, name, value)
-        problems += [] if problems else self._problems()
+        problems += self._problems()  # a bad dict schedule repeats there; dict.fromkeys dedups
         if problems:
             raise ConfigError(list(dict.fromkeys(problems)))
 

@@ -1304,13 +1304,6 @@ def test_unserialisable_setting_refusal_names_the_setting(tmp_path):
         ),
         pytest.param(
             {"lr_x": {"kind": "cosine"}, "inner_steps": 0},
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="config.py:83-85 rebuilds dict schedules in __post_init__ before "
-                "_problems() and lets the first from_dict error escape alone. Fix: catch the "
-                "ConfigError per field, add it to the problems and check the rest.",
-            ),
             id="bad-dict-schedule-hides-knobs",
         ),
         pytest.param(
@@ -1355,3 +1348,11 @@ def test_nonpositive_gamma_message_suggests_a_penalty_sized_value():
 def test_bad_input_is_a_config_error(trigger):
     with pytest.raises(br.ConfigError):
         trigger()
+
+
+def test_f2sa_refuses_a_gamma_schedule():
+    """F2SA's multiplier grows through multiplier_growth; a gamma schedule would be ignored."""
+    with pytest.raises(
+        br.ConfigError, match=r"^gamma=.*: for f2sa gamma is the initial multiplier"
+    ):
+        br.solve(**solve_args(method="f2sa", gamma=br.schedules.linear(1.0, 10.0, 5)))

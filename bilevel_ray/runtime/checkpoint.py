@@ -4,6 +4,7 @@ executing code (``torch.load(weights_only=True)``)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +12,24 @@ import torch
 
 from bilevel_ray.errors import ConfigError
 
-__all__ = ["CHECKPOINT_KEYS", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "atomic_write", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_KEYS = ("state", "rng", "history", "elapsed_s", "config")
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``payload`` via a temporary file, so that a crash mid-write keeps the old one."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file, then rename it into place: a crash mid-write leaves
+    the previous file intact and no half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

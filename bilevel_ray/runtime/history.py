@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bilevel_ray.errors import DivergenceError
+from bilevel_ray.runtime.checkpoint import atomic_write
 
 __all__ = ["HISTORY_SCHEMA", "LOSS_KEYS", "METRIC_KEYS", "HistoryRecorder", "write_parquet"]
 
@@ -125,10 +126,5 @@ def _to_floats(matrix: list[list[Any]]) -> list[list[float]]:
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike[str]) -> Path:
-    """Write atomically (a temporary file renamed into place): a crash leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write atomically: a crash leaves no half-written file."""
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))

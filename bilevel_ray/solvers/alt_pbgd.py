@@ -25,9 +25,10 @@ from bilevel_ray.solvers.base import (
     Metrics,
     SolverState,
     identity_reduce,
+    initial_state,
 )
 from bilevel_ray.solvers.penalty import alternating_penalty_step
-from bilevel_ray.tree import Params, clone
+from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
 __all__ = ["alt_pbgd"]
@@ -48,9 +49,7 @@ def alt_pbgd(
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:
-        x, y, y_g = clone(x0), clone(y0), clone(y0)
-        opt = {"x": update_x.init(x), "y": update_y.init(y), "y_g": update_y.init(y_g)}
-        return SolverState(0, x, y, opt, {"y_g": y_g})
+        return initial_state(x0, y0, update_x, update_y, copies=("y_g",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         gamma = positive_value("gamma", gamma_t, state.step)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.schedules import nonnegative_schedule, positive_schedule
-from bilevel_ray.tree import Params
+from bilevel_ray.tree import Params, clone
 
 __all__ = [
     "KNOB_CHECKS",
@@ -44,6 +44,7 @@ __all__ = [
     "descend",
     "grads_of",
     "identity_reduce",
+    "initial_state",
     "state_from_dict",
     "state_to_dict",
 ]
@@ -71,6 +72,26 @@ class BilevelSolver(NamedTuple):
     name: str
     init: Callable[[Params, Params], SolverState]
     step: Callable[[SolverState, Any], tuple[SolverState, Metrics]]
+
+
+def initial_state(
+    x0: Params,
+    y0: Params,
+    update_x: Any,
+    update_y: Any,
+    copies: Sequence[str] = (),
+    **numbers: float,
+) -> SolverState:
+    """Step 0: x and y copied from (x0, y0), and each named extra copy of y (a value-function
+    copy) too; an optimizer state for every group (the copies use y's rule); ``numbers`` such as
+    a multiplier go to ``extra`` as they are."""
+    x, y = clone(x0), clone(y0)
+    opt = {"x": update_x.init(x), "y": update_y.init(y)}
+    extra: dict[str, Any] = dict(numbers)
+    for name in copies:
+        extra[name] = clone(y0)
+        opt[name] = update_y.init(extra[name])
+    return SolverState(0, x, y, opt, extra)
 
 
 def identity_reduce(grads: Params) -> Params:

@@ -28,9 +28,10 @@ from bilevel_ray.solvers.base import (
     SolverState,
     grads_of,
     identity_reduce,
+    initial_state,
 )
 from bilevel_ray.solvers.penalty import value_function_steps
-from bilevel_ray.tree import Params, clone, vdot
+from bilevel_ray.tree import Params, vdot
 from bilevel_ray.updates import UpdateRule
 
 __all__ = ["bome"]
@@ -51,9 +52,7 @@ def bome(
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:
-        x, y, y_hat = clone(x0), clone(y0), clone(y0)
-        opt = {"x": update_x.init(x), "y": update_y.init(y), "y_hat": update_y.init(y_hat)}
-        return SolverState(0, x, y, opt, {"y_hat": y_hat})
+        return initial_state(x0, y0, update_x, update_y, copies=("y_hat",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y, y_hat = state.step, state.x, state.y, state.extra["y_hat"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import (
     ScalarOrSchedule,
@@ -32,9 +33,10 @@ from bilevel_ray.solvers.base import (
     Metrics,
     SolverState,
     identity_reduce,
+    initial_state,
 )
 from bilevel_ray.solvers.penalty import alternating_penalty_step
-from bilevel_ray.tree import Params, clone
+from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
 __all__ = ["f2sa"]
@@ -51,15 +53,18 @@ def f2sa(
     grad_reduce: GradReduce | None = None,
 ) -> BilevelSolver:
     """Build F2SA; ``gamma`` is the initial multiplier lam_0, ``multiplier_growth`` is delta_t."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise ConfigError(
+            f"gamma={gamma!r}: for f2sa gamma is the initial multiplier lam_0 and must be a "
+            "number; schedule its growth with multiplier_growth"
+        )
     lam0 = KNOB_CHECKS["gamma"](gamma)(0)
     growth = KNOB_CHECKS["multiplier_growth"](multiplier_growth)
     inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:
-        x, y, z = clone(x0), clone(y0), clone(y0)
-        opt = {"x": update_x.init(x), "y": update_y.init(y), "y_g": update_y.init(z)}
-        return SolverState(0, x, y, opt, {"y_g": z, "multiplier": lam0})
+        return initial_state(x0, y0, update_x, update_y, copies=("y_g",), multiplier=lam0)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         lam = state.extra["multiplier"]

@@ -32,9 +32,10 @@ from bilevel_ray.solvers.base import (
     Metrics,
     SolverState,
     identity_reduce,
+    initial_state,
 )
 from bilevel_ray.solvers.penalty import value_function_steps
-from bilevel_ray.tree import Params, clone, sub
+from bilevel_ray.tree import Params, sub
 from bilevel_ray.updates import UpdateRule
 
 __all__ = ["implicit_cg", "implicit_hypergradient"]
@@ -97,8 +98,7 @@ def implicit_cg(
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:
-        x, y = clone(x0), clone(y0)
-        return SolverState(0, x, y, {"x": update_x.init(x), "y": update_y.init(y)}, {})
+        return initial_state(x0, y0, update_x, update_y)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y = state.step, state.x, state.y

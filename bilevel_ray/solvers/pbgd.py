@@ -29,9 +29,10 @@ from bilevel_ray.solvers.base import (
     SolverState,
     grads_of,
     identity_reduce,
+    initial_state,
 )
 from bilevel_ray.solvers.penalty import penalty_objective, value_function_steps
-from bilevel_ray.tree import Params, clone
+from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
 __all__ = ["pbgd"]
@@ -52,10 +53,7 @@ def pbgd(
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:
-        x, y = clone(x0), clone(y0)
-        y_g = clone(y0)
-        opt = {"x": update_x.init(x), "y": update_y.init(y), "y_g": update_y.init(y_g)}
-        return SolverState(0, x, y, opt, {"y_g": y_g})
+        return initial_state(x0, y0, update_x, update_y, copies=("y_g",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y, y_g = state.step, state.x, state.y, state.extra["y_g"]

@@ -32,8 +32,9 @@ from bilevel_ray.solvers.base import (
     descend,
     grads_of,
     identity_reduce,
+    initial_state,
 )
-from bilevel_ray.tree import Params, clone
+from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
 __all__ = ["pbgd_free"]
@@ -54,8 +55,7 @@ def pbgd_free(
     reduce = grad_reduce or identity_reduce
 
     def init(x0: Params, y0: Params) -> SolverState:
-        x, y = clone(x0), clone(y0)
-        return SolverState(0, x, y, {"x": update_x.init(x), "y": update_y.init(y)}, {})
+        return initial_state(x0, y0, update_x, update_y)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y = state.step, state.x, state.y
