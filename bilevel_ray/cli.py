@@ -35,7 +35,7 @@ EXAMPLES = """examples:
 
 
 class _UsageError(Exception):
-    pass
+    """Bad command-line usage: reported in one line with exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
