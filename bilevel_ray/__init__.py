@@ -16,7 +16,9 @@ from bilevel_ray.data import BilevelBatch, full_batch, minibatches
 from bilevel_ray.errors import BilevelRayError, ConfigError, DivergenceError
 from bilevel_ray.problem import BilevelProblem, ProblemSpec, module_problem, split_module_problem
 from bilevel_ray.runtime.local import SolveResult, solve
+from bilevel_ray.runtime.train import train
 from bilevel_ray.solvers import SOLVERS, SolverState, state_from_dict, state_to_dict
+from bilevel_ray.tables import table_minibatches
 from bilevel_ray.tree import Params
 from bilevel_ray.updates import adam, sgd
 
@@ -45,4 +47,6 @@ __all__ = [
     "split_module_problem",
     "state_from_dict",
     "state_to_dict",
+    "table_minibatches",
+    "train",
 ]

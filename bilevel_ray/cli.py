@@ -20,6 +20,7 @@ import torch
 
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problems import BUILTIN_PROBLEMS, load_factory
+from bilevel_ray.runtime.checkpoint import check_writable
 from bilevel_ray.runtime.history import write_parquet
 from bilevel_ray.runtime.local import solve
 
@@ -105,7 +106,7 @@ def _solve(args: argparse.Namespace) -> int:
     if args.steps is not None:
         options["steps"] = args.steps
     if args.out is not None:
-        _check_writable(args.out)
+        check_writable(args.out, "--out")
     result = solve(
         spec.problem,
         spec.x0,
@@ -139,19 +140,6 @@ def _solve(args: argparse.Namespace) -> int:
         (args.out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
         print(f"  wrote {args.out}/history.parquet, result.pt, run.json")
     return 0
-
-
-def _check_writable(folder: Path) -> None:
-    """Fail before the run, not after it, when results could not be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"--out {str(folder)!r} is not writable ({err.strerror}); choose another folder"
-        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

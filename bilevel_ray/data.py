@@ -78,13 +78,38 @@ def _take(value: Any, index: Tensor) -> Any:
     return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
 
 
+def _sample_count(value: Any) -> int:
+    first = (
+        value
+        if isinstance(value, Tensor)
+        else next(iter(value.values() if isinstance(value, Mapping) else value))
+    )
+    return first.shape[0]
+
+
 @dataclass(frozen=True)
 class FullBatch:
     upper: Any
     lower: Any
 
-    def stream(self, seed: int, start_step: int = 0) -> Iterator[BilevelBatch]:
-        return itertools.repeat(BilevelBatch(self.upper, self.lower))
+    def stream(
+        self, seed: int, start_step: int = 0, rank: int = 0, world: int = 1
+    ) -> Iterator[BilevelBatch]:
+        """The same batches at every step; with ``world`` ranks, rank r holds the r-th of
+        ``world`` equal slices (equal, so that the mean of the ranks' means is the full mean)."""
+        parts = []
+        for name, value in (("upper", self.upper), ("lower", self.lower)):
+            n = _sample_count(value)
+            if n % world:
+                raise ConfigError(
+                    f"full-batch {name} data of {n} samples cannot be split evenly over {world} "
+                    f"workers; use a multiple of {world} samples or br.minibatches"
+                )
+            size = n // world
+            parts.append(
+                _take(value, torch.arange(rank * size, (rank + 1) * size)) if world > 1 else value
+            )
+        return itertools.repeat(BilevelBatch(*parts))
 
 
 def full_batch(upper: Any, lower: Any) -> FullBatch:
@@ -102,15 +127,33 @@ class Minibatches:
     lower_batch_size: int
     sizes: tuple[int, int]
 
-    def stream(self, seed: int, start_step: int = 0) -> Iterator[BilevelBatch]:
-        """Batches from step ``start_step`` on; a resumed run gets exactly the batches it missed."""
+    def stream(
+        self, seed: int, start_step: int = 0, rank: int = 0, world: int = 1
+    ) -> Iterator[BilevelBatch]:
+        """Batches from step ``start_step`` on; a resumed run gets exactly the batches it missed.
+
+        With ``world`` data-parallel ranks every rank draws the same global batch of
+        ``world * batch_size`` samples and keeps its own slice, so W workers with batch B see
+        exactly the samples one worker with batch W * B sees.
+        """
         generator = torch.Generator().manual_seed(int(seed))
-        up = _index_stream(self.sizes[0], self.upper_batch_size, generator)
-        low = _index_stream(self.sizes[1], self.lower_batch_size, generator)
+        bu, bl = self.upper_batch_size, self.lower_batch_size
+        for name, size, n in (("upper", bu, self.sizes[0]), ("lower", bl, self.sizes[1])):
+            if size * world > n:
+                raise ConfigError(
+                    f"{world} workers x batch {size} = {size * world} exceeds the {n} {name}-level "
+                    "samples; use a smaller batch_size or fewer workers"
+                )
+        up = _index_stream(self.sizes[0], bu * world, generator)
+        low = _index_stream(self.sizes[1], bl * world, generator)
         for _ in range(start_step):
             next(up), next(low)
         while True:
-            yield BilevelBatch(_take(self.upper, next(up)), _take(self.lower, next(low)))
+            iu, il = next(up), next(low)
+            yield BilevelBatch(
+                _take(self.upper, iu[rank * bu : (rank + 1) * bu]),
+                _take(self.lower, il[rank * bl : (rank + 1) * bl]),
+            )
 
 
 def _index_stream(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -147,12 +190,20 @@ def _cycle(source: Iterable[Any], name: str) -> Iterator[Any]:
             raise ConfigError(f"data {name} yielded no batch; it must yield at least one")
 
 
-def as_batches(data: Any, seed: int, start_step: int = 0) -> Iterator[BilevelBatch]:
-    """Normalise ``solve(data=...)`` into an endless iterator of :class:`BilevelBatch`."""
+def as_batches(
+    data: Any, seed: int, start_step: int = 0, rank: int = 0, world: int = 1
+) -> Iterator[BilevelBatch]:
+    """Normalise ``solve(data=...)`` into an endless iterator of :class:`BilevelBatch`: this
+    rank's share when there are ``world`` data-parallel ranks."""
     if data is None:
         return itertools.repeat(BilevelBatch(None, None))
     if isinstance(data, (FullBatch, Minibatches)):
-        return data.stream(seed, start_step)
+        return data.stream(seed, start_step, rank, world)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and world > 1:
+        raise ConfigError(
+            "data given as a pair of batch sources cannot be sharded across workers (each would "
+            "read the same batches); use br.minibatches, br.table_minibatches or Ray Data"
+        )
     if isinstance(data, (tuple, list)) and len(data) == 2:
         upper, lower = data
         if isinstance(upper, Tensor) or isinstance(lower, Tensor):

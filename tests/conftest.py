@@ -24,3 +24,16 @@ def quadratic():
 def origin():
     """x0 = 0, y0 = 0 for the 3 x 4 quadratic."""
     return {"x": torch.zeros(3, dtype=torch.float64)}, {"y": torch.zeros(4, dtype=torch.float64)}
+
+
+@pytest.fixture(scope="session")
+def ray_2cpu():
+    """One local Ray for every Ray test: 2 CPUs, no dashboard (starting Ray costs seconds)."""
+    import os
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="bilevel_ray_tests")
+    yield ray
+    ray.shutdown()

@@ -38,6 +38,7 @@ class QuadraticProblem:
         seed: int = 0,
         flat: bool = False,
         dtype: torch.dtype = torch.float64,
+        device: str | torch.device | None = None,
     ):
         gen = torch.Generator().manual_seed(seed)
 
@@ -62,6 +63,8 @@ class QuadraticProblem:
         shift = max(0.0, -float(torch.linalg.eigvalsh(curvature).min())) + 1.0
         self.P = shift * torch.eye(dim_x, dtype=dtype)
         self.p = rand(dim_x)
+        for name in ("A", "B", "b", "R", "Q", "r", "P", "p"):  # drawn on the CPU: same numbers
+            setattr(self, name, getattr(self, name).to(device))
 
     @property
     def M(self) -> Tensor:
@@ -122,12 +125,15 @@ class QuadraticProblem:
 
 def quadratic(config: dict[str, Any] | None = None) -> ProblemSpec:
     config = dict(config or {})
-    dtype = getattr(torch, config.pop("dtype", "float64"))
-    problem = QuadraticProblem(dtype=dtype, **config)
+    like = {
+        "dtype": getattr(torch, config.pop("dtype", "float64")),
+        "device": config.pop("device", None),
+    }
+    problem = QuadraticProblem(**like, **config)
     dim_x, dim_y = problem.P.shape[0], problem.A.shape[0]
     return ProblemSpec(
         problem,
-        {"x": torch.zeros(dim_x, dtype=dtype)},
-        {"y": torch.zeros(dim_y, dtype=dtype)},
+        {"x": torch.zeros(dim_x, **like)},
+        {"y": torch.zeros(dim_y, **like)},
         defaults={"steps": 3000, "lr_x": 0.05, "lr_y": 0.2, "gamma": 10.0},
     )

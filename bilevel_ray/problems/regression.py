@@ -64,8 +64,11 @@ def regression(config: dict[str, Any] | None = None) -> ProblemSpec:
     dim, features = int(config.get("dim", 10)), int(config.get("features", 4))
     upper, lower = make_regression_data(int(config.get("n", 2000)), dim, int(config.get("seed", 0)))
     gen = torch.Generator().manual_seed(int(config.get("seed", 0)) + 1)
-    x0 = {"W": torch.randn(dim, features, generator=gen, dtype=torch.float64) / dim**0.5}
-    y0 = {"v": torch.zeros(features, dtype=torch.float64)}
+    device = config.get("device")  # data stays on the CPU: workers move each batch
+    x0 = {
+        "W": (torch.randn(dim, features, generator=gen, dtype=torch.float64) / dim**0.5).to(device)
+    }
+    y0 = {"v": torch.zeros(features, dtype=torch.float64, device=device)}
     batch_size = config.get("batch_size", 100)
     data = full_batch(upper, lower) if batch_size is None else minibatches(upper, lower, batch_size)
     return ProblemSpec(

@@ -59,11 +59,11 @@ class NegativeToy:
 def negative_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
     """The negative toy from x0 = 2, y0 = 0 (inside the notebook's init box)."""
     config = config or {}
-    dtype = getattr(torch, config.get("dtype", "float64"))
+    like = {"dtype": getattr(torch, config.get("dtype", "float64")), "device": config.get("device")}
     return ProblemSpec(
         NegativeToy(),
-        {"x": torch.tensor([float(config.get("x0", 2.0))], dtype=dtype)},
-        {"y": torch.tensor([float(config.get("y0", 0.0))], dtype=dtype)},
+        {"x": torch.tensor([float(config.get("x0", 2.0))], **like)},
+        {"y": torch.tensor([float(config.get("y0", 0.0))], **like)},
         defaults={"steps": 3000, "lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0},
     )
 
@@ -85,18 +85,24 @@ def toy_logits(w1: Tensor, w2: Tensor, inputs: Tensor) -> Tensor:
 
 
 class PositiveToy:
-    def __init__(self, dtype: torch.dtype = torch.float64, beta: float = 1.0, reg: float = 0.01):
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float64,
+        beta: float = 1.0,
+        reg: float = 0.01,
+        device: str | torch.device | None = None,
+    ):
         self.beta, self.reg = beta, reg
-        self.sft_inputs = torch.tensor(SFT_INPUTS, dtype=dtype)
-        self.sft_labels = torch.tensor(SFT_LABELS)
-        self.dpo_inputs = torch.tensor(DPO_INPUTS, dtype=dtype)
-        self.chosen = torch.tensor(DPO_CHOSEN)
-        w_ref = torch.tensor(W_REF, dtype=dtype)
+        self.sft_inputs = torch.tensor(SFT_INPUTS, dtype=dtype, device=device)
+        self.sft_labels = torch.tensor(SFT_LABELS, device=device)
+        self.dpo_inputs = torch.tensor(DPO_INPUTS, dtype=dtype, device=device)
+        self.chosen = torch.tensor(DPO_CHOSEN, device=device)
+        w_ref = torch.tensor(W_REF, dtype=dtype, device=device)
         ref_logp = F.log_softmax(toy_logits(w_ref[0], w_ref[1], self.dpo_inputs), dim=-1)
         self.ref_margin = self._margin(ref_logp)
 
     def _margin(self, logp: Tensor) -> Tensor:
-        rows = torch.arange(len(self.chosen))
+        rows = torch.arange(len(self.chosen), device=logp.device)
         return logp[rows, self.chosen] - logp[rows, 1 - self.chosen]
 
     def _l2(self, x: Params, y: Params) -> Tensor:
@@ -115,10 +121,10 @@ class PositiveToy:
 def positive_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
     """The positive toy from the notebook's start w = (5, -9.9)."""
     config = config or {}
-    dtype = getattr(torch, config.get("dtype", "float64"))
+    like = {"dtype": getattr(torch, config.get("dtype", "float64")), "device": config.get("device")}
     return ProblemSpec(
-        PositiveToy(dtype),
-        {"w1": torch.tensor([W_INIT[0]], dtype=dtype)},
-        {"w2": torch.tensor([W_INIT[1]], dtype=dtype)},
+        PositiveToy(**like),
+        {"w1": torch.tensor([W_INIT[0]], **like)},
+        {"w2": torch.tensor([W_INIT[1]], **like)},
         defaults={"steps": 40000, "lr_x": 0.01, "lr_y": 0.01, "gamma": 16.0, "inner_steps": 2},
     )

@@ -12,7 +12,13 @@ import torch
 
 from bilevel_ray.errors import ConfigError
 
-__all__ = ["CHECKPOINT_KEYS", "atomic_write", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "atomic_write",
+    "check_writable",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 CHECKPOINT_KEYS = ("state", "rng", "history", "elapsed_s", "config")
 
@@ -49,3 +55,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{missing if missing else 'everything: not a dict'}); delete it to start afresh"
         )
     return payload
+
+
+def check_writable(folder: str | os.PathLike[str], what: str) -> Path:
+    """Create ``folder`` and prove it writable now, so a run fails before it starts rather than
+    at its first save; ``what`` names the argument in the message."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"{what} {str(folder)!r} is not writable ({err.strerror}); choose another folder"
+        ) from None
+    return folder.resolve()

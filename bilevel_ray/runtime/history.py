@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,12 @@ class HistoryRecorder:
         report_every: int,
         rows: list[dict[str, Any]] | None = None,
         elapsed_before: float = 0.0,
+        reduce_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
+        """``reduce_values`` maps the window's (steps x metrics) float64 matrix to its mean over
+        data-parallel ranks, so that every rank logs, checks and reports the same numbers."""
         self.method, self.report_every = method, report_every
+        self.reduce_values = reduce_values
         self.rows: list[dict[str, Any]] = list(rows or [])
         self._window: list[tuple[int, Mapping[str, Any]]] = []
         self._elapsed_before = elapsed_before
@@ -90,6 +94,8 @@ class HistoryRecorder:
         window, self._window = self._window, []
         keys = [k for k in METRIC_KEYS if k in window[-1][1]]
         values = _to_floats([[m.get(k, math.nan) for k in keys] for _, m in window])
+        if self.reduce_values is not None:
+            values = self.reduce_values(torch.tensor(values, dtype=torch.float64)).tolist()
         last = self.last or {}
         last_finite = {
             k: v for k, v in last.items() if k == "step" or (k in METRIC_KEYS and math.isfinite(v))

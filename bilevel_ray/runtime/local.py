@@ -30,7 +30,7 @@ from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict, state_to_dict
 from bilevel_ray.tree import Params
 
-__all__ = ["SolveResult", "solve"]
+__all__ = ["SolveResult", "count", "run_local", "solve", "solver_config"]
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SolveResult:
     config: dict[str, Any]
 
 
-def _count(name: str, value: Any, minimum: int) -> int:
+def count(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r}: must be an integer >= {minimum}")
     return value
@@ -104,10 +104,47 @@ def solve(
         ConfigError: bad input, before any step runs.
         DivergenceError: a loss became NaN or infinite (names the step).
     """
-    steps = _count("steps", steps, 1)
-    report_every = _count("report_every", report_every, 1)
-    seed = _count("seed", seed, 0)
-    checkpoint_every = _count("checkpoint_every", checkpoint_every, 0)
+    config = solver_config(method, solver_options)
+    return run_local(
+        problem,
+        x0,
+        y0,
+        config,
+        steps=steps,
+        data=data,
+        seed=seed,
+        report_every=report_every,
+        history_path=history_path,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=progress,
+        grad_reduce=grad_reduce,
+    )
+
+
+def run_local(
+    problem: BilevelProblem,
+    x0: Params,
+    y0: Params,
+    config: SolverConfig,
+    *,
+    steps: int,
+    data: Any,
+    seed: int,
+    report_every: int,
+    history_path: str | os.PathLike[str] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+    grad_reduce: GradReduce | None = None,
+) -> SolveResult:
+    """:func:`solve` with its settings already built (also the one-worker path of ``train``)."""
+    steps = count("steps", steps, 1)
+    report_every = count("report_every", report_every, 1)
+    seed = count("seed", seed, 0)
+    checkpoint_every = count("checkpoint_every", checkpoint_every, 0)
     if (checkpoint_every or resume) and checkpoint_path is None:
         raise ConfigError(
             "checkpoint_every / resume need checkpoint_path: pass checkpoint_path='run/ckpt.pt'"
@@ -117,7 +154,6 @@ def solve(
             f"checkpoint_path={str(checkpoint_path)!r} given with checkpoint_every=0: nothing "
             "would be saved; pass checkpoint_every=K"
         )
-    config = solver_config(method, solver_options)
     if checkpoint_path is not None:
         config.to_dict()  # a checkpoint stores the settings: refuse unserialisable ones now
     check_problem(problem)
@@ -127,10 +163,12 @@ def solve(
     saved = _load_resume(checkpoint_path, config) if resume else None
     if saved is not None:
         state = state_from_dict(saved["state"])
-        recorder = HistoryRecorder(method, report_every, saved["history"], saved["elapsed_s"])
+        recorder = HistoryRecorder(
+            config.method, report_every, saved["history"], saved["elapsed_s"]
+        )
     else:
         state = solver.init(x0, y0)
-        recorder = HistoryRecorder(method, report_every)
+        recorder = HistoryRecorder(config.method, report_every)
 
     batches = as_batches(data, seed, start_step=state.step)
     first = next(batches)

@@ -1,0 +1,243 @@
+"""``br.train``: a bilevel run as a Ray Train worker group (data-parallel, CPU or GPU).
+
+The problem comes from a *factory*: a picklable callable, a ``"file.py:factory"`` /
+``"package.module:factory"`` string or a built-in name, which every worker calls with the plain
+``problem_config`` dict (plus ``"device"``) to build the problem, x0, y0 and the data, so nothing
+large crosses the network. The solver keywords are those of ``br.solve``.
+
+One worker with nothing that needs Ray (``max_failures=0``, no GPU requested, no fault hook) runs
+in this process through the local runtime, with the same checkpoints, resume and result: a Train
+worker group costs tens of seconds to start on a small machine and buys nothing for one CPU rank.
+Ray is imported only when a worker group is started.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from bilevel_ray.errors import ConfigError, DivergenceError
+from bilevel_ray.problem import ProblemSpec, check_params, check_problem
+from bilevel_ray.problems import load_factory
+from bilevel_ray.runtime.checkpoint import check_writable, load_checkpoint
+from bilevel_ray.runtime.history import HISTORY_SCHEMA
+from bilevel_ray.runtime.local import SolveResult, count, run_local, solver_config
+from bilevel_ray.solvers.base import state_from_dict
+
+__all__ = ["CHECKPOINT_FILE", "build_spec", "train"]
+
+CHECKPOINT_FILE = "state.pt"  # inside each Train checkpoint folder
+
+Factory = Callable[[dict[str, Any]], ProblemSpec] | str
+
+
+def build_spec(factory: Factory, problem_config: dict[str, Any]) -> ProblemSpec:
+    """Resolve ``factory`` and call it, checking that it returns a ProblemSpec."""
+    resolved = load_factory(factory) if isinstance(factory, str) else factory
+    if not callable(resolved):
+        raise ConfigError(f"factory={factory!r}: must be callable or a 'file.py:factory' string")
+    spec = resolved(dict(problem_config))
+    if not isinstance(spec, ProblemSpec):
+        raise ConfigError(
+            f"the factory returned a {type(spec).__name__}: it must return "
+            "br.ProblemSpec(problem, x0, y0, data, defaults)"
+        )
+    return spec
+
+
+def train(
+    factory: Factory,
+    *,
+    problem_config: dict[str, Any] | None = None,
+    method: str = "pbgd_free",
+    steps: int | None = None,
+    num_workers: int = 1,
+    use_gpu: bool | str = "auto",
+    resources_per_worker: dict[str, float] | None = None,
+    checkpoint_every: int = 0,
+    storage_path: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    max_failures: int = 0,
+    seed: int = 0,
+    report_every: int = 10,
+    address: str | None = None,
+    fault: dict[str, int] | None = None,
+    datasets: dict[str, Any] | None = None,
+    batch_size: int | tuple[int, int] | None = None,
+    in_process: bool | str = "auto",
+    **solver_options: Any,
+) -> SolveResult:
+    """Run ``method`` on the factory's problem with ``num_workers`` data-parallel workers.
+
+    Args:
+        factory: builds ``br.ProblemSpec(problem, x0, y0, data, defaults)`` from a config dict.
+        problem_config: the factory's settings (plain, picklable values).
+        method, steps, seed, report_every, **solver_options: as in ``br.solve``; ``steps`` and
+            the solver settings default to the problem's ``defaults``.
+        num_workers: data-parallel ranks. With ``br.minibatches`` data each rank takes
+            ``batch_size`` samples per step (global batch ``num_workers * batch_size``); full-batch
+            data is split into equal slices.
+        use_gpu: ``"auto"`` (GPUs whenever the cluster has them), True or False.
+        resources_per_worker: e.g. ``{"CPU": 1}`` (Train's default) or ``{"CPU": 0.5}``.
+        checkpoint_every: checkpoint every K steps (the final step always is).
+        storage_path, name: the run lives in ``{storage_path}/{name}`` (default storage
+            ``~/ray_results``); running again with the same pair resumes the run.
+        max_failures: worker-group restarts allowed (Train's ``FailureConfig``).
+        address: a Ray cluster to connect to; default: the running one, or a new local one.
+        fault: test hook ``{"rank": r, "step": k}``: rank r exits at step k, once per run.
+        datasets, batch_size: Ray Data instead of the factory's data:
+            ``{"upper": ds, "lower": ds}`` (e.g. ``ray.data.read_parquet(...)``), split across
+            the workers, ``batch_size`` rows per worker and step (one size or (upper, lower)),
+            restarted each epoch; each level's loss receives ``{"column": Tensor}`` batches. A
+            resumed run continues with fresh epochs (streams have no exact position to restore).
+        in_process: ``"auto"`` runs one worker in this process when nothing needs Ray (no
+            failures to survive, no GPU requested, no Ray Data, no fault hook); False always
+            starts a worker group (to measure the group itself).
+
+    Returns:
+        A :class:`~bilevel_ray.runtime.local.SolveResult`, as ``br.solve`` returns.
+
+    Raises:
+        ConfigError: bad input, before any worker starts.
+        DivergenceError: the run's losses became non-finite (all ranks stop together).
+    """
+    problem_config = dict(problem_config or {})
+    spec = build_spec(factory, problem_config)
+    defaults = dict(spec.defaults)
+    default_steps = defaults.pop("steps", 1000)
+    steps = count("steps", default_steps if steps is None else steps, 1)
+    settings = solver_config(method, {**defaults, **solver_options})
+    settings.to_dict()  # workers rebuild the settings from a dict: refuse unserialisable ones now
+    check_problem(spec.problem)
+    check_params(spec.x0, spec.y0)
+    num_workers = count("num_workers", num_workers, 1)
+    max_failures = count("max_failures", max_failures, 0)
+    checkpoint_every = count("checkpoint_every", checkpoint_every, 0)
+    report_every = count("report_every", report_every, 1)
+    seed = count("seed", seed, 0)
+    if use_gpu not in ("auto", True, False):
+        raise ConfigError(f"use_gpu={use_gpu!r}: must be 'auto', True or False")
+    if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
+        raise ConfigError(f"fault={fault!r}: must be a dict {{'rank': r, 'step': k}}")
+    name = name or f"bilevel_ray-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
+
+    if datasets is not None:
+        _check_datasets(datasets, batch_size, spec.data)
+    elif batch_size is not None:
+        raise ConfigError("batch_size is for datasets=...; the factory's data sets its own size")
+    if in_process not in ("auto", False):
+        raise ConfigError(f"in_process={in_process!r}: must be 'auto' or False")
+    needs_ray = max_failures or use_gpu is True or fault is not None or datasets is not None
+    if num_workers == 1 and not needs_ray and in_process == "auto":
+        return run_local(
+            spec.problem,
+            spec.x0,
+            spec.y0,
+            settings,
+            steps=steps,
+            data=spec.data,
+            seed=seed,
+            report_every=report_every,
+            checkpoint_path=storage / name / "checkpoint.pt",
+            checkpoint_every=checkpoint_every or steps,
+            resume=True,
+        )
+
+    from bilevel_ray.runtime.ray_session import connect
+
+    gpus = connect(address)
+    worker_config = {
+        "factory": factory,
+        "problem_config": problem_config,
+        "solver": settings.to_dict(),
+        "steps": steps,
+        "seed": seed,
+        "report_every": report_every,
+        "checkpoint_every": checkpoint_every,
+        "use_gpu": bool(gpus) if use_gpu == "auto" else use_gpu,
+        "fault": None if fault is None else {**fault, "marker_dir": str(storage / name)},
+        "batch_size": _pair(batch_size) if datasets is not None else None,
+    }
+    metrics, payload = _fit(
+        worker_config, num_workers, resources_per_worker, storage, name, max_failures, datasets
+    )
+    if metrics.get("status") == "diverged":
+        last = {k: v for k, v in metrics.items() if k == "step" or "/" in k}
+        raise DivergenceError(metrics["diverged_at_step"], metrics.get("error", "a loss"), last)
+    state = state_from_dict(payload["state"])
+    history = pa.Table.from_pylist(payload["history"], schema=HISTORY_SCHEMA)
+    return SolveResult(state.x, state.y, history, state, payload["config"])
+
+
+def _pair(batch_size: Any) -> tuple[int, int]:
+    if isinstance(batch_size, (tuple, list)):
+        return tuple(batch_size)
+    return batch_size, batch_size
+
+
+def _check_datasets(datasets: Any, batch_size: Any, factory_data: Any) -> None:
+    if not isinstance(datasets, dict) or set(datasets) != {"upper", "lower"}:
+        got = sorted(datasets) if isinstance(datasets, dict) else type(datasets).__name__
+        raise ConfigError(
+            f"datasets must be {{'upper': ray.data.Dataset, 'lower': ray.data.Dataset}}, got {got}"
+        )
+    sizes = _pair(batch_size) if isinstance(batch_size, (int, tuple, list)) else ()
+    if len(sizes) != 2 or any(
+        isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes
+    ):
+        raise ConfigError(
+            f"batch_size={batch_size!r}: datasets need a per-worker batch size >= 1 (one integer "
+            "or a pair (upper, lower))"
+        )
+    if factory_data is not None:
+        raise ConfigError(
+            "the factory returned data and datasets=... was given too: use one source of data "
+            "(return data=None from the factory)"
+        )
+
+
+def _fit(
+    worker_config: dict[str, Any],
+    num_workers: int,
+    resources: dict[str, float] | None,
+    storage: Path,
+    name: str,
+    max_failures: int,
+    datasets: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start the worker group, wait for it, and read the final checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from bilevel_ray.runtime.train_worker import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=worker_config["use_gpu"],
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    payload: dict[str, Any] = {}
+    if result.metrics.get("status") != "diverged":
+        with result.checkpoint.as_directory() as folder:
+            payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    return dict(result.metrics), payload

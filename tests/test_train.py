@@ -1,0 +1,165 @@
+"""br.train on a Ray Train worker group (2 CPUs): equivalence, faults, divergence, Ray Data.
+
+Each fit() costs 20-30 s here, so these few tests each check one whole capability.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+import bilevel_ray as br
+
+pytestmark = pytest.mark.ray
+
+COMMON = dict(steps=20, report_every=5, lr_y=0.1, gamma=10.0)
+
+
+def _one_worker_reference(method, tmp_path, **options):
+    """One worker, batch 2B: the in-process runtime (no worker group)."""
+    return br.train(
+        "regression",
+        problem_config={"n": 400, "batch_size": 50},
+        method=method,
+        storage_path=tmp_path,
+        name=f"ref-{method}",
+        **COMMON,
+        **options,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("pbgd_free", {"lr_x": 0.02}), ("pbgd", {"lr_x": 0.005, "inner_steps": 2})],
+)
+def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(
+    ray_2cpu, tmp_path, method, options
+):
+    two = br.train(
+        "regression",
+        problem_config={"n": 400, "batch_size": 25},
+        method=method,
+        num_workers=2,
+        storage_path=tmp_path,
+        name=f"dp-{method}",
+        **COMMON,
+        **options,
+    )
+    one = _one_worker_reference(method, tmp_path, **options)
+    for got, want in ((two.x, one.x), (two.y, one.y)):
+        for k in want:
+            assert (got[k] - want[k]).abs().max() <= 1e-5
+    assert two.history["step"].to_pylist() == [5, 10, 15, 20]
+    upper_two, upper_one = two.history["upper/loss"], one.history["upper/loss"]
+    assert upper_two.to_pylist() == pytest.approx(upper_one.to_pylist(), rel=1e-9)
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_2cpu, tmp_path):
+    options = {"lr_x": 0.005, "inner_steps": 2, "optimizer": "adam"}
+    run = br.train(
+        "regression",
+        problem_config={"n": 400, "batch_size": 25},
+        method="pbgd",
+        num_workers=2,
+        checkpoint_every=5,
+        max_failures=1,
+        fault={"rank": 1, "step": 12},
+        storage_path=tmp_path,
+        name="fault",
+        **COMMON,
+        **options,
+    )
+    marker = tmp_path / "fault" / ".bilevel_ray_fault_injected"
+    assert marker.read_text() == "rank 1 killed at step 12\n"  # the crash did happen
+    reference = _one_worker_reference("pbgd", tmp_path, **options)
+    for k in reference.x:
+        assert (run.x[k] - reference.x[k]).abs().max() <= 1e-6
+    for k in reference.y:
+        assert (run.y[k] - reference.y[k]).abs().max() <= 1e-6
+    assert run.history["step"].to_pylist() == [5, 10, 15, 20]  # no row lost or repeated
+
+
+def test_divergence_in_workers_stops_the_run_with_a_clear_status(ray_2cpu, tmp_path):
+    with pytest.raises(br.DivergenceError, match="diverged at step"):
+        br.train(
+            "toy-negative",
+            problem_config={},
+            num_workers=2,
+            steps=400,
+            lr_y=5.0,
+            report_every=50,
+            storage_path=tmp_path,
+            name="diverge",
+            resources_per_worker={"CPU": 0.5},
+        )
+
+
+def test_ray_data_datasets_feed_the_workers(ray_2cpu, tmp_path):
+    import sys
+
+    import ray.data
+    from ray import cloudpickle
+
+    # Workers cannot import this test module: ship the factory by value, as for a user's script.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    upper, lower = br.problems.make_regression_data(n=200)
+
+    def table(group):
+        inputs, targets = group
+        return pa.table(
+            {
+                "inputs": pa.FixedSizeListArray.from_arrays(
+                    pa.array(inputs.reshape(-1).numpy()), inputs.shape[1]
+                ),
+                "targets": targets.numpy(),
+            }
+        )
+
+    run = br.train(
+        _dict_regression,
+        num_workers=2,
+        datasets={
+            "upper": ray.data.from_arrow(table(upper)),
+            "lower": ray.data.from_arrow(table(lower)),
+        },
+        batch_size=20,
+        storage_path=tmp_path,
+        name="raydata",
+        steps=30,
+        report_every=10,
+        lr_x=0.02,
+        lr_y=0.1,
+        gamma=10.0,
+    )
+    losses = run.history["upper/loss"].to_pylist()
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def _dict_regression(config):
+    """The regression problem reading {"inputs", "targets"} batches (Ray Data's form)."""
+    spec = br.problems.BUILTIN_PROBLEMS["regression"]({**config, "batch_size": None})
+
+    class DictBatches:
+        def upper_loss(self, x, y, batch):
+            return spec.problem.upper_loss(x, y, (batch["inputs"], batch["targets"]))
+
+        def lower_loss(self, x, y, batch):
+            return spec.problem.lower_loss(x, y, (batch["inputs"], batch["targets"]))
+
+    return br.ProblemSpec(DictBatches(), spec.x0, spec.y0, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_gpu_workers(ray_2cpu, tmp_path):
+    run = br.train(
+        "quadratic",
+        problem_config={},
+        num_workers=1,
+        use_gpu=True,
+        steps=200,
+        storage_path=tmp_path,
+        name="gpu",
+    )
+    assert run.x["x"].device.type == "cpu"  # results come back as plain CPU tensors
