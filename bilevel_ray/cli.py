@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problems import BUILTIN_PROBLEMS, load_factory
 from bilevel_ray.runtime.checkpoint import check_writable
@@ -102,7 +103,13 @@ def _solve(args: argparse.Namespace) -> int:
     settings = _key_values(args.set, "--set")
     problem_config = _key_values(args.config, "--config")
     spec = load_factory(args.problem)(problem_config)
-    options = {**spec.defaults, **settings}
+    reserved = sorted(set(settings) & {"steps", "seed", "method", "report_every", "data"})
+    if reserved:
+        raise ConfigError(
+            f"--set {reserved[0]}=...: a run setting, not a solver setting; use --"
+            f"{reserved[0].replace('_', '-')} instead"
+        )
+    options = {**SolverConfig.applicable(args.method, spec.defaults), **settings}
     if args.steps is not None:
         options["steps"] = args.steps
     if args.out is not None:

@@ -136,7 +136,19 @@ class SolverConfig:
                 KNOB_CHECKS[name](self.option(name))
             except ConfigError as err:
                 problems.extend(err.problems)
+        if self.method == "f2sa" and not isinstance(self.option("gamma"), (int, float)):
+            problems.append(
+                f"gamma={self.gamma!r}: for f2sa gamma is the initial multiplier lam_0 and must "
+                "be a number; schedule its growth with multiplier_growth"
+            )
         return problems
+
+    @staticmethod
+    def applicable(method: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of a problem's suggested settings that apply to ``method`` (a problem's
+        ``gamma`` is no error for BOME: it is just not BOME's)."""
+        knobs = METHOD_OPTIONS.get(method, {})
+        return {k: v for k, v in defaults.items() if k not in _METHOD_SPECIFIC or k in knobs}
 
     def option(self, name: str) -> Any:
         """The value in force: the given one, else the method's default."""

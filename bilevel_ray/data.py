@@ -190,6 +190,15 @@ def _cycle(source: Iterable[Any], name: str) -> Iterator[Any]:
             raise ConfigError(f"data {name} yielded no batch; it must yield at least one")
 
 
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, or a tuple / list / dict whose first item is one (level data, not a source)."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return isinstance(value, (tuple, list)) and bool(value) and isinstance(value[0], Tensor)
+
+
 def as_batches(
     data: Any, seed: int, start_step: int = 0, rank: int = 0, world: int = 1
 ) -> Iterator[BilevelBatch]:
@@ -206,9 +215,10 @@ def as_batches(
         )
     if isinstance(data, (tuple, list)) and len(data) == 2:
         upper, lower = data
-        if isinstance(upper, Tensor) or isinstance(lower, Tensor):
+        if _holds_tensors(upper) or _holds_tensors(lower):
             raise ConfigError(
-                "data=(tensor, tensor) is ambiguous: for in-memory tensors pass "
+                "data=(upper, lower) of in-memory tensors is ambiguous (a pair of batch sources "
+                "is expected there): for tensors pass "
                 "br.full_batch(upper=..., lower=...) or br.minibatches(upper=..., lower=..., "
                 "batch_size=...)"
             )

@@ -43,5 +43,6 @@ class DivergenceError(BilevelRayError, FloatingPointError):
         )
         super().__init__(
             f"diverged at step {step}: {metric} is not finite; last finite metrics: {shown}. "
-            "Lower lr_x / lr_y, or use a smaller gamma or a gamma ramp."
+            "Lower the step sizes lr_x / lr_y; with a penalty method, a smaller gamma or a gamma "
+            "ramp (br.schedules.pbgd_ramp) also helps."
         )

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from bilevel_ray.tree import Params, add_scaled, vdot
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.tree import Params, add_scaled, clone, vdot
 
 __all__ = ["solve_cg"]
 
@@ -32,8 +33,12 @@ def solve_cg(
 ) -> Params:
     """At most ``maxiter`` CG iterations on ``(A + ridge I) v = b`` from ``v = 0``.
 
-    Stops early once ``||r|| <= rtol * ||b||`` (one host sync per iteration: this is a baseline,
-    and exactness on small problems matters more than the sync).
+    Stops early once ``||r|| <= rtol * ||b||``. Two host syncs per iteration (the curvature
+    check and the residual test): this serves a baseline, where exactness matters more.
+
+    Raises:
+        ConfigError: ``p' A p <= 0`` along a search direction: A is not positive definite (an
+            over-parameterised or non-convex lower level); a ridge makes it so.
     """
 
     def op(p: Params) -> Params:
@@ -41,20 +46,26 @@ def solve_cg(
         return add_scaled(ap, p, ridge) if ridge else ap
 
     v = {k: torch.zeros_like(t) for k, t in b.items()}
-    r = dict(b)
-    p = dict(b)
-    rs = vdot(r, r)
-    threshold = float(rs) * rtol**2
-    if float(rs) == 0.0:
+    r, p = clone(b), clone(b)
+    rs = float(vdot(r, r))
+    threshold = rs * rtol**2
+    if rs == 0.0:
         return v
     for _ in range(maxiter):
         ap = op(p)
-        alpha = rs / vdot(p, ap)
-        v = add_scaled(v, p, float(alpha))
-        r = add_scaled(r, ap, -float(alpha))
-        rs_new = vdot(r, r)
-        if float(rs_new) <= threshold:
+        curvature, norm_p = torch.stack([vdot(p, ap), vdot(p, p)]).tolist()
+        if curvature <= 1e-14 * norm_p:
+            raise ConfigError(
+                f"CG: the lower-level Hessian is not positive definite along a search direction "
+                f"(p'Hp = {curvature:.3g}); set cg_ridge > 0 (e.g. cg_ridge=1e-3) to regularise it"
+            )
+        alpha = rs / curvature
+        torch._foreach_add_(list(v.values()), list(p.values()), alpha=alpha)
+        torch._foreach_add_(list(r.values()), [ap[k] for k in r], alpha=-alpha)
+        rs_new = float(vdot(r, r))
+        if rs_new <= threshold:
             break
-        p = add_scaled(r, p, float(rs_new / rs))
+        torch._foreach_mul_(list(p.values()), rs_new / rs)
+        torch._foreach_add_(list(p.values()), [r[k] for k in p])
         rs = rs_new
     return v

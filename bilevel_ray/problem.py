@@ -33,6 +33,7 @@ __all__ = [
     "check_losses",
     "check_params",
     "check_problem",
+    "factory_config",
     "module_problem",
     "split_module_problem",
 ]
@@ -58,6 +59,30 @@ class ProblemSpec:
     y0: Params
     data: Any = None
     defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def factory_config(
+    problem: str, config: Mapping[str, Any] | None, defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """A built-in factory's settings: ``defaults`` overridden by ``config``; unknown keys and
+    dtype names are refused by name. ``device`` is always accepted (the runtimes set it)."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(defaults) - {"device"})
+    if unknown:
+        raise ConfigError(
+            f"problem {problem!r} has no setting(s) {unknown}; its settings are: "
+            f"{', '.join(sorted(defaults))}"
+        )
+    out = {**defaults, "device": None, **config}
+    if "dtype" in out:
+        dtype = getattr(torch, str(out["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(
+                f"problem {problem!r}: dtype={out['dtype']!r} is not a floating torch dtype; use "
+                "float64 or float32"
+            )
+        out["dtype"] = dtype
+    return out
 
 
 def check_params(x0: Any, y0: Any) -> None:
@@ -92,16 +117,44 @@ def check_params(x0: Any, y0: Any) -> None:
                 f"x0 and y0 share the names {shared}: each tensor belongs to exactly one level; "
                 "rename one of them"
             )
-        y_storage = {v.untyped_storage().data_ptr(): k for k, v in y0.items() if v.numel()}
         for k, v in x0.items():
-            other = y_storage.get(v.untyped_storage().data_ptr()) if v.numel() else None
-            if other is not None:
-                problems.append(
-                    f"x0[{k!r}] and y0[{other!r}] are the same tensor (shared memory, e.g. tied "
-                    "weights): each level needs its own; pass a .clone() or untie the weights"
-                )
+            for other, w in y0.items():
+                if _overlap(v, w):
+                    problems.append(
+                        f"x0[{k!r}] and y0[{other!r}] share memory (the same tensor, e.g. tied "
+                        "weights): each level needs its own; pass a .clone() or untie the weights"
+                    )
     if problems:
         raise ConfigError(problems)
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors' memory spans overlap (disjoint views of one buffer do not)."""
+    if not a.numel() or not b.numel() or a.device != b.device:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _refuse_running_stats(name: str, module: nn.Module) -> None:
+    updating = [
+        sub_name or type(module).__name__
+        for sub_name, sub in module.named_modules()
+        if isinstance(sub, nn.modules.batchnorm._NormBase)
+        and sub.training
+        and sub.track_running_stats
+    ]
+    if updating:
+        raise ConfigError(
+            f"{name} has normalisation layers that update running statistics in training mode "
+            f"({', '.join(updating[:3])}): that state would not be part of x, y or checkpoints; "
+            "call .eval() on them, or use LayerNorm / GroupNorm"
+        )
 
 
 def _selector(
@@ -132,7 +185,10 @@ class _SingleModelProblem:
 
     def _forward(self, x: Params, y: Params) -> Callable[..., Any]:
         params = {**self.frozen, **x, **y}
-        return lambda *args, **kwargs: functional_call(self.model, params, args, kwargs)
+        # strict: every parameter and buffer is given, so a misnamed x or y fails loudly.
+        return lambda *args, **kwargs: functional_call(
+            self.model, params, args, kwargs, strict=True
+        )
 
     def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
         return self._upper(self._forward(x, y), batch)
@@ -152,7 +208,10 @@ def module_problem(
     """Adapt one model whose parameters split by name into x (upper) and y (lower).
 
     ``x`` and ``y`` select parameter names: a regular expression (``"lora_"``), a list of exact
-    names, or a predicate. Parameters in neither group, and all buffers, are frozen.
+    names, or a predicate. Parameters in neither group are frozen; buffers are used as they are,
+    and a module that would update buffers in its forward (normalisation layers with running
+    statistics in training mode) is refused: that hidden state would escape the solver's state
+    and its checkpoints. Tied weights appear once, under their first name.
     The losses receive ``forward`` (the model called with the current x and y) and the batch::
 
         problem, x0, y0 = br.module_problem(
@@ -164,6 +223,7 @@ def module_problem(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model is a {type(model).__name__}: must be a torch.nn.Module")
+    _refuse_running_stats("model", model)
     in_x, in_y = _selector("x", x), _selector("y", y)
     named = dict(model.named_parameters())
     both = sorted(n for n in named if in_x(n) and in_y(n))
@@ -208,11 +268,11 @@ class _TwoModuleProblem:
         self.modules, self.frozen, self._upper, self._lower = modules, frozen, upper, lower
 
     def _forwards(self, x: Params, y: Params) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        px = {**self.frozen[0], **{k[len("upper.") :]: v for k, v in x.items()}}
-        py = {**self.frozen[1], **{k[len("lower.") :]: v for k, v in y.items()}}
+        px = {**self.frozen[0], **{k.removeprefix("upper."): v for k, v in x.items()}}
+        py = {**self.frozen[1], **{k.removeprefix("lower."): v for k, v in y.items()}}
         return (
-            lambda *a, **kw: functional_call(self.modules[0], px, a, kw),
-            lambda *a, **kw: functional_call(self.modules[1], py, a, kw),
+            lambda *a, **kw: functional_call(self.modules[0], px, a, kw, strict=True),
+            lambda *a, **kw: functional_call(self.modules[1], py, a, kw, strict=True),
         )
 
     def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
@@ -243,6 +303,7 @@ def split_module_problem(
     for name, module in zip(("upper_module", "lower_module"), modules):
         if not isinstance(module, nn.Module):
             raise ConfigError(f"{name} is a {type(module).__name__}: must be a torch.nn.Module")
+        _refuse_running_stats(name, module)
     if {id(p) for p in upper_module.parameters()} & {id(p) for p in lower_module.parameters()}:
         raise ConfigError(
             "upper_module and lower_module share parameter tensors: each level needs its own; "
@@ -278,17 +339,29 @@ def check_problem(problem: Any) -> None:
         )
 
 
-def check_losses(problem: BilevelProblem, x: Params, y: Params, batch: Any) -> None:
-    """Evaluate f and g once at (x, y) and refuse what no solver can use, listing every problem."""
+def check_losses(
+    problem: BilevelProblem, x: Params, y: Params, batch: Any, upper_needs_x: bool = False
+) -> None:
+    """Evaluate f and g once at (x, y) and refuse what no solver can use, listing every problem.
+
+    ``upper_needs_x``: PBGD-Free moves x along grad_x f only, so an f that reaches x only
+    through y*(x) (hyperparameter tuning) would leave x where it starts.
+    """
     problems = []
     xl = {k: v.detach().requires_grad_(True) for k, v in x.items()}
     yl = {k: v.detach().requires_grad_(True) for k, v in y.items()}
     for name, fn, part, wrt in (
-        ("upper_loss", problem.upper_loss, batch.upper, "x or y"),
+        ("upper_loss", problem.upper_loss, batch.upper, "x" if upper_needs_x else "x or y"),
         ("lower_loss", problem.lower_loss, batch.lower, "y"),
     ):
-        with torch.enable_grad():
-            out = fn(xl, yl, part)
+        try:
+            with torch.enable_grad():
+                out = fn(xl, yl, part)
+        except Exception as err:  # the user's loss failed on its first call: say where
+            raise ConfigError(
+                f"{name} raised {type(err).__name__} at the initial point: {err} (check the "
+                "parameter names in x0 / y0 and the batch format the loss expects)"
+            ) from err
         if not isinstance(out, Tensor):
             problems.append(
                 f"{name} returned a {type(out).__name__}: must return a scalar torch.Tensor"
@@ -305,12 +378,20 @@ def check_losses(problem: BilevelProblem, x: Params, y: Params, batch: Any) -> N
                 f"{name} is {float(out.detach())} at the initial point: fix x0 / y0 or the data"
             )
         else:
-            inputs = list(yl.values()) if wrt == "y" else [*xl.values(), *yl.values()]
+            inputs = {"y": list(yl.values()), "x": list(xl.values())}.get(
+                wrt, [*xl.values(), *yl.values()]
+            )
             grads = torch.autograd.grad(out, inputs, allow_unused=True) if out.requires_grad else []
             if not any(g is not None for g in grads):
+                hint = (
+                    "; PBGD-Free's x step is grad_x f, so x would never move: use pbgd, "
+                    "alt_pbgd or implicit_cg"
+                    if upper_needs_x
+                    else ""
+                )
                 problems.append(
                     f"{name} does not depend on {wrt}: its gradient is undefined; compute it "
-                    "from the x and y it receives (not from copies or .detach()ed tensors)"
+                    f"from the x and y it receives (not from copies or .detach()ed tensors){hint}"
                 )
     if problems:
         raise ConfigError(problems)

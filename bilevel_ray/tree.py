@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,7 @@ __all__ = [
     "clone",
     "detach",
     "sub",
+    "to_device",
     "vdot",
     "zeros_like",
 ]
@@ -52,4 +55,18 @@ def add_scaled(a: Params, b: Params, scale: float) -> Params:
 
 def vdot(a: Params, b: Params) -> Tensor:
     """Inner product <a, b> summed over all keys, as a 0-d tensor (no host sync)."""
-    return torch.stack([torch.sum(a[k] * b[k]) for k in a]).sum()
+    device = next(iter(a.values())).device
+    return torch.stack([torch.dot(a[k].reshape(-1), b[k].reshape(-1)).to(device) for k in a]).sum()
+
+
+def to_device(tree: Any, device: torch.device | str | None) -> Any:
+    """Every tensor of a nested dict / list / tuple / NamedTuple moved to ``device``."""
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if hasattr(tree, "_fields"):
+        return type(tree)(*(to_device(v, device) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device) for v in tree)
+    return tree

@@ -99,7 +99,7 @@ def sgd(
         if weight_decay:
             d = torch._foreach_add(d, p, alpha=weight_decay)
         if momentum:
-            bufs = list(state["momentum"].values())
+            bufs = [state["momentum"][k] for k in params]
             if state["count"] == 0:
                 torch._foreach_copy_(bufs, d)
             else:
@@ -147,7 +147,7 @@ def adam(
         lr = positive_value(name, lr_t, t)
         p = list(params.values())
         d = [grads[k] for k in params]
-        m, v = list(state["m"].values()), list(state["v"].values())
+        m, v = [state["m"][k] for k in params], [state["v"][k] for k in params]
         if weight_decay and decoupled_weight_decay:
             torch._foreach_mul_(p, 1.0 - lr * weight_decay)
         elif weight_decay:

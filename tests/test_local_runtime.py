@@ -81,6 +81,22 @@ def test_minibatch_pbgd_free_reaches_the_full_batch_solution_within_its_noise():
         assert loss_mb == pytest.approx(loss_full, rel=0.2)
 
 
+class CrashAfter:
+    """The wrapped problem, whose upper loss raises after ``calls`` evaluations (a crash)."""
+
+    def __init__(self, problem, calls):
+        self.problem, self.calls = problem, calls
+
+    def upper_loss(self, x, y, batch):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("simulated crash")
+        return self.problem.upper_loss(x, y, batch)
+
+    def lower_loss(self, x, y, batch):
+        return self.problem.lower_loss(x, y, batch)
+
+
 def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path):
     spec = br.problems.BUILTIN_PROBLEMS["regression"]({"n": 300, "batch_size": 30})
     options = dict(
@@ -89,17 +105,19 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path):
     full = br.solve(spec.problem, spec.x0, spec.y0, steps=40, **options)
 
     ckpt = tmp_path / "ckpt.pt"
-    br.solve(
-        spec.problem,
-        spec.x0,
-        spec.y0,
-        steps=25,
-        checkpoint_path=ckpt,
-        checkpoint_every=10,
-        **options,
-    )  # "crashes" after 25 steps; the last save is step 20
+    # PBGD-Free evaluates f twice per step (plus once at the start): this dies in step 26.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        br.solve(
+            CrashAfter(spec.problem, 1 + 2 * 25 + 1),
+            spec.x0,
+            spec.y0,
+            steps=40,
+            checkpoint_path=ckpt,
+            checkpoint_every=10,
+            **options,
+        )
     saved = torch.load(ckpt, weights_only=True)
-    assert saved["state"]["step"] == 20
+    assert saved["state"]["step"] == 20  # the last save before the crash
     resumed = br.solve(
         spec.problem,
         spec.x0,
@@ -113,6 +131,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path):
     assert torch.equal(resumed.x["W"], full.x["W"]) and torch.equal(resumed.y["v"], full.y["v"])
     assert resumed.history["step"].to_pylist() == full.history["step"].to_pylist()
     assert resumed.history["upper/loss"].to_pylist() == full.history["upper/loss"].to_pylist()
+    assert torch.load(ckpt, weights_only=True)["state"]["step"] == 40  # the end is saved too
 
 
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
@@ -124,6 +143,7 @@ def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
         steps=5,
         checkpoint_path=tmp_path / "c.pt",
         checkpoint_every=5,
+        report_every=5,
         resume=True,
     )
     assert res.state.step == 5 and (tmp_path / "c.pt").exists()

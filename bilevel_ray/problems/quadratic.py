@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel_ray.problem import ProblemSpec
+from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
 __all__ = ["QuadraticProblem", "quadratic"]
@@ -43,7 +43,8 @@ class QuadraticProblem:
         gen = torch.Generator().manual_seed(seed)
 
         def rand(*shape: int) -> Tensor:
-            return torch.randn(*shape, generator=gen, dtype=dtype)
+            # Drawn in float64 and cast: every dtype gets the same problem.
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
         eye_y = torch.eye(dim_y, dtype=dtype)
         a = rand(dim_y, dim_y)
@@ -117,23 +118,21 @@ class QuadraticProblem:
         return {"x": -torch.linalg.solve(torch.stack(cols, dim=1), grad0)}
 
     def _penalty_gradient(self, x: Tensor, gamma: float) -> Tensor:
-        """grad F_gamma(x) = grad_x f(x, y_g) + gamma (grad_x g(x, y_g) - grad_x g(x, y*))."""
-        y_g = self.perturbed_solution({"x": x}, gamma)["y"]
+        """grad F_gamma(x) = grad_x f(x, y_gam) + gamma (grad_x g(x, y_gam) - grad_x g(x, y*))."""
+        y_gam = self.perturbed_solution({"x": x}, gamma)["y"]
         y_s = self.lower_solution({"x": x})["y"]
-        return self.P @ x + self.Q @ y_g + self.p + gamma * (-self.B.T @ y_g + self.B.T @ y_s)
+        return self.P @ x + self.Q @ y_gam + self.p + gamma * self.B.T @ (y_s - y_gam)
 
 
 def quadratic(config: dict[str, Any] | None = None) -> ProblemSpec:
-    config = dict(config or {})
-    like = {
-        "dtype": getattr(torch, config.pop("dtype", "float64")),
-        "device": config.pop("device", None),
-    }
-    problem = QuadraticProblem(**like, **config)
-    dim_x, dim_y = problem.P.shape[0], problem.A.shape[0]
+    c = factory_config(
+        "quadratic", config, {"dtype": "float64", "dim_x": 3, "dim_y": 4, "seed": 0, "flat": False}
+    )
+    like = {"dtype": c.pop("dtype"), "device": c.pop("device")}
+    problem = QuadraticProblem(**like, **c)
     return ProblemSpec(
         problem,
-        {"x": torch.zeros(dim_x, **like)},
-        {"y": torch.zeros(dim_y, **like)},
+        {"x": torch.zeros(c["dim_x"], **like)},
+        {"y": torch.zeros(c["dim_y"], **like)},
         defaults={"steps": 3000, "lr_x": 0.05, "lr_y": 0.2, "gamma": 10.0},
     )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from bilevel_ray.data import full_batch, minibatches
-from bilevel_ray.problem import ProblemSpec
+from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
 __all__ = ["LinearRepresentation", "make_regression_data", "regression"]
@@ -60,19 +60,21 @@ def make_regression_data(
 
 def regression(config: dict[str, Any] | None = None) -> ProblemSpec:
     """Minibatches of 100 per group by default; ``{"batch_size": None}`` for full batch."""
-    config = config or {}
-    dim, features = int(config.get("dim", 10)), int(config.get("features", 4))
-    upper, lower = make_regression_data(int(config.get("n", 2000)), dim, int(config.get("seed", 0)))
-    gen = torch.Generator().manual_seed(int(config.get("seed", 0)) + 1)
-    device = config.get("device")  # data stays on the CPU: workers move each batch
-    x0 = {
-        "W": (torch.randn(dim, features, generator=gen, dtype=torch.float64) / dim**0.5).to(device)
-    }
-    y0 = {"v": torch.zeros(features, dtype=torch.float64, device=device)}
-    batch_size = config.get("batch_size", 100)
+    c = factory_config(
+        "regression",
+        config,
+        {"n": 2000, "dim": 10, "features": 4, "seed": 0, "ridge": 1e-2, "batch_size": 100},
+    )
+    upper, lower = make_regression_data(int(c["n"]), int(c["dim"]), int(c["seed"]))
+    gen = torch.Generator().manual_seed(int(c["seed"]) + 1)
+    w0 = torch.randn(int(c["dim"]), int(c["features"]), generator=gen, dtype=torch.float64)
+    # The data stays on the CPU (workers move each batch); x0 and y0 go to the device.
+    x0 = {"W": (w0 / int(c["dim"]) ** 0.5).to(c["device"])}
+    y0 = {"v": torch.zeros(int(c["features"]), dtype=torch.float64, device=c["device"])}
+    batch_size = c["batch_size"]
     data = full_batch(upper, lower) if batch_size is None else minibatches(upper, lower, batch_size)
     return ProblemSpec(
-        LinearRepresentation(float(config.get("ridge", 1e-2))),
+        LinearRepresentation(float(c["ridge"])),
         x0,
         y0,
         data,

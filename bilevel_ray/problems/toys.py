@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel_ray.problem import ProblemSpec
+from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
 __all__ = ["NegativeToy", "PositiveToy", "negative_toy", "positive_toy"]
@@ -58,12 +58,12 @@ class NegativeToy:
 
 def negative_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
     """The negative toy from x0 = 2, y0 = 0 (inside the notebook's init box)."""
-    config = config or {}
-    like = {"dtype": getattr(torch, config.get("dtype", "float64")), "device": config.get("device")}
+    c = factory_config("toy-negative", config, {"dtype": "float64", "x0": 2.0, "y0": 0.0})
+    like = {"dtype": c["dtype"], "device": c["device"]}
     return ProblemSpec(
         NegativeToy(),
-        {"x": torch.tensor([float(config.get("x0", 2.0))], **like)},
-        {"y": torch.tensor([float(config.get("y0", 0.0))], **like)},
+        {"x": torch.tensor([float(c["x0"])], **like)},
+        {"y": torch.tensor([float(c["y0"])], **like)},
         defaults={"steps": 3000, "lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0},
     )
 
@@ -120,8 +120,8 @@ class PositiveToy:
 
 def positive_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
     """The positive toy from the notebook's start w = (5, -9.9)."""
-    config = config or {}
-    like = {"dtype": getattr(torch, config.get("dtype", "float64")), "device": config.get("device")}
+    c = factory_config("toy-positive", config, {"dtype": "float64"})
+    like = {"dtype": c["dtype"], "device": c["device"]}
     return ProblemSpec(
         PositiveToy(**like),
         {"w1": torch.tensor([W_INIT[0]], **like)},

@@ -11,16 +11,19 @@ from typing import Any
 import torch
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.solvers.base import state_to_dict
+from bilevel_ray.tree import to_device
 
 __all__ = [
     "CHECKPOINT_KEYS",
     "atomic_write",
     "check_writable",
+    "checkpoint_payload",
     "load_checkpoint",
     "save_checkpoint",
 ]
 
-CHECKPOINT_KEYS = ("state", "rng", "history", "elapsed_s", "config")
+CHECKPOINT_KEYS = ("state", "rng", "history", "elapsed_s", "config", "seed")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
@@ -32,6 +35,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> 
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def checkpoint_payload(state: Any, recorder: Any, config: Any, seed: int) -> dict[str, Any]:
+    """What a checkpoint holds: the solver state (on the CPU), the RNG, the history so far, the
+    elapsed time, the solver settings and the seed of the data stream."""
+    return {
+        "state": to_device(state_to_dict(state), "cpu"),
+        "rng": torch.get_rng_state(),
+        "history": recorder.rows,
+        "elapsed_s": recorder.elapsed,
+        "config": config.to_dict(),
+        "seed": seed,
+    }
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -124,7 +124,17 @@ def _to_floats(matrix: list[list[Any]]) -> list[list[float]]:
     """One device-to-host transfer for a window of 0-d tensors and floats."""
     tensors = [v for row in matrix for v in row if isinstance(v, torch.Tensor)]
     if tensors:
-        host = iter(torch.stack([t.to(torch.float64) for t in tensors]).tolist())
+        # One stack and transfer per device (metrics of x and y may live on different ones);
+        # float64 only on the host, since some accelerators have none.
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.device, []).append(i)
+        floats: list[float] = [0.0] * len(tensors)
+        for indices in by_device.values():
+            stacked = torch.stack([tensors[i].detach() for i in indices]).cpu().to(torch.float64)
+            for i, value in zip(indices, stacked.tolist()):
+                floats[i] = value
+        host = iter(floats)
         return [
             [next(host) if isinstance(v, torch.Tensor) else float(v) for v in row] for row in matrix
         ]

@@ -25,10 +25,10 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
-from bilevel_ray.runtime.checkpoint import load_checkpoint, save_checkpoint
+from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
-from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict, state_to_dict
-from bilevel_ray.tree import Params
+from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
+from bilevel_ray.tree import Params, to_device
 
 __all__ = ["SolveResult", "count", "run_local", "solve", "solver_config"]
 
@@ -145,14 +145,17 @@ def run_local(
     report_every = count("report_every", report_every, 1)
     seed = count("seed", seed, 0)
     checkpoint_every = count("checkpoint_every", checkpoint_every, 0)
-    if (checkpoint_every or resume) and checkpoint_path is None:
+    if resume and checkpoint_path is None:
+        raise ConfigError("resume=True needs checkpoint_path: pass checkpoint_path='run/ckpt.pt'")
+    if checkpoint_every and checkpoint_path is None:
         raise ConfigError(
-            "checkpoint_every / resume need checkpoint_path: pass checkpoint_path='run/ckpt.pt'"
+            f"checkpoint_every={checkpoint_every} needs checkpoint_path: pass "
+            "checkpoint_path='run/ckpt.pt'"
         )
-    if checkpoint_path is not None and not checkpoint_every:
+    if checkpoint_every % report_every:
         raise ConfigError(
-            f"checkpoint_path={str(checkpoint_path)!r} given with checkpoint_every=0: nothing "
-            "would be saved; pass checkpoint_every=K"
+            f"checkpoint_every={checkpoint_every} must be a multiple of report_every="
+            f"{report_every}: a checkpoint carries the history up to a logged row"
         )
     if checkpoint_path is not None:
         config.to_dict()  # a checkpoint stores the settings: refuse unserialisable ones now
@@ -160,9 +163,10 @@ def run_local(
     check_params(x0, y0)
     solver = config.build(problem, grad_reduce)
 
-    saved = _load_resume(checkpoint_path, config) if resume else None
+    saved = _load_resume(checkpoint_path, config, seed) if resume else None
     if saved is not None:
-        state = state_from_dict(saved["state"])
+        # Checkpoints are read onto the CPU; the run continues where x0 lives.
+        state = to_device(state_from_dict(saved["state"]), next(iter(x0.values())).device)
         recorder = HistoryRecorder(
             config.method, report_every, saved["history"], saved["elapsed_s"]
         )
@@ -170,16 +174,19 @@ def run_local(
         state = solver.init(x0, y0)
         recorder = HistoryRecorder(config.method, report_every)
 
-    batches = as_batches(data, seed, start_step=state.step)
-    first = next(batches)
-    check_losses(problem, state.x, state.y, first)
-    batches = itertools.chain([first], batches)
-
-    with torch.random.fork_rng(devices=[]):
+    # The seeded RNG covers the data stream too (a shuffled DataLoader draws when iterated).
+    with torch.random.fork_rng(devices=_cuda_devices(x0, y0)):
         if saved is not None:
             torch.set_rng_state(saved["rng"])
         else:
             torch.manual_seed(seed)
+        batches = as_batches(data, seed, start_step=state.step)
+        if saved is None:
+            first = next(batches)
+            check_losses(
+                problem, state.x, state.y, first, upper_needs_x=config.method == "pbgd_free"
+            )
+            batches = itertools.chain([first], batches)
         try:
             state = _run(
                 solver,
@@ -188,9 +195,7 @@ def run_local(
                 steps,
                 recorder,
                 progress,
-                checkpoint_path,
-                checkpoint_every,
-                config,
+                (checkpoint_path, checkpoint_every, config, seed),
             )
         finally:
             if history_path is not None:
@@ -198,40 +203,40 @@ def run_local(
     return SolveResult(state.x, state.y, recorder.table(), state, config.to_dict(strict=False))
 
 
-def _run(
-    solver, state, batches, steps, recorder, progress, checkpoint_path, checkpoint_every, config
-) -> SolverState:
+def _cuda_devices(*groups: Params) -> list[int]:
+    """The CUDA devices the run uses, whose RNGs are forked along with the CPU's."""
+    return sorted({t.device.index or 0 for g in groups for t in g.values() if t.is_cuda})
+
+
+def _run(solver, state, batches, steps, recorder, progress, checkpointing) -> SolverState:
+    checkpoint_path, checkpoint_every, config, seed = checkpointing
     last_print = -float("inf")
     for t in range(state.step, steps):
         state, metrics = solver.step(state, next(batches))
+        done = t + 1 == steps
         row = recorder.record(t + 1, metrics)
-        if (
-            progress
-            and row is not None
-            and (recorder.elapsed - last_print >= 2.0 or t + 1 == steps)
-        ):
+        if done and row is None:
+            row = recorder.flush()  # the final step is always logged
+        if progress and row is not None and (recorder.elapsed - last_print >= 2.0 or done):
             last_print = recorder.elapsed
             print(_progress_line(row, steps), file=sys.stderr, flush=True)
-        if checkpoint_every and (t + 1) % checkpoint_every == 0:
-            recorder.flush()
-            save_checkpoint(
-                {
-                    "state": state_to_dict(state),
-                    "rng": torch.get_rng_state(),
-                    "history": recorder.rows,
-                    "elapsed_s": recorder.elapsed,
-                    "config": config.to_dict(),
-                },
-                checkpoint_path,
-            )
-    recorder.flush()
+        # Every K steps (multiples of report_every: the rows are flushed) and at the end.
+        if checkpoint_path is not None and (
+            done or (checkpoint_every and (t + 1) % checkpoint_every == 0)
+        ):
+            save_checkpoint(checkpoint_payload(state, recorder, config, seed), checkpoint_path)
     return state
 
 
-def _load_resume(path: Any, config: SolverConfig) -> dict[str, Any] | None:
+def _load_resume(path: Any, config: SolverConfig, seed: int) -> dict[str, Any] | None:
     if not Path(path).exists():
         return None
     saved = load_checkpoint(path)
+    if saved["seed"] != seed:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written with seed={saved['seed']}, not seed={seed}: "
+            "the data stream would differ; resume with the same seed or pass resume=False"
+        )
     if saved["config"] != config.to_dict():
         raise ConfigError(
             f"checkpoint {str(path)!r} was written with other solver settings "

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import ProblemSpec, check_params, check_problem
 from bilevel_ray.problems import load_factory
@@ -108,7 +109,7 @@ def train(
     """
     problem_config = dict(problem_config or {})
     spec = build_spec(factory, problem_config)
-    defaults = dict(spec.defaults)
+    defaults = SolverConfig.applicable(method, spec.defaults)
     default_steps = defaults.pop("steps", 1000)
     steps = count("steps", default_steps if steps is None else steps, 1)
     settings = solver_config(method, {**defaults, **solver_options})
@@ -120,6 +121,11 @@ def train(
     checkpoint_every = count("checkpoint_every", checkpoint_every, 0)
     report_every = count("report_every", report_every, 1)
     seed = count("seed", seed, 0)
+    if checkpoint_every % report_every:
+        raise ConfigError(
+            f"checkpoint_every={checkpoint_every} must be a multiple of report_every="
+            f"{report_every}: a checkpoint carries the history up to a logged row"
+        )
     if use_gpu not in ("auto", True, False):
         raise ConfigError(f"use_gpu={use_gpu!r}: must be 'auto', True or False")
     if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
@@ -145,7 +151,7 @@ def train(
             seed=seed,
             report_every=report_every,
             checkpoint_path=storage / name / "checkpoint.pt",
-            checkpoint_every=checkpoint_every or steps,
+            checkpoint_every=checkpoint_every,
             resume=True,
         )
 

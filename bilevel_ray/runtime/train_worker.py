@@ -16,6 +16,7 @@ metrics and ends (a raised error would make Train restart a run bound to diverge
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -29,27 +30,16 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import BilevelBatch, as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import check_losses
-from bilevel_ray.runtime.checkpoint import load_checkpoint, save_checkpoint
+from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from bilevel_ray.runtime.collectives import allreduce_mean, allreduce_mean_tensor
 from bilevel_ray.runtime.history import HistoryRecorder
 from bilevel_ray.runtime.train import CHECKPOINT_FILE, build_spec
-from bilevel_ray.solvers.base import SolverState, state_from_dict, state_to_dict
+from bilevel_ray.solvers.base import SolverState, state_from_dict
+from bilevel_ray.tree import to_device
 
 __all__ = ["FAULT_MARKER", "train_loop_per_worker"]
 
 FAULT_MARKER = ".bilevel_ray_fault_injected"
-
-
-def _to_device(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _to_device(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        return type(tree)(_to_device(v, device) for v in tree)
-    if hasattr(tree, "_fields"):
-        return type(tree)(*(_to_device(v, device) for v in tree))
-    return tree
 
 
 def _inject_fault(cfg: dict[str, Any], rank: int, step: int) -> None:
@@ -74,8 +64,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     spec = build_spec(cfg["factory"], {**cfg["problem_config"], "device": str(device)})
     settings = SolverConfig.from_dict(cfg["solver"])
-    reduce_grads = allreduce_mean if world > 1 else None
-    solver = settings.build(spec.problem, grad_reduce=reduce_grads)
+    solver = settings.build(spec.problem, grad_reduce=allreduce_mean if world > 1 else None)
 
     def reduce_values(values: torch.Tensor) -> torch.Tensor:
         return allreduce_mean_tensor(values.to(device)).cpu() if world > 1 else values
@@ -84,7 +73,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             saved = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        state = state_from_dict(_to_device(saved["state"], device))
+        state = state_from_dict(to_device(saved["state"], device))
         torch.set_rng_state(saved["rng"])
         recorder = HistoryRecorder(
             settings.method,
@@ -94,7 +83,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             reduce_values,
         )
     else:
-        state = solver.init(_to_device(spec.x0, device), _to_device(spec.y0, device))
+        state = solver.init(to_device(spec.x0, device), to_device(spec.y0, device))
         torch.manual_seed(cfg["seed"])
         recorder = HistoryRecorder(
             settings.method, cfg["report_every"], reduce_values=reduce_values
@@ -104,11 +93,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         source = _ray_data_batches(*cfg["batch_size"])
     else:
         source = as_batches(spec.data, cfg["seed"], state.step, rank, world)
-    batches = (_to_device(b, device) for b in source)
-    first = next(batches)
+    batches = (to_device(b, device) for b in source)
     if state.step == 0:
-        check_losses(spec.problem, state.x, state.y, first)
-    _loop(cfg, state, solver, [first], batches, recorder, rank, settings)
+        first = next(batches)
+        check_losses(
+            spec.problem, state.x, state.y, first, upper_needs_x=settings.method == "pbgd_free"
+        )
+        batches = itertools.chain([first], batches)
+    _Run(cfg, rank, settings, recorder).loop(state, solver, batches)
 
 
 def _ray_data_batches(upper_size: int, lower_size: int) -> Any:
@@ -132,54 +124,50 @@ def _ray_data_batches(upper_size: int, lower_size: int) -> Any:
     return (BilevelBatch(u, v) for u, v in pairs)
 
 
-def _loop(cfg, state: SolverState, solver, pending, batches, recorder, rank, settings) -> None:
-    steps, every_ckpt = cfg["steps"], cfg["checkpoint_every"]
-    for t in range(state.step, steps):
-        _inject_fault(cfg, rank, t)
-        batch = pending.pop() if pending else next(batches)
-        state, metrics = solver.step(state, batch)
-        done = t + 1 == steps
-        save = done or bool(every_ckpt and (t + 1) % every_ckpt == 0)
-        try:
-            # Logs a row every report_every steps; a checkpoint step logs one too.
-            row = recorder.record(t + 1, metrics)
-            if row is None and save:
-                row = recorder.flush()
-        except DivergenceError as err:
-            # Train V2 keeps only metrics reported with a checkpoint, so the verdict carries one
-            # (the state at the last report before the blow-up is the previous checkpoint).
-            verdict = {
-                **err.last_finite,
-                "status": "diverged",
-                "diverged_at_step": err.step,
-                "error": str(err),
-            }
-            _report(verdict, state, recorder, settings, rank)
+class _Run:
+    """The step loop of one rank, with its reporting and checkpointing."""
+
+    def __init__(
+        self, cfg: dict[str, Any], rank: int, settings: SolverConfig, recorder: HistoryRecorder
+    ):
+        self.cfg, self.rank, self.settings, self.recorder = cfg, rank, settings, recorder
+
+    def loop(self, state: SolverState, solver: Any, batches: Any) -> None:
+        steps, every = self.cfg["steps"], self.cfg["checkpoint_every"]
+        for t in range(state.step, steps):
+            _inject_fault(self.cfg, self.rank, t)
+            state, metrics = solver.step(state, next(batches))
+            done = t + 1 == steps
+            save = done or bool(every and (t + 1) % every == 0)
+            try:
+                # A row every report_every steps (checkpoint steps are multiples) and at the end.
+                row = self.recorder.record(t + 1, metrics)
+                if row is None and done:
+                    row = self.recorder.flush()
+            except DivergenceError as err:
+                # Train V2 keeps only metrics reported with a checkpoint, so the verdict carries
+                # one; the run's last good state is the checkpoint before it.
+                verdict = {
+                    **err.last_finite,
+                    "status": "diverged",
+                    "diverged_at_step": err.step,
+                    "error": str(err),
+                }
+                self.report(verdict, state, save=True)
+                return
+            if row is not None:
+                self.report({**row, "status": "completed" if done else "running"}, state, save)
+
+    def report(self, row: dict[str, Any], state: SolverState, save: bool) -> None:
+        """``ray.train.report`` on every rank (a barrier); rank 0 attaches the checkpoint."""
+        if not save or self.rank != 0:
+            ray.train.report(row)
             return
-        if row is None:
-            continue
-        status = "completed" if done else "running"
-        _report({**row, "status": status}, state, recorder, settings, rank if save else -1)
-
-
-def _report(row: dict[str, Any], state: SolverState, recorder, settings, saving_rank: int) -> None:
-    """Report the averaged row; rank 0 attaches a checkpoint when ``saving_rank`` is 0."""
-    if saving_rank != 0:
-        ray.train.report(row)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(
-            {
-                "state": _to_device(state_to_dict(state), torch.device("cpu")),
-                "rng": torch.get_rng_state(),
-                "history": recorder.rows,
-                "elapsed_s": recorder.elapsed,
-                "config": settings.to_dict(),
-            },
-            Path(folder) / CHECKPOINT_FILE,
-        )
-        ray.train.report(
-            row,
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=f"checkpoint_step_{state.step:09d}",
-        )
+        payload = checkpoint_payload(state, self.recorder, self.settings, self.cfg["seed"])
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(payload, Path(folder) / CHECKPOINT_FILE)
+            ray.train.report(
+                row,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint_step_{state.step:09d}",
+            )

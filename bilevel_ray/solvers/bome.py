@@ -73,11 +73,19 @@ def bome(
         safe = torch.where(q_sq > 0, q_sq, torch.ones_like(q_sq))
         lam = torch.where(q_sq > 0, torch.clamp((bome_eta * q_sq - inner) / safe, min=0), 0.0)
         # lam stays a 0-d tensor: a float() here would sync the device every step.
-        step_x = {k: fx[k] + lam * qx[k] for k in fx}
-        step_y = {k: fy[k] + lam * qy[k] for k in fy}
+        # grad f + lam grad q, in place on the fresh gradient dicts (lam moved to each tensor's
+        # device: a CUDA 0-d tensor cannot scale a CPU tensor).
+        step_x, step_y = _add_scaled_(fx, qx, lam), _add_scaled_(fy, qy, lam)
         update_x.apply(x, step_x, state.opt["x"], t)
         update_y.apply(y, step_y, state.opt["y"], t)
         metrics = {"upper/loss": f, **gap_aux, **aux, "penalty/multiplier": lam}
         return state._replace(step=t + 1), metrics
 
     return BilevelSolver("bome", init, step)
+
+
+def _add_scaled_(a: Params, b: Params, scale: torch.Tensor) -> Params:
+    """a += scale * b for every key, in place; returns a."""
+    for k in a:
+        a[k].add_(b[k] * scale.to(b[k].device))
+    return a

@@ -60,23 +60,31 @@ def implicit_hypergradient(
         df = torch.autograd.grad(f, xs + ys, allow_unused=True, materialize_grads=True)
         f_x, f_y = dict(zip(xl, df[: len(xs)])), grad_reduce(dict(zip(yl, df[len(xs) :])))
         g = problem.lower_loss(xl, yl, batch.lower)
-        g_y = torch.autograd.grad(g, ys, create_graph=True)
+        g_y = torch.autograd.grad(
+            g, ys, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+        # Entries of grad_y g that do not depend on (x, y) (g linear in them, or unused) have a
+        # zero Hessian block: they drop out of every second derivative.
+        live = [i for i, d in enumerate(g_y) if d.requires_grad]
 
-        def hvp(v: Params) -> Params:
-            hv = torch.autograd.grad(
-                g_y,
-                ys,
-                grad_outputs=list(v.values()),
-                retain_graph=True,
+        def second(wrt: list[Any], v: Params, **kwargs: Any) -> tuple[Any, ...]:
+            if not live:
+                return tuple(torch.zeros_like(w) for w in wrt)
+            vs = list(v.values())
+            return torch.autograd.grad(
+                [g_y[i] for i in live],
+                wrt,
+                grad_outputs=[vs[i] for i in live],
                 allow_unused=True,
                 materialize_grads=True,
+                **kwargs,
             )
-            return grad_reduce(dict(zip(yl, hv)))
+
+        def hvp(v: Params) -> Params:
+            return grad_reduce(dict(zip(yl, second(ys, v, retain_graph=True))))
 
         v = solve_cg(hvp, f_y, maxiter=cg_steps, ridge=cg_ridge)
-        cross = torch.autograd.grad(
-            g_y, xs, grad_outputs=list(v.values()), allow_unused=True, materialize_grads=True
-        )
+        cross = second(xs, v)
     hypergrad = grad_reduce(sub(f_x, dict(zip(xl, cross))))
     return hypergrad, {"upper/loss": f.detach(), "lower/loss": g.detach()}
 

@@ -64,7 +64,7 @@ def pbgd(
         _, metrics, (grad_x, grad_y) = grads_of(
             lambda x_, y_: penalty_objective(problem, x_, y_, y_g, gamma, batch), [x, y], reduce
         )
-        grad_y = dict(zip(grad_y, torch._foreach_mul(list(grad_y.values()), 1.0 / gamma)))
+        torch._foreach_mul_(list(grad_y.values()), 1.0 / gamma)  # fresh tensors: scale in place
         update_x.apply(x, grad_x, state.opt["x"], t)
         update_y.apply(y, grad_y, state.opt["y"], t)
         return state._replace(step=t + 1), {**metrics, **aux, "penalty/gamma": gamma}
