@@ -1,6 +1,7 @@
 """The ``bilevel-ray`` command.
 
     bilevel-ray solve PROBLEM [--method M] [--steps N] [--set KEY=VALUE ...] [--out DIR]
+    bilevel-ray train PROBLEM --workers N [--gpu auto|yes|no] [--checkpoint-every K] [--out DIR]
 
 PROBLEM is a built-in name (toy-negative, toy-positive, quadratic, regression) or
 ``path/to/file.py:factory`` / ``package.module:factory``. Exit codes: 0 success; 2 bad usage or
@@ -36,6 +37,14 @@ EXAMPLES = """examples:
 """
 
 
+TRAIN_EXAMPLES = """examples:
+  bilevel-ray train regression --workers 2 --steps 500 --out runs
+  bilevel-ray train regression --workers 2 --checkpoint-every 100 --max-failures 2 \\
+      --out runs --name reg1          # rerun the same command to resume runs/reg1
+  bilevel-ray train my_problem.py:make --workers 8 --gpu yes --address auto
+"""
+
+
 class _UsageError(Exception):
     """Bad command-line usage: reported in one line with exit code 2."""
 
@@ -60,6 +69,34 @@ def _key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def _common(command: argparse.ArgumentParser) -> None:
+    """The options ``solve`` and ``train`` share."""
+    command.add_argument(
+        "problem", help=f"built-in ({', '.join(BUILTIN_PROBLEMS)}) or file.py:factory"
+    )
+    command.add_argument("--method", default="pbgd_free", help="solver (default: pbgd_free)")
+    command.add_argument("--steps", type=int, help="iterations (default: the problem's own)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--report-every", type=int, default=100, help="log every N steps")
+    command.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...); repeatable",
+    )
+    command.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the problem factory (e.g. seed=3, dtype=float32); repeatable",
+    )
+    command.add_argument(
+        "--out", type=Path, help="write history.parquet, result.pt and run.json here"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bilevel-ray",
@@ -68,38 +105,49 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser(
+    solve_cmd = commands.add_parser(
         "solve",
         help="solve a problem in this process (no Ray)",
         description="Solve min_x f(x, y*(x)) in this process and print the result.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("problem", help=f"built-in ({', '.join(BUILTIN_PROBLEMS)}) or file.py:factory")
-    run.add_argument("--method", default="pbgd_free", help="solver (default: pbgd_free)")
-    run.add_argument("--steps", type=int, help="iterations (default: the problem's own)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--report-every", type=int, default=100, help="log every N steps")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...); repeatable",
+    _common(solve_cmd)
+    solve_cmd.add_argument("--quiet", action="store_true", help="no progress lines")
+    train_cmd = commands.add_parser(
+        "train",
+        help="run data-parallel on a Ray Train worker group",
+        description="Run on N data-parallel Ray Train workers (GPUs when the cluster has them); "
+        "one CPU worker runs in this process. With --out DIR the run lives in DIR/NAME and "
+        "the same --out and --name resume it.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting of the problem factory (e.g. seed=3, dtype=float32); repeatable",
+    _common(train_cmd)
+    train_cmd.add_argument("--workers", type=int, required=True, help="data-parallel workers")
+    train_cmd.add_argument(
+        "--gpu",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="use GPUs: auto (when the cluster has them), yes or no",
     )
-    run.add_argument("--out", type=Path, help="write history.parquet, result.pt and run.json here")
-    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    train_cmd.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="checkpoint every K steps (a multiple of --report-every)",
+    )
+    train_cmd.add_argument(
+        "--max-failures", type=int, default=0, help="worker-group restarts allowed"
+    )
+    train_cmd.add_argument("--name", help="the run's name (default: a timestamped one)")
+    train_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
     return parser
 
 
-def _solve(args: argparse.Namespace) -> int:
+def _options(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The problem spec, its factory config and the solver options (problem defaults first)."""
     settings = _key_values(args.set, "--set")
     problem_config = _key_values(args.config, "--config")
     spec = load_factory(args.problem)(problem_config)
@@ -114,6 +162,11 @@ def _solve(args: argparse.Namespace) -> int:
         options["steps"] = args.steps
     if args.out is not None:
         check_writable(args.out, "--out")
+    return spec, problem_config, options
+
+
+def _solve(args: argparse.Namespace) -> int:
+    spec, problem_config, options = _options(args)
     result = solve(
         spec.problem,
         spec.x0,
@@ -125,6 +178,35 @@ def _solve(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **options,
     )
+    _show(args, problem_config, result)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bilevel_ray.runtime.train import train
+
+    _, problem_config, options = _options(args)
+    result = train(
+        args.problem,
+        problem_config=problem_config,
+        method=args.method,
+        num_workers=args.workers,
+        use_gpu={"auto": "auto", "yes": True, "no": False}[args.gpu],
+        checkpoint_every=args.checkpoint_every,
+        storage_path=args.out,
+        name=args.name,
+        max_failures=args.max_failures,
+        seed=args.seed,
+        report_every=args.report_every,
+        address=args.address,
+        **options,
+    )
+    _show(args, problem_config, result)
+    return 0
+
+
+def _show(args: argparse.Namespace, problem_config: dict[str, Any], result: Any) -> None:
+    """Print the final losses and iterates; with --out, write the run's files."""
     last = result.history.to_pylist()[-1]
     print(f"{args.method} on {args.problem}: {last['step']} steps, {last['time/elapsed_s']:.2f} s")
     for key in ("upper/loss", "lower/loss"):
@@ -138,6 +220,7 @@ def _solve(args: argparse.Namespace) -> int:
         write_parquet(result.history, args.out / "history.parquet")
         torch.save({"x": result.x, "y": result.y}, args.out / "result.pt")
         run = {
+            "command": args.command,
             "problem": args.problem,
             "problem_config": problem_config,
             "seed": args.seed,
@@ -146,13 +229,12 @@ def _solve(args: argparse.Namespace) -> int:
         }
         (args.out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
         print(f"  wrote {args.out}/history.parquet, result.pt, run.json")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return _solve(args)
+        return _train(args) if args.command == "train" else _solve(args)
     except (_UsageError, ConfigError) as err:
         print(f"error: {err}" if isinstance(err, ConfigError) else str(err), file=sys.stderr)
         return 2

@@ -218,7 +218,7 @@ def as_batches(
         if _holds_tensors(upper) or _holds_tensors(lower):
             raise ConfigError(
                 "data=(upper, lower) of in-memory tensors is ambiguous (a pair of batch sources "
-                "is expected there): for tensors pass "
+                "is expected there; a list of batches must hold tuples or dicts): for tensors pass "
                 "br.full_batch(upper=..., lower=...) or br.minibatches(upper=..., lower=..., "
                 "batch_size=...)"
             )

@@ -75,7 +75,8 @@ def factory_config(
         )
     out = {**defaults, "device": None, **config}
     if "dtype" in out:
-        dtype = getattr(torch, str(out["dtype"]), None)
+        given = out["dtype"]
+        dtype = given if isinstance(given, torch.dtype) else getattr(torch, str(given), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(
                 f"problem {problem!r}: dtype={out['dtype']!r} is not a floating torch dtype; use "
@@ -121,15 +122,17 @@ def check_params(x0: Any, y0: Any) -> None:
             for other, w in y0.items():
                 if _overlap(v, w):
                     problems.append(
-                        f"x0[{k!r}] and y0[{other!r}] share memory (the same tensor, e.g. tied "
-                        "weights): each level needs its own; pass a .clone() or untie the weights"
+                        f"x0[{k!r}] and y0[{other!r}] share a memory range (the same tensor, tied "
+                        "weights or interleaved views): each level needs its own; pass a .clone() "
+                        "or untie the weights"
                     )
     if problems:
         raise ConfigError(problems)
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors' memory spans overlap (disjoint views of one buffer do not)."""
+    """Whether two tensors' memory spans overlap. Disjoint slices of one buffer do not;
+    interleaved views (``buf[::2]``, ``buf[1::2]``) do, conservatively: they are refused too."""
     if not a.numel() or not b.numel() or a.device != b.device:
         return False
 

@@ -112,3 +112,43 @@ def test_python_dash_m_and_console_script(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert "10 steps" in done.stdout
+
+
+def test_train_with_one_worker_runs_in_process_and_resumes_by_name(tmp_path, capsys):
+    argv = [
+        "train",
+        "regression",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--report-every",
+        "50",
+    ]
+    assert main([*argv, "--steps", "100"]) == 0
+    assert main([*argv, "--steps", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "pbgd_free on regression: 200 steps" in printed
+    history = pq.read_table(tmp_path / "history.parquet")
+    assert history["step"].to_pylist() == [50, 100, 150, 200]  # one history across both calls
+    assert json.loads((tmp_path / "run.json").read_text())["command"] == "train"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "regression"], "the following arguments are required: --workers"),
+        (["train", "regression", "--workers", "0"], "num_workers=0: must be an integer >= 1"),
+        (["train", "regression", "--workers", "1", "--gpu", "maybe"], "invalid choice: 'maybe'"),
+        (
+            ["train", "regression", "--workers", "1", "--checkpoint-every", "30"],
+            "checkpoint_every=30 must be a multiple of report_every=100",
+        ),
+    ],
+)
+def test_train_user_errors_exit_2(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -1,12 +1,14 @@
 """Every error bilevel_ray raises on purpose, triggered through the public API.
 
-Each ``raise`` in the library (except the CLI and the Ray runtimes) has a test here that provokes
-it and checks the meaningful part of its message: the argument or object it names and the rule
-it states. ``br.solve`` must refuse bad input *before* any step runs, which the tests check with
-a problem that counts its loss evaluations. Each refusal has a positive control: the same call,
-valid, works. Tests marked ``xfail(strict=True)`` pin down library bugs that remain; each reason
-names the file and the fix. The tests under "Fixed library bugs" pinned bugs that are now fixed
-and keep them fixed.
+Each ``raise`` in the library (except the CLI, the Ray worker code in ``train_worker.py`` /
+``ray_session.py``, and what ``br.train`` re-raises once a worker group runs) has a test here that
+provokes it and checks the meaningful part of its message: the argument or object it names and the
+rule it states. ``br.solve`` must refuse bad input *before* any step runs, which the tests check
+with a problem that counts its loss evaluations; ``br.train`` must refuse it before Ray starts,
+which the tests check by making any start of Ray fail. Each refusal has a positive control: the
+same call, valid, works. Tests marked ``xfail(strict=True)`` pin down library bugs that remain;
+each reason names the file and the fix. The tests under "Fixed library bugs" pinned bugs that are
+now fixed and keep them fixed.
 
 Everything runs in float64 on problems with one or two scalars, so the file takes seconds.
 """
@@ -15,16 +17,25 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+import types
 from collections import namedtuple
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
 import bilevel_ray as br
-from bilevel_ray.data import BilevelBatch
-from bilevel_ray.runtime.checkpoint import CHECKPOINT_KEYS
+import bilevel_ray.runtime.local as local_runtime
+import bilevel_ray.runtime.train as train_runtime
+from bilevel_ray.data import BilevelBatch, as_batches
+from bilevel_ray.linear_solve import solve_cg
+from bilevel_ray.problem import factory_config
+from bilevel_ray.runtime.checkpoint import CHECKPOINT_KEYS, check_writable
+from bilevel_ray.tables import read_table, table_to_tensors
 
 F64 = torch.float64
 
@@ -114,12 +125,18 @@ def test_valid_call_runs():
         ({"seed": -1}, r"^seed=-1: must be an integer >= 0$"),
         ({"seed": "0"}, r"^seed='0': must be an integer >= 0$"),
         ({"checkpoint_every": -2}, r"^checkpoint_every=-2: must be an integer >= 0$"),
-        ({"checkpoint_every": 5}, r"checkpoint_every / resume need checkpoint_path"),
-        ({"resume": True}, r"checkpoint_every / resume need checkpoint_path"),
         (
-            {"checkpoint_path": "never/written.pt"},
-            r"checkpoint_path='never/written\.pt' given with checkpoint_every=0: nothing would "
-            r"be saved",
+            {"checkpoint_every": 5},
+            r"^checkpoint_every=5 needs checkpoint_path: pass checkpoint_path='run/ckpt\.pt'$",
+        ),
+        (
+            {"resume": True},
+            r"^resume=True needs checkpoint_path: pass checkpoint_path='run/ckpt\.pt'$",
+        ),
+        # resume is checked first
+        (
+            {"resume": True, "checkpoint_every": 5},
+            r"^resume=True needs checkpoint_path",
         ),
         ({"lr": 0.1}, r"unknown keyword\(s\) \['lr'\]; solver settings are: .*\blr_x\b"),
         (
@@ -130,6 +147,59 @@ def test_valid_call_runs():
 )
 def test_solve_refuses_bad_run_settings(overrides, match):
     assert_refused_before_start(match, **overrides)
+
+
+@pytest.mark.parametrize(("checkpoint_every", "report_every"), [(3, 2), (1, 2), (5, 10)])
+def test_solve_refuses_checkpoints_between_logged_rows(tmp_path, checkpoint_every, report_every):
+    path = tmp_path / "ckpt.pt"
+    assert_refused_before_start(
+        rf"^checkpoint_every={checkpoint_every} must be a multiple of report_every="
+        rf"{report_every}: a checkpoint carries the history up to a logged row$",
+        steps=6,
+        checkpoint_path=path,
+        checkpoint_every=checkpoint_every,
+        report_every=report_every,
+    )
+    assert not path.exists()
+
+
+def _count_saves(monkeypatch) -> list[int]:
+    """The step of each checkpoint br.solve saves."""
+    steps: list[int] = []
+    save = local_runtime.save_checkpoint
+
+    def counting(payload, path):
+        steps.append(payload["state"]["step"])
+        return save(payload, path)
+
+    monkeypatch.setattr(local_runtime, "save_checkpoint", counting)
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_every", "report_every", "saved_at"),
+    [(0, 1, [5]), (0, 2, [5]), (2, 1, [2, 4, 5]), (4, 2, [4, 5]), (5, 5, [5])],
+)
+def test_checkpoint_settings_that_are_accepted(
+    tmp_path, monkeypatch, checkpoint_every, report_every, saved_at
+):
+    """The counterpart of the refusals above: checkpoint_path alone saves only at the end;
+    checkpoint_every (a multiple of report_every) saves every K steps and at the end."""
+    saves = _count_saves(monkeypatch)
+    path = tmp_path / "ckpt.pt"
+    result = br.solve(
+        **solve_args(
+            steps=5,
+            report_every=report_every,
+            checkpoint_path=path,
+            checkpoint_every=checkpoint_every,
+        )
+    )
+    assert saves == saved_at
+    assert result.state.step == 5
+    saved = torch.load(path, weights_only=True)
+    assert saved["state"]["step"] == 5 and saved["seed"] == 0
+    assert [row["step"] for row in saved["history"]] == result.history["step"].to_pylist()
 
 
 # --- br.solve: solver settings, problem, x0 / y0 (config.py, problem.py) -------------------------
@@ -160,14 +230,25 @@ def test_solve_refuses_bad_settings_and_params(overrides, match):
 
 # --- br.solve: the data argument (data.py as_batches / _cycle) ---------------------------------
 
+X4 = torch.zeros(4, 1, dtype=F64)
+X3 = torch.zeros(3, 1, dtype=F64)
+_IN_TARGETS = (X4, X4[:, 0])
+
 
 @pytest.mark.parametrize(
     ("data", "match"),
     [
         (
             (torch.zeros(3), torch.zeros(3)),
-            r"data=\(tensor, tensor\) is ambiguous: for in-memory tensors pass br\.full_batch",
+            r"^data=\(upper, lower\) of in-memory tensors is ambiguous \(a pair of batch sources "
+            r"is expected there; a list of batches must hold tuples or dicts\): for tensors pass "
+            r"br\.full_batch\(upper=\.\.\., lower=\.\.\.\) "
+            r"or br\.minibatches\(upper=\.\.\., lower=\.\.\., batch_size=\.\.\.\)$",
         ),
+        # level data as (inputs, targets), a dict of columns, or only one side of the pair
+        ((_IN_TARGETS, _IN_TARGETS), r"^data=\(upper, lower\) of in-memory tensors is ambiguous"),
+        (({"a": torch.zeros(3)}, [None]), r"^data=\(upper, lower\) of in-memory tensors is "),
+        (([None], [torch.zeros(3)]), r"^data=\(upper, lower\) of in-memory tensors is "),
         (([None], 5), r"data lower source is a int: must be re-iterable"),
         ((iter([None]), [None]), r"data upper source is a one-shot iterator: it cannot restart"),
         (([], [None]), r"data upper yielded no batch; it must yield at least one"),
@@ -178,6 +259,60 @@ def test_solve_refuses_bad_settings_and_params(overrides, match):
 )
 def test_solve_refuses_bad_data(data, match):
     assert_refused_before_start(match, data=data)
+
+
+def test_solve_accepts_a_pair_of_batch_lists():
+    """The counterpart of the ambiguity above: lists of batches (tuples, dicts) are sources."""
+    batch = torch.zeros(2, dtype=F64)
+    result = br.solve(**solve_args(data=([(batch, batch)], [{"a": batch}, {"a": batch}])))
+    assert result.state.step == 3
+
+
+# --- data shared across data-parallel workers (data.py, as br.train's workers call it) ----------
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (
+            lambda: as_batches(br.full_batch(X3, X4), 0, world=2),
+            r"^full-batch upper data of 3 samples cannot be split evenly over 2 workers; use a "
+            r"multiple of 2 samples or br\.minibatches$",
+        ),
+        (
+            lambda: as_batches(br.full_batch(X4, X3), 0, rank=1, world=2),
+            r"^full-batch lower data of 3 samples cannot be split evenly over 2 workers",
+        ),
+        (
+            lambda: next(as_batches(br.minibatches(X4, X3, 2), 0, world=2)),
+            r"^2 workers x batch 2 = 4 exceeds the 3 lower-level samples; use a smaller "
+            r"batch_size or fewer workers$",
+        ),
+        (
+            lambda: next(as_batches(br.minibatches(X4, X4, (3, 1)), 0, world=2)),
+            r"^2 workers x batch 3 = 6 exceeds the 4 upper-level samples",
+        ),
+        (
+            lambda: as_batches(([None], [None]), 0, world=2),
+            r"^data given as a pair of batch sources cannot be sharded across workers \(each "
+            r"would read the same batches\); use br\.minibatches, br\.table_minibatches or Ray "
+            r"Data$",
+        ),
+    ],
+)
+def test_sharded_data_refuses(make, match):
+    with pytest.raises(br.ConfigError, match=match):
+        make()
+
+
+def test_sharded_data_accepts_even_splits():
+    """The counterpart of the refusals above: each rank gets its own equal share."""
+    data = torch.arange(4, dtype=F64).unsqueeze(1)
+    full = [next(as_batches(br.full_batch(data, data), 0, rank=r, world=2)) for r in (0, 1)]
+    assert [b.upper[:, 0].tolist() for b in full] == [[0.0, 1.0], [2.0, 3.0]]
+    mini = [next(as_batches(br.minibatches(data, data, 2), 0, rank=r, world=2)) for r in (0, 1)]
+    assert sorted(v for b in mini for v in b.upper[:, 0].tolist()) == [0.0, 1.0, 2.0, 3.0]
+    assert next(as_batches(([None], [None]), 0, world=1)) == BilevelBatch(None, None)
 
 
 # --- br.solve: the one loss evaluation before step 0 (problem.py check_losses) ------------------
@@ -218,10 +353,18 @@ def test_solve_refuses_bad_data(data, match):
             lambda x, y: (x["x"] ** 2).sum(),
             r"^lower_loss does not depend on y: its gradient is undefined",
         ),
+        # the default method, pbgd_free, needs grad_x f (check_losses' upper_needs_x)
         (
             lambda x, y: (x["x"].detach() ** 2 + y["y"].detach() ** 2).sum(),
             None,
-            r"^upper_loss does not depend on x or y: its gradient is undefined",
+            r"^upper_loss does not depend on x: its gradient is undefined; compute it from the x "
+            r"and y it receives \(not from copies or \.detach\(\)ed tensors\); PBGD-Free's x step "
+            r"is grad_x f, so x would never move: use pbgd, alt_pbgd or implicit_cg$",
+        ),
+        (
+            lambda x, y: (y["y"] ** 2).sum(),
+            None,
+            r"^upper_loss does not depend on x: .*PBGD-Free's x step is grad_x f",
         ),
         (
             lambda x, y: 1.0,
@@ -231,8 +374,8 @@ def test_solve_refuses_bad_data(data, match):
         ),
     ],
 )
-# problem.py:289 formats the NaN loss with float(out) while it requires grad; torch warns (once).
-@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")
+# check_losses formats a NaN loss from a detached tensor: torch must not warn (it used to).
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad=True:UserWarning")
 def test_solve_refuses_unusable_losses(upper, lower, match):
     problem = CountingProblem(upper, lower)
     with pytest.raises(br.ConfigError, match=match):
@@ -240,9 +383,59 @@ def test_solve_refuses_unusable_losses(upper, lower, match):
     assert problem.calls == {"upper": 1, "lower": 1}
 
 
+@pytest.mark.parametrize("method", ["pbgd", "alt_pbgd", "f2sa", "bome", "implicit_cg"])
+def test_other_methods_need_f_to_depend_on_x_or_y(method):
+    """Only pbgd_free needs grad_x f: the other methods accept an f of y alone (the positive
+    control of the pbgd_free refusal above), and refuse an f of neither."""
+    only_y = CountingProblem(upper=lambda x, y: ((y["y"] - 1) ** 2).sum())
+    assert br.solve(**solve_args(problem=only_y, method=method)).state.step == 3
+    neither = CountingProblem(upper=lambda x, y: (x["x"].detach() ** 2 + y["y"].detach()).sum())
+    with pytest.raises(
+        br.ConfigError,
+        match=r"^upper_loss does not depend on x or y: its gradient is undefined; compute it "
+        r"from the x and y it receives \(not from copies or \.detach\(\)ed tensors\)$",
+    ):
+        br.solve(**solve_args(problem=neither, method=method))
+    assert neither.calls == {"upper": 1, "lower": 1}
+
+
+def _raise(error):
+    def loss(x, y):
+        raise error
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    ("upper", "lower", "match", "calls"),
+    [
+        (
+            lambda x, y: x["w"].sum(),
+            None,
+            r"^upper_loss raised KeyError at the initial point: 'w' \(check the parameter names "
+            r"in x0 / y0 and the batch format the loss expects\)$",
+            {"upper": 1, "lower": 0},
+        ),
+        (
+            None,
+            _raise(TypeError("batch is None")),
+            r"^lower_loss raised TypeError at the initial point: batch is None \(check the ",
+            {"upper": 1, "lower": 1},
+        ),
+    ],
+)
+def test_solve_reports_a_loss_that_raises_on_its_first_call(upper, lower, match, calls):
+    problem = CountingProblem(upper, lower)
+    with pytest.raises(br.ConfigError, match=match) as info:
+        br.solve(**solve_args(problem=problem))
+    assert problem.calls == calls
+    assert isinstance(info.value.__cause__, (KeyError, TypeError))  # the user's error is kept
+
+
 # --- br.solve: x0 / y0 (problem.py check_params) ----------------------------------------------
 
 _W = torch.zeros(2, dtype=F64)
+_BUF = torch.zeros(3, dtype=F64)
 
 
 @pytest.mark.parametrize(
@@ -269,8 +462,17 @@ _W = torch.zeros(2, dtype=F64)
         (
             {"x": _W},
             {"y": _W},
-            r"^x0\['x'\] and y0\['y'\] are the same tensor \(shared memory, e\.g\. tied weights\)",
+            r"^x0\['x'\] and y0\['y'\] share a memory range \(the same tensor, tied weights or "
+            r"interleaved views\): "
+            r"each level needs its own; pass a \.clone\(\) or untie the weights$",
         ),
+        # overlapping views of one buffer share memory too
+        (
+            {"x": _BUF[:2]},
+            {"y": _BUF[1:]},
+            r"^x0\['x'\] and y0\['y'\] share a memory range \(the same tensor",
+        ),
+        ({"x": _W}, {"y": _W.view(1, 2)}, r"^x0\['x'\] and y0\['y'\] share a memory range"),
         (
             [1.0],
             {},
@@ -280,6 +482,15 @@ _W = torch.zeros(2, dtype=F64)
 )
 def test_solve_refuses_bad_x0_y0(x0, y0, match):
     assert_refused_before_start(match, x0=x0, y0=y0)
+
+
+def test_solve_accepts_disjoint_views_of_one_buffer():
+    """The counterpart of the shared-memory refusal: views that do not overlap are separate
+    tensors; x0 / y0 are copied, so the buffer is left as it was."""
+    buffer = t64(2.0, 0.0)
+    result = br.solve(**solve_args(x0={"x": buffer[:1]}, y0={"y": buffer[1:]}))
+    assert result.state.step == 3
+    assert buffer.tolist() == [2.0, 0.0]
 
 
 # --- SolverConfig: method options, optimizers, cross-checks (config.py, updates.py, solvers/) -----
@@ -478,6 +689,73 @@ def test_solver_config_to_dict_refuses_user_schedule():
         br.ConfigError, match=r"^lr_x=<function .*>: a user-written schedule cannot"
     ):
         config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "gamma",
+    [br.schedules.constant(1.0), lambda t: 1.0, True, "10"],
+    ids=["schedule", "callable", "bool", "str"],
+)
+def test_f2sa_factory_refuses_a_gamma_that_is_not_a_number(gamma):
+    """solvers/f2sa.py's own check, for a caller that builds the solver without SolverConfig."""
+    with pytest.raises(
+        br.ConfigError,
+        match=r"^gamma=.*: for f2sa gamma is the initial multiplier lam_0 and must be a number; "
+        r"schedule its growth with multiplier_growth$",
+    ):
+        br.solvers.f2sa(CountingProblem(), update_x=br.sgd(0.1), update_y=br.sgd(0.1), gamma=gamma)
+    solver = br.solvers.f2sa(CountingProblem(), update_x=br.sgd(0.1), update_y=br.sgd(0.1), gamma=2)
+    assert solver.init({"x": t64(1.0)}, {"y": t64(0.0)}).extra["multiplier"] == 2.0
+
+
+# --- implicit_cg's conjugate gradients (linear_solve.py) ---------------------------------------
+# A lower level that is not strongly convex in y has no positive definite Hessian for CG: the
+# run stops at its first step with a ConfigError that says to add a ridge.
+
+_NOT_PD = (
+    r"^CG: the lower-level Hessian is not positive definite along a search direction "
+    r"\(p'Hp = {}\); set cg_ridge > 0 \(e\.g\. cg_ridge=1e-3\) to regularise it$"
+)
+
+
+def _linear_in_y(x, y):  # Hessian 0
+    return (x["x"] * y["y"]).sum()
+
+
+def _concave_in_y(x, y):  # Hessian -1
+    return (x["x"] * y["y"]).sum() - 0.5 * (y["y"] ** 2).sum()
+
+
+@pytest.mark.parametrize(("lower", "curvature"), [(_linear_in_y, "0"), (_concave_in_y, r"-[\d.]+")])
+def test_implicit_cg_refuses_a_hessian_that_is_not_positive_definite(lower, curvature):
+    problem = CountingProblem(lower=lower)
+    with pytest.raises(br.ConfigError, match=_NOT_PD.format(curvature)):
+        br.solve(**solve_args(problem=problem, method="implicit_cg", inner_steps=2))
+    assert problem.calls["upper"] == 2  # the check and step 0: it stopped at the first step
+
+
+@pytest.mark.parametrize(
+    ("matvec", "curvature"),
+    [
+        (lambda p: {"v": -p["v"]}, "-2"),  # p = b = (1, 1)
+        (lambda p: {"v": torch.zeros_like(p["v"])}, "0"),
+        # indefinite, diag(1, -1): p'Ap = 0 along p = b = (1, 1)
+        (lambda p: {"v": p["v"] * t64(1.0, -1.0)}, "0"),
+    ],
+)
+def test_solve_cg_refuses_an_operator_that_is_not_positive_definite(matvec, curvature):
+    with pytest.raises(br.ConfigError, match=_NOT_PD.format(curvature)):
+        solve_cg(matvec, {"v": t64(1.0, 1.0)}, maxiter=5)
+
+
+def test_a_ridge_makes_cg_work():
+    """The counterpart of the refusals above: cg_ridge shifts the Hessian to positive definite."""
+    v = solve_cg(lambda p: {"v": -p["v"]}, {"v": t64(1.0, 2.0)}, maxiter=5, ridge=2.0)
+    assert torch.allclose(v["v"], t64(1.0, 2.0))
+    assert solve_cg(lambda p: {"v": -p["v"]}, {"v": t64(0.0)}, maxiter=5)["v"].item() == 0.0
+    problem = CountingProblem(lower=_linear_in_y)
+    result = br.solve(**solve_args(problem=problem, method="implicit_cg", cg_ridge=1e-3))
+    assert result.state.step == 3
 
 
 # --- br.sgd / br.adam (updates.py) ------------------------------------------------------------
@@ -740,9 +1018,6 @@ def test_user_multiplier_growth_checked_at_every_step():
 
 # --- br.full_batch / br.minibatches (data.py) --------------------------------------------------
 
-X4 = torch.zeros(4, 1, dtype=F64)
-X3 = torch.zeros(3, 1, dtype=F64)
-
 
 @pytest.mark.parametrize(
     ("upper", "lower", "match"),
@@ -815,6 +1090,77 @@ def test_minibatches_refuses(upper, lower, batch_size, match):
         br.minibatches(upper, lower, batch_size)
 
 
+# --- br.table_minibatches: Arrow tables and Parquet files (tables.py) ---------------------------
+
+
+def _table(**columns):
+    return pa.table(columns or {"a": [1.0, 2.0, 3.0], "b": [0, 1, 1]})
+
+
+@pytest.mark.parametrize(
+    ("source", "columns", "match"),
+    [
+        ("{tmp}/missing.parquet", None, r"^Parquet source '.*missing\.parquet' does not exist$"),
+        (
+            "{tmp}/junk.parquet",
+            None,
+            r"^cannot read Parquet '.*junk\.parquet': .*Parquet",
+        ),
+        ({"a": [1.0]}, None, r"^table data is a dict: pass a pyarrow\.Table or a Parquet path$"),
+        (torch.zeros(3), None, r"^table data is a Tensor: pass a pyarrow\.Table or a Parquet"),
+        (
+            _table(),
+            ["a", "z", "c"],
+            r"^columns \['c', 'z'\] are not in the table; it has: a, b$",
+        ),
+        (
+            _table(a=[1.0, None, 3.0]),
+            None,
+            r"^column 'a' has 1 missing values; fill or drop them first$",
+        ),
+        (
+            _table(a=[1.0, 2.0], name=["u", "v"]),
+            None,
+            r"^column 'name' has type string: only numeric, boolean and fixed-size list columns "
+            r"can become tensors; select other columns with columns=\[\.\.\.\]$",
+        ),
+        (
+            _table(a=pa.array([[1.0], [2.0, 3.0]])),
+            None,
+            r"^column 'a' has type list<.*>: only numeric, boolean and fixed-size list",
+        ),
+    ],
+)
+def test_table_minibatches_refuses(tmp_path, source, columns, match):
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    if isinstance(source, str):
+        source = source.format(tmp=tmp_path)
+    with pytest.raises(br.ConfigError, match=match):
+        br.table_minibatches(source, _table(), 1, columns=columns)
+    with pytest.raises(br.ConfigError, match=match):  # either level
+        br.table_minibatches(_table(), source, 1, columns=columns)
+
+
+def test_table_minibatches_accepts_tables_and_parquet(tmp_path):
+    """The counterpart of the refusals above: a table, a Parquet file, selected columns, a
+    fixed-size list column (one 2-d tensor) and a dtype for the floating columns."""
+    table = pa.table(
+        {
+            "a": [1.0, 2.0, 3.0],
+            "b": [0, 1, 1],
+            "ok": [True, False, True],
+            "v": pa.array([[1.0, 2.0]] * 3, type=pa.list_(pa.float64(), 2)),
+        }
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    data = br.table_minibatches(table, tmp_path / "t.parquet", 2, dtype=torch.float32)
+    batch = next(data.stream(seed=0))
+    assert batch.upper["v"].shape == (2, 2) and batch.lower["a"].dtype == torch.float32
+    assert batch.upper["b"].dtype == torch.int64 and batch.upper["ok"].dtype == torch.bool
+    assert list(read_table(str(tmp_path / "t.parquet"), ["b", "a"]).column_names) == ["b", "a"]
+    assert table_to_tensors(read_table(table, ["a"]))["a"].dtype == torch.float64
+
+
 # --- br.module_problem / br.split_module_problem (problem.py) ----------------------------------
 
 
@@ -861,6 +1207,39 @@ def linear():
             r"^x names \['b', 'w'\] that the model does not have",
         ),
         (linear(), "weight", [], r"^y=\[\] selects no parameter of the model"),
+        (
+            linear(),
+            5,
+            "bias",
+            r"^x=5: select parameters with a regular expression, a list of names or a predicate "
+            r"name -> bool$",
+        ),
+        (linear(), "weight", None, r"^y=None: select parameters with a regular expression"),
+        # normalisation layers that update running statistics in training mode
+        (
+            nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).double(),
+            "0",
+            "1",
+            r"^model has normalisation layers that update running statistics in training mode "
+            r"\(1\): that state would not be part of x, y or checkpoints; call \.eval\(\) on them, "
+            r"or use LayerNorm / GroupNorm$",
+        ),
+        (
+            nn.BatchNorm1d(2),
+            "weight",
+            "bias",
+            r"^model has normalisation layers that update running statistics in training mode "
+            r"\(BatchNorm1d\)",
+        ),
+        (
+            nn.Sequential(
+                nn.Linear(2, 2),
+                nn.Sequential(nn.InstanceNorm1d(2, affine=True, track_running_stats=True)),
+            ),
+            "0",
+            "1",
+            r"^model has normalisation layers .* \(1\.0\):",
+        ),
         (linear(), lambda n: False, "bias", r"^x=<function .*> selects no parameter"),
         (
             nn.ReLU(),
@@ -883,6 +1262,29 @@ def test_module_problem_accepts_every_selector_form(x, y):
     """The counterpart of the refusals above: a regex, a list of names, a predicate."""
     _, x0, y0 = br.module_problem(linear(), x=x, y=y, upper_loss=mse, lower_loss=mse)
     assert list(x0) == ["weight"] and list(y0) == ["bias"]
+
+
+def _normalised(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(2, 2), norm).double()
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        nn.BatchNorm1d(2).eval(),
+        nn.BatchNorm1d(2, track_running_stats=False),
+        nn.InstanceNorm1d(2, affine=True),
+        nn.LayerNorm(2),
+        nn.GroupNorm(1, 2),
+    ],
+    ids=["batchnorm-eval", "batchnorm-untracked", "instancenorm", "layernorm", "groupnorm"],
+)
+def test_adapters_accept_normalisation_without_running_updates(norm):
+    """The counterpart of the running-statistics refusals: frozen statistics, or none."""
+    _, x0, y0 = br.module_problem(_normalised(norm), x="^0", y="^1", upper_loss=mse, lower_loss=mse)
+    assert list(x0) == ["0.weight", "0.bias"] and list(y0) == ["1.weight", "1.bias"]
+    _, x0, y0 = br.split_module_problem(linear(), _normalised(norm), upper_loss=mse, lower_loss=mse)
+    assert list(y0) == ["lower.0.weight", "lower.0.bias", "lower.1.weight", "lower.1.bias"]
 
 
 def _frozen(module):
@@ -918,6 +1320,20 @@ _SHARED = linear()
             linear(),
             r"^upper_module has no trainable parameter \(it has no parameters\): its level would "
             r"have nothing to optimize$",
+        ),
+        (
+            _normalised(nn.BatchNorm1d(2)),
+            linear(),
+            r"^upper_module has normalisation layers that update running statistics in training "
+            r"mode \(1\): that state would not be part of x, y or checkpoints; call \.eval\(\) on "
+            r"them, or use LayerNorm / GroupNorm$",
+        ),
+        # at most three layers are named
+        (
+            linear(),
+            nn.Sequential(nn.Linear(2, 2), *[nn.BatchNorm1d(2) for _ in range(4)]),
+            r"^lower_module has normalisation layers that update running statistics in training "
+            r"mode \(1, 2, 3\): ",
         ),
     ],
 )
@@ -982,6 +1398,68 @@ def test_load_factory_refuses(tmp_path, ref, match):
     (tmp_path / "boom.py").write_text("raise RuntimeError('boom')\n")
     with pytest.raises(br.ConfigError, match=match):
         br.problems.load_factory(ref.format(tmp=tmp_path))
+
+
+# --- the built-in problem factories' settings (problem.py factory_config, problems/*.py) --------
+
+_SETTINGS = {
+    "toy-negative": "dtype, x0, y0",
+    "toy-positive": "dtype",
+    "quadratic": "dim_x, dim_y, dtype, flat, seed",
+    "regression": "batch_size, dim, features, n, ridge, seed",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SETTINGS))
+def test_builtin_factories_refuse_unknown_settings(name):
+    factory = br.problems.BUILTIN_PROBLEMS[name]
+    with pytest.raises(
+        br.ConfigError,
+        match=rf"^problem '{name}' has no setting\(s\) \['dimx', 'lr'\]; its settings are: "
+        rf"{_SETTINGS[name]}$",
+    ):
+        factory({"lr": 0.1, "dimx": 3})
+
+
+@pytest.mark.parametrize("name", ["toy-negative", "toy-positive", "quadratic"])
+@pytest.mark.parametrize("dtype", ["int64", "bool", "complex64", "float65", "Float32", None])
+def test_builtin_factories_refuse_bad_dtypes(name, dtype):
+    with pytest.raises(
+        br.ConfigError,
+        match=rf"^problem '{name}': dtype={re.escape(repr(dtype))} is not a floating torch "
+        r"dtype; use float64 or float32$",
+    ):
+        br.problems.BUILTIN_PROBLEMS[name]({"dtype": dtype})
+
+
+@pytest.mark.parametrize("name", ["toy-negative", "toy-positive", "quadratic"])
+def test_builtin_factories_accept_their_settings(name):
+    """The counterpart of the refusals above: a floating dtype by name, and device (which the
+    runtimes always pass)."""
+    spec = br.problems.BUILTIN_PROBLEMS[name]({"dtype": "float32", "device": "cpu"})
+    assert {t.dtype for t in [*spec.x0.values(), *spec.y0.values()]} == {torch.float32}
+    assert br.problems.BUILTIN_PROBLEMS["regression"]({"n": 40, "batch_size": None}).data
+
+
+def test_factory_config_refuses_and_merges():
+    defaults = {"dtype": "float64", "dim": 3}
+    with pytest.raises(
+        br.ConfigError,
+        match=r"^problem 'mine' has no setting\(s\) \['dims'\]; its settings "
+        r"are: dim, dtype$",
+    ):
+        factory_config("mine", {"dims": 4}, defaults)
+    with pytest.raises(br.ConfigError, match=r"^problem 'mine': dtype='half ' is not a floating"):
+        factory_config("mine", {"dtype": "half "}, defaults)
+    assert factory_config("mine", None, defaults) == {
+        "dtype": torch.float64,
+        "dim": 3,
+        "device": None,
+    }
+    assert factory_config("mine", {"dim": 4, "device": "cpu"}, {"dim": 3}) == {
+        "dim": 4,
+        "device": "cpu",
+    }
 
 
 # --- br.state_from_dict (solvers/base.py) ------------------------------------------------------
@@ -1054,12 +1532,12 @@ _NOT_OURS = r"^checkpoint '.*ckpt\.pt' is not a bilevel_ray checkpoint \(missing
         (_truncated, r"^checkpoint '.*ckpt\.pt' cannot be read \(\w+\): it is truncated"),
         (
             lambda p: torch.save({"weights": torch.zeros(1)}, p),
-            _NOT_OURS + r"\['config', 'elapsed_s', 'history', 'rng', 'state'\]\); delete it to "
-            r"start afresh$",
+            _NOT_OURS + r"\['config', 'elapsed_s', 'history', 'rng', 'seed', 'state'\]\); delete "
+            r"it to start afresh$",
         ),
         (
             lambda p: torch.save({"state": {}}, p),
-            _NOT_OURS + r"\['config', 'elapsed_s', 'history', 'rng'\]\)",
+            _NOT_OURS + r"\['config', 'elapsed_s', 'history', 'rng', 'seed'\]\)",
         ),
         (lambda p: torch.save([1, 2], p), _NOT_OURS + r"everything: not a dict\); delete it"),
         *[
@@ -1070,6 +1548,16 @@ _NOT_OURS = r"^checkpoint '.*ckpt\.pt' is not a bilevel_ray checkpoint \(missing
             lambda p: _checkpointed_run(p, lr_x=0.01),
             r"^checkpoint '.*ckpt\.pt' was written with other solver settings \(\{.*'lr_x': "
             r"0\.01.*\}\); resume with the same settings or pass resume=False$",
+        ),
+        # the seed of the data stream is checked too (and first)
+        (
+            lambda p: _checkpointed_run(p, lr_x=0.02, seed=1),
+            r"^checkpoint '.*ckpt\.pt' was written with seed=1, not seed=0: the data stream would "
+            r"differ; resume with the same seed or pass resume=False$",
+        ),
+        (
+            lambda p: _checkpointed_run(p, lr_x=0.01, seed=3),
+            r"^checkpoint '.*ckpt\.pt' was written with seed=3, not seed=0",
         ),
         (
             _edited(lambda d: d["state"].pop("opt")),
@@ -1091,6 +1579,161 @@ def test_resume_with_same_settings_works(tmp_path):
     _checkpointed_run(path, lr_x=0.02, steps=2)
     result = _checkpointed_run(path, lr_x=0.02, steps=4, resume=True)
     assert result.state.step == 4
+
+
+def test_resume_with_same_seed_works(tmp_path):
+    """The counterpart of the seed mismatch above: the same (non-default) seed resumes."""
+    path = tmp_path / "ckpt.pt"
+    _checkpointed_run(path, seed=7, steps=2)
+    result = _checkpointed_run(path, seed=7, steps=4, resume=True)
+    assert result.state.step == 4 and result.history["step"].to_pylist() == [1, 2, 3, 4]
+
+
+# --- br.train: validation before any worker starts (runtime/train.py) -------------------------
+
+
+class RayStarted(AssertionError):
+    """br.train got as far as starting Ray."""
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Any attempt of br.train to connect to Ray or to start a worker group fails loudly."""
+
+    def refuse(*args, **kwargs):
+        raise RayStarted("br.train tried to start Ray")
+
+    fake = types.ModuleType("bilevel_ray.runtime.ray_session")
+    fake.connect = refuse
+    monkeypatch.setitem(sys.modules, "bilevel_ray.runtime.ray_session", fake)
+    monkeypatch.setattr(train_runtime, "_fit", refuse)
+
+
+def train_args(tmp_path, **overrides):
+    """Keyword arguments of a tiny, valid, in-process ``br.train`` call."""
+    args = {
+        "factory": "toy-negative",
+        "steps": 3,
+        "report_every": 1,
+        "num_workers": 1,
+        "storage_path": tmp_path / "runs",
+        "name": "run",
+    }
+    args.update(overrides)
+    return args
+
+
+def _spec(**overrides):
+    spec = {"problem": CountingProblem(), "x0": {"x": t64(2.0)}, "y0": {"y": t64(0.0)}}
+    spec.update(overrides)
+    return lambda config: br.ProblemSpec(**spec)
+
+
+_DATASETS = {"upper": object(), "lower": object()}  # never read: refused before Ray starts
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        # the factory and what it returns (build_spec, then the checks br.solve makes)
+        (
+            {"factory": 5},
+            r"^factory=5: must be callable or a 'file\.py:factory' string$",
+        ),
+        (
+            {"factory": lambda config: {"x0": 1}},
+            r"^the factory returned a dict: it must return br\.ProblemSpec\(problem, x0, y0, data, "
+            r"defaults\)$",
+        ),
+        ({"factory": "toy_negative"}, r"^problem 'toy_negative': not a built-in \("),
+        (
+            {"problem_config": {"dim": 3}},
+            r"^problem 'toy-negative' has no setting\(s\) \['dim'\]; its settings are: dtype, ",
+        ),
+        ({"factory": _spec(problem=object())}, r"^problem object lacks upper_loss, lower_loss: "),
+        ({"factory": _spec(x0={"x": 1.5})}, r"^x0\['x'\] is a float: must be a torch\.Tensor"),
+        # the solver settings, as in br.solve, and serialisable (workers rebuild them)
+        ({"lr": 0.1}, r"^unknown keyword\(s\) \['lr'\]; solver settings are: "),
+        ({"method": "sgd"}, r"^method='sgd': unknown; choose one of pbgd_free, "),
+        ({"lr_x": -1.0}, r"^lr_x=-1\.0: must stay > 0 at every step"),
+        (
+            {"lr_x": lambda t: 0.1},
+            r"^lr_x=<function .*>: a user-written schedule cannot be saved with the settings",
+        ),
+        # counts
+        ({"steps": 0}, r"^steps=0: must be an integer >= 1$"),
+        ({"num_workers": 0}, r"^num_workers=0: must be an integer >= 1$"),
+        ({"num_workers": 1.0}, r"^num_workers=1\.0: must be an integer >= 1$"),
+        ({"max_failures": -1}, r"^max_failures=-1: must be an integer >= 0$"),
+        ({"checkpoint_every": -1}, r"^checkpoint_every=-1: must be an integer >= 0$"),
+        ({"report_every": 0}, r"^report_every=0: must be an integer >= 1$"),
+        ({"seed": True}, r"^seed=True: must be an integer >= 0$"),
+        (
+            {"checkpoint_every": 3, "report_every": 2},
+            r"^checkpoint_every=3 must be a multiple of report_every=2: a checkpoint carries the "
+            r"history up to a logged row$",
+        ),
+        # run settings
+        ({"use_gpu": "yes"}, r"^use_gpu='yes': must be 'auto', True or False$"),
+        ({"use_gpu": None}, r"^use_gpu=None: must be 'auto', True or False$"),
+        ({"fault": {"rank": 0}}, r"^fault=\{'rank': 0\}: must be a dict \{'rank': r, 'step': k\}$"),
+        ({"fault": [0, 1]}, r"^fault=\[0, 1\]: must be a dict \{'rank': r, 'step': k\}$"),
+        (
+            {"batch_size": 4},
+            r"^batch_size is for datasets=\.\.\.; the factory's data sets its own size$",
+        ),
+        ({"in_process": True}, r"^in_process=True: must be 'auto' or False$"),
+        # Ray Data (_check_datasets)
+        (
+            {"datasets": {"upper": object()}, "batch_size": 2},
+            r"^datasets must be \{'upper': ray\.data\.Dataset, 'lower': ray\.data\.Dataset\}, got "
+            r"\['upper'\]$",
+        ),
+        ({"datasets": [1, 2], "batch_size": 2}, r"^datasets must be \{.*\}, got list$"),
+        (
+            {"datasets": _DATASETS},
+            r"^batch_size=None: datasets need a per-worker batch size >= 1 \(one integer or a "
+            r"pair \(upper, lower\)\)$",
+        ),
+        ({"datasets": _DATASETS, "batch_size": 0}, r"^batch_size=0: datasets need a per-worker"),
+        ({"datasets": _DATASETS, "batch_size": True}, r"^batch_size=True: datasets need a "),
+        ({"datasets": _DATASETS, "batch_size": (2, 0)}, r"^batch_size=\(2, 0\): datasets need "),
+        ({"datasets": _DATASETS, "batch_size": [1, 2, 3]}, r"^batch_size=\[1, 2, 3\]: datasets"),
+        ({"datasets": _DATASETS, "batch_size": 2.0}, r"^batch_size=2\.0: datasets need a "),
+        (
+            {"factory": "regression", "datasets": _DATASETS, "batch_size": 2},
+            r"^the factory returned data and datasets=\.\.\. was given too: use one source of data "
+            r"\(return data=None from the factory\)$",
+        ),
+    ],
+)
+def test_train_refuses_before_any_worker_starts(tmp_path, no_ray, overrides, match):
+    with pytest.raises(br.ConfigError, match=match):
+        br.train(**train_args(tmp_path, **overrides))
+    assert not (tmp_path / "runs" / "run").exists()  # nothing was run or saved
+
+
+@pytest.mark.parametrize(
+    ("storage", "why"), [("a_file", "File exists"), ("a_file/sub", "Not a directory")]
+)
+def test_train_refuses_a_storage_path_that_is_not_writable(tmp_path, no_ray, storage, why):
+    (tmp_path / "a_file").write_text("")
+    match = rf"^storage_path '.*{storage}' is not writable \({why}\); choose another folder$"
+    with pytest.raises(br.ConfigError, match=match):
+        br.train(**train_args(tmp_path, storage_path=tmp_path / storage))
+    with pytest.raises(br.ConfigError, match=match.replace("storage_path", "history folder")):
+        check_writable(tmp_path / storage, "history folder")
+
+
+def test_train_runs_one_worker_in_process(tmp_path, no_ray):
+    """The counterpart of the refusals above: one CPU worker runs here, without Ray, saves its
+    checkpoint under storage_path/name and resumes from it."""
+    result = br.train(**train_args(tmp_path, checkpoint_every=2, problem_config={"x0": 1.5}))
+    assert result.state.step == 3 and result.x["x"].dtype == F64
+    assert (tmp_path / "runs" / "run" / "checkpoint.pt").is_file()
+    assert check_writable(tmp_path / "runs", "storage_path") == (tmp_path / "runs").resolve()
+    resumed = br.train(**train_args(tmp_path, steps=5, problem_config={"x0": 1.5}))
+    assert resumed.history["step"].to_pylist() == [1, 2, 3, 4, 5]
 
 
 # --- DivergenceError (runtime/history.py) ------------------------------------------------------
@@ -1119,7 +1762,10 @@ def test_divergence_names_the_step_and_keeps_last_finite_metrics():
         rf"metrics: step={err.step - 1}, upper/loss=",
         message,
     ), message
-    assert "Lower lr_x / lr_y" in message
+    assert message.endswith(
+        ". Lower the step sizes lr_x / lr_y; with a penalty method, a smaller gamma or a gamma "
+        "ramp (br.schedules.pbgd_ramp) also helps."
+    ), message
     assert err.last_finite["step"] == err.step - 1
     for key in ("upper/loss", "lower/loss"):
         assert math.isfinite(err.last_finite[key])
@@ -1260,7 +1906,7 @@ def test_incomplete_checkpoint_is_reported_as_such(tmp_path):
     with pytest.raises(
         br.ConfigError,
         match=r"^checkpoint '.*ckpt\.pt' is not a bilevel_ray checkpoint \(missing \['config', "
-        r"'elapsed_s', 'history', 'rng'\]\); delete it to start afresh$",
+        r"'elapsed_s', 'history', 'rng', 'seed'\]\); delete it to start afresh$",
     ):
         br.solve(**solve_args(checkpoint_path=path, checkpoint_every=1, resume=True))
 
@@ -1284,7 +1930,7 @@ def test_state_round_trips_through_state_from_dict():
     assert br.state_from_dict(br.state_to_dict(state)) == state
 
 
-# --- Known library bugs (xfail, strict): each reason names the place and the fix ----------------
+# --- More fixed library bugs (they were strict xfails too) --------------------------------------
 
 
 def test_unserialisable_setting_refusal_names_the_setting(tmp_path):
@@ -1356,3 +2002,27 @@ def test_f2sa_refuses_a_gamma_schedule():
         br.ConfigError, match=r"^gamma=.*: for f2sa gamma is the initial multiplier"
     ):
         br.solve(**solve_args(method="f2sa", gamma=br.schedules.linear(1.0, 10.0, 5)))
+
+
+# --- Fixed last: dtype objects, interleaved views, non-Dataset values ------------------------
+
+
+@pytest.mark.parametrize("name", ["toy-negative", "quadratic"])
+def test_builtin_factories_accept_a_torch_dtype(name):
+    spec = br.problems.BUILTIN_PROBLEMS[name]({"dtype": torch.float32})
+    assert next(iter(spec.x0.values())).dtype == torch.float32
+
+
+def test_interleaved_views_are_refused_conservatively():
+    """Views whose memory ranges interleave are refused (conservatively: they may not share an
+    element), with the fix in the message."""
+    buffer = t64(2.0, 0.0, 2.0, 0.0)
+    with pytest.raises(br.ConfigError, match=r"share a memory range .*interleaved views.*clone"):
+        br.solve(**solve_args(x0={"x": buffer[::2]}, y0={"y": buffer[1::2]}))
+
+
+def test_train_refuses_datasets_that_are_not_ray_datasets(tmp_path, no_ray):
+    with pytest.raises(
+        br.ConfigError, match=r"datasets values must be ray\.data\.Dataset .*'upper': 'list'"
+    ):
+        br.train(**train_args(tmp_path, datasets={"upper": [1, 2], "lower": [3]}, batch_size=1))

@@ -116,6 +116,11 @@ class HistoryRecorder:
         self.rows.append(row)
         return row
 
+    def restart_window(self) -> None:
+        """Start timing the next window now: time spent since the last row outside the steps
+        (reporting, checkpointing) is not charged to ``time/step_s``."""
+        self._window_started = time.perf_counter()
+
     def table(self) -> pa.Table:
         return pa.Table.from_pylist(self.rows, schema=HISTORY_SCHEMA)
 

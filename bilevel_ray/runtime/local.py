@@ -225,6 +225,7 @@ def _run(solver, state, batches, steps, recorder, progress, checkpointing) -> So
             done or (checkpoint_every and (t + 1) % checkpoint_every == 0)
         ):
             save_checkpoint(checkpoint_payload(state, recorder, config, seed), checkpoint_path)
+            recorder.restart_window()
     return state
 
 

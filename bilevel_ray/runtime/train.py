@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,8 @@ def train(
         raise ConfigError(f"use_gpu={use_gpu!r}: must be 'auto', True or False")
     if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
         raise ConfigError(f"fault={fault!r}: must be a dict {{'rank': r, 'step': k}}")
-    name = name or f"bilevel_ray-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # A fresh run gets a unique name; pass name= (the same one) to resume a run.
+    name = name or f"bilevel_ray-{method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
 
     if datasets is not None:
@@ -205,6 +207,14 @@ def _check_datasets(datasets: Any, batch_size: Any, factory_data: Any) -> None:
         raise ConfigError(
             "the factory returned data and datasets=... was given too: use one source of data "
             "(return data=None from the factory)"
+        )
+    from ray.data import Dataset
+
+    wrong = {k: type(v).__name__ for k, v in datasets.items() if not isinstance(v, Dataset)}
+    if wrong:
+        raise ConfigError(
+            f"datasets values must be ray.data.Dataset (e.g. ray.data.read_parquet(path)); got "
+            f"{wrong}"
         )
 
 

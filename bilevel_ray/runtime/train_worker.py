@@ -157,6 +157,7 @@ class _Run:
                 return
             if row is not None:
                 self.report({**row, "status": "completed" if done else "running"}, state, save)
+                self.recorder.restart_window()  # a report is a barrier: not a step's cost
 
     def report(self, row: dict[str, Any], state: SolverState, save: bool) -> None:
         """``ray.train.report`` on every rank (a barrier); rank 0 attaches the checkpoint."""
