@@ -16,6 +16,7 @@ from bilevel_ray.data import BilevelBatch, full_batch, minibatches
 from bilevel_ray.errors import BilevelRayError, ConfigError, DivergenceError
 from bilevel_ray.problem import BilevelProblem, ProblemSpec, module_problem, split_module_problem
 from bilevel_ray.runtime.local import SolveResult, solve
+from bilevel_ray.runtime.sweep import tune
 from bilevel_ray.runtime.train import train
 from bilevel_ray.solvers import SOLVERS, SolverState, state_from_dict, state_to_dict
 from bilevel_ray.tables import table_minibatches
@@ -49,4 +50,5 @@ __all__ = [
     "state_to_dict",
     "table_minibatches",
     "train",
+    "tune",
 ]

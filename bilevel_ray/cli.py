@@ -2,6 +2,8 @@
 
     bilevel-ray solve PROBLEM [--method M] [--steps N] [--set KEY=VALUE ...] [--out DIR]
     bilevel-ray train PROBLEM --workers N [--gpu auto|yes|no] [--checkpoint-every K] [--out DIR]
+    bilevel-ray tune PROBLEM [--samples N] [--max-steps N] [--out DIR]
+    bilevel-ray report DIR
 
 PROBLEM is a built-in name (toy-negative, toy-positive, quadratic, regression) or
 ``path/to/file.py:factory`` / ``package.module:factory``. Exit codes: 0 success; 2 bad usage or
@@ -42,6 +44,15 @@ TRAIN_EXAMPLES = """examples:
   bilevel-ray train regression --workers 2 --checkpoint-every 100 --max-failures 2 \\
       --out runs --name reg1          # rerun the same command to resume runs/reg1
   bilevel-ray train my_problem.py:make --workers 8 --gpu yes --address auto
+"""
+
+
+TUNE_EXAMPLES = """examples:
+  bilevel-ray tune representation --samples 16 --max-steps 600 --out runs
+  bilevel-ray tune representation --space 'gamma={"loguniform": [5, 50]}' \\
+      --space 'lr_y={"loguniform": [1e-4, 1e-2]}' --set optimizer='"adam"' --out runs
+  bilevel-ray tune representation --out runs --resume     # finish an interrupted sweep
+  bilevel-ray report runs/sweep
 """
 
 
@@ -143,6 +154,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     train_cmd.add_argument("--name", help="the run's name (default: a timestamped one)")
     train_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+    tune_cmd = commands.add_parser(
+        "tune",
+        help="search gamma and the step sizes with Ray Tune",
+        description="Search the penalty schedule and step sizes with Ray Tune (ASHA, random "
+        "search): each trial is scored on held-out data (upper loss, lower-level gap); "
+        "writes DIR/NAME/trials.parquet and history.parquet and prints the best config.",
+        epilog=TUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(tune_cmd)
+    tune_cmd.set_defaults(report_every=None)  # a tenth of the steps: the scheduler's rungs
+    tune_cmd.add_argument("--samples", type=int, default=16, help="trials (default 16)")
+    tune_cmd.add_argument(
+        "--max-steps",
+        type=int,
+        dest="max_steps",
+        help="steps per trial (default: the problem's own)",
+    )
+    tune_cmd.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=DIST",
+        help="a searched setting, e.g. gamma='{\"loguniform\": [1, 100]}' (default: gamma, "
+        "lr_y, lr_ratio, inner_steps, optimizer); --set fixes a setting",
+    )
+    tune_cmd.add_argument("--workers", type=int, default=1, help="workers per trial")
+    tune_cmd.add_argument("--gap-tol", type=float, default=0.1, help="ranking's gap tolerance")
+    tune_cmd.add_argument("--search-alg", choices=("random", "optuna"), default="random")
+    tune_cmd.add_argument("--name", default="sweep", help="the sweep's folder name in --out")
+    tune_cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep without rerunning finished trials",
+    )
+    tune_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+    report_cmd = commands.add_parser(
+        "report",
+        help="table and plot of the runs in a folder",
+        description="Print a table of the runs in DIR (a tune sweep's folder, or a solve / "
+        "train --out folder) and write DIR/report.png (needs matplotlib).",
+    )
+    report_cmd.add_argument("folder", type=Path, metavar="DIR")
+    report_cmd.add_argument("--gap-tol", type=float, default=0.1, help="ranking's gap tolerance")
     return parser
 
 
@@ -205,6 +260,52 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from bilevel_ray.runtime.search_space import space_from_json
+    from bilevel_ray.runtime.tune_driver import run_sweep
+
+    settings = _key_values(args.set, "--set")
+    problem_config = _key_values(args.config, "--config")
+    space = space_from_json(_key_values(args.space, "--space")) if args.space else None
+    if args.out is not None:
+        check_writable(args.out, "--out")
+    result = run_sweep(
+        args.problem,
+        problem_config=problem_config,
+        method=args.method,
+        search_space=space,
+        num_samples=args.samples,
+        steps=args.max_steps if args.max_steps is not None else args.steps,
+        report_every=args.report_every,
+        num_workers=args.workers,
+        gap_tol=args.gap_tol,
+        search_alg=None if args.search_alg == "random" else args.search_alg,
+        storage_path=args.out,
+        name=args.name,
+        resume=args.resume,
+        seed=args.seed,
+        address=args.address,
+        **settings,
+    )
+    print(f"best config: {json.dumps(result.best_config, default=str)}")
+    print(f"  eval/upper_loss = {result.best_metrics.get('eval/upper_loss')}")
+    print(f"  eval/lower_gap = {result.best_metrics.get('eval/lower_gap')}")
+    print(f"  wrote {result.path}/trials.parquet, history.parquet")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bilevel_ray.runtime.report import report
+
+    table, plot, note = report(args.folder, args.gap_tol)
+    print(table)
+    if plot is not None:
+        print(f"wrote {plot}")
+    if note is not None:
+        print(note, file=sys.stderr)
+    return 0
+
+
 def _show(args: argparse.Namespace, problem_config: dict[str, Any], result: Any) -> None:
     """Print the final losses and iterates; with --out, write the run's files."""
     last = result.history.to_pylist()[-1]
@@ -234,7 +335,8 @@ def _show(args: argparse.Namespace, problem_config: dict[str, Any], result: Any)
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return _train(args) if args.command == "train" else _solve(args)
+        commands = {"solve": _solve, "train": _train, "tune": _tune, "report": _report}
+        return commands[args.command](args)
     except (_UsageError, ConfigError) as err:
         print(f"error: {err}" if isinstance(err, ConfigError) else str(err), file=sys.stderr)
         return 2

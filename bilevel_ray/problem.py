@@ -51,7 +51,9 @@ class ProblemSpec:
     """Everything a run needs besides the solver settings: what a problem factory returns.
 
     ``data`` is anything :func:`bilevel_ray.data.as_batches` accepts; ``defaults`` holds the
-    solver settings that suit this problem (a user's keywords override them).
+    solver settings that suit this problem (a user's keywords override them); ``eval_data``, a
+    ``BilevelBatch`` of held-out upper-level data and a lower-level sample, is what sweeps score
+    a run on (see :mod:`bilevel_ray.evaluation`).
     """
 
     problem: BilevelProblem
@@ -59,6 +61,7 @@ class ProblemSpec:
     y0: Params
     data: Any = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    eval_data: Any = None
 
 
 def factory_config(

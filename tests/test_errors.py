@@ -1360,7 +1360,7 @@ def test_load_factory_accepts_file_and_module(tmp_path):
         (
             "toy_negative",
             r"^problem 'toy_negative': not a built-in \(toy-negative, toy-positive, quadratic, "
-            r"regression\) and not of the form path/to/file\.py:factory or "
+            r"regression, representation\) and not of the form path/to/file\.py:factory or "
             r"package\.module:factory$",
         ),
         ("{tmp}/missing.py:factory", r"^problem file '.*missing\.py' does not exist$"),
@@ -1606,7 +1606,7 @@ def no_ray(monkeypatch):
     fake = types.ModuleType("bilevel_ray.runtime.ray_session")
     fake.connect = refuse
     monkeypatch.setitem(sys.modules, "bilevel_ray.runtime.ray_session", fake)
-    monkeypatch.setattr(train_runtime, "_fit", refuse)
+    monkeypatch.setattr(train_runtime, "fit_worker_group", refuse)
 
 
 def train_args(tmp_path, **overrides):

@@ -51,7 +51,8 @@ def test_logged_losses_are_the_solver_metrics_at_that_step():
 def test_minibatch_pbgd_free_reaches_the_full_batch_solution_within_its_noise():
     """Linear representation regression: the minibatch runs (3 seeds, batches of 100 out of 2000)
     end where the full-batch run ends, up to sampling noise: the learned predictor W v is within
-    3% of the full-batch one and its full-data upper loss within 20%."""
+    3% of the full-batch one, and its upper loss on the training data (about the noise variance,
+    0.01) is at most 30% above the full-batch one."""
 
     def run(batch_size, seed=0):
         spec = br.problems.BUILTIN_PROBLEMS["regression"]({"batch_size": batch_size})
@@ -68,7 +69,7 @@ def test_minibatch_pbgd_free_reaches_the_full_batch_solution_within_its_noise():
             report_every=1000,
         )
 
-    upper, _ = br.problems.make_regression_data()
+    upper = br.problems.BUILTIN_PROBLEMS["regression"]({"batch_size": None}).data.upper
 
     def predictor_and_loss(res):
         w = res.x["W"] @ res.y["v"]
@@ -78,7 +79,7 @@ def test_minibatch_pbgd_free_reaches_the_full_batch_solution_within_its_noise():
     for seed in range(3):
         w_mb, loss_mb = predictor_and_loss(run(100, seed))
         assert float((w_mb - w_full).norm() / w_full.norm()) < 0.03
-        assert loss_mb == pytest.approx(loss_full, rel=0.2)
+        assert loss_full * 0.95 <= loss_mb <= loss_full * 1.3
 
 
 class CrashAfter:

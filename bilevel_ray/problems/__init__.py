@@ -18,6 +18,7 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec
 from bilevel_ray.problems.quadratic import QuadraticProblem, quadratic
 from bilevel_ray.problems.regression import LinearRepresentation, make_regression_data, regression
+from bilevel_ray.problems.representation import representation
 from bilevel_ray.problems.toys import NegativeToy, PositiveToy, negative_toy, positive_toy
 
 __all__ = [
@@ -37,6 +38,7 @@ BUILTIN_PROBLEMS: dict[str, ProblemFactory] = {
     "toy-positive": positive_toy,
     "quadratic": quadratic,
     "regression": regression,
+    "representation": representation,
 }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel_ray.data import BilevelBatch
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
@@ -135,4 +136,5 @@ def quadratic(config: dict[str, Any] | None = None) -> ProblemSpec:
         {"x": torch.zeros(c["dim_x"], **like)},
         {"y": torch.zeros(c["dim_y"], **like)},
         defaults={"steps": 3000, "lr_x": 0.05, "lr_y": 0.2, "gamma": 10.0},
+        eval_data=BilevelBatch(None, None),
     )

@@ -6,7 +6,8 @@ Two groups of samples share a linear feature map W (x, upper) and a head v (y, l
     g(W, v) = mean over group 1 of (X1 W v - t1)^2 + ridge ||v||^2    (lower: the head's fit)
 
 It is the linear analogue of the paper's fair-representation experiment (digest §3.4) and small
-enough to solve full-batch, which gives minibatch runs a reference to be compared against.
+enough to solve full-batch, which gives minibatch runs a reference to be compared against. A
+fifth more group-0 rows are held out (``eval_data``) for sweeps.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel_ray.data import full_batch, minibatches
+from bilevel_ray.data import BilevelBatch, full_batch, minibatches
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
@@ -65,7 +66,12 @@ def regression(config: dict[str, Any] | None = None) -> ProblemSpec:
         config,
         {"n": 2000, "dim": 10, "features": 4, "seed": 0, "ridge": 1e-2, "batch_size": 100},
     )
-    upper, lower = make_regression_data(int(c["n"]), int(c["dim"]), int(c["seed"]))
+    n = int(c["n"])
+    n_test = max(n // 5, 1)  # held-out upper-level rows, for a sweep's scores
+    upper_all, lower_all = make_regression_data(n + n_test, int(c["dim"]), int(c["seed"]))
+    upper = (upper_all[0][:n], upper_all[1][:n])
+    lower = (lower_all[0][:n], lower_all[1][:n])
+    heldout = (upper_all[0][n:], upper_all[1][n:])
     gen = torch.Generator().manual_seed(int(c["seed"]) + 1)
     w0 = torch.randn(int(c["dim"]), int(c["features"]), generator=gen, dtype=torch.float64)
     # The data stays on the CPU (workers move each batch); x0 and y0 go to the device.
@@ -79,4 +85,5 @@ def regression(config: dict[str, Any] | None = None) -> ProblemSpec:
         y0,
         data,
         defaults={"steps": 2000, "lr_x": 0.02, "lr_y": 0.1, "gamma": 10.0},
+        eval_data=BilevelBatch(heldout, lower),
     )

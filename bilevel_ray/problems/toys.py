@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bilevel_ray.data import BilevelBatch
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
@@ -65,6 +66,7 @@ def negative_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
         {"x": torch.tensor([float(c["x0"])], **like)},
         {"y": torch.tensor([float(c["y0"])], **like)},
         defaults={"steps": 3000, "lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0},
+        eval_data=BilevelBatch(None, None),  # deterministic: "held-out" is the problem itself
     )
 
 
@@ -127,4 +129,5 @@ def positive_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
         {"w1": torch.tensor([W_INIT[0]], **like)},
         {"w2": torch.tensor([W_INIT[1]], **like)},
         defaults={"steps": 40000, "lr_x": 0.01, "lr_y": 0.01, "gamma": 16.0, "inner_steps": 2},
+        eval_data=BilevelBatch(None, None),
     )

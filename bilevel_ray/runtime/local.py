@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,10 @@ def run_local(
     resume: bool = False,
     progress: bool = False,
     grad_reduce: GradReduce | None = None,
+    on_row: Callable[[dict[str, Any], SolverState], None] | None = None,
 ) -> SolveResult:
-    """:func:`solve` with its settings already built (also the one-worker path of ``train``)."""
+    """:func:`solve` with its settings already built (also the one-worker path of ``train`` and
+    a sweep's trials). ``on_row(row, state)`` is called after each logged row."""
     steps = count("steps", steps, 1)
     report_every = count("report_every", report_every, 1)
     seed = count("seed", seed, 0)
@@ -196,6 +199,7 @@ def run_local(
                 recorder,
                 progress,
                 (checkpoint_path, checkpoint_every, config, seed),
+                on_row,
             )
         finally:
             if history_path is not None:
@@ -208,7 +212,7 @@ def _cuda_devices(*groups: Params) -> list[int]:
     return sorted({t.device.index or 0 for g in groups for t in g.values() if t.is_cuda})
 
 
-def _run(solver, state, batches, steps, recorder, progress, checkpointing) -> SolverState:
+def _run(solver, state, batches, steps, recorder, progress, checkpointing, on_row) -> SolverState:
     checkpoint_path, checkpoint_every, config, seed = checkpointing
     last_print = -float("inf")
     for t in range(state.step, steps):
@@ -220,6 +224,9 @@ def _run(solver, state, batches, steps, recorder, progress, checkpointing) -> So
         if progress and row is not None and (recorder.elapsed - last_print >= 2.0 or done):
             last_print = recorder.elapsed
             print(_progress_line(row, steps), file=sys.stderr, flush=True)
+        if on_row is not None and row is not None:
+            on_row(row, state)
+            recorder.restart_window()
         # Every K steps (multiples of report_every: the rows are flushed) and at the end.
         if checkpoint_path is not None and (
             done or (checkpoint_every and (t + 1) % checkpoint_every == 0)

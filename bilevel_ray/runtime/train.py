@@ -171,8 +171,9 @@ def train(
         "use_gpu": bool(gpus) if use_gpu == "auto" else use_gpu,
         "fault": None if fault is None else {**fault, "marker_dir": str(storage / name)},
         "batch_size": _pair(batch_size) if datasets is not None else None,
+        "evaluate": None,
     }
-    metrics, payload = _fit(
+    metrics, payload = fit_worker_group(
         worker_config, num_workers, resources_per_worker, storage, name, max_failures, datasets
     )
     if metrics.get("status") == "diverged":
@@ -218,7 +219,7 @@ def _check_datasets(datasets: Any, batch_size: Any, factory_data: Any) -> None:
         )
 
 
-def _fit(
+def fit_worker_group(
     worker_config: dict[str, Any],
     num_workers: int,
     resources: dict[str, float] | None,
@@ -226,8 +227,10 @@ def _fit(
     name: str,
     max_failures: int,
     datasets: dict[str, Any] | None,
+    callbacks: list[Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Start the worker group, wait for it, and read the final checkpoint."""
+    """Start the worker group, wait for it, and read the final checkpoint (``callbacks``: Train
+    callbacks such as Tune's ``TuneReportCallback`` for a multi-worker trial)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -246,6 +249,7 @@ def _fit(
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

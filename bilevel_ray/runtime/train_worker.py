@@ -100,7 +100,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             spec.problem, state.x, state.y, first, upper_needs_x=settings.method == "pbgd_free"
         )
         batches = itertools.chain([first], batches)
-    _Run(cfg, rank, settings, recorder).loop(state, solver, batches)
+    scorer = None
+    if cfg.get("evaluate") is not None:
+        scorer = _scorer(spec, cfg["evaluate"], device)
+    _Run(cfg, rank, settings, recorder, scorer).loop(state, solver, batches)
+
+
+def _scorer(spec: Any, options: dict[str, Any], device: torch.device) -> Any:
+    """Held-out scores for a sweep (every rank computes the same numbers on the same data)."""
+    from bilevel_ray.evaluation import evaluate
+
+    if spec.eval_data is None:
+        raise ConfigError(
+            "a sweep scores trials on held-out data: the factory must return eval_data="
+            "br.BilevelBatch(upper_heldout, lower_sample)"
+        )
+    batch = to_device(spec.eval_data, device)
+    return lambda state: evaluate(
+        spec.problem, state.x, state.y, batch, gap_steps=options["gap_steps"]
+    )
 
 
 def _ray_data_batches(upper_size: int, lower_size: int) -> Any:
@@ -128,9 +146,15 @@ class _Run:
     """The step loop of one rank, with its reporting and checkpointing."""
 
     def __init__(
-        self, cfg: dict[str, Any], rank: int, settings: SolverConfig, recorder: HistoryRecorder
+        self,
+        cfg: dict[str, Any],
+        rank: int,
+        settings: SolverConfig,
+        recorder: HistoryRecorder,
+        scorer: Any = None,
     ):
         self.cfg, self.rank, self.settings, self.recorder = cfg, rank, settings, recorder
+        self.scorer = scorer  # a sweep's trial: held-out scores added to every report
 
     def loop(self, state: SolverState, solver: Any, batches: Any) -> None:
         steps, every = self.cfg["steps"], self.cfg["checkpoint_every"]
@@ -156,7 +180,9 @@ class _Run:
                 self.report(verdict, state, save=True)
                 return
             if row is not None:
-                self.report({**row, "status": "completed" if done else "running"}, state, save)
+                scores = self.scorer(state) if self.scorer is not None else {}
+                status = "completed" if done else "running"
+                self.report({**row, **scores, "status": status}, state, save)
                 self.recorder.restart_window()  # a report is a barrier: not a step's cost
 
     def report(self, row: dict[str, Any], state: SolverState, save: bool) -> None:
