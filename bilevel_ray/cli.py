@@ -153,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-failures", type=int, default=0, help="worker-group restarts allowed"
     )
     train_cmd.add_argument("--name", help="the run's name (default: a timestamped one)")
+    train_cmd.add_argument("--quiet", action="store_true", help="no progress lines")
+    train_cmd.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        dest="cpus_per_worker",
+        help="CPUs each worker reserves (default 1)",
+    )
     train_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
     tune_cmd = commands.add_parser(
         "tune",
@@ -238,25 +245,33 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bilevel_ray.runtime.train import train
+    from bilevel_ray.runtime.train import default_run_name, train
 
     _, problem_config, options = _options(args)
+    name = args.name or default_run_name(args.method)
     result = train(
         args.problem,
         problem_config=problem_config,
         method=args.method,
         num_workers=args.workers,
         use_gpu={"auto": "auto", "yes": True, "no": False}[args.gpu],
+        resources_per_worker=None
+        if args.cpus_per_worker is None
+        else {"CPU": args.cpus_per_worker},
         checkpoint_every=args.checkpoint_every,
         storage_path=args.out,
-        name=args.name,
+        name=name,
         max_failures=args.max_failures,
         seed=args.seed,
         report_every=args.report_every,
         address=args.address,
+        progress=not args.quiet,
         **options,
     )
+    if args.out is not None:
+        args.out = args.out / name  # the run's own folder: its files never overwrite another's
     _show(args, problem_config, result)
+    print(f"  run {name!r}: rerun with --name {name} (and the same --out) to resume or extend it")
     return 0
 
 

@@ -236,7 +236,9 @@ def as_batches(
         stream = (
             BilevelBatch(u, v) for u, v in zip(_cycle(upper, "upper"), _cycle(lower, "lower"))
         )
-        return itertools.islice(stream, start_step, None)
+        for _ in range(start_step):  # now, not lazily: the caller then restores its RNG
+            next(stream)
+        return stream
     raise ConfigError(
         f"data is a {type(data).__name__}: pass None, br.full_batch(...), br.minibatches(...) or "
         "a pair (upper_batches, lower_batches) of re-iterable batch sources"

@@ -61,8 +61,21 @@ def table_to_tensors(table: Any, dtype: torch.dtype | None = None) -> dict[str, 
                 f"column {name!r} has {column.null_count} missing values; fill or drop them first"
             )
         if pa.types.is_fixed_size_list(column.type):
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            array = values.reshape(len(column), column.type.list_size)
+            inner = column.type.value_type
+            if not (pa.types.is_integer(inner) or pa.types.is_floating(inner)):
+                raise ConfigError(
+                    f"column {name!r} is a list of {inner}: only lists of numbers can become "
+                    "tensors; flatten it or select other columns with columns=[...]"
+                )
+            values = column.flatten()
+            if values.null_count:
+                raise ConfigError(
+                    f"column {name!r} has {values.null_count} missing values inside its lists; "
+                    "fill or drop them first"
+                )
+            array = values.to_numpy(zero_copy_only=False).reshape(
+                len(column), column.type.list_size
+            )
         elif (
             pa.types.is_integer(column.type)
             or pa.types.is_floating(column.type)
@@ -74,6 +87,8 @@ def table_to_tensors(table: Any, dtype: torch.dtype | None = None) -> dict[str, 
                 f"column {name!r} has type {column.type}: only numeric, boolean and fixed-size "
                 "list columns can become tensors; select other columns with columns=[...]"
             )
+        if array.dtype.kind == "u":  # torch has few kernels for uint32/64: widen to int64
+            array = array.astype("int64")
         tensor = torch.from_numpy(array.copy())
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

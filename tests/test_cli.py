@@ -131,9 +131,10 @@ def test_train_with_one_worker_runs_in_process_and_resumes_by_name(tmp_path, cap
     assert main([*argv, "--steps", "200"]) == 0
     printed = capsys.readouterr().out
     assert "pbgd_free on regression: 200 steps" in printed
-    history = pq.read_table(tmp_path / "history.parquet")
+    assert "run 'r': rerun with --name r" in printed
+    history = pq.read_table(tmp_path / "r" / "history.parquet")  # in the run's own folder
     assert history["step"].to_pylist() == [50, 100, 150, 200]  # one history across both calls
-    assert json.loads((tmp_path / "run.json").read_text())["command"] == "train"
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["command"] == "train"
 
 
 @pytest.mark.parametrize(
@@ -149,6 +150,23 @@ def test_train_with_one_worker_runs_in_process_and_resumes_by_name(tmp_path, cap
     ],
 )
 def test_train_user_errors_exit_2(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["tune", "toy-negative", "--space", 'gama={"loguniform": [1, 10]}'],
+            "search_space has unknown key(s) ['gama']",
+        ),
+        (["tune", "toy-negative", "--space", 'gamma={"normal": [1, 10]}'], "give one distribution"),
+        (["tune", "toy-negative", "--samples", "0"], "num_samples=0: must be an integer >= 1"),
+    ],
+)
+def test_tune_user_errors_exit_2_before_ray_starts(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

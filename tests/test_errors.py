@@ -1547,13 +1547,14 @@ _NOT_OURS = r"^checkpoint '.*ckpt\.pt' is not a bilevel_ray checkpoint \(missing
         (
             lambda p: _checkpointed_run(p, lr_x=0.01),
             r"^checkpoint '.*ckpt\.pt' was written with other solver settings \(\{.*'lr_x': "
-            r"0\.01.*\}\); resume with the same settings or pass resume=False$",
+            r"0\.01.*\}\); resume with the same settings, or start a new run \(another "
+            r"checkpoint_path, or another name with br\.train\)$",
         ),
         # the seed of the data stream is checked too (and first)
         (
             lambda p: _checkpointed_run(p, lr_x=0.02, seed=1),
             r"^checkpoint '.*ckpt\.pt' was written with seed=1, not seed=0: the data stream would "
-            r"differ; resume with the same seed or pass resume=False$",
+            r"differ; resume with the same seed, or start a new run$",
         ),
         (
             lambda p: _checkpointed_run(p, lr_x=0.01, seed=3),

@@ -103,3 +103,35 @@ def test_one_worker_train_runs_in_process_and_resumes_by_name(tmp_path):
     assert torch.equal(fresh.x["W"], resumed.x["W"])
     assert resumed.history["step"].to_pylist() == [5, 10, 15, 20]
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+
+
+def test_train_checks_the_shards_before_starting_workers(tmp_path):
+    """n = 40 samples cannot give 2 workers batches of 25: refused in the driver, no Ray."""
+    with pytest.raises(br.ConfigError, match=r"2 workers x batch 25 = 50 exceeds the 40"):
+        br.train(
+            "regression",
+            problem_config={"n": 40, "batch_size": 25},
+            num_workers=2,
+            storage_path=tmp_path,
+        )
+
+
+def test_file_factories_are_shipped_by_value(tmp_path):
+    from bilevel_ray.runtime.train import portable_factory
+
+    source = tmp_path / "my_problem.py"
+    source.write_text(
+        "import bilevel_ray as br\ndef make(config):\n"
+        "    return br.problems.BUILTIN_PROBLEMS['quadratic']({})\n"
+    )
+    shipped = portable_factory(f"{source}:make")
+    assert callable(shipped) and shipped({}).x0["x"].shape == (3,)
+    assert portable_factory("quadratic") == "quadratic"
+
+
+def test_a_run_resumes_only_in_the_runtime_it_started_in(tmp_path):
+    from bilevel_ray.runtime.train import _check_run_folder
+
+    (tmp_path / "run" / "checkpoint_step_000000010").mkdir(parents=True)
+    with pytest.raises(br.ConfigError, match="was started with a worker group"):
+        _check_run_folder(tmp_path / "run", in_process=True)

@@ -78,19 +78,58 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_2cpu, tmp_path):
     for k in reference.y:
         assert (run.y[k] - reference.y[k]).abs().max() <= 1e-6
     assert run.history["step"].to_pylist() == [5, 10, 15, 20]  # no row lost or repeated
+    # The run resumes only as it was started: other settings are refused before any work.
+    with pytest.raises(br.ConfigError, match="was started with other solver settings"):
+        br.train(
+            "regression",
+            problem_config={"n": 400, "batch_size": 25},
+            method="pbgd",
+            num_workers=2,
+            max_failures=1,
+            storage_path=tmp_path,
+            name="fault",
+            **{**COMMON, "lr_y": 0.2},
+            **options,
+        )
+    with pytest.raises(br.ConfigError, match="was started with a worker group"):
+        br.train(
+            "regression",
+            problem_config={"n": 400, "batch_size": 25},
+            method="pbgd",
+            storage_path=tmp_path,
+            name="fault",
+            **COMMON,
+            **options,
+        )
 
 
 def test_divergence_in_workers_stops_the_run_with_a_clear_status(ray_2cpu, tmp_path):
-    with pytest.raises(br.DivergenceError, match="diverged at step"):
+    options = dict(
+        problem_config={},
+        num_workers=2,
+        steps=400,
+        report_every=50,
+        storage_path=tmp_path,
+        name="diverge",
+        resources_per_worker={"CPU": 0.5},
+    )
+    with pytest.raises(br.DivergenceError, match=r"^diverged at step \d+: lower/loss is not"):
+        br.train("toy-negative", lr_y=5.0, **options)
+    # Its last state is not finite: the name cannot be resumed, even with safe settings.
+    with pytest.raises(br.ConfigError, match="diverged; its last state is not finite"):
+        br.train("toy-negative", lr_y=0.1, **options)
+
+
+def test_a_group_the_cluster_cannot_hold_is_refused_before_it_waits(ray_2cpu, tmp_path):
+    with pytest.raises(br.ConfigError, match=r"3 workers x 1 CPU = 3 CPUs, the cluster has 2"):
+        br.train("regression", num_workers=3, storage_path=tmp_path, name="big")
+    with pytest.raises(br.ConfigError, match=r"2 GPU workers, the cluster has 0 GPUs"):
         br.train(
-            "toy-negative",
-            problem_config={},
+            "regression",
             num_workers=2,
-            steps=400,
-            lr_y=5.0,
-            report_every=50,
+            use_gpu=True,
             storage_path=tmp_path,
-            name="diverge",
+            name="gpu",
             resources_per_worker={"CPU": 0.5},
         )
 

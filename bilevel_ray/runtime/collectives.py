@@ -13,7 +13,7 @@ from torch import Tensor
 
 from bilevel_ray.tree import Params
 
-__all__ = ["allreduce_mean", "allreduce_mean_tensor"]
+__all__ = ["allreduce_mean", "allreduce_mean_tensor", "broadcast_from_rank0"]
 
 
 def allreduce_mean(grads: Params) -> Params:
@@ -37,3 +37,9 @@ def allreduce_mean_tensor(tensor: Tensor) -> Tensor:
     """The mean over ranks of one tensor (returned; the argument may be reused as the buffer)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.div_(dist.get_world_size())
+
+
+def broadcast_from_rank0(params: Params) -> None:
+    """Overwrite every rank's tensors with rank 0's, in place."""
+    for value in params.values():
+        dist.broadcast(value, src=0)

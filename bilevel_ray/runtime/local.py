@@ -31,7 +31,14 @@ from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
 from bilevel_ray.tree import Params, to_device
 
-__all__ = ["SolveResult", "count", "run_local", "solve", "solver_config"]
+__all__ = [
+    "SolveResult",
+    "count",
+    "progress_line",
+    "run_local",
+    "solve",
+    "solver_config",
+]
 
 
 @dataclass
@@ -179,12 +186,14 @@ def run_local(
 
     # The seeded RNG covers the data stream too (a shuffled DataLoader draws when iterated).
     with torch.random.fork_rng(devices=_cuda_devices(x0, y0)):
+        # A resumed stream first skips the batches it used, drawing from the seeded RNG as the
+        # first run did (a shuffled DataLoader draws when it starts an epoch); then the RNG
+        # continues from the checkpoint.
+        torch.manual_seed(seed)
+        batches = as_batches(data, seed, start_step=state.step)
         if saved is not None:
             torch.set_rng_state(saved["rng"])
         else:
-            torch.manual_seed(seed)
-        batches = as_batches(data, seed, start_step=state.step)
-        if saved is None:
             first = next(batches)
             check_losses(
                 problem, state.x, state.y, first, upper_needs_x=config.method == "pbgd_free"
@@ -223,7 +232,7 @@ def _run(solver, state, batches, steps, recorder, progress, checkpointing, on_ro
             row = recorder.flush()  # the final step is always logged
         if progress and row is not None and (recorder.elapsed - last_print >= 2.0 or done):
             last_print = recorder.elapsed
-            print(_progress_line(row, steps), file=sys.stderr, flush=True)
+            print(progress_line(row, steps), file=sys.stderr, flush=True)
         if on_row is not None and row is not None:
             on_row(row, state)
             recorder.restart_window()
@@ -243,17 +252,18 @@ def _load_resume(path: Any, config: SolverConfig, seed: int) -> dict[str, Any] |
     if saved["seed"] != seed:
         raise ConfigError(
             f"checkpoint {str(path)!r} was written with seed={saved['seed']}, not seed={seed}: "
-            "the data stream would differ; resume with the same seed or pass resume=False"
+            "the data stream would differ; resume with the same seed, or start a new run"
         )
     if saved["config"] != config.to_dict():
         raise ConfigError(
             f"checkpoint {str(path)!r} was written with other solver settings "
-            f"({saved.get('config')}); resume with the same settings or pass resume=False"
+            f"({saved.get('config')}); resume with the same settings, or start a new run (another "
+            "checkpoint_path, or another name with br.train)"
         )
     return saved
 
 
-def _progress_line(row: dict[str, Any], steps: int) -> str:
+def progress_line(row: dict[str, Any], steps: int) -> str:
     shown = " ".join(
         f"{k}={row[k]:.5g}"
         for k in ("upper/loss", "lower/loss", "penalty/gamma")

@@ -28,6 +28,7 @@ __all__ = [
     "check_search_space",
     "decode",
     "default_search_space",
+    "sample_point",
     "space_from_json",
 ]
 
@@ -134,3 +135,16 @@ def space_from_json(spec: Mapping[str, Any]) -> dict[str, Any]:
         else:
             space[key] = value
     return space
+
+
+def sample_point(space: Mapping[str, Any]) -> dict[str, Any]:
+    """One point of the space (a grid's first value), to validate settings before launch."""
+    point = {}
+    for key, value in space.items():
+        if isinstance(value, Mapping) and "grid_search" in value:
+            point[key] = next(iter(value["grid_search"]))
+        elif hasattr(value, "sample"):
+            point[key] = value.sample()
+        else:
+            point[key] = value
+    return point

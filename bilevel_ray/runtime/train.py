@@ -14,6 +14,7 @@ Ray is imported only when a worker group is started.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
 
 from bilevel_ray.config import SolverConfig
+from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import ProblemSpec, check_params, check_problem
 from bilevel_ray.problems import load_factory
@@ -69,6 +72,7 @@ def train(
     report_every: int = 10,
     address: str | None = None,
     fault: dict[str, int] | None = None,
+    progress: bool = False,
     datasets: dict[str, Any] | None = None,
     batch_size: int | tuple[int, int] | None = None,
     in_process: bool | str = "auto",
@@ -83,7 +87,9 @@ def train(
             the solver settings default to the problem's ``defaults``.
         num_workers: data-parallel ranks. With ``br.minibatches`` data each rank takes
             ``batch_size`` samples per step (global batch ``num_workers * batch_size``); full-batch
-            data is split into equal slices.
+            data is split into equal slices. The averaged gradient equals the one-worker
+            gradient when each loss is a *mean* over its batch (a ``.sum()`` loss would be
+            scaled by 1 / num_workers).
         use_gpu: ``"auto"`` (GPUs whenever the cluster has them), True or False.
         resources_per_worker: e.g. ``{"CPU": 1}`` (Train's default) or ``{"CPU": 0.5}``.
         checkpoint_every: checkpoint every K steps (the final step always is).
@@ -92,6 +98,7 @@ def train(
         max_failures: worker-group restarts allowed (Train's ``FailureConfig``).
         address: a Ray cluster to connect to; default: the running one, or a new local one.
         fault: test hook ``{"rank": r, "step": k}``: rank r exits at step k, once per run.
+        progress: one line per logged row, at most every 2 s (rank 0's, on a worker group).
         datasets, batch_size: Ray Data instead of the factory's data:
             ``{"upper": ds, "lower": ds}`` (e.g. ``ray.data.read_parquet(...)``), split across
             the workers, ``batch_size`` rows per worker and step (one size or (upper, lower)),
@@ -109,7 +116,9 @@ def train(
         DivergenceError: the run's losses became non-finite (all ranks stop together).
     """
     problem_config = dict(problem_config or {})
-    spec = build_spec(factory, problem_config)
+    # The factory as the workers will call it (with a device), so that a factory that fails
+    # there fails here first.
+    spec = build_spec(factory, {**problem_config, "device": "cpu"})
     defaults = SolverConfig.applicable(method, spec.defaults)
     default_steps = defaults.pop("steps", 1000)
     steps = count("steps", default_steps if steps is None else steps, 1)
@@ -131,18 +140,23 @@ def train(
         raise ConfigError(f"use_gpu={use_gpu!r}: must be 'auto', True or False")
     if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
         raise ConfigError(f"fault={fault!r}: must be a dict {{'rank': r, 'step': k}}")
-    # A fresh run gets a unique name; pass name= (the same one) to resume a run.
-    name = name or f"bilevel_ray-{method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
-
     if datasets is not None:
         _check_datasets(datasets, batch_size, spec.data)
     elif batch_size is not None:
         raise ConfigError("batch_size is for datasets=...; the factory's data sets its own size")
+    else:
+        next(as_batches(spec.data, seed, 0, num_workers - 1, num_workers))  # shardable?
     if in_process not in ("auto", False):
         raise ConfigError(f"in_process={in_process!r}: must be 'auto' or False")
-    needs_ray = max_failures or use_gpu is True or fault is not None or datasets is not None
+    # A fresh run gets a unique name; pass name= (the same one) to resume a run.
+    name = name or default_run_name(method)
+    storage = _storage(storage_path)
+
+    gpu_here = use_gpu == "auto" and torch.cuda.is_available()
+    uri = isinstance(storage, _UriPath)  # remote storage: Train writes it, not this process
+    needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
     if num_workers == 1 and not needs_ray and in_process == "auto":
+        _check_run_folder(storage / name, in_process=True)
         return run_local(
             spec.problem,
             spec.x0,
@@ -155,33 +169,137 @@ def train(
             checkpoint_path=storage / name / "checkpoint.pt",
             checkpoint_every=checkpoint_every,
             resume=True,
+            progress=progress,
         )
 
     from bilevel_ray.runtime.ray_session import connect
 
+    _check_run_folder(
+        storage / name, in_process=False, settings=settings, seed=seed, num_workers=num_workers
+    )
     gpus = connect(address)
+    on_gpu = bool(gpus) if use_gpu == "auto" else use_gpu
+    if address is None:
+        _check_resources(num_workers, resources_per_worker, on_gpu, datasets is not None)
     worker_config = {
-        "factory": factory,
+        "factory": portable_factory(factory),
         "problem_config": problem_config,
         "solver": settings.to_dict(),
         "steps": steps,
         "seed": seed,
         "report_every": report_every,
         "checkpoint_every": checkpoint_every,
-        "use_gpu": bool(gpus) if use_gpu == "auto" else use_gpu,
+        "use_gpu": on_gpu,
         "fault": None if fault is None else {**fault, "marker_dir": str(storage / name)},
         "batch_size": _pair(batch_size) if datasets is not None else None,
         "evaluate": None,
+        "num_workers": num_workers,
+        "progress": progress,
     }
     metrics, payload = fit_worker_group(
         worker_config, num_workers, resources_per_worker, storage, name, max_failures, datasets
     )
     if metrics.get("status") == "diverged":
         last = {k: v for k, v in metrics.items() if k == "step" or "/" in k}
-        raise DivergenceError(metrics["diverged_at_step"], metrics.get("error", "a loss"), last)
+        raise DivergenceError(metrics["diverged_at_step"], metrics["diverged_metric"], last)
     state = state_from_dict(payload["state"])
     history = pa.Table.from_pylist(payload["history"], schema=HISTORY_SCHEMA)
     return SolveResult(state.x, state.y, history, state, payload["config"])
+
+
+def default_run_name(method: str) -> str:
+    return f"bilevel_ray-{method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _storage(storage_path: Any) -> Any:
+    """A local folder (created and proved writable now) or a URI such as ``s3://bucket/runs``,
+    which Ray Train writes through pyarrow's file systems (needed across nodes)."""
+    if isinstance(storage_path, str) and "://" in storage_path:
+        return _UriPath(storage_path)
+    return check_writable(storage_path or Path.home() / "ray_results", "storage_path")
+
+
+class _UriPath(str):
+    """A storage URI that joins like a Path (``uri / name``) but is never made local."""
+
+    def __truediv__(self, other: str) -> _UriPath:
+        return _UriPath(f"{self.rstrip('/')}/{other}")
+
+    def exists(self) -> bool:  # nothing local to inspect: Train reads the URI itself
+        return False
+
+
+def portable_factory(factory: Any) -> Any:
+    """What the workers receive: a ``file.py:factory`` string becomes the callable itself,
+    shipped by value (workers run elsewhere and cannot find the file); other strings (built-in
+    names, ``package.module:factory``) and callables go as they are."""
+    if not isinstance(factory, str) or ".py:" not in factory:
+        return factory
+    from ray import cloudpickle
+
+    resolved = load_factory(factory)
+    cloudpickle.register_pickle_by_value(sys.modules[resolved.__module__])
+    return resolved
+
+
+def _check_resources(workers: int, resources: Any, on_gpu: bool, with_data: bool) -> None:
+    """Refuse a worker group the local cluster can never hold (Train would wait forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpu_each = float((resources or {}).get("CPU", 1.0))
+    need_cpu = workers * cpu_each + (1.0 if with_data else 0.0)  # Ray Data needs a free CPU
+    problems = []
+    if need_cpu > have.get("CPU", 0.0):
+        problems.append(
+            f"{workers} workers x {cpu_each:g} CPU{' + 1 for Ray Data' if with_data else ''} = "
+            f"{need_cpu:g} CPUs, the cluster has {have.get('CPU', 0.0):g}: lower "
+            "resources_per_worker (e.g. {'CPU': 0.5}) or num_workers"
+        )
+    if on_gpu and have.get("GPU", 0.0) < workers:
+        problems.append(
+            f"{workers} GPU workers, the cluster has {have.get('GPU', 0.0):g} GPUs: use "
+            "use_gpu=False or fewer workers"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_run_folder(
+    folder: Any, in_process: bool, settings: Any = None, seed: int = 0, num_workers: int = 1
+) -> None:
+    """A run resumes only as it was started: same runtime, settings, seed and workers."""
+    if not isinstance(folder, Path) or not folder.exists():
+        return
+    local = (folder / "checkpoint.pt").exists()
+    group = sorted(folder.glob("checkpoint_step_*"))
+    if (in_process and group) or (not in_process and local):
+        kind = "a worker group" if group else "one in-process worker"
+        raise ConfigError(
+            f"run {str(folder)!r} was started with {kind}; resume it the same way, or use a new "
+            "name"
+        )
+    if in_process or not group:
+        return
+    saved = load_checkpoint(group[-1] / CHECKPOINT_FILE)
+    if saved.get("status") == "diverged":
+        raise ConfigError(
+            f"run {str(folder)!r} diverged; its last state is not finite: use a new name"
+        )
+    mismatched = [
+        what
+        for what, ok in (
+            ("solver settings", saved["config"] == settings.to_dict()),
+            ("seed", saved["seed"] == seed),
+            ("num_workers", saved.get("num_workers", num_workers) == num_workers),
+        )
+        if not ok
+    ]
+    if mismatched:
+        raise ConfigError(
+            f"run {str(folder)!r} was started with other {', '.join(mismatched)}; resume it "
+            "with the same ones, or use a new name"
+        )
 
 
 def _pair(batch_size: Any) -> tuple[int, int]:
@@ -255,6 +373,12 @@ def fit_worker_group(
     )
     result = trainer.fit()
     if result.error is not None:
+        # Bad input a worker found (e.g. data too small for its shard) reaches the user as the
+        # ConfigError it is, not as Train's wrapper.
+        failures = getattr(result.error, "worker_failures", {}) or {}
+        for failure in failures.values():
+            if isinstance(failure, ConfigError):
+                raise failure from None
         raise result.error
     payload: dict[str, Any] = {}
     if result.metrics.get("status") != "diverged":

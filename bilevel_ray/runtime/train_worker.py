@@ -27,12 +27,17 @@ import ray.train.torch
 import torch
 
 from bilevel_ray.config import SolverConfig
-from bilevel_ray.data import BilevelBatch, as_batches
+from bilevel_ray.data import BilevelBatch, FullBatch, as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import check_losses
 from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
-from bilevel_ray.runtime.collectives import allreduce_mean, allreduce_mean_tensor
+from bilevel_ray.runtime.collectives import (
+    allreduce_mean,
+    allreduce_mean_tensor,
+    broadcast_from_rank0,
+)
 from bilevel_ray.runtime.history import HistoryRecorder
+from bilevel_ray.runtime.local import progress_line
 from bilevel_ray.runtime.train import CHECKPOINT_FILE, build_spec
 from bilevel_ray.solvers.base import SolverState, state_from_dict
 from bilevel_ray.tree import to_device
@@ -62,6 +67,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
 
+    torch.manual_seed(cfg["seed"])  # before the factory: a random initialisation is the same
     spec = build_spec(cfg["factory"], {**cfg["problem_config"], "device": str(device)})
     settings = SolverConfig.from_dict(cfg["solver"])
     solver = settings.build(spec.problem, grad_reduce=allreduce_mean if world > 1 else None)
@@ -74,7 +80,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             saved = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
         state = state_from_dict(to_device(saved["state"], device))
-        torch.set_rng_state(saved["rng"])
         recorder = HistoryRecorder(
             settings.method,
             cfg["report_every"],
@@ -84,15 +89,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         )
     else:
         state = solver.init(to_device(spec.x0, device), to_device(spec.y0, device))
+        if world > 1:
+            # Every rank must start from rank 0's point, as DDP does: a factory that initialises
+            # without a fixed seed would otherwise give each rank its own model.
+            broadcast_from_rank0(state.x)
+            broadcast_from_rank0(state.y)
         torch.manual_seed(cfg["seed"])
         recorder = HistoryRecorder(
             settings.method, cfg["report_every"], reduce_values=reduce_values
         )
 
+    data = spec.data
+    if isinstance(data, FullBatch):  # moved to the device once, not at every step
+        data = FullBatch(to_device(data.upper, device), to_device(data.lower, device))
     if cfg["batch_size"] is not None:
         source = _ray_data_batches(*cfg["batch_size"])
     else:
-        source = as_batches(spec.data, cfg["seed"], state.step, rank, world)
+        source = as_batches(data, cfg["seed"], state.step, rank, world)
+    if checkpoint is not None:
+        torch.set_rng_state(saved["rng"])  # after skipping the used batches (see local.py)
     batches = (to_device(b, device) for b in source)
     if state.step == 0:
         first = next(batches)
@@ -145,6 +160,14 @@ def _ray_data_batches(upper_size: int, lower_size: int) -> Any:
 class _Run:
     """The step loop of one rank, with its reporting and checkpointing."""
 
+    _last_print = -float("inf")
+
+    def progress(self, row: dict[str, Any]) -> None:
+        """Rank 0's progress line, at most every 2 s (and at the end)."""
+        if self.recorder.elapsed - self._last_print >= 2.0 or row["step"] == self.cfg["steps"]:
+            self._last_print = self.recorder.elapsed
+            print(progress_line(row, self.cfg["steps"]), flush=True)
+
     def __init__(
         self,
         cfg: dict[str, Any],
@@ -175,9 +198,9 @@ class _Run:
                     **err.last_finite,
                     "status": "diverged",
                     "diverged_at_step": err.step,
-                    "error": str(err),
+                    "diverged_metric": err.metric,
                 }
-                self.report(verdict, state, save=True)
+                self.report(verdict, state, save=True, status="diverged")
                 return
             if row is not None:
                 scores = self.scorer(state) if self.scorer is not None else {}
@@ -185,12 +208,18 @@ class _Run:
                 self.report({**row, **scores, "status": status}, state, save)
                 self.recorder.restart_window()  # a report is a barrier: not a step's cost
 
-    def report(self, row: dict[str, Any], state: SolverState, save: bool) -> None:
-        """``ray.train.report`` on every rank (a barrier); rank 0 attaches the checkpoint."""
+    def report(
+        self, row: dict[str, Any], state: SolverState, save: bool, status: str = "running"
+    ) -> None:
+        """``ray.train.report`` on every rank (a barrier); rank 0 attaches the checkpoint. A
+        diverged run's checkpoint says so: resuming it is refused (its state is not finite)."""
+        if self.rank == 0 and self.cfg.get("progress") and row.get("step") is not None:
+            self.progress(row)
         if not save or self.rank != 0:
             ray.train.report(row)
             return
         payload = checkpoint_payload(state, self.recorder, self.settings, self.cfg["seed"])
+        payload.update(status=status, num_workers=self.cfg["num_workers"])
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(payload, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(

@@ -37,7 +37,12 @@ from bilevel_ray.runtime.history import write_parquet
 from bilevel_ray.runtime.local import count, run_local, solver_config
 from bilevel_ray.runtime.ranking import GAP, METRIC, rank_trials
 from bilevel_ray.runtime.ray_session import connect
-from bilevel_ray.runtime.search_space import check_search_space, decode, default_search_space
+from bilevel_ray.runtime.search_space import (
+    check_search_space,
+    decode,
+    default_search_space,
+    sample_point,
+)
 from bilevel_ray.runtime.train import build_spec, fit_worker_group
 
 __all__ = ["TuneResult", "run_sweep"]
@@ -240,16 +245,26 @@ def run_sweep(
     base = {**{k: v for k, v in defaults.items() if k not in determined}, **base_options}
     check_search_space(space, method, base)
     # One sampled point must make valid settings: bad ranges fail here, not in every trial.
-    probe = {k: v.sample() if hasattr(v, "sample") else v for k, v in space.items()}
-    solver_config(method, {**base, **decode(probe)}).to_dict()
+    solver_config(method, {**base, **decode(sample_point(space))}).to_dict()
     storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
 
+    # Save the sweep's state at most every second (Tune's default adapts up to minutes; every
+    # step would rewrite the whole state after each event: quadratic in the number of trials),
+    # so a killed driver loses little more than the trials that were running.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     connect(address)
     trial_cpus = 1.0 if num_workers == 1 else 0.25
     worker_cpus = (resources_per_worker or {}).get("CPU", 1.0) if num_workers > 1 else 0.0
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    per_trial = trial_cpus + num_workers * worker_cpus
+    if per_trial > cpus:
+        raise ConfigError(
+            f"one trial needs {per_trial:g} CPUs ({num_workers} workers x {worker_cpus:g} + "
+            f"{trial_cpus:g} for the trial) and the cluster has {cpus:g}: lower "
+            "resources_per_worker (e.g. {'CPU': 0.5}) or num_workers"
+        )
     if max_concurrent_trials is None:
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        max_concurrent_trials = max(1, int(cpus // (trial_cpus + num_workers * worker_cpus)))
+        max_concurrent_trials = max(1, int(cpus // per_trial))
     run = {
         "factory": factory,
         "problem_config": problem_config,
