@@ -164,6 +164,7 @@ def test_ray_data_datasets_feed_the_workers(ray_2cpu, tmp_path):
             "lower": ray.data.from_arrow(table(lower)),
         },
         batch_size=20,
+        resources_per_worker={"CPU": 0.5},  # Ray Data needs a CPU of its own
         storage_path=tmp_path,
         name="raydata",
         steps=30,

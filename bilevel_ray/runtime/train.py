@@ -181,23 +181,22 @@ def train(
     on_gpu = bool(gpus) if use_gpu == "auto" else use_gpu
     if address is None:
         _check_resources(num_workers, resources_per_worker, on_gpu, datasets is not None)
-    worker_config = {
-        "factory": portable_factory(factory),
-        "problem_config": problem_config,
-        "solver": settings.to_dict(),
-        "steps": steps,
-        "seed": seed,
-        "report_every": report_every,
-        "checkpoint_every": checkpoint_every,
-        "use_gpu": on_gpu,
-        "fault": None if fault is None else {**fault, "marker_dir": str(storage / name)},
-        "batch_size": _pair(batch_size) if datasets is not None else None,
-        "evaluate": None,
-        "num_workers": num_workers,
-        "progress": progress,
-    }
+    config = worker_config(
+        factory,
+        problem_config,
+        settings,
+        steps=steps,
+        seed=seed,
+        report_every=report_every,
+        checkpoint_every=checkpoint_every,
+        use_gpu=on_gpu,
+        num_workers=num_workers,
+        progress=progress,
+        fault=None if fault is None else {**fault, "marker_dir": str(storage / name)},
+        batch_size=_pair(batch_size) if datasets is not None else None,
+    )
     metrics, payload = fit_worker_group(
-        worker_config, num_workers, resources_per_worker, storage, name, max_failures, datasets
+        config, num_workers, resources_per_worker, storage, name, max_failures, datasets
     )
     if metrics.get("status") == "diverged":
         last = {k: v for k, v in metrics.items() if k == "step" or "/" in k}
@@ -205,6 +204,40 @@ def train(
     state = state_from_dict(payload["state"])
     history = pa.Table.from_pylist(payload["history"], schema=HISTORY_SCHEMA)
     return SolveResult(state.x, state.y, history, state, payload["config"])
+
+
+def worker_config(
+    factory: Any,
+    problem_config: dict[str, Any],
+    settings: SolverConfig,
+    *,
+    steps: int,
+    seed: int,
+    report_every: int,
+    checkpoint_every: int,
+    use_gpu: bool,
+    num_workers: int,
+    progress: bool = False,
+    fault: dict[str, Any] | None = None,
+    batch_size: tuple[int, int] | None = None,
+    evaluate: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The plain dict every worker rebuilds its run from (``train_loop_per_worker``'s config)."""
+    return {
+        "factory": portable_factory(factory),
+        "problem_config": problem_config,
+        "solver": settings.to_dict(),
+        "steps": steps,
+        "seed": seed,
+        "report_every": report_every,
+        "checkpoint_every": checkpoint_every,
+        "use_gpu": use_gpu,
+        "num_workers": num_workers,
+        "progress": progress,
+        "fault": fault,
+        "batch_size": batch_size,
+        "evaluate": evaluate,
+    }
 
 
 def default_run_name(method: str) -> str:
@@ -338,7 +371,7 @@ def _check_datasets(datasets: Any, batch_size: Any, factory_data: Any) -> None:
 
 
 def fit_worker_group(
-    worker_config: dict[str, Any],
+    config: dict[str, Any],
     num_workers: int,
     resources: dict[str, float] | None,
     storage: Path,
@@ -356,10 +389,10 @@ def fit_worker_group(
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config,
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
-            use_gpu=worker_config["use_gpu"],
+            use_gpu=config["use_gpu"],
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(

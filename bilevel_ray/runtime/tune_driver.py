@@ -43,7 +43,7 @@ from bilevel_ray.runtime.search_space import (
     default_search_space,
     sample_point,
 )
-from bilevel_ray.runtime.train import build_spec, fit_worker_group
+from bilevel_ray.runtime.train import build_spec, fit_worker_group, worker_config
 
 __all__ = ["TuneResult", "run_sweep"]
 
@@ -114,21 +114,20 @@ def _trial_on_worker_group(options: dict[str, Any], run: dict[str, Any]) -> None
 
     settings = solver_config(run["method"], options)
     trial_id = ray_tune.get_context().get_trial_id()
-    worker_config = {
-        "factory": run["factory"],
-        "problem_config": run["problem_config"],
-        "solver": settings.to_dict(),
-        "steps": run["steps"],
-        "seed": run["seed"],
-        "report_every": run["report_every"],
-        "checkpoint_every": 0,
-        "use_gpu": run["use_gpu"],
-        "fault": None,
-        "batch_size": None,
-        "evaluate": {"gap_steps": run["gap_steps"]},
-    }
+    config = worker_config(
+        run["factory"],
+        run["problem_config"],
+        settings,
+        steps=run["steps"],
+        seed=run["seed"],
+        report_every=run["report_every"],
+        checkpoint_every=0,
+        use_gpu=run["use_gpu"],
+        num_workers=run["num_workers"],
+        evaluate={"gap_steps": run["gap_steps"]},
+    )
     fit_worker_group(
-        worker_config,
+        config,
         run["num_workers"],
         run["resources_per_worker"],
         Path(run["storage"]),
