@@ -131,8 +131,8 @@ def _scorer(spec: Any, options: dict[str, Any], device: torch.device) -> Any:
             "br.BilevelBatch(upper_heldout, lower_sample)"
         )
     batch = to_device(spec.eval_data, device)
-    return lambda state: evaluate(
-        spec.problem, state.x, state.y, batch, gap_steps=options["gap_steps"]
+    return lambda state, final: evaluate(
+        spec.problem, state.x, state.y, batch, gap_steps=options["gap_steps"], with_gap=final
     )
 
 
@@ -203,7 +203,7 @@ class _Run:
                 self.report(verdict, state, save=True, status="diverged")
                 return
             if row is not None:
-                scores = self.scorer(state) if self.scorer is not None else {}
+                scores = self.scorer(state, done) if self.scorer is not None else {}
                 status = "completed" if done else "running"
                 self.report({**row, **scores, "status": status}, state, save)
                 self.recorder.restart_window()  # a report is a barrier: not a step's cost
