@@ -73,7 +73,8 @@ def test_space_from_json():
     space = space_from_json(
         {"gamma": {"loguniform": [1, 10]}, "optimizer": {"choice": ["sgd"]}, "inner_steps": 2}
     )
-    assert 1 <= space["gamma"].sample() <= 10 and space["optimizer"].sample() == "sgd"
+    gamma = space["gamma"].sample()
+    assert gamma >= 1 and gamma <= 10 and space["optimizer"].sample() == "sgd"
     assert space["inner_steps"] == 2
     with pytest.raises(br.ConfigError, match="give one distribution, one of loguniform"):
         space_from_json({"gamma": {"normal": [0, 1]}})
