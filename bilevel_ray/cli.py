@@ -190,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
     tune_cmd.add_argument("--workers", type=int, default=1, help="workers per trial")
     tune_cmd.add_argument("--gap-tol", type=float, default=0.1, help="ranking's gap tolerance")
     tune_cmd.add_argument("--search-alg", choices=("random", "optuna"), default="random")
+    tune_cmd.add_argument(
+        "--scheduler",
+        choices=("asha", "fifo"),
+        default="asha",
+        help="asha stops poor trials early (default); fifo runs every trial to the end",
+    )
     tune_cmd.add_argument("--name", default="sweep", help="the sweep's folder name in --out")
     tune_cmd.add_argument(
         "--resume",
@@ -295,6 +301,7 @@ def _tune(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         gap_tol=args.gap_tol,
         search_alg=None if args.search_alg == "random" else args.search_alg,
+        scheduler=None if args.scheduler == "fifo" else args.scheduler,
         storage_path=args.out,
         name=args.name,
         resume=args.resume,
