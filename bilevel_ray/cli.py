@@ -214,27 +214,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """The problem spec, its factory config and the solver options (problem defaults first)."""
+def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The factory config and the user's solver options (``--set``, ``--steps``)."""
     settings = _key_values(args.set, "--set")
     problem_config = _key_values(args.config, "--config")
-    spec = load_factory(args.problem)(problem_config)
     reserved = sorted(set(settings) & {"steps", "seed", "method", "report_every", "data"})
     if reserved:
         raise ConfigError(
             f"--set {reserved[0]}=...: a run setting, not a solver setting; use --"
             f"{reserved[0].replace('_', '-')} instead"
         )
-    options = {**SolverConfig.applicable(args.method, spec.defaults), **settings}
     if args.steps is not None:
-        options["steps"] = args.steps
+        settings["steps"] = args.steps
     if args.out is not None:
         check_writable(args.out, "--out")
-    return spec, problem_config, options
+    return problem_config, settings
 
 
 def _solve(args: argparse.Namespace) -> int:
-    spec, problem_config, options = _options(args)
+    problem_config, settings = _options(args)
+    spec = load_factory(args.problem)(problem_config)
+    options = {**SolverConfig.applicable(args.method, spec.defaults), **settings}
     result = solve(
         spec.problem,
         spec.x0,
@@ -253,7 +253,7 @@ def _solve(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from bilevel_ray.runtime.train import default_run_name, train
 
-    _, problem_config, options = _options(args)
+    problem_config, options = _options(args)  # br.train applies the problem's defaults
     name = args.name or default_run_name(args.method)
     result = train(
         args.problem,

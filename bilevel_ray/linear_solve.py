@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.tree import Params, add_scaled, clone, vdot
+from bilevel_ray.tree import Params, add_scaled, clone, vdot, zeros_like
 
 __all__ = ["solve_cg"]
 
@@ -45,7 +45,7 @@ def solve_cg(
         ap = matvec(p)
         return add_scaled(ap, p, ridge) if ridge else ap
 
-    v = {k: torch.zeros_like(t) for k, t in b.items()}
+    v = zeros_like(b)
     r, p = clone(b), clone(b)
     rs = float(vdot(r, r))
     threshold = rs * rtol**2

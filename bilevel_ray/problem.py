@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.tree import Params
+from bilevel_ray.tree import Params, leaves
 
 __all__ = [
     "BilevelProblem",
@@ -354,8 +354,7 @@ def check_losses(
     through y*(x) (hyperparameter tuning) would leave x where it starts.
     """
     problems = []
-    xl = {k: v.detach().requires_grad_(True) for k, v in x.items()}
-    yl = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+    xl, yl = leaves(x), leaves(y)
     for name, fn, part, wrt in (
         ("upper_loss", problem.upper_loss, batch.upper, "x" if upper_needs_x else "x or y"),
         ("lower_loss", problem.lower_loss, batch.lower, "y"),

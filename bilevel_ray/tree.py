@@ -18,7 +18,7 @@ __all__ = [
     "Params",
     "add_scaled",
     "clone",
-    "detach",
+    "leaves",
     "sub",
     "to_device",
     "vdot",
@@ -34,9 +34,10 @@ def clone(p: Params) -> Params:
     return {k: v.detach().clone() for k, v in p.items()}
 
 
-def detach(p: Params) -> Params:
-    """Views without autograd history (no copy)."""
-    return {k: v.detach() for k, v in p.items()}
+def leaves(p: Params) -> Params:
+    """Detached views (no copy) that require grad: the inputs of one gradient evaluation, with no
+    history reaching back into the state."""
+    return {k: v.detach().requires_grad_(True) for k, v in p.items()}
 
 
 def zeros_like(p: Params) -> Params:

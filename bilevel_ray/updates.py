@@ -27,7 +27,7 @@ import torch
 
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.schedules import ScalarOrSchedule, positive_schedule, positive_value
-from bilevel_ray.tree import Params
+from bilevel_ray.tree import Params, zeros_like
 
 __all__ = ["OPTIMIZERS", "OPTIONS", "UpdateRule", "adam", "make_update", "sgd", "stray_options"]
 
@@ -91,7 +91,7 @@ def sgd(
     def init(params: Params) -> OptState:
         if momentum == 0.0:
             return {}
-        return {"momentum": {k: torch.zeros_like(v) for k, v in params.items()}, "count": 0}
+        return {"momentum": zeros_like(params), "count": 0}
 
     def apply(params: Params, grads: Params, state: OptState, t: int) -> OptState:
         p = list(params.values())
@@ -139,8 +139,8 @@ def adam(
     def init(params: Params) -> OptState:
         return {
             "count": 0,
-            "m": {k: torch.zeros_like(v) for k, v in params.items()},
-            "v": {k: torch.zeros_like(v) for k, v in params.items()},
+            "m": zeros_like(params),
+            "v": zeros_like(params),
         }
 
     def apply(params: Params, grads: Params, state: OptState, t: int) -> OptState:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.schedules import nonnegative_schedule, positive_schedule
-from bilevel_ray.tree import Params, clone
+from bilevel_ray.tree import Params, clone, leaves
 
 __all__ = [
     "KNOB_CHECKS",
@@ -108,16 +108,16 @@ def grads_of(
     Each group is reduced on its own (one collective per level). A parameter the objective does
     not depend on gets a zero gradient.
     """
-    leaves = [{k: v.detach().requires_grad_(True) for k, v in g.items()} for g in groups]
+    inputs = [leaves(g) for g in groups]
     with torch.enable_grad():
-        objective, aux = fn(*leaves)
-    flat = [t for g in leaves for t in g.values()]
+        objective, aux = fn(*inputs)
+    flat = [t for g in inputs for t in g.values()]
     if objective.requires_grad:
         flat_grads = torch.autograd.grad(objective, flat, allow_unused=True, materialize_grads=True)
     else:
         flat_grads = tuple(torch.zeros_like(t) for t in flat)
     out, i = [], 0
-    for g in leaves:
+    for g in inputs:
         out.append(reduce(dict(zip(g, flat_grads[i : i + len(g)]))))
         i += len(g)
     return objective.detach(), aux, out

@@ -35,7 +35,7 @@ from bilevel_ray.solvers.base import (
     initial_state,
 )
 from bilevel_ray.solvers.penalty import value_function_steps
-from bilevel_ray.tree import Params, sub
+from bilevel_ray.tree import Params, leaves, sub
 from bilevel_ray.updates import UpdateRule
 
 __all__ = ["implicit_cg", "implicit_hypergradient"]
@@ -52,8 +52,7 @@ def implicit_hypergradient(
     grad_reduce: GradReduce = identity_reduce,
 ) -> tuple[Params, Metrics]:
     """grad_x f(x, y) - grad^2_xy g(x, y) v with v from CG; exact at y = y*(x) when CG converges."""
-    xl = {k: v.detach().requires_grad_(True) for k, v in x.items()}
-    yl = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+    xl, yl = leaves(x), leaves(y)
     xs, ys = list(xl.values()), list(yl.values())
     with torch.enable_grad():
         f = problem.upper_loss(xl, yl, batch.upper)
