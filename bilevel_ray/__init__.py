@@ -13,6 +13,7 @@ from __future__ import annotations
 from bilevel_ray import problems, schedules
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import BilevelBatch, full_batch, minibatches
+from bilevel_ray.diagnostics import Verdict, diagnose
 from bilevel_ray.errors import BilevelRayError, ConfigError, DivergenceError
 from bilevel_ray.problem import BilevelProblem, ProblemSpec, module_problem, split_module_problem
 from bilevel_ray.runtime.local import SolveResult, solve
@@ -37,7 +38,9 @@ __all__ = [
     "SolveResult",
     "SolverConfig",
     "SolverState",
+    "Verdict",
     "adam",
+    "diagnose",
     "full_batch",
     "minibatches",
     "module_problem",

@@ -3,11 +3,14 @@
     bilevel-ray solve PROBLEM [--method M] [--steps N] [--set KEY=VALUE ...] [--out DIR]
     bilevel-ray train PROBLEM --workers N [--gpu auto|yes|no] [--checkpoint-every K] [--out DIR]
     bilevel-ray tune PROBLEM [--samples N] [--max-steps N] [--out DIR]
+    bilevel-ray diagnose PROBLEM [--gamma G]
     bilevel-ray report DIR
 
-PROBLEM is a built-in name (toy-negative, toy-positive, quadratic, regression) or
-``path/to/file.py:factory`` / ``package.module:factory``. Exit codes: 0 success; 2 bad usage or
-bad input (one message on stderr, no traceback); 1 anything else (a diverged run included).
+PROBLEM is a built-in name (see ``--help``) or ``path/to/file.py:factory`` /
+``package.module:factory``. ``--address`` runs a command on a Ray cluster (``report`` reads files
+and needs no Ray). Exit codes: 0 success; 2 bad usage or bad input (one message on stderr, no
+traceback); 3 ``diagnose`` (or a run with ``--on-unsuitable stop``) found the problem unsuitable
+for PBGD-Free; 1 anything else (a diverged run included).
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ TRAIN_EXAMPLES = """examples:
   bilevel-ray train regression --workers 2 --checkpoint-every 100 --max-failures 2 \\
       --out runs --name reg1          # rerun the same command to resume runs/reg1
   bilevel-ray train my_problem.py:make --workers 8 --gpu yes --address auto
+"""
+
+
+DIAGNOSE_EXAMPLES = """examples:
+  bilevel-ray diagnose toy-negative                  # unsuitable: exit code 3
+  bilevel-ray diagnose toy-positive --gamma 16 --set lr_y=0.01 --set inner_steps=2
+  bilevel-ray diagnose representation --steps 200 --address auto
+  bilevel-ray solve toy-negative --on-unsuitable fallback     # switch to alt_pbgd if unsuitable
 """
 
 
@@ -106,6 +117,15 @@ def _common(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--out", type=Path, help="write history.parquet, result.pt and run.json here"
     )
+    command.add_argument(
+        "--on-unsuitable",
+        choices=("fallback", "stop", "warn"),
+        help="run the flatness diagnostic during the first --diagnose-window steps and, if "
+        "PBGD-Free is unsuitable, switch to alt_pbgd (fallback), stop, or warn",
+    )
+    command.add_argument(
+        "--diagnose-window", type=int, default=200, metavar="W", help="warm-up window (steps)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _common(solve_cmd)
     solve_cmd.add_argument("--quiet", action="store_true", help="no progress lines")
+    solve_cmd.add_argument(
+        "--address", help="run the solve as a task on this Ray cluster (default: here, no Ray)"
+    )
     train_cmd = commands.add_parser(
         "train",
         help="run data-parallel on a Ray Train worker group",
@@ -189,7 +212,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune_cmd.add_argument("--workers", type=int, default=1, help="workers per trial")
     tune_cmd.add_argument("--gap-tol", type=float, default=0.1, help="ranking's gap tolerance")
-    tune_cmd.add_argument("--search-alg", choices=("random", "optuna"), default="random")
+    tune_cmd.add_argument(
+        "--search-alg",
+        choices=("auto", "random", "optuna"),
+        default="auto",
+        help="auto (default): Optuna's TPE when optuna is installed, else random",
+    )
     tune_cmd.add_argument(
         "--scheduler",
         choices=("asha", "fifo"),
@@ -203,6 +231,44 @@ def _parser() -> argparse.ArgumentParser:
         help="continue an interrupted sweep without rerunning finished trials",
     )
     tune_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+    diagnose_cmd = commands.add_parser(
+        "diagnose",
+        help="is PBGD-Free suitable for a problem? (the flatness diagnostic)",
+        description="Run a short PBGD-Free warm-up from the problem's start point, estimate the "
+        "value-function term PBGD-Free drops (flatness of f in y near the lower solution) and "
+        "print the verdict: suitable (exit 0), unsuitable (exit 3) or uncertain (exit 0).",
+        epilog=DIAGNOSE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    diagnose_cmd.add_argument(
+        "problem", help=f"built-in ({', '.join(BUILTIN_PROBLEMS)}) or file.py:factory"
+    )
+    diagnose_cmd.add_argument(
+        "--gamma", type=float, help="the penalty to diagnose at (default: the problem's, or 10)"
+    )
+    diagnose_cmd.add_argument("--steps", type=int, default=100, help="warm-up steps (default 100)")
+    diagnose_cmd.add_argument(
+        "--every", type=int, default=25, help="estimate every N warm-up steps (default 25)"
+    )
+    diagnose_cmd.add_argument("--seed", type=int, default=0)
+    diagnose_cmd.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a warm-up setting (lr_x, lr_y, inner_steps, optimizer) or an option of "
+        "br.diagnose (solve_steps, rho_ok, ...); repeatable",
+    )
+    diagnose_cmd.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the problem factory; repeatable",
+    )
+    diagnose_cmd.add_argument(
+        "--address", help="run the diagnostic as a task on this Ray cluster (default: here)"
+    )
     report_cmd = commands.add_parser(
         "report",
         help="table and plot of the runs in a folder",
@@ -231,23 +297,86 @@ def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     return problem_config, settings
 
 
+def _watch_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"on_unsuitable": args.on_unsuitable, "diagnose_window": args.diagnose_window}
+
+
+def solve_problem(problem: str, problem_config: dict[str, Any], method: str, **options: Any) -> Any:
+    """``br.solve`` on a problem named as on the command line (also run as a Ray task)."""
+    spec = load_factory(problem)(problem_config)
+    settings = {**SolverConfig.applicable(method, spec.defaults), **options}
+    return solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
+
+
+def diagnose_problem(
+    problem: str, problem_config: dict[str, Any], gamma: float | None, **options: Any
+) -> Any:
+    """``br.diagnose`` on a problem named as on the command line, with the problem's suggested
+    warm-up settings (its step sizes, optimizer and gamma) unless given."""
+    from bilevel_ray.diagnostics import diagnose
+
+    spec = load_factory(problem)(problem_config)
+    suggested = SolverConfig.applicable("pbgd_free", spec.defaults)
+    warmup = {
+        k: v
+        for k, v in suggested.items()
+        if k in ("lr_x", "lr_y", "inner_steps", "optimizer") and isinstance(v, (int, float, str))
+    }
+    gamma = gamma if gamma is not None else suggested.get("gamma", 10.0)
+    return diagnose(spec.problem, spec.x0, spec.y0, gamma, data=spec.data, **{**warmup, **options})
+
+
 def _solve(args: argparse.Namespace) -> int:
     problem_config, settings = _options(args)
-    spec = load_factory(args.problem)(problem_config)
-    options = {**SolverConfig.applicable(args.method, spec.defaults), **settings}
-    result = solve(
-        spec.problem,
-        spec.x0,
-        spec.y0,
-        method=args.method,
-        data=spec.data,
+    run = dict(
         seed=args.seed,
         report_every=args.report_every,
         progress=not args.quiet,
-        **options,
+        **_watch_options(args),
+        **settings,
     )
+    if args.address is not None:
+        from bilevel_ray.runtime.remote import on_cluster
+
+        result = on_cluster(
+            args.address, solve_problem, args.problem, problem_config, args.method, **run
+        )
+    else:
+        result = solve_problem(args.problem, problem_config, args.method, **run)
     _show(args, problem_config, result)
+    return _status_code(result)
+
+
+def _status_code(result: Any) -> int:
+    """3 when the flatness diagnostic stopped the run, else 0."""
+    if result.verdict is not None:
+        print(f"  flatness: {result.verdict['verdict']}: {result.verdict['reason']}")
+    if result.status == "unsuitable":
+        print("  stopped: PBGD-Free is unsuitable here (--on-unsuitable stop)", file=sys.stderr)
+        return 3
     return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    options = {"warmup_steps": args.steps, "every": args.every, "seed": args.seed}
+    options.update(_key_values(args.set, "--set"))
+    problem_config = _key_values(args.config, "--config")
+    if args.address is not None:
+        from bilevel_ray.runtime.remote import on_cluster
+
+        verdict = on_cluster(
+            args.address, diagnose_problem, args.problem, problem_config, args.gamma, **options
+        )
+    else:
+        verdict = diagnose_problem(args.problem, problem_config, args.gamma, **options)
+    print(f"{args.problem}: {verdict.verdict}")
+    print(f"  {verdict.reason}")
+    print(f"  recommendation: {verdict.recommendation}")
+    for key in ("rho", "dropped", "kept", "alpha_hat", "c_hat", "dropped_slope"):
+        value = verdict.stats.get(f"flatness/{key}")
+        if value is not None:
+            print(f"  {key} = {value:.4g}")
+    return 3 if verdict.verdict == "unsuitable" else 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -272,13 +401,14 @@ def _train(args: argparse.Namespace) -> int:
         report_every=args.report_every,
         address=args.address,
         progress=not args.quiet,
+        **_watch_options(args),
         **options,
     )
     if args.out is not None:
         args.out = args.out / name  # the run's own folder: its files never overwrite another's
     _show(args, problem_config, result)
     print(f"  run {name!r}: rerun with --name {name} (and the same --out) to resume or extend it")
-    return 0
+    return _status_code(result)
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -307,6 +437,7 @@ def _tune(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         address=args.address,
+        **_watch_options(args),
         **settings,
     )
     print(f"best config: {json.dumps(result.best_config, default=str)}")
@@ -357,7 +488,13 @@ def _show(args: argparse.Namespace, problem_config: dict[str, Any], result: Any)
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        commands = {"solve": _solve, "train": _train, "tune": _tune, "report": _report}
+        commands = {
+            "solve": _solve,
+            "train": _train,
+            "tune": _tune,
+            "diagnose": _diagnose,
+            "report": _report,
+        }
         return commands[args.command](args)
     except (_UsageError, ConfigError) as err:
         print(f"error: {err}" if isinstance(err, ConfigError) else str(err), file=sys.stderr)

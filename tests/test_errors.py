@@ -1360,7 +1360,7 @@ def test_load_factory_accepts_file_and_module(tmp_path):
         (
             "toy_negative",
             r"^problem 'toy_negative': not a built-in \(toy-negative, toy-positive, quadratic, "
-            r"regression, representation\) and not of the form path/to/file\.py:factory or "
+            r"regression, representation, hyperclean\) and not of the form path/to/file\.py:factory or "
             r"package\.module:factory$",
         ),
         ("{tmp}/missing.py:factory", r"^problem file '.*missing\.py' does not exist$"),

@@ -16,6 +16,13 @@ from typing import Any
 
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec
+from bilevel_ray.problems.hyperclean import (
+    HyperCleaning,
+    cleaning_scores,
+    fit_classifier,
+    heldout_accuracy,
+    hyperclean,
+)
 from bilevel_ray.problems.quadratic import QuadraticProblem, quadratic
 from bilevel_ray.problems.regression import LinearRepresentation, make_regression_data, regression
 from bilevel_ray.problems.representation import representation
@@ -23,10 +30,14 @@ from bilevel_ray.problems.toys import NegativeToy, PositiveToy, negative_toy, po
 
 __all__ = [
     "BUILTIN_PROBLEMS",
+    "HyperCleaning",
     "LinearRepresentation",
     "NegativeToy",
     "PositiveToy",
     "QuadraticProblem",
+    "cleaning_scores",
+    "fit_classifier",
+    "heldout_accuracy",
     "load_factory",
     "make_regression_data",
 ]
@@ -39,6 +50,7 @@ BUILTIN_PROBLEMS: dict[str, ProblemFactory] = {
     "quadratic": quadratic,
     "regression": regression,
     "representation": representation,
+    "hyperclean": hyperclean,
 }
 
 

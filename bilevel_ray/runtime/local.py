@@ -27,6 +27,12 @@ from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
 from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from bilevel_ray.runtime.flatness_watch import (
+    ActiveSolver,
+    FlatnessJudge,
+    FlatnessWatch,
+    watch_settings,
+)
 from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
 from bilevel_ray.tree import Params, to_device
@@ -43,13 +49,17 @@ __all__ = [
 
 @dataclass
 class SolveResult:
-    """Final iterates, the logged history (``HISTORY_SCHEMA``), the solver state and settings."""
+    """Final iterates, the logged history (``HISTORY_SCHEMA``), the solver state and settings;
+    with a flatness diagnostic, its verdict and the run's status (``"completed"``, or
+    ``"unsuitable"`` when ``on_unsuitable="stop"`` ended it)."""
 
     x: Params
     y: Params
     history: pa.Table
     state: SolverState
     config: dict[str, Any]
+    verdict: dict[str, Any] | None = None
+    status: str = "completed"
 
 
 def count(name: str, value: Any, minimum: int) -> int:
@@ -87,6 +97,10 @@ def solve(
     resume: bool = False,
     progress: bool = False,
     grad_reduce: GradReduce | None = None,
+    on_unsuitable: str | None = None,
+    diagnose_window: int = 200,
+    diagnose_every: int = 50,
+    diagnose_options: dict[str, Any] | None = None,
     **solver_options: Any,
 ) -> SolveResult:
     """Solve ``min_x f(x, y*(x))`` from ``(x0, y0)`` with ``method``, in this process.
@@ -105,6 +119,12 @@ def solve(
         checkpoint_path, checkpoint_every, resume: save every K steps; continue a saved run.
         progress: print one line per logged row (at most every 2 s) to stderr.
         grad_reduce: the gradient reduction (identity here; the Ray runtime injects its own).
+        on_unsuitable: ``None`` (no flatness diagnostic), or what to do when the diagnostic
+            finds PBGD-Free unsuitable after ``diagnose_window`` steps: ``"fallback"`` (continue
+            with ``alt_pbgd`` from the current x, y), ``"stop"`` or ``"warn"``; see
+            :mod:`bilevel_ray.runtime.flatness_watch`.
+        diagnose_window, diagnose_every, diagnose_options: the warm-up window W, the interval
+            of its estimates, and options of :func:`bilevel_ray.diagnostics.flatness.estimate`.
         **solver_options: the :class:`~bilevel_ray.config.SolverConfig` fields (``lr_x``,
             ``lr_y``, ``gamma``, ``inner_steps``, ``optimizer``, ...).
 
@@ -113,6 +133,12 @@ def solve(
         DivergenceError: a loss became NaN or infinite (names the step).
     """
     config = solver_config(method, solver_options)
+    settings = watch_settings(
+        on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options, steps
+    )
+    watch = None
+    if settings is not None:
+        watch = FlatnessWatch(settings, FlatnessJudge(), "run", config.option("gamma"))
     return run_local(
         problem,
         x0,
@@ -128,6 +154,7 @@ def solve(
         resume=resume,
         progress=progress,
         grad_reduce=grad_reduce,
+        watch=watch,
     )
 
 
@@ -148,9 +175,11 @@ def run_local(
     progress: bool = False,
     grad_reduce: GradReduce | None = None,
     on_row: Callable[[dict[str, Any], SolverState], None] | None = None,
+    watch: FlatnessWatch | None = None,
 ) -> SolveResult:
     """:func:`solve` with its settings already built (also the one-worker path of ``train`` and
-    a sweep's trials). ``on_row(row, state)`` is called after each logged row."""
+    a sweep's trials). ``on_row(row, state)`` is called after each logged row; ``watch`` runs
+    the flatness diagnostic."""
     steps = count("steps", steps, 1)
     report_every = count("report_every", report_every, 1)
     seed = count("seed", seed, 0)
@@ -174,11 +203,13 @@ def run_local(
     solver = config.build(problem, grad_reduce)
 
     saved = _load_resume(checkpoint_path, config, seed) if resume else None
+    run = ActiveSolver(config, solver, problem, grad_reduce, watch)
     if saved is not None:
         # Checkpoints are read onto the CPU; the run continues where x0 lives.
         state = to_device(state_from_dict(saved["state"]), next(iter(x0.values())).device)
+        run.restore(saved.get("flatness"))
         recorder = HistoryRecorder(
-            config.method, report_every, saved["history"], saved["elapsed_s"]
+            run.settings.method, report_every, saved["history"], saved["elapsed_s"]
         )
     else:
         state = solver.init(x0, y0)
@@ -201,7 +232,7 @@ def run_local(
             batches = itertools.chain([first], batches)
         try:
             state = _run(
-                solver,
+                run,
                 state,
                 batches,
                 steps,
@@ -213,7 +244,15 @@ def run_local(
         finally:
             if history_path is not None:
                 write_parquet(recorder.table(), history_path)
-    return SolveResult(state.x, state.y, recorder.table(), state, config.to_dict(strict=False))
+    return SolveResult(
+        state.x,
+        state.y,
+        recorder.table(),
+        state,
+        run.settings.to_dict(strict=False),
+        run.verdict,
+        run.status,
+    )
 
 
 def _cuda_devices(*groups: Params) -> list[int]:
@@ -221,15 +260,21 @@ def _cuda_devices(*groups: Params) -> list[int]:
     return sorted({t.device.index or 0 for g in groups for t in g.values() if t.is_cuda})
 
 
-def _run(solver, state, batches, steps, recorder, progress, checkpointing, on_row) -> SolverState:
+def _run(run, state, batches, steps, recorder, progress, checkpointing, on_row) -> SolverState:
     checkpoint_path, checkpoint_every, config, seed = checkpointing
     last_print = -float("inf")
     for t in range(state.step, steps):
-        state, metrics = solver.step(state, next(batches))
-        done = t + 1 == steps
+        if run.status != "completed":
+            break
+        batch = next(batches)
+        state, metrics = run.solver.step(state, batch)
+        # The watch's estimate of step t + 1 belongs to that step's time (and its row).
+        state, action = run.after_step(state, batch)
         row = recorder.record(t + 1, metrics)
-        if done and row is None:
-            row = recorder.flush()  # the final step is always logged
+        done = t + 1 == steps or action == "stop"
+        if (done or action is not None) and row is None:
+            row = recorder.flush()  # the final step, and the step of a switch, are logged
+        recorder.method = run.settings.method  # rows after a switch name the fallback
         if progress and row is not None and (recorder.elapsed - last_print >= 2.0 or done):
             last_print = recorder.elapsed
             print(progress_line(row, steps), file=sys.stderr, flush=True)
@@ -240,7 +285,9 @@ def _run(solver, state, batches, steps, recorder, progress, checkpointing, on_ro
         if checkpoint_path is not None and (
             done or (checkpoint_every and (t + 1) % checkpoint_every == 0)
         ):
-            save_checkpoint(checkpoint_payload(state, recorder, config, seed), checkpoint_path)
+            payload = checkpoint_payload(state, recorder, config, seed)
+            payload["flatness"] = run.saved()
+            save_checkpoint(payload, checkpoint_path)
             recorder.restart_window()
     return state
 

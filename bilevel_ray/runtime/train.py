@@ -13,6 +13,7 @@ Ray is imported only when a worker group is started.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -30,6 +31,12 @@ from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import ProblemSpec, check_params, check_problem
 from bilevel_ray.problems import load_factory
 from bilevel_ray.runtime.checkpoint import check_writable, load_checkpoint
+from bilevel_ray.runtime.flatness_watch import (
+    FlatnessJudge,
+    FlatnessWatch,
+    fallback_config,
+    watch_settings,
+)
 from bilevel_ray.runtime.history import HISTORY_SCHEMA
 from bilevel_ray.runtime.local import SolveResult, count, run_local, solver_config
 from bilevel_ray.solvers.base import state_from_dict
@@ -76,6 +83,10 @@ def train(
     datasets: dict[str, Any] | None = None,
     batch_size: int | tuple[int, int] | None = None,
     in_process: bool | str = "auto",
+    on_unsuitable: str | None = None,
+    diagnose_window: int = 200,
+    diagnose_every: int = 50,
+    diagnose_options: dict[str, Any] | None = None,
     **solver_options: Any,
 ) -> SolveResult:
     """Run ``method`` on the factory's problem with ``num_workers`` data-parallel workers.
@@ -107,6 +118,9 @@ def train(
         in_process: ``"auto"`` runs one worker in this process when nothing needs Ray (no
             failures to survive, no GPU requested, no Ray Data, no fault hook); False always
             starts a worker group (to measure the group itself).
+        on_unsuitable, diagnose_window, diagnose_every, diagnose_options: the flatness
+            diagnostic, as in ``br.solve``; on a worker group rank 0's estimates go to the run's
+            named judge actor (``bilevel_ray.flatness.<name>``, ``num_cpus=0``).
 
     Returns:
         A :class:`~bilevel_ray.runtime.local.SolveResult`, as ``br.solve`` returns.
@@ -148,6 +162,9 @@ def train(
         next(as_batches(spec.data, seed, 0, num_workers - 1, num_workers))  # shardable?
     if in_process not in ("auto", False):
         raise ConfigError(f"in_process={in_process!r}: must be 'auto' or False")
+    watch = watch_settings(
+        on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options, steps
+    )
     # A fresh run gets a unique name; pass name= (the same one) to resume a run.
     name = name or default_run_name(method)
     storage = _storage(storage_path)
@@ -170,6 +187,9 @@ def train(
             checkpoint_every=checkpoint_every,
             resume=True,
             progress=progress,
+            watch=None
+            if watch is None
+            else FlatnessWatch(watch, FlatnessJudge(), name, settings.option("gamma")),
         )
 
     from bilevel_ray.runtime.ray_session import connect
@@ -195,6 +215,14 @@ def train(
         fault=None if fault is None else {**fault, "marker_dir": str(storage / name)},
         batch_size=_pair(batch_size) if datasets is not None else None,
     )
+    if watch is not None:
+        from bilevel_ray.runtime.flatness_actor import start_judge
+
+        config["flatness"] = {
+            "settings": dataclasses.asdict(watch),
+            "judge": start_judge(name),
+            "run_id": name,
+        }
     metrics, payload = fit_worker_group(
         config, num_workers, resources_per_worker, storage, name, max_failures, datasets
     )
@@ -203,7 +231,19 @@ def train(
         raise DivergenceError(metrics["diverged_at_step"], metrics["diverged_metric"], last)
     state = state_from_dict(payload["state"])
     history = pa.Table.from_pylist(payload["history"], schema=HISTORY_SCHEMA)
-    return SolveResult(state.x, state.y, history, state, payload["config"])
+    flatness = payload.get("flatness") or {}
+    config = payload["config"]
+    if flatness.get("method", config["method"]) != config["method"]:
+        config = fallback_config(SolverConfig.from_dict(config), flatness["method"]).to_dict()
+    return SolveResult(
+        state.x,
+        state.y,
+        history,
+        state,
+        config,
+        flatness.get("verdict"),
+        flatness.get("status", "completed"),
+    )
 
 
 def worker_config(

@@ -10,6 +10,11 @@ gradient reduction (one coalesced collective per level per gradient evaluation).
 so far and the settings, in the format of the local runtime. A restarted worker group resumes
 from ``ray.train.get_checkpoint()`` and draws exactly the batches it had not yet used.
 
+With a flatness diagnostic (``cfg["flatness"]``) rank 0 sends its estimates during the warm-up
+window to the run's judge actor and broadcasts the verdict, so that every rank switches to the
+fallback solver, or stops, at the same step (:class:`~bilevel_ray.runtime.flatness_watch.
+ActiveSolver`).
+
 A diverged run is a result, not a crash: it reports ``status="diverged"`` with its last finite
 metrics and ends (a raised error would make Train restart a run bound to diverge again).
 """
@@ -36,6 +41,8 @@ from bilevel_ray.runtime.collectives import (
     allreduce_mean_tensor,
     broadcast_from_rank0,
 )
+from bilevel_ray.runtime.flatness_actor import ActorJudge
+from bilevel_ray.runtime.flatness_watch import ActiveSolver, FlatnessWatch, WatchSettings
 from bilevel_ray.runtime.history import HistoryRecorder
 from bilevel_ray.runtime.local import progress_line
 from bilevel_ray.runtime.train import CHECKPOINT_FILE, build_spec
@@ -118,7 +125,33 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     scorer = None
     if cfg.get("evaluate") is not None:
         scorer = _scorer(spec, cfg["evaluate"], device)
-    _Run(cfg, rank, settings, recorder, scorer).loop(state, solver, batches)
+    active = _active_solver(cfg, rank, world, settings, solver, spec.problem)
+    if checkpoint is not None:
+        active.restore(saved.get("flatness"))
+        recorder.method = active.settings.method
+    _Run(cfg, rank, settings, recorder, scorer).loop(state, active, batches)
+
+
+def _active_solver(cfg, rank, world, settings, solver, problem) -> ActiveSolver:
+    """The solver in force, with the run's flatness watch when one was asked for."""
+    grad_reduce = allreduce_mean if world > 1 else None
+    flatness = cfg.get("flatness")
+    if flatness is None:
+        return ActiveSolver(settings, solver, problem, grad_reduce, None)
+    watch = FlatnessWatch(
+        WatchSettings(**flatness["settings"]),
+        ActorJudge(flatness["judge"]),
+        flatness["run_id"],
+        settings.option("gamma"),
+    )
+
+    def share(verdict: Any) -> Any:
+        box = [verdict]
+        if world > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return ActiveSolver(settings, solver, problem, grad_reduce, watch, rank == 0, share)
 
 
 def _scorer(spec: Any, options: dict[str, Any], device: torch.device) -> Any:
@@ -178,19 +211,27 @@ class _Run:
     ):
         self.cfg, self.rank, self.settings, self.recorder = cfg, rank, settings, recorder
         self.scorer = scorer  # a sweep's trial: held-out scores added to every report
+        self.active: ActiveSolver | None = None
 
-    def loop(self, state: SolverState, solver: Any, batches: Any) -> None:
+    def loop(self, state: SolverState, active: ActiveSolver, batches: Any) -> None:
         steps, every = self.cfg["steps"], self.cfg["checkpoint_every"]
+        self.active = active
         for t in range(state.step, steps):
+            if active.status != "completed":
+                return  # a resumed run that the diagnostic had stopped
             _inject_fault(self.cfg, self.rank, t)
-            state, metrics = solver.step(state, next(batches))
-            done = t + 1 == steps
+            batch = next(batches)
+            state, metrics = active.solver.step(state, batch)
+            state, action = active.after_step(state, batch)
+            done = t + 1 == steps or action == "stop"
             save = done or bool(every and (t + 1) % every == 0)
             try:
-                # A row every report_every steps (checkpoint steps are multiples) and at the end.
+                # A row every report_every steps (checkpoint steps are multiples), at the end
+                # and at a switch of solver.
                 row = self.recorder.record(t + 1, metrics)
-                if row is None and done:
+                if row is None and (done or action is not None):
                     row = self.recorder.flush()
+                self.recorder.method = active.settings.method
             except DivergenceError as err:
                 # Train V2 keeps only metrics reported with a checkpoint, so the verdict carries
                 # one; the run's last good state is the checkpoint before it.
@@ -204,9 +245,23 @@ class _Run:
                 return
             if row is not None:
                 scores = self.scorer(state, done) if self.scorer is not None else {}
-                status = "completed" if done else "running"
-                self.report({**row, **scores, "status": status}, state, save)
+                status = active.status if done else "running"
+                self.report(
+                    {**row, **scores, **self.flatness_columns(), "status": status},
+                    state,
+                    save,
+                    status,
+                )
                 self.recorder.restart_window()  # a report is a barrier: not a step's cost
+                if action == "stop":
+                    return
+
+    def flatness_columns(self) -> dict[str, Any]:
+        """The verdict as report columns (a sweep's trials.parquet keeps them)."""
+        verdict = self.active.verdict
+        if verdict is None:
+            return {}
+        return {"flatness/verdict": verdict["verdict"], "flatness/reason": verdict["reason"]}
 
     def report(
         self, row: dict[str, Any], state: SolverState, save: bool, status: str = "running"
@@ -220,6 +275,8 @@ class _Run:
             return
         payload = checkpoint_payload(state, self.recorder, self.settings, self.cfg["seed"])
         payload.update(status=status, num_workers=self.cfg["num_workers"])
+        if self.active is not None:
+            payload["flatness"] = self.active.saved()
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(payload, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(

@@ -1,0 +1,281 @@
+"""Watching a PBGD-Free run for flatness, and acting on the verdict.
+
+During a warm-up window of W steps the run estimates PBGD-Free's dropped term every ``every``
+steps (:func:`bilevel_ray.diagnostics.flatness.estimate` at the current x, y and batch) and hands
+the estimates to a *judge*; after step W the judge returns a verdict
+(:func:`bilevel_ray.diagnostics.diagnose.decide`) and the run does what the user chose with
+``on_unsuitable``:
+
+* ``"fallback"``: the same run continues from the current (x, y) with the verdict's fallback
+  solver (``alt_pbgd``, which keeps the value-function term PBGD-Free drops); the history's
+  ``method`` column shows from which row on;
+* ``"stop"``: the run ends at step W with status ``unsuitable``;
+* ``"warn"``: a warning, and the run goes on unchanged.
+
+After the window nothing is computed (the cost is one integer comparison per step). The judge is
+a :class:`FlatnessJudge` in this process for ``br.solve``, and the same class inside a named Ray
+actor for ``br.train`` and ``br.tune`` (:mod:`bilevel_ray.runtime.flatness_actor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
+from bilevel_ray.diagnostics.diagnose import Verdict, decide
+from bilevel_ray.diagnostics.flatness import estimate, estimate_problems, lower_responses
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.solvers.base import SolverState
+
+__all__ = [
+    "ON_UNSUITABLE",
+    "ActiveSolver",
+    "FlatnessJudge",
+    "FlatnessWatch",
+    "WatchSettings",
+    "fallback_config",
+    "switch_solver",
+    "watch_settings",
+]
+
+ON_UNSUITABLE = ("fallback", "stop", "warn")
+# The watch runs inside a training run and must stay cheap: one random direction for the
+# exponent fit, and solves warm-started at the previous point's y_g (they stop at their
+# tolerance, usually long before solve_steps). decide() drops a point whose solves did not
+# converge, so a budget too small shows as "uncertain", not as a wrong verdict.
+RUN_ESTIMATOR_OPTIONS: dict[str, Any] = {"directions": 1}
+# The keyword options of estimate() and their defaults ("responses" is the runtime's own).
+ESTIMATOR_OPTIONS = {
+    p.name: p.default
+    for p in inspect.signature(estimate).parameters.values()
+    if p.kind == p.KEYWORD_ONLY and p.name not in ("seed", "responses")
+}
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """The warm-up window W, the estimate interval, the action, and estimator options."""
+
+    on_unsuitable: str
+    window: int = 200
+    every: int = 50
+    estimator: Mapping[str, Any] = field(default_factory=dict)
+
+    def estimate_steps(self) -> list[int]:
+        """Steps completed at which an estimate is taken: every, 2 every, ..., and W."""
+        return sorted({*range(self.every, self.window, self.every), self.window})
+
+
+def watch_settings(
+    on_unsuitable: str | None,
+    method: str,
+    window: Any = 200,
+    every: Any = 50,
+    estimator: Any = None,
+    steps: int | None = None,
+) -> WatchSettings | None:
+    """Validated settings, or None when no diagnostic was asked for (``on_unsuitable=None``);
+    ``steps``, the run's length, must reach the end of the window."""
+    if on_unsuitable is None:
+        return None
+    problems = []
+    if on_unsuitable not in ON_UNSUITABLE:
+        problems.append(
+            f"on_unsuitable={on_unsuitable!r}: choose one of {', '.join(ON_UNSUITABLE)}, or None "
+            "for no flatness diagnostic"
+        )
+    if method != "pbgd_free":
+        problems.append(
+            f"on_unsuitable={on_unsuitable!r} with method={method!r}: the flatness diagnostic "
+            "judges PBGD-Free's dropped term; use method='pbgd_free' or on_unsuitable=None"
+        )
+    for name, value, low in (("diagnose_window", window, 1), ("diagnose_every", every, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{name}={value!r}: must be an integer >= {low}")
+    if not problems and steps is not None and window > steps:
+        problems.append(
+            f"diagnose_window={window} is longer than the run (steps={steps}): the verdict "
+            "would never come; use a window of at most the run's steps"
+        )
+    if estimator is not None and not isinstance(estimator, Mapping):
+        problems.append(f"diagnose_options={estimator!r}: must be a dict of estimator options")
+        estimator = None
+    options = {**ESTIMATOR_OPTIONS, **RUN_ESTIMATOR_OPTIONS, **(estimator or {})}
+    if not problems:
+        unknown = sorted(set(options) - set(ESTIMATOR_OPTIONS))
+        if unknown:
+            problems.append(
+                f"diagnose_options has unknown key(s) {unknown}; see "
+                "bilevel_ray.diagnostics.flatness.estimate for the options"
+            )
+        else:
+            # gamma is the run's own, already checked with the solver settings.
+            problems += estimate_problems(**{**options, "gamma": 1.0})
+    if problems:
+        raise ConfigError(problems)
+    return WatchSettings(on_unsuitable, window, every, options)
+
+
+class FlatnessJudge:
+    """Collects estimates per run id and, once asked, decides (the verdict is then fixed)."""
+
+    def __init__(self, decide_options: Mapping[str, Any] | None = None):
+        self._stats: dict[str, list[dict[str, float]]] = {}
+        self._verdicts: dict[str, dict[str, Any]] = {}
+        self._decide_options = dict(decide_options or {})
+
+    def add(self, run_id: str, step: int, stats: Mapping[str, float]) -> None:
+        self._stats.setdefault(run_id, []).append({**stats, "step": float(step)})
+
+    def verdict(self, run_id: str) -> dict[str, Any]:
+        """The run's verdict as plain values (``Verdict.to_dict()``), decided on first call."""
+        if run_id not in self._verdicts:
+            stats = self._stats.get(run_id)
+            if stats:
+                verdict = decide(stats, **self._decide_options)
+            else:  # e.g. a judge actor restarted after its estimates were sent
+                reason = f"no flatness estimate of run {run_id!r} reached the judge"
+                verdict = Verdict(False, "uncertain", reason, {}, "compare with alt_pbgd")
+            self._verdicts[run_id] = verdict.to_dict()
+        return self._verdicts[run_id]
+
+    def verdicts(self) -> dict[str, dict[str, Any]]:
+        return dict(self._verdicts)
+
+
+def fallback_config(settings: SolverConfig, method: str) -> SolverConfig:
+    """``settings`` for ``method``: step sizes, optimizer and gamma kept; the knobs of the old
+    method that the new one lacks dropped; the new method's own knobs at their defaults."""
+    knobs = METHOD_OPTIONS[method]
+    kept = {
+        name: getattr(settings, name) if name == "gamma" else None
+        for name in ("gamma", "inner_steps", "multiplier_growth", "bome_eta", "cg_steps")
+    }
+    kept = {k: (v if k in knobs else None) for k, v in kept.items()}
+    return dataclasses.replace(settings, method=method, cg_ridge=None, **kept)
+
+
+class FlatnessWatch:
+    """The run's side of the diagnostic: estimate, hand over, and at step W say what to do."""
+
+    def __init__(self, settings: WatchSettings, judge: Any, run_id: str, gamma: Any):
+        """``judge`` has ``add(run_id, step, stats)`` and ``verdict(run_id)`` (a FlatnessJudge or
+        an actor proxy); ``gamma`` is the run's penalty, a number or a schedule of the step."""
+        self.settings, self.judge, self.run_id, self.gamma = settings, judge, run_id, gamma
+        self._due = set(settings.estimate_steps())
+        self.last_verdict: dict[str, Any] | None = None
+        self._warm: Any = None  # the previous point's y_g
+
+    def observe(self, problem: Any, state: SolverState, batch: Any) -> None:
+        """Estimate at (x, y) if this step is one of the window's estimate steps."""
+        if state.step not in self._due:
+            return
+        gamma = float(self.gamma(state.step) if callable(self.gamma) else self.gamma)
+        options = dict(self.settings.estimator)
+        solve = {k: options[k] for k in ("solve_steps", "solve_lr", "solve_rtol", "optimizer")}
+        # The solves start at the previous point's y_g (x moved little since), each point to
+        # its own tolerance: x moves far over a run's window, unlike br.diagnose's warm-up.
+        start = self._warm if self._warm is not None else state.y
+        responses = lower_responses(problem, state.x, start, batch, gamma, **solve)
+        stats = estimate(problem, state.x, state.y, batch, gamma, responses=responses, **options)
+        self._warm = responses.y_g
+        self.judge.add(self.run_id, state.step, stats)
+
+    def due(self, step: int) -> bool:
+        return step in self._due
+
+    def decides_at(self, step: int) -> bool:
+        return step == self.settings.window
+
+    def verdict(self) -> dict[str, Any]:
+        self.last_verdict = self.judge.verdict(self.run_id)
+        return self.last_verdict
+
+    def action(self, verdict: Mapping[str, Any], warn: bool = True) -> str | None:
+        """None (keep going), "fallback" or "stop"; "warn" warns here (if ``warn``) and keeps
+        going."""
+        if verdict["verdict"] != "unsuitable":
+            return None
+        if self.settings.on_unsuitable == "warn":
+            if not warn:
+                return None
+            warnings.warn(
+                f"flatness diagnostic at step {self.settings.window}: {verdict['reason']} "
+                f"(recommendation: {verdict['recommendation']})",
+                stacklevel=2,
+            )
+            return None
+        return self.settings.on_unsuitable
+
+
+def switch_solver(
+    settings: SolverConfig, method: str, problem: Any, state: SolverState, grad_reduce: Any
+) -> tuple[SolverConfig, Any, SolverState]:
+    """The fallback's settings, solver and state, continuing from ``state``'s (x, y) and step
+    (the fallback's optimizer states start afresh)."""
+    new_settings = fallback_config(settings, method)
+    solver = new_settings.build(problem, grad_reduce)
+    return new_settings, solver, solver.init(state.x, state.y)._replace(step=state.step)
+
+
+class ActiveSolver:
+    """The solver in force (PBGD-Free, or its fallback after a flatness verdict), its settings,
+    and the diagnostic's outcome, for one rank of a run.
+
+    With several data-parallel ranks only the leader (rank 0) estimates and asks the judge;
+    ``share(verdict)`` hands the leader's verdict to every rank (a broadcast), so that all of
+    them switch or stop at the same step.
+    """
+
+    def __init__(
+        self,
+        settings: SolverConfig,
+        solver: Any,
+        problem: Any,
+        grad_reduce: Any,
+        watch: FlatnessWatch | None,
+        leader: bool = True,
+        share: Any = None,
+    ):
+        self.settings, self.solver, self.problem = settings, solver, problem
+        self.grad_reduce, self.watch, self.leader = grad_reduce, watch, leader
+        self.share = share or (lambda verdict: verdict)
+        self.verdict: dict[str, Any] | None = None
+        self.status = "completed"
+
+    def after_step(self, state: SolverState, batch: Any) -> tuple[SolverState, str | None]:
+        """Feed the watch; at the end of its window, act on the verdict. Returns the state and
+        the action taken (None, "fallback" or "stop")."""
+        if self.watch is None or not self.watch.due(state.step):
+            return state, None
+        if self.leader:
+            self.watch.observe(self.problem, state, batch)
+        if not self.watch.decides_at(state.step):
+            return state, None
+        self.verdict = self.share(self.watch.verdict() if self.leader else None)
+        action = self.watch.action(self.verdict, warn=self.leader)
+        if action == "stop":
+            self.status = "unsuitable"
+        elif action == "fallback":
+            self.settings, self.solver, state = switch_solver(
+                self.settings, self.verdict["fallback"], self.problem, state, self.grad_reduce
+            )
+        return state, action
+
+    def saved(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the diagnostic (plain values)."""
+        return {"method": self.settings.method, "verdict": self.verdict, "status": self.status}
+
+    def restore(self, saved: Mapping[str, Any] | None) -> None:
+        """Continue a resumed run with the solver it had switched to."""
+        if not saved:
+            return
+        self.verdict, self.status = saved["verdict"], saved["status"]
+        if saved["method"] != self.settings.method:
+            self.settings = fallback_config(self.settings, saved["method"])
+            self.solver = self.settings.build(self.problem, self.grad_reduce)

@@ -1,0 +1,185 @@
+"""The peft-dpo-sft problem: LoRA adapters (x) on DPO over the output head (y) on SFT."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+
+import bilevel_ray as br
+from bilevel_ray.evaluation import evaluate
+from bilevel_ray.problems.peft_dpo_sft import DEFAULTS, peft_dpo_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = "base_model.model.lm_head.weight"
+TINY = {
+    "vocab": 16,
+    "hidden": 8,
+    "heads": 2,
+    "layers": 2,
+    "lora_rank": 4,
+    "n_pref": 64,
+    "n_sft": 64,
+    "n_eval": 32,
+    "batch": 16,
+    "dtype": "float64",
+}
+
+needs_peft = pytest.mark.skipif(
+    find_spec("peft") is None or find_spec("transformers") is None,
+    reason="needs pip install 'bilevel_ray[peft]'",
+)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    if find_spec("peft") is None or find_spec("transformers") is None:
+        pytest.skip("needs pip install 'bilevel_ray[peft]'")
+    return peft_dpo_sft(TINY)
+
+
+@needs_peft
+def test_x_is_lora_y_is_the_head_the_rest_is_frozen(spec):
+    problem, r, hidden = spec.problem, TINY["lora_rank"], TINY["hidden"]
+    # 2 layers x (q_proj, v_proj) x (A, B), each r x hidden or hidden x r
+    assert len(spec.x0) == 8 and all("lora_" in k for k in spec.x0)
+    assert sum(t.numel() for t in spec.x0.values()) == 8 * r * hidden
+    assert all(float(t.abs().max()) == 0 for k, t in spec.x0.items() if "lora_B" in k)
+    assert list(spec.y0) == [HEAD] and spec.y0[HEAD].shape == (TINY["vocab"], hidden)
+    names = {n for n, _ in problem.model.named_parameters()}
+    frozen = names - set(spec.x0) - set(spec.y0)
+    assert frozen <= set(problem.frozen) and len(frozen) == len(names) - 9
+    assert not any("lora_" in n or "lm_head" in n for n in frozen)
+    embed = next(t for n, t in problem.frozen.items() if n.endswith("embed_tokens.weight"))
+    assert embed.data_ptr() != problem.model.get_output_embeddings().weight.data_ptr()
+
+
+@needs_peft
+def test_reference_is_the_initial_model_so_dpo_starts_at_log_2(spec):
+    problem, pref = spec.problem, spec.eval_data.upper
+    with torch.no_grad():
+        logits = problem.model(input_ids=pref["chosen"]).logits  # its parameters are x0, y0
+        f = problem.upper_loss(spec.x0, spec.y0, pref)
+    logp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, pref["chosen"][:, 1:, None])
+    own = (logp.squeeze(-1) * pref["chosen_mask"][:, 1:]).sum(-1)
+    torch.testing.assert_close(pref["ref_chosen"], own, rtol=0, atol=1e-10)
+    assert float(f) == pytest.approx(math.log(2), abs=1e-10)  # every margin is 0
+
+
+@needs_peft
+def test_sft_loss_is_the_response_token_nll_of_the_plain_model(spec):
+    sft = spec.eval_data.lower
+    ids, start = sft["ids"], DEFAULTS["prompt_len"]
+    end = start + DEFAULTS["response_len"]
+    with torch.no_grad():
+        logp = torch.log_softmax(spec.problem.model(input_ids=ids).logits, -1)
+        g = spec.problem.lower_loss(spec.x0, spec.y0, sft)
+    # token t of the response is predicted at position t - 1
+    picked = [-logp[i, t - 1, ids[i, t]] for i in range(len(ids)) for t in range(start, end)]
+    assert float(g) == pytest.approx(float(torch.stack(picked).mean()), abs=1e-10)
+    assert 0 < float(g) < math.log(TINY["vocab"]) + 1
+
+
+@needs_peft
+def test_pbgd_free_lowers_both_eval_losses(spec):
+    res = br.solve(
+        spec.problem,
+        spec.x0,
+        spec.y0,
+        data=spec.data,
+        steps=60,
+        optimizer="adam",
+        lr_x=1e-2,
+        lr_y=1e-2,
+        gamma=10.0,
+    )
+    ev = spec.eval_data
+    with torch.no_grad():
+        before = [spec.problem.upper_loss(spec.x0, spec.y0, ev.upper)]
+        before.append(spec.problem.lower_loss(spec.x0, spec.y0, ev.lower))
+        after = [spec.problem.upper_loss(res.x, res.y, ev.upper)]
+        after.append(spec.problem.lower_loss(res.x, res.y, ev.lower))
+    assert float(after[0]) < float(before[0]) - 0.05
+    assert float(after[1]) < float(before[1]) - 0.2
+    scores = evaluate(spec.problem, res.x, res.y, ev, gap_steps=5)
+    assert scores["eval/upper_loss"] == pytest.approx(float(after[0]))
+
+
+@needs_peft
+def test_local_checkpoint_is_loaded_and_its_tied_head_untied(tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=20,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    spec = peft_dpo_sft({**TINY, "model": str(tmp_path), "vocab": 20})
+    assert len(spec.x0) == 4 and list(spec.y0) == [HEAD]
+    embed = next(t for n, t in spec.problem.frozen.items() if n.endswith("embed_tokens.weight"))
+    torch.testing.assert_close(spec.y0[HEAD], embed)  # a copy of the tied weight, not the same
+    with pytest.raises(br.ConfigError, match="vocab=32 exceeds the model's vocabulary of 20"):
+        peft_dpo_sft({**TINY, "model": str(tmp_path), "vocab": 32})
+
+
+@needs_peft
+def test_example_runs():
+    tiny = [f"--config={k}={v}" for k, v in TINY.items()]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "peft_dpo_sft.py"), "--steps", "20", *tiny],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[pbgd_free] step 20/20" in done.stderr
+    assert f"eval DPO loss: {math.log(2):.4f} -> " in done.stdout
+    assert "eval SFT loss: " in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"vocabb": 3}, r"has no setting\(s\) \['vocabb'\]"),
+        ({"vocab": 1}, "vocab=1 must be an integer >= 2"),
+        ({"seed": True}, "seed=True must be an integer >= 0"),
+        ({"lora_rank": 0}, "lora_rank=0 must be an integer >= 1"),
+        ({"beta": 0.0}, "beta=0.0 must be a finite number > 0"),
+        ({"lora_alpha": math.inf}, "lora_alpha=inf must be a finite number > 0"),
+        ({"lora_targets": []}, r"lora_targets=\[\] must name module\(s\) to adapt"),
+        ({"model": "no/such/dir"}, "model='no/such/dir' is not a local directory"),
+        ({"hidden": 12, "heads": 4}, "hidden=12 must be heads=4 times an even head size"),
+        ({"vocab": 3, "topics": 4}, "vocab=3 is smaller than topics=4"),
+        ({"batch": 100, "n_pref": 50}, "batch=100 exceeds n_pref=50"),
+        ({"dtype": "int32"}, "dtype='int32' is not a floating torch dtype"),
+    ],
+)
+def test_bad_settings_are_refused(config, message):
+    with pytest.raises(br.ConfigError, match=message):
+        peft_dpo_sft(config)
+
+
+@needs_peft
+def test_bad_targets_and_unloadable_checkpoint_are_refused(tmp_path):
+    with pytest.raises(br.ConfigError, match=r"lora_targets=\['nope'\] cannot be adapted"):
+        peft_dpo_sft({**TINY, "lora_targets": "nope"})
+    with pytest.raises(br.ConfigError, match="cannot load model="):
+        peft_dpo_sft({**TINY, "model": str(tmp_path)})
+
+
+def test_missing_libraries_name_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    with pytest.raises(br.ConfigError, match=r"pip install 'bilevel_ray\[peft\]'"):
+        peft_dpo_sft({})
