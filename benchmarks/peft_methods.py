@@ -13,12 +13,14 @@ step size for every method) and gamma = 10 where the method has one:
 
 Each (method, seed) runs in a fresh subprocess, so that peak memory is its own. Reported per run:
 steps done, time per step, held-out DPO and SFT losses at the end (the table's columns) and at a
-few fractions of the budget (the clock stops while they are computed), the SFT optimality gap
+few fractions of the budget (the clock stops while they are computed, in chunks of a training
+batch so that they need less memory than a step), the SFT optimality gap at the end
 (``evaluate``: 50 Adam steps on the head), the bytes of the solver state (x, y, optimizer
 moments and the methods' extra head copies), and the growth of the peak resident memory during
 the training loop (the peak is reset at the loop's start through /proc/self/clear_refs where
 Linux allows it; otherwise the growth over the peak so far is reported and flagged).
-The order of the methods rotates from seed to seed, to spread machine load over all of them.
+Equal time is only fair on an otherwise idle machine: the order of the methods rotates from seed
+to seed, and the load average at each run's start is recorded and printed.
 
 Acceptance (the paper's Table 2 ordering): PBGD-Free ends with lower eval DPO and eval SFT losses
 than pbgd and bome, and with a lower peak memory than pbgd.
@@ -35,6 +37,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -74,6 +77,7 @@ SCHEMA = pa.schema(
         pa.field("peak_rss_growth_mb", pa.float64()),
         pa.field("peak_rss_mb", pa.float64()),
         pa.field("peak_reset", pa.bool_()),
+        pa.field("load_avg", pa.float64()),
         pa.field("seconds", pa.float64()),
         pa.field("lr", pa.float64()),
         pa.field("gamma", pa.float64()),
@@ -115,27 +119,43 @@ def _tensor_bytes(tree: Any) -> int:
     return 0
 
 
-def _eval(spec: br.ProblemSpec, state: br.SolverState, gap: bool) -> dict[str, float]:
-    scores = evaluate(spec.problem, state.x, state.y, spec.eval_data, with_gap=gap)
+def _eval(spec: br.ProblemSpec, state: br.SolverState, chunk: int) -> dict[str, float]:
+    """Held-out DPO and SFT losses, in chunks of a training batch's size: an evaluation then
+    never needs more memory than a training step, and the peak stays the training loop's."""
+    problem, upper, lower = spec.problem, spec.eval_data.upper, spec.eval_data.lower
+    n = len(lower["ids"])
     with torch.no_grad():
-        sft = float(spec.problem.lower_loss(state.x, state.y, spec.eval_data.lower))
+        parts = [
+            (
+                min(chunk, n - i),
+                problem.upper_loss(
+                    state.x, state.y, {k: v[i : i + chunk] for k, v in upper.items()}
+                ),
+                problem.lower_loss(
+                    state.x, state.y, {k: v[i : i + chunk] for k, v in lower.items()}
+                ),
+            )
+            for i in range(0, n, chunk)
+        ]
+    # Chunk means weighted by size (every generated response has the same number of tokens).
     return {
-        "eval_dpo": scores["eval/upper_loss"],
-        "eval_sft": sft,
-        "eval_sft_gap": scores["eval/lower_gap"],
+        "eval_dpo": sum(size * float(f) for size, f, _ in parts) / n,
+        "eval_sft": sum(size * float(g) for size, _, g in parts) / n,
     }
 
 
 def run_one(method: str, seed: int, seconds: float, lr: float, threads: int) -> list[dict]:
     """Train ``method`` for ``seconds`` of step time; one row per budget fraction."""
     torch.set_num_threads(threads)
+    load = os.getloadavg()[0]
     spec = peft_dpo_sft({"seed": seed})
+    chunk = spec.data.upper_batch_size
     options = {"optimizer": "adam", "lr_x": lr, "lr_y": lr, **METHODS[method]}
     if method != "bome":
         options["gamma"] = GAMMA
     solver = br.SolverConfig(method=method, **options).build(spec.problem)
     state = solver.init(spec.x0, spec.y0)
-    start_scores = _eval(spec, state, gap=False)
+    start_scores = _eval(spec, state, chunk)
     torch.manual_seed(seed)
     batches = as_batches(spec.data, seed)
     gc.collect()
@@ -148,23 +168,28 @@ def run_one(method: str, seed: int, seconds: float, lr: float, threads: int) -> 
             state, _ = solver.step(state, next(batches))
             steps += 1
         train_s += time.perf_counter() - started
-        peak = _peak_mb()  # before the evaluation, which is not part of the run
-        row = {
-            "method": method,
-            "seed": seed,
-            "budget_fraction": fraction,
-            "steps": steps,
-            "train_s": train_s,
-            "ms_per_step": 1e3 * train_s / max(steps, 1),
-            **_eval(spec, state, gap=fraction == 1.0),
-            "eval_dpo_start": start_scores["eval_dpo"],
-            "eval_sft_start": start_scores["eval_sft"],
-            "state_bytes": _tensor_bytes(br.state_to_dict(state)),
-            "peak_rss_growth_mb": max(peak - base_mb, 0.0),
-            "peak_rss_mb": peak,
-            "peak_reset": reset,
-        }
-        rows.append(row)
+        peak = _peak_mb()
+        rows.append(
+            {
+                "method": method,
+                "seed": seed,
+                "budget_fraction": fraction,
+                "steps": steps,
+                "train_s": train_s,
+                "ms_per_step": 1e3 * train_s / max(steps, 1),
+                **_eval(spec, state, chunk),
+                "eval_dpo_start": start_scores["eval_dpo"],
+                "eval_sft_start": start_scores["eval_sft"],
+                "state_bytes": _tensor_bytes(br.state_to_dict(state)),
+                "peak_rss_growth_mb": max(peak - base_mb, 0.0),
+                "peak_rss_mb": peak,
+                "peak_reset": reset,
+                "load_avg": load,
+            }
+        )
+    # The optimality gap needs a lower solve (Adam steps on the head): at the end only.
+    gap = evaluate(spec.problem, state.x, state.y, spec.eval_data)["eval/lower_gap"]
+    rows[-1]["eval_sft_gap"] = gap
     return rows
 
 
@@ -199,11 +224,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     def mean(method: str, key: str) -> float:
         return statistics.fmean(r[key] for r in by[method])
 
-    start = final[0]
+    start, loads = final[0], [r["load_avg"] for r in final]
     print(
         f"\nstart (every method): eval DPO {start['eval_dpo_start']:.4f} (= log 2), eval SFT "
         f"{start['eval_sft_start']:.4f}; budget {args.seconds:g} s of steps per run, "
-        f"seeds {args.seeds}"
+        f"seeds {args.seeds}; 1-min load average at the runs' starts {min(loads):.1f} to "
+        f"{max(loads):.1f} on {os.cpu_count()} CPUs"
     )
     print(
         f"{'method':<10} {'steps':>7} {'ms/step':>8} {'eval DPO':>17} {'eval SFT':>17} "

@@ -67,6 +67,13 @@ TUNE_EXAMPLES = """examples:
 """
 
 
+REPORT_EXAMPLES = """examples:
+  bilevel-ray tune representation --out runs && bilevel-ray report runs/sweep
+  bilevel-ray solve toy-negative --out runs/neg && bilevel-ray report runs/neg
+  bilevel-ray report runs/sweep --gap-tol 0.01     # rank with a tighter lower-level gap
+"""
+
+
 class _UsageError(Exception):
     """Bad command-line usage: reported in one line with exit code 2."""
 
@@ -187,8 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     tune_cmd = commands.add_parser(
         "tune",
         help="search gamma and the step sizes with Ray Tune",
-        description="Search the penalty schedule and step sizes with Ray Tune (ASHA, random "
-        "search): each trial is scored on held-out data (upper loss, lower-level gap); "
+        description="Search the penalty schedule and step sizes with Ray Tune (Optuna's TPE when "
+        "optuna is installed, else random search with ASHA): each trial is scored on held-out "
+        "data (upper loss, lower-level gap); "
         "writes DIR/NAME/trials.parquet and history.parquet and prints the best config.",
         epilog=TUNE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -220,9 +228,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune_cmd.add_argument(
         "--scheduler",
-        choices=("asha", "fifo"),
-        default="asha",
-        help="asha stops poor trials early (default); fifo runs every trial to the end",
+        choices=("auto", "asha", "fifo"),
+        default="auto",
+        help="asha stops poor trials early; fifo runs every trial to the end; auto (default): "
+        "asha with random search, fifo with optuna",
+    )
+    tune_cmd.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        help="retries of a trial whose process dies (default 1)",
     )
     tune_cmd.add_argument("--name", default="sweep", help="the sweep's folder name in --out")
     tune_cmd.add_argument(
@@ -274,6 +289,8 @@ def _parser() -> argparse.ArgumentParser:
         help="table and plot of the runs in a folder",
         description="Print a table of the runs in DIR (a tune sweep's folder, or a solve / "
         "train --out folder) and write DIR/report.png (needs matplotlib).",
+        epilog=REPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report_cmd.add_argument("folder", type=Path, metavar="DIR")
     report_cmd.add_argument("--gap-tol", type=float, default=0.1, help="ranking's gap tolerance")
@@ -437,6 +454,7 @@ def _tune(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         address=args.address,
+        max_failures=args.max_failures,
         **_watch_options(args),
         **settings,
     )

@@ -91,11 +91,15 @@ def test_divergence_exits_1(capsys):
     assert "diverged at step" in capsys.readouterr().err
 
 
-def test_help_shows_examples(capsys):
+@pytest.mark.parametrize("command", ["solve", "train", "tune", "diagnose", "report"])
+def test_help_shows_examples(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
-        main(["solve", "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "examples:" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "examples:" in shown and f"bilevel-ray {command}" in shown
+    if command != "report":  # report reads files: it needs no cluster
+        assert "--address" in shown
 
 
 def test_python_dash_m_and_console_script(tmp_path):

@@ -34,7 +34,7 @@ import bilevel_ray.runtime.train as train_runtime
 from bilevel_ray.data import BilevelBatch, as_batches
 from bilevel_ray.linear_solve import solve_cg
 from bilevel_ray.problem import factory_config
-from bilevel_ray.runtime.checkpoint import CHECKPOINT_KEYS, check_writable
+from bilevel_ray.runtime.checkpoint import CHECKPOINT_KEYS, check_writable, previous_path
 from bilevel_ray.tables import read_table, table_to_tensors
 
 F64 = torch.float64
@@ -168,9 +168,9 @@ def _count_saves(monkeypatch) -> list[int]:
     steps: list[int] = []
     save = local_runtime.save_checkpoint
 
-    def counting(payload, path):
+    def counting(payload, path, **options):
         steps.append(payload["state"]["step"])
-        return save(payload, path)
+        return save(payload, path, **options)
 
     monkeypatch.setattr(local_runtime, "save_checkpoint", counting)
     return steps
@@ -1496,7 +1496,11 @@ def test_state_from_dict_refuses(d, match):
 
 
 def _checkpointed_run(path: Path, **overrides):
-    return br.solve(**solve_args(checkpoint_path=path, checkpoint_every=1, **overrides))
+    """A run's checkpoint at ``path``, alone: without the previous one a bad file has no
+    fallback (tests/test_reliability.py covers the fallback)."""
+    result = br.solve(**solve_args(checkpoint_path=path, checkpoint_every=1, **overrides))
+    previous_path(path).unlink(missing_ok=True)
+    return result
 
 
 def _truncated(path: Path) -> None:

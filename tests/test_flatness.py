@@ -45,14 +45,15 @@ def stat(stats: dict, name: str) -> float:
 # --- estimates at one point, against closed forms ----------------------------------------------
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
 @pytest.mark.parametrize("gamma", [5.0, 15.0, 50.0])
-def test_negative_toy_closed_forms(gamma):
+def test_negative_toy_closed_forms(gamma, optimizer):
     x, y = {"x": t64(2.0)}, {"y": t64(0.0)}
-    r = lower_responses(NegativeToy(), x, y, None, gamma)
+    r = lower_responses(NegativeToy(), x, y, None, gamma, optimizer=optimizer)
     assert float(r.y_g["y"]) == pytest.approx(1.0, abs=1e-6)  # y_g = x - 1
     assert float(r.y_gamma["y"]) == pytest.approx(1.0 - 5.0 / gamma, abs=1e-6)
     assert not r.y_g["y"].requires_grad and r.y_g["y"].grad_fn is None
-    s = estimate(NegativeToy(), x, y, None, gamma)
+    s = estimate(NegativeToy(), x, y, None, gamma, optimizer=optimizer)
     gap = 5.0 / gamma
     expected = {
         "kept": 4.0,  # 2x
@@ -330,7 +331,7 @@ BAD_OPTIONS = [
     ({"solve_steps": 0}, "solve_steps=0: must be an integer >= 1"),
     ({"solve_lr": -0.1}, "solve_lr=-0.1: must be a finite number > 0"),
     ({"solve_rtol": 1.0}, "solve_rtol=1.0: must be a finite number in (0, 1)"),
-    ({"solve_optimizer": "lbfgs"}, "solve_optimizer='lbfgs': unknown; choose one of"),
+    ({"solve_optimizer": "newton"}, "solve_optimizer='newton': unknown; choose one of"),
     ({"gamma_factor": 1.0}, "gamma_factor=1.0: must be a finite number > 1"),
     ({"directions": -1}, "directions=-1: must be an integer >= 0"),
     ({"delta_pairs": ((0.5,),)}, "delta_pairs=((0.5,),): must be (c, alpha) pairs"),
@@ -381,7 +382,10 @@ def test_diagnose_without_warmup_estimates_the_start_only():
     ("options", "message"),
     [
         ({"gamma": -2.0}, "gamma=-2.0: must be a finite number > 0"),
-        ({"optimizer": "rmsprop"}, "optimizer='rmsprop': unknown; choose one of ['adam', 'sgd']"),
+        (
+            {"optimizer": "rmsprop"},
+            "optimizer='rmsprop': unknown; choose one of ['adam', 'lbfgs', 'sgd']",
+        ),
         ({"solve_steps": 1.5}, "solve_steps=1.5: must be an integer >= 1"),
     ],
 )

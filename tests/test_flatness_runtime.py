@@ -206,3 +206,14 @@ def test_tune_records_each_trials_verdict_and_stops_unsuitable_trials(ray_2cpu, 
     for trial in trials:
         assert trial["flatness/verdict"] == "unsuitable" and trial["status"] == "unsuitable"
         assert trial["step"] == 100 and "PBGD-Free is biased" in trial["flatness/reason"]
+
+
+@pytest.mark.ray
+def test_cli_solve_and_diagnose_run_as_tasks_on_the_cluster_with_address(ray_2cpu, capsys):
+    assert main(["diagnose", "toy-negative", "--address", "auto"]) == 3
+    assert "toy-negative: unsuitable" in capsys.readouterr().out
+    assert main(["solve", "toy-negative", "--steps", "50", "--quiet", "--address", "auto"]) == 0
+    assert "pbgd_free on toy-negative: 50 steps" in capsys.readouterr().out
+    # bad input found on the cluster comes back as the same one-line error
+    assert main(["solve", "toy-negative", "--set", "lr_x=-1", "--address", "auto"]) == 2
+    assert capsys.readouterr().err.startswith("error: lr_x=-1")

@@ -4,6 +4,7 @@ executing code (``torch.load(weights_only=True)``)."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ __all__ = [
     "check_writable",
     "checkpoint_payload",
     "load_checkpoint",
+    "load_latest",
+    "previous_path",
     "save_checkpoint",
 ]
 
@@ -50,8 +53,46 @@ def checkpoint_payload(state: Any, recorder: Any, config: Any, seed: int) -> dic
     }
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+def previous_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint before the latest one."""
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def save_checkpoint(
+    payload: dict[str, Any], path: str | os.PathLike[str], keep_previous: bool = False
+) -> Path:
+    """Write atomically; with ``keep_previous`` the file it replaces becomes ``<path>.prev``, a
+    fallback should the new one be damaged later (a bad disk, a copy cut short)."""
+    if keep_previous and Path(path).exists():
+        os.replace(path, previous_path(path))
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_latest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint at ``path``, or, if that one cannot be read, the previous one (saying so
+    on stderr); a ConfigError naming both files when neither can be read."""
+    try:
+        return load_checkpoint(path)
+    except ConfigError as err:
+        previous = previous_path(path)
+        if not previous.exists():
+            raise
+        try:
+            payload = load_checkpoint(previous)
+        except ConfigError:
+            raise ConfigError(
+                f"{err.problems[0]} The previous checkpoint {str(previous)!r} cannot be read "
+                "either: delete both to start afresh."
+            ) from None
+        step = payload["state"].get("step") if isinstance(payload["state"], dict) else None
+        print(
+            f"warning: {err.problems[0]} Resuming from the previous checkpoint "
+            f"{str(previous)!r} (step {step}) instead.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return payload
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
-from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_latest, save_checkpoint
 from bilevel_ray.runtime.flatness_watch import (
     ActiveSolver,
     FlatnessJudge,
@@ -287,7 +287,7 @@ def _run(run, state, batches, steps, recorder, progress, checkpointing, on_row) 
         ):
             payload = checkpoint_payload(state, recorder, config, seed)
             payload["flatness"] = run.saved()
-            save_checkpoint(payload, checkpoint_path)
+            save_checkpoint(payload, checkpoint_path, keep_previous=True)
             recorder.restart_window()
     return state
 
@@ -295,7 +295,7 @@ def _run(run, state, batches, steps, recorder, progress, checkpointing, on_row) 
 def _load_resume(path: Any, config: SolverConfig, seed: int) -> dict[str, Any] | None:
     if not Path(path).exists():
         return None
-    saved = load_checkpoint(path)
+    saved = load_latest(path)
     if saved["seed"] != seed:
         raise ConfigError(
             f"checkpoint {str(path)!r} was written with seed={saved['seed']}, not seed={seed}: "

@@ -34,7 +34,9 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
         from bilevel_ray.runtime.ranking import rank_trials
 
         trials = rank_trials(pq.read_table(folder / "trials.parquet").to_pylist(), gap_tol)
-        table = _format(trials, COLUMNS + tuple(k for k in trials[0] if k.startswith("config/")))
+        verdicts = ("flatness/verdict",) if any("flatness/verdict" in t for t in trials) else ()
+        configs = tuple(k for k in trials[0] if k.startswith("config/"))
+        table = _format(trials, COLUMNS + verdicts + configs)
         curves = {
             t["trial_id"]: [r for r in history if r["trial_id"] == t["trial_id"]] for t in trials
         }

@@ -1,0 +1,98 @@
+"""Faults a long run meets: a damaged checkpoint (the previous one is used), and a resumed run
+that still gives the uninterrupted result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bilevel_ray as br
+from bilevel_ray.runtime.checkpoint import previous_path
+
+
+def _run(quadratic, origin, steps, **extra):
+    x0, y0 = origin
+    options = {"steps": steps, "lr_x": 0.05, "lr_y": 0.2, "gamma": 10.0, "report_every": 10}
+    return br.solve(quadratic, x0, y0, **{**options, **extra})
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # a copy cut short
+        lambda p: p.write_bytes(b"\x00" * 64),  # a bad disk block
+    ],
+)
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
+    quadratic, origin, tmp_path, damage, capsys
+):
+    ckpt = tmp_path / "ckpt.pt"
+    whole = _run(quadratic, origin, 60)
+    _run(quadratic, origin, 40, checkpoint_path=ckpt, checkpoint_every=10)
+    assert previous_path(ckpt).exists()  # the step-30 checkpoint, kept when step 40 was saved
+    damage(ckpt)
+    resumed = _run(quadratic, origin, 60, checkpoint_path=ckpt, checkpoint_every=10, resume=True)
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "Resuming from the previous checkpoint" in err
+    assert "(step 30)" in err
+    # Ten steps are redone from step 30; the result is the uninterrupted run's.
+    assert torch.equal(resumed.x["x"], whole.x["x"]) and torch.equal(resumed.y["y"], whole.y["y"])
+    assert resumed.history["step"].to_pylist() == whole.history["step"].to_pylist()
+
+
+def test_both_checkpoints_damaged_is_a_clear_error(quadratic, origin, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    _run(quadratic, origin, 20, checkpoint_path=ckpt, checkpoint_every=10)
+    for path in (ckpt, previous_path(ckpt)):
+        path.write_bytes(b"junk")
+    with pytest.raises(
+        br.ConfigError,
+        match=r"^checkpoint '.*ckpt\.pt' cannot be read \(\w+\): it is truncated, corrupted or "
+        r"not a bilevel_ray checkpoint\. Delete it to start afresh\. The previous checkpoint "
+        r"'.*ckpt\.pt\.prev' cannot be read either: delete both to start afresh\.$",
+    ):
+        _run(quadratic, origin, 40, checkpoint_path=ckpt, checkpoint_every=10, resume=True)
+
+
+CRASHING_FACTORY = '''
+import os
+from pathlib import Path
+
+import ray
+
+from bilevel_ray.problems import BUILTIN_PROBLEMS
+
+
+def factory(config):
+    """toy-negative, whose first build inside a trial kills the trial's process."""
+    config = dict(config)
+    marker = Path(config.pop("marker"))
+    in_trial = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    if in_trial and not marker.exists():
+        marker.write_text("crashed once")
+        os._exit(1)
+    return BUILTIN_PROBLEMS["toy-negative"](config)
+'''
+
+
+@pytest.mark.ray
+def test_a_crashed_trial_process_is_retried_and_the_sweep_completes(ray_2cpu, tmp_path):
+    from ray import tune
+
+    (tmp_path / "crashing.py").write_text(CRASHING_FACTORY)
+    marker = tmp_path / "crashed"
+    result = br.tune(
+        f"{tmp_path / 'crashing.py'}:factory",
+        problem_config={"marker": str(marker)},
+        search_space={"lr_y": tune.choice([0.1])},
+        num_samples=1,
+        steps=50,
+        report_every=10,
+        scheduler=None,
+        search_alg=None,
+        storage_path=tmp_path / "runs",
+        name="crashing",
+    )
+    assert marker.read_text() == "crashed once"  # the trial did die once
+    trials = result.trials.to_pylist()
+    assert [t["status"] for t in trials] == ["completed"] and trials[0]["step"] == 50
