@@ -19,6 +19,7 @@ CPUs (default 2, no dashboard), two trials at a time. Measured:
 Exit code 0 when every trial ended and nothing leaked, else 1.
 
     .venv/bin/python benchmarks/soak.py [--trials 100] [--steps 20] [--every 10] [--cpus 2]
+    .venv/bin/python benchmarks/soak.py --plain     # the same sweep of a plain Tune trainable
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import psutil
 import ray
+from ray import tune
 
 import bilevel_ray as br
 
@@ -111,6 +113,47 @@ def cluster_state() -> tuple[dict[str, str], dict[str, str], str]:
     return actors, groups, f"GCS tables (ray.util.state unavailable: {why}, no dashboard)"
 
 
+def run_br(args: argparse.Namespace, storage: str, log: MemoryLog, name: str) -> list[str]:
+    """The sweep through br.tune; the trials' statuses."""
+    result = br.tune(
+        "toy-negative",
+        num_samples=args.trials,
+        steps=args.steps,
+        report_every=max(args.steps // 2, 1),
+        search_alg=None,  # random search: no searcher state grows with the trials
+        scheduler=None,  # no early stopping: every trial runs its steps
+        max_concurrent_trials=args.concurrent,
+        storage_path=storage,
+        name=name,
+    )
+    return result.trials["status"].to_pylist()
+
+
+def plain_trainable(config: dict[str, Any]) -> None:
+    for step in (1, 2):
+        tune.report({"eval/upper_loss": config["x"], "step": step})
+
+
+def run_plain(args: argparse.Namespace, storage: str, log: MemoryLog, name: str) -> list[str]:
+    """The same sweep as a plain Tune function trainable (two reports, no torch): what Tune
+    itself costs the driver per trial, for comparison."""
+
+    class Ended(tune.Callback):
+        def on_trial_complete(self, *args: Any, **kwargs: Any) -> None:
+            log.trial_ended()
+
+        def on_trial_error(self, *args: Any, **kwargs: Any) -> None:
+            log.trial_ended()
+
+    grid = tune.Tuner(
+        tune.with_resources(plain_trainable, {"cpu": 1}),
+        param_space={"x": tune.uniform(0.0, 1.0)},
+        tune_config=tune.TuneConfig(num_samples=args.trials, max_concurrent_trials=args.concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[Ended()]),
+    ).fit()
+    return ["completed" if r.error is None else "error" for r in grid]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=100)
@@ -120,30 +163,30 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=2, help="trials at a time")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds before the recount")
     parser.add_argument("--verbose", action="store_true", help="print br.tune's trial lines")
+    parser.add_argument(
+        "--plain", action="store_true", help="a plain Tune trainable instead of br.tune"
+    )
+    parser.add_argument(
+        "--sweeps", type=int, default=1, help="sweeps of --trials each, one after the other"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     log = MemoryLog(args.every)
-    hook_trial_events(log, quiet=not args.verbose)
+    if not args.plain:
+        hook_trial_events(log, quiet=not args.verbose)
     before_actors, before_groups, _ = cluster_state()
     rss_start = rss_mib()
     with tempfile.TemporaryDirectory() as storage:
         started = time.perf_counter()
         log.started = started
-        result = br.tune(
-            "toy-negative",
-            num_samples=args.trials,
-            steps=args.steps,
-            report_every=max(args.steps // 2, 1),
-            search_alg=None,  # random search: no searcher state grows with the trials
-            scheduler=None,  # no early stopping: every trial runs its steps
-            max_concurrent_trials=args.concurrent,
-            storage_path=storage,
-            name="soak",
-        )
+        statuses, sweep_ends = [], []
+        for sweep in range(1, args.sweeps + 1):
+            run = run_plain if args.plain else run_br
+            statuses += run(args, storage, log, f"soak-{sweep}")
+            sweep_ends.append((sweep, len(statuses), rss_mib()))
         wall = time.perf_counter() - started
-        statuses = result.trials["status"].to_pylist()
         actors, groups, source = cluster_state()
         new_actors = {k: v for k, v in actors.items() if k not in before_actors}
         new_groups = {k: v for k, v in groups.items() if k not in before_groups}
@@ -152,20 +195,27 @@ def main() -> int:
             actors, groups, source = cluster_state()
         late_actors = {k: v for k, v in actors.items() if k not in before_actors}
         late_groups = {k: v for k, v in groups.items() if k not in before_groups}
-        del result
         rss_end = rss_mib()
 
     done = {s: statuses.count(s) for s in sorted(set(statuses))}
-    print(
-        f"soak: {args.trials} trials of toy-negative ({args.steps} steps each) on {args.cpus} "
-        f"CPUs, {args.concurrent} at a time, random search, no early stopping; Ray "
-        f"{ray.__version__}"
+    what = (
+        "a plain Tune trainable (2 reports, no torch)"
+        if args.plain
+        else f"br.tune on toy-negative ({args.steps} steps each)"
     )
-    print(f"trials ended: {len(statuses)} / {args.trials} (statuses: {done})")
+    print(
+        f"soak: {args.sweeps} x {args.trials} trials of {what} on {args.cpus} CPUs, "
+        f"{args.concurrent} at a "
+        f"time, random search, no early stopping; Ray {ray.__version__}"
+    )
+    print(f"trials ended: {len(statuses)} / {args.sweeps * args.trials} (statuses: {done})")
     print(f"wall time: {wall:.1f} s ({wall / max(len(statuses), 1):.2f} s per trial)")
     print(f"driver RSS (MiB): start {rss_start:.1f}")
     for ended, rss, seconds in log.samples:
         print(f"  after {ended:4d} trials ({seconds:6.1f} s): {rss:.1f}")
+    if args.sweeps > 1:
+        for sweep, ended, rss in sweep_ends:
+            print(f"  when sweep {sweep} returned ({ended} trials): {rss:.1f}")
     print(f"  end (after the sweep): {rss_end:.1f}")
     if log.samples:
         first, last = log.samples[0], log.samples[-1]
@@ -190,7 +240,7 @@ def main() -> int:
     )
     print(f"alive actors before the sweep (not counted): {len(before_actors)}")
     ray.shutdown()
-    ok = len(statuses) == args.trials and not late_actors and not late_groups
+    ok = len(statuses) == args.sweeps * args.trials and not late_actors and not late_groups
     print("PASS" if ok else "FAIL", file=sys.stderr)
     return 0 if ok else 1
 

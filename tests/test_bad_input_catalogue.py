@@ -789,8 +789,9 @@ CASES = [
         "solve representation --config test_fraction=1.5 --config n=200",
         match=r"^error: problem 'representation': test_fraction=1\.5: must be",
         fix="problems/representation.py representation: refuse test_fraction outside [0, 1) by "
-        "name (see cli-zero-hidden); today the error is '2 problems: upper: item 0 is empty', "
-        "which does not name the setting.",
+        "name: ConfigError(f\"problem 'representation': test_fraction={v!r}: must be in [0, 1)\")"
+        "; today the error is '2 problems: upper: item 0 is empty', which does not name the "
+        "setting.",
     ),
     cli(
         "cli-space-malformed-json",

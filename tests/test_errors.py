@@ -1360,8 +1360,8 @@ def test_load_factory_accepts_file_and_module(tmp_path):
         (
             "toy_negative",
             r"^problem 'toy_negative': not a built-in \(toy-negative, toy-positive, quadratic, "
-            r"regression, representation, hyperclean\) and not of the form path/to/file\.py:factory or "
-            r"package\.module:factory$",
+            r"regression, representation, hyperclean, peft-dpo-sft\) and not of the form "
+            r"path/to/file\.py:factory or package\.module:factory$",
         ),
         ("{tmp}/missing.py:factory", r"^problem file '.*missing\.py' does not exist$"),
         (":factory", r"^problem ':factory': give both parts, as in path/to/file\.py:factory or "),

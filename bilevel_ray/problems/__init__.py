@@ -23,6 +23,7 @@ from bilevel_ray.problems.hyperclean import (
     heldout_accuracy,
     hyperclean,
 )
+from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
 from bilevel_ray.problems.quadratic import QuadraticProblem, quadratic
 from bilevel_ray.problems.regression import LinearRepresentation, make_regression_data, regression
 from bilevel_ray.problems.representation import representation
@@ -51,6 +52,7 @@ BUILTIN_PROBLEMS: dict[str, ProblemFactory] = {
     "regression": regression,
     "representation": representation,
     "hyperclean": hyperclean,
+    "peft-dpo-sft": peft_dpo_sft,
 }
 
 

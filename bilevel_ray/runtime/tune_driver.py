@@ -288,8 +288,6 @@ def run_sweep(
     num_workers = count("num_workers", num_workers, 1)
     gap_steps = count("gap_steps", gap_steps, 1)
     max_failures = count("max_failures", max_failures, 0)
-    searcher = _search_alg(search_alg, num_samples, seed)
-    tune_scheduler = _scheduler(scheduler, steps // report_every, searcher)
     watch = watch_settings(
         on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options, steps
     )
@@ -302,6 +300,12 @@ def run_sweep(
     determined |= {"gamma"} if "gamma_init" in space else set()
     base = {**{k: v for k, v in defaults.items() if k not in determined}, **base_options}
     check_search_space(space, method, base)
+    if search_alg == "auto" and any(
+        isinstance(v, Mapping) and "grid_search" in v for v in space.values()
+    ):
+        search_alg = None  # a grid is Tune's own variant generator's job; TPE cannot take one
+    searcher = _search_alg(search_alg, num_samples, seed)
+    tune_scheduler = _scheduler(scheduler, steps // report_every, searcher)
     # One sampled point must make valid settings: bad ranges fail here, not in every trial.
     solver_config(method, {**base, **decode(sample_point(space))}).to_dict()
     storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
