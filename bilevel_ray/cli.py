@@ -26,7 +26,7 @@ import torch
 
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError, DivergenceError
-from bilevel_ray.problems import BUILTIN_PROBLEMS, load_factory
+from bilevel_ray.problems import BUILTIN_PROBLEMS
 from bilevel_ray.runtime.checkpoint import check_writable
 from bilevel_ray.runtime.history import write_parquet
 from bilevel_ray.runtime.local import solve
@@ -83,9 +83,9 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+def _key_values(pairs: Sequence[str], flag: str, strict: bool = False) -> dict[str, Any]:
     """KEY=VALUE pairs; VALUE is read as JSON (numbers, lists, dicts, quoted strings) and taken
-    as a plain string when it is not JSON."""
+    as a plain string when it is not JSON, unless ``strict`` (then it must be JSON)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -93,7 +93,12 @@ def _key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
             raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} gamma=20")
         try:
             out[key] = json.loads(raw)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
+            if strict:
+                raise ConfigError(
+                    f"{flag} {key}={raw!r}: not valid JSON ({err.msg}); e.g. "
+                    f"""{flag} {key}='{{"loguniform": [1, 100]}}'"""
+                ) from None
             out[key] = raw
     return out
 
@@ -320,7 +325,9 @@ def _watch_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def solve_problem(problem: str, problem_config: dict[str, Any], method: str, **options: Any) -> Any:
     """``br.solve`` on a problem named as on the command line (also run as a Ray task)."""
-    spec = load_factory(problem)(problem_config)
+    from bilevel_ray.runtime.train import build_spec
+
+    spec = build_spec(problem, problem_config)
     settings = {**SolverConfig.applicable(method, spec.defaults), **options}
     return solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
 
@@ -330,9 +337,20 @@ def diagnose_problem(
 ) -> Any:
     """``br.diagnose`` on a problem named as on the command line, with the problem's suggested
     warm-up settings (its step sizes, optimizer and gamma) unless given."""
-    from bilevel_ray.diagnostics import diagnose
+    import inspect
 
-    spec = load_factory(problem)(problem_config)
+    from bilevel_ray.diagnostics import diagnose
+    from bilevel_ray.runtime.train import build_spec
+
+    allowed = [
+        p.name for p in inspect.signature(diagnose).parameters.values() if p.kind == p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown}; br.diagnose takes: {', '.join(allowed)} (and --gamma)"
+        )
+    spec = build_spec(problem, problem_config)
     suggested = SolverConfig.applicable("pbgd_free", spec.defaults)
     warmup = {
         k: v
@@ -434,7 +452,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     settings = _key_values(args.set, "--set")
     problem_config = _key_values(args.config, "--config")
-    space = space_from_json(_key_values(args.space, "--space")) if args.space else None
+    space = space_from_json(_key_values(args.space, "--space", strict=True)) if args.space else None
     if args.out is not None:
         check_writable(args.out, "--out")
     result = run_sweep(

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from bilevel_ray.data import BilevelBatch
+from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
@@ -129,6 +130,9 @@ def quadratic(config: dict[str, Any] | None = None) -> ProblemSpec:
     c = factory_config(
         "quadratic", config, {"dtype": "float64", "dim_x": 3, "dim_y": 4, "seed": 0, "flat": False}
     )
+    for key in ("dim_x", "dim_y"):
+        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
+            raise ConfigError(f"problem 'quadratic': {key}={c[key]!r}: must be an integer >= 1")
     like = {"dtype": c.pop("dtype"), "device": c.pop("device")}
     problem = QuadraticProblem(**like, **c)
     return ProblemSpec(

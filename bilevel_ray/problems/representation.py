@@ -75,18 +75,36 @@ def synthetic_nlsy(n: int = 7244, seed: int = 0) -> tuple[Tensor, Tensor, Tensor
 
 def load_nlsy(path: str | Path) -> tuple[Tensor, Tensor, Tensor]:
     """(features, income, gender) from the processed NLSY79 CSV."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"representation data {str(path)!r} does not exist")
-    table = pacsv.read_csv(path)
+    try:
+        table = pacsv.read_csv(path)
+    except (pa.ArrowException, OSError) as err:
+        # The parser quotes the offending bytes: keep one printable line of it.
+        reason = "".join(ch for ch in str(err).splitlines()[0] if ch.isprintable())[:100]
+        raise ConfigError(
+            f"representation data {str(path)!r} cannot be read as CSV ({reason}); give the "
+            "processed NLSY79 CSV (a header line, then one row per person)"
+        ) from None
+    if table.num_rows == 0:
+        raise ConfigError(f"representation data {str(path)!r} has no rows")
     missing = sorted({"income", "gender", *FEATURES} - set(table.column_names))
     if missing:
         raise ConfigError(f"representation data {str(path)!r} lacks the columns {missing}")
 
     def column(name: str) -> Tensor:
-        return torch.from_numpy(table.column(name).to_numpy(zero_copy_only=False).astype("float64"))
+        try:
+            values = table.column(name).to_numpy(zero_copy_only=False).astype("float64")
+        except (ValueError, TypeError, pa.ArrowException):
+            raise ConfigError(
+                f"representation data {str(path)!r}: column {name!r} holds values that are not "
+                "numbers; clean it"
+            ) from None
+        return torch.from_numpy(values)
 
     features = torch.stack([column(c) for c in FEATURES], dim=1).float()
     return features, column("income").float(), column("gender").long()
@@ -105,6 +123,21 @@ def representation(config: dict[str, Any] | None = None) -> ProblemSpec:
             "hidden": 200,
         },
     )
+    for key in ("n", "hidden", "batch_size", "seed"):
+        low = 0 if key == "seed" else 1
+        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < low:
+            raise ConfigError(
+                f"problem 'representation': {key}={c[key]!r}: must be an integer >= {low}"
+            )
+    fraction = c["test_fraction"]
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not (0 < fraction < 1)
+    ):
+        raise ConfigError(
+            f"problem 'representation': test_fraction={fraction!r}: must be in (0, 1), e.g. 0.2"
+        )
     if c["data"] is None:
         features, income, gender = synthetic_nlsy(int(c["n"]), int(c["seed"]))
     else:

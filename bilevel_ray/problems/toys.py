@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel_ray.data import BilevelBatch
+from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.tree import Params
 
@@ -60,6 +61,12 @@ class NegativeToy:
 def negative_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
     """The negative toy from x0 = 2, y0 = 0 (inside the notebook's init box)."""
     c = factory_config("toy-negative", config, {"dtype": "float64", "x0": 2.0, "y0": 0.0})
+    for key in ("x0", "y0"):
+        if isinstance(c[key], bool) or not isinstance(c[key], (int, float)):
+            raise ConfigError(
+                f"problem 'toy-negative': {key}={c[key]!r}: must be a number, e.g. "
+                f"--config {key}=2.0"
+            )
     like = {"dtype": c["dtype"], "device": c["device"]}
     return ProblemSpec(
         NegativeToy(),

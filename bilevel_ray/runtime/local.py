@@ -26,7 +26,12 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
-from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_latest, save_checkpoint
+from bilevel_ray.runtime.checkpoint import (
+    check_writable,
+    checkpoint_payload,
+    load_latest,
+    save_checkpoint,
+)
 from bilevel_ray.runtime.flatness_watch import (
     ActiveSolver,
     FlatnessJudge,
@@ -196,6 +201,11 @@ def run_local(
             f"checkpoint_every={checkpoint_every} must be a multiple of report_every="
             f"{report_every}: a checkpoint carries the history up to a logged row"
         )
+    for what, path in (("history_path", history_path), ("checkpoint_path", checkpoint_path)):
+        if path is not None:  # a bad path fails now, not after the run (or at its first save)
+            if Path(path).is_dir():
+                raise ConfigError(f"{what} {str(path)!r} is a folder; give a file path in it")
+            check_writable(Path(path).parent, what)
     if checkpoint_path is not None:
         config.to_dict()  # a checkpoint stores the settings: refuse unserialisable ones now
     check_problem(problem)

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bilevel_ray.errors import ConfigError
@@ -29,11 +30,11 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
             f"{str(folder)!r} holds no history.parquet: give a folder written by "
             "'bilevel-ray tune --out', 'solve --out' or 'train --out'"
         )
-    history = pq.read_table(history_path).to_pylist()
+    history = _rows(history_path)
     if (folder / "trials.parquet").is_file():
         from bilevel_ray.runtime.ranking import rank_trials
 
-        trials = rank_trials(pq.read_table(folder / "trials.parquet").to_pylist(), gap_tol)
+        trials = rank_trials(_rows(folder / "trials.parquet"), gap_tol)
         verdicts = ("flatness/verdict",) if any("flatness/verdict" in t for t in trials) else ()
         configs = tuple(k for k in trials[0] if k.startswith("config/"))
         table = _format(trials, COLUMNS + verdicts + configs)
@@ -79,6 +80,18 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return table, out, None
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """A results file's rows; a damaged file is a ConfigError naming it (pyarrow reads data
+    only: nothing in the file is executed)."""
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(
+            f"{str(path)!r} cannot be read ({err}): it is corrupted; rerun the command that "
+            "wrote it"
+        ) from None
 
 
 def _format(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

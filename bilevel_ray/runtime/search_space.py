@@ -126,6 +126,21 @@ def space_from_json(spec: Mapping[str, Any]) -> dict[str, Any]:
                     f'{", ".join(_DISTRIBUTIONS)}, e.g. {key}={{"loguniform": [1, 100]}}'
                 )
             kind, args = next(iter(value.items()))
+            if kind != "choice" and not (
+                isinstance(args, (list, tuple))
+                and len(args) == 2
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+                and args[0] < args[1]
+            ):
+                raise ConfigError(
+                    f"--space {key}={value!r}: {kind} needs [low, high] with low < high, e.g. "
+                    f'{key}={{"{kind}": [1, 100]}}'
+                )
+            if kind == "choice" and (not isinstance(args, (list, tuple)) or not args):
+                raise ConfigError(
+                    f"--space {key}={value!r}: choice needs a non-empty list, e.g. "
+                    f'{key}={{"choice": [1, 2, 3]}}'
+                )
             try:
                 space[key] = (
                     tune.choice(list(args)) if kind == "choice" else getattr(tune, kind)(*args)

@@ -165,8 +165,9 @@ def train(
     watch = watch_settings(
         on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options, steps
     )
+    check_resources_spec(resources_per_worker)
     # A fresh run gets a unique name; pass name= (the same one) to resume a run.
-    name = name or default_run_name(method)
+    name = check_run_name(name or default_run_name(method))
     storage = _storage(storage_path)
 
     gpu_here = use_gpu == "auto" and torch.cuda.is_available()
@@ -278,6 +279,33 @@ def worker_config(
         "batch_size": batch_size,
         "evaluate": evaluate,
     }
+
+
+def check_run_name(name: Any) -> str:
+    """A run or sweep name is one folder inside the storage path: no separators, no '..'
+    (a name like '../x' or '/x' would put the run, and its files, outside it)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ConfigError(
+            f"name={name!r}: must be a plain folder name (no '/' or '..'), e.g. name='run1'"
+        )
+    return name
+
+
+def check_resources_spec(resources: Any) -> None:
+    """``resources_per_worker``: None, or resource names to finite numbers > 0."""
+    if resources is None:
+        return
+    if not isinstance(resources, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and 0 < v < float("inf")
+        for k, v in resources.items()
+    ):
+        raise ConfigError(
+            f"resources_per_worker={resources!r}: must map resource names to numbers > 0, "
+            "e.g. {'CPU': 1} or {'CPU': 0.5}"
+        )
 
 
 def default_run_name(method: str) -> str:

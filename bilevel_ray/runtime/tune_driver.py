@@ -47,7 +47,13 @@ from bilevel_ray.runtime.search_space import (
     default_search_space,
     sample_point,
 )
-from bilevel_ray.runtime.train import build_spec, fit_worker_group, worker_config
+from bilevel_ray.runtime.train import (
+    build_spec,
+    check_resources_spec,
+    check_run_name,
+    fit_worker_group,
+    worker_config,
+)
 
 __all__ = ["TuneResult", "run_sweep"]
 
@@ -288,6 +294,8 @@ def run_sweep(
     num_workers = count("num_workers", num_workers, 1)
     gap_steps = count("gap_steps", gap_steps, 1)
     max_failures = count("max_failures", max_failures, 0)
+    name = check_run_name(name)
+    check_resources_spec(resources_per_worker)
     watch = watch_settings(
         on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options, steps
     )
