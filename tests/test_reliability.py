@@ -8,6 +8,7 @@ import torch
 
 import bilevel_ray as br
 from bilevel_ray.runtime.checkpoint import previous_path
+from bilevel_ray.runtime.train import CHECKPOINT_FILE
 
 
 def _run(quadratic, origin, steps, **extra):
@@ -96,3 +97,43 @@ def test_a_crashed_trial_process_is_retried_and_the_sweep_completes(ray_2cpu, tm
     assert marker.read_text() == "crashed once"  # the trial did die once
     trials = result.trials.to_pylist()
     assert [t["status"] for t in trials] == ["completed"] and trials[0]["step"] == 50
+
+
+@pytest.mark.ray
+def test_a_damaged_train_checkpoint_falls_back_to_the_one_before(ray_2cpu, tmp_path, capfd):
+    common = {
+        "num_workers": 2,
+        "resources_per_worker": {"CPU": 0.5},
+        "report_every": 10,
+        "checkpoint_every": 10,
+        "storage_path": tmp_path,
+        "in_process": False,
+    }
+    whole = br.train("quadratic", steps=60, name="whole", **common)
+    br.train("quadratic", steps=40, name="cut", **common)
+    newest = sorted((tmp_path / "cut").glob("checkpoint_step_*"))[-1] / CHECKPOINT_FILE
+    newest.write_bytes(newest.read_bytes()[:100])  # a copy cut short
+    resumed = br.train("quadratic", steps=60, name="cut", **common)
+    assert "Resuming from the previous checkpoint" in capfd.readouterr().err
+    assert torch.allclose(resumed.x["x"], whole.x["x"], atol=1e-12)
+    assert resumed.history["step"].to_pylist()[-1] == 60
+
+
+@pytest.mark.parametrize("runner", ["solve", "train"])
+def test_a_full_disk_is_refused_before_the_run_starts(
+    quadratic, origin, tmp_path, monkeypatch, runner
+):
+    import shutil
+
+    from bilevel_ray.runtime import checkpoint
+
+    full = shutil._ntuple_diskusage(total=10**9, used=10**9 - 100, free=100)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: full)
+    match = r"has 0\.0 MiB free and the run's checkpoints need about .* MiB: free some space"
+    what = "checkpoint_path" if runner == "solve" else "storage_path"
+    with pytest.raises(br.ConfigError, match=rf"^{what} '.*' " + match):
+        if runner == "solve":
+            _run(quadratic, origin, 20, checkpoint_path=tmp_path / "ckpt.pt", checkpoint_every=10)
+        else:
+            br.train("quadratic", steps=20, storage_path=tmp_path, name="r")
+    assert not list(tmp_path.rglob("*.pt"))  # nothing written

@@ -4,8 +4,9 @@ executing code (``torch.load(weights_only=True)``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from bilevel_ray.tree import to_device
 __all__ = [
     "CHECKPOINT_KEYS",
     "atomic_write",
+    "check_free_space",
     "check_writable",
     "checkpoint_payload",
     "load_checkpoint",
     "load_latest",
     "previous_path",
     "save_checkpoint",
+    "tensor_bytes",
 ]
 
 CHECKPOINT_KEYS = ("state", "rng", "history", "elapsed_s", "config", "seed")
@@ -69,30 +72,34 @@ def save_checkpoint(
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_latest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint at ``path``, or, if that one cannot be read, the previous one (saying so
-    on stderr); a ConfigError naming both files when neither can be read."""
+def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dict[str, Any]:
+    """The checkpoint at ``path``, or, if that one cannot be read, the newest readable of the
+    older ones (``older``, newest last; by default ``<path>.prev``), saying so on stderr; a
+    ConfigError naming the damaged file when none can be read."""
     try:
         return load_checkpoint(path)
     except ConfigError as err:
-        previous = previous_path(path)
-        if not previous.exists():
+        candidates = list(older) or [previous_path(path)]
+        for previous in reversed([p for p in candidates if Path(p).exists()]):
+            try:
+                payload = load_checkpoint(previous)
+            except ConfigError:
+                continue
+            state = payload["state"]
+            step = state.get("step") if isinstance(state, dict) else None
+            print(
+                f"warning: {err.problems[0]} Resuming from the previous checkpoint "
+                f"{str(previous)!r} (step {step}) instead.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return payload
+        if not any(Path(p).exists() for p in candidates):
             raise
-        try:
-            payload = load_checkpoint(previous)
-        except ConfigError:
-            raise ConfigError(
-                f"{err.problems[0]} The previous checkpoint {str(previous)!r} cannot be read "
-                "either: delete both to start afresh."
-            ) from None
-        step = payload["state"].get("step") if isinstance(payload["state"], dict) else None
-        print(
-            f"warning: {err.problems[0]} Resuming from the previous checkpoint "
-            f"{str(previous)!r} (step {step}) instead.",
-            file=sys.stderr,
-            flush=True,
-        )
-        return payload
+        raise ConfigError(
+            f"{err.problems[0]} The previous checkpoint {str(candidates[-1])!r} cannot be read "
+            "either: delete both to start afresh."
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -112,6 +119,28 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{missing if missing else 'everything: not a dict'}); delete it to start afresh"
         )
     return payload
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples (a state, a checkpoint)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
+
+
+def check_free_space(folder: str | os.PathLike[str], need: int, what: str) -> None:
+    """Refuse to start a run whose checkpoints cannot fit in ``folder`` (a full disk found at the
+    first save, an hour in, loses the hour)."""
+    free = shutil.disk_usage(Path(folder).expanduser()).free
+    if free < need:
+        raise ConfigError(
+            f"{what} {str(folder)!r} has {free / 2**20:.1f} MiB free and the run's checkpoints "
+            f"need about {need / 2**20:.1f} MiB: free some space or choose another folder"
+        )
 
 
 def check_writable(folder: str | os.PathLike[str], what: str) -> Path:

@@ -27,10 +27,12 @@ from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
 from bilevel_ray.runtime.checkpoint import (
+    check_free_space,
     check_writable,
     checkpoint_payload,
     load_latest,
     save_checkpoint,
+    tensor_bytes,
 )
 from bilevel_ray.runtime.flatness_watch import (
     ActiveSolver,
@@ -224,6 +226,9 @@ def run_local(
     else:
         state = solver.init(x0, y0)
         recorder = HistoryRecorder(config.method, report_every)
+    if checkpoint_path is not None:
+        # The new file, its .tmp while written, and the previous one; the history is small.
+        check_free_space(Path(checkpoint_path).parent, 3 * tensor_bytes(state), "checkpoint_path")
 
     # The seeded RNG covers the data stream too (a shuffled DataLoader draws when iterated).
     with torch.random.fork_rng(devices=_cuda_devices(x0, y0)):

@@ -30,7 +30,13 @@ from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import ProblemSpec, check_params, check_problem
 from bilevel_ray.problems import load_factory
-from bilevel_ray.runtime.checkpoint import check_writable, load_checkpoint
+from bilevel_ray.runtime.checkpoint import (
+    check_free_space,
+    check_writable,
+    load_checkpoint,
+    load_latest,
+    tensor_bytes,
+)
 from bilevel_ray.runtime.flatness_watch import (
     FlatnessJudge,
     FlatnessWatch,
@@ -170,6 +176,10 @@ def train(
     name = check_run_name(name or default_run_name(method))
     storage = _storage(storage_path)
 
+    if not isinstance(storage, _UriPath):
+        # Train keeps two checkpoints and writes a third; a state is about x and y plus an
+        # optimizer's two moments.
+        check_free_space(storage, 9 * tensor_bytes((spec.x0, spec.y0)), "storage_path")
     gpu_here = use_gpu == "auto" and torch.cuda.is_available()
     uri = isinstance(storage, _UriPath)  # remote storage: Train writes it, not this process
     needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
@@ -382,7 +392,7 @@ def _check_run_folder(
         )
     if in_process or not group:
         return
-    saved = load_checkpoint(group[-1] / CHECKPOINT_FILE)
+    saved = load_latest(group[-1] / CHECKPOINT_FILE, [d / CHECKPOINT_FILE for d in group[:-1]])
     if saved.get("status") == "diverged":
         raise ConfigError(
             f"run {str(folder)!r} diverged; its last state is not finite: use a new name"

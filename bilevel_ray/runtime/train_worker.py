@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import BilevelBatch, FullBatch, as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import check_losses
-from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from bilevel_ray.runtime.checkpoint import checkpoint_payload, load_latest, save_checkpoint
 from bilevel_ray.runtime.collectives import (
     allreduce_mean,
     allreduce_mean_tensor,
@@ -85,7 +86,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            saved = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+            saved = load_latest(Path(folder) / CHECKPOINT_FILE, _older(checkpoint.path))
         state = state_from_dict(to_device(saved["state"], device))
         recorder = HistoryRecorder(
             settings.method,
@@ -154,6 +155,20 @@ def _active_solver(cfg, rank, world, settings, solver, problem) -> ActiveSolver:
     return ActiveSolver(settings, solver, problem, grad_reduce, watch, rank == 0, share)
 
 
+def _older(path: str) -> list[Path]:
+    """The run's checkpoint files before ``path`` (oldest first), the fallbacks should the
+    latest be damaged; Train keeps two (``num_to_keep``). Only on a local or mounted storage
+    path: an object store is not listed."""
+    here = Path(path)
+    if not here.parent.is_dir():
+        return []
+    return [
+        d / CHECKPOINT_FILE
+        for d in sorted(here.parent.glob("checkpoint_step_*"))
+        if d.name < here.name
+    ]
+
+
 def _scorer(spec: Any, options: dict[str, Any], device: torch.device) -> Any:
     """Held-out scores for a sweep (every rank computes the same numbers on the same data)."""
     from bilevel_ray.evaluation import evaluate
@@ -212,6 +227,7 @@ class _Run:
         self.cfg, self.rank, self.settings, self.recorder = cfg, rank, settings, recorder
         self.scorer = scorer  # a sweep's trial: held-out scores added to every report
         self.active: ActiveSolver | None = None
+        self.attempt = uuid.uuid4().hex[:6]
 
     def loop(self, state: SolverState, active: ActiveSolver, batches: Any) -> None:
         steps, every = self.cfg["steps"], self.cfg["checkpoint_every"]
@@ -282,5 +298,7 @@ class _Run:
             ray.train.report(
                 row,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"checkpoint_step_{state.step:09d}",
+                # Unique per group start: a group that resumed from an older checkpoint (the
+                # newest was damaged) must not write into a folder Train already tracks.
+                checkpoint_dir_name=f"checkpoint_step_{state.step:09d}_{self.attempt}",
             )
