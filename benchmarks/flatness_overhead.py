@@ -10,7 +10,7 @@ rounds. Torch runs on 1 thread.
 
 Targets: <= 10% extra time during the window, <= 1% after it.
 
-    .venv/bin/python benchmarks/flatness_overhead.py [--window 500] [--every 100] [--rounds 3]
+    .venv/bin/python benchmarks/flatness_overhead.py [--window 2000] [--every 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def timed_run(window: int, every: int, watched: bool) -> tuple[float, float, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--window", type=int, default=500)
-    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--window", type=int, default=2000)
+    parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/flatness_overhead.parquet")

@@ -38,22 +38,22 @@ import gc
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from process_memory import reset_peak, status_mib
 
 import bilevel_ray as br
 from bilevel_ray.data import as_batches
 from bilevel_ray.evaluation import evaluate
 from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
+from bilevel_ray.runtime.checkpoint import tensor_bytes
 
 METHODS = {"pbgd_free": {"inner_steps": 1}, "pbgd": {"inner_steps": 5}, "bome": {}}
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # of the budget, where the eval losses are recorded
@@ -89,34 +89,6 @@ SCHEMA = pa.schema(
 
 # ---------------------------------------------------------------------------------------------
 # One run, in its own process.
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # resets the peak resident set size to the current one
-        return True
-    except OSError:
-        return False
-
-
-def _tensor_bytes(tree: Any) -> int:
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, dict):
-        return sum(_tensor_bytes(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in tree)
-    return 0
 
 
 def _eval(spec: br.ProblemSpec, state: br.SolverState, chunk: int) -> dict[str, float]:
@@ -159,8 +131,8 @@ def run_one(method: str, seed: int, seconds: float, lr: float, threads: int) -> 
     torch.manual_seed(seed)
     batches = as_batches(spec.data, seed)
     gc.collect()
-    reset = _reset_peak()
-    base_mb = _rss_mb() if reset else _peak_mb()
+    reset = reset_peak()
+    base_mb = status_mib("VmRSS" if reset else "VmHWM")
     rows, steps, train_s = [], 0, 0.0
     for fraction in FRACTIONS:
         started = time.perf_counter()
@@ -168,7 +140,7 @@ def run_one(method: str, seed: int, seconds: float, lr: float, threads: int) -> 
             state, _ = solver.step(state, next(batches))
             steps += 1
         train_s += time.perf_counter() - started
-        peak = _peak_mb()
+        peak = status_mib("VmHWM")
         rows.append(
             {
                 "method": method,
@@ -180,7 +152,7 @@ def run_one(method: str, seed: int, seconds: float, lr: float, threads: int) -> 
                 **_eval(spec, state, chunk),
                 "eval_dpo_start": start_scores["eval_dpo"],
                 "eval_sft_start": start_scores["eval_sft"],
-                "state_bytes": _tensor_bytes(br.state_to_dict(state)),
+                "state_bytes": tensor_bytes(br.state_to_dict(state)),
                 "peak_rss_growth_mb": max(peak - base_mb, 0.0),
                 "peak_rss_mb": peak,
                 "peak_reset": reset,

@@ -22,3 +22,27 @@ def test_quickstart():
     assert "pbgd_free  x = +0.0000   phi'(x) = +10.0000" in out
     assert "alt_pbgd   x = -5.0000" in out
     assert "[pbgd_free] step 600/600" in done.stderr
+
+
+def test_representation_example_with_tiny_settings():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "representation.py"),
+            "--steps",
+            "30",
+            "--methods",
+            "pbgd_free",
+            "implicit_cg",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "test MSE" in line]
+    assert [line.split()[0] for line in lines] == ["pbgd_free", "implicit_cg"]
+    for line in lines:  # both lower the held-out MSE from the same start
+        before, after = (float(v) for v in line.split("test MSE ")[1].split(",")[0].split(" -> "))
+        assert after < before

@@ -14,7 +14,7 @@ def _negative():
     return br.problems.BUILTIN_PROBLEMS["toy-negative"]({})
 
 
-@pytest.mark.parametrize("gamma", [5.0, 15.0, 50.0])
+@pytest.mark.parametrize("gamma", [5.0, 15.0, 50.0, 200.0])
 def test_pbgd_free_stops_at_the_biased_point_x_0(gamma):
     spec = _negative()
     res = br.solve(
