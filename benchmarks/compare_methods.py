@@ -57,8 +57,6 @@ import json
 import math
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -67,7 +65,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from process_memory import reset_peak, status_mib
+from isolated_runs import reset_peak, run_child, status_mib
 
 import bilevel_ray as br
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
@@ -264,15 +262,7 @@ def spawn(problem: str, method: str, seed: int, args: argparse.Namespace) -> dic
         "threads": args.threads,
         "adam_eps": args.adam_eps,
     }
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=args.seconds * 4 + 300,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{problem} {method} seed {seed} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, job, args.seconds * 4 + 300, f"{problem} {method} seed {seed}")
 
 
 def _first(run: dict, threshold: float, axis: str) -> float | None:

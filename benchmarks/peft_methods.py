@@ -39,15 +39,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from process_memory import reset_peak, status_mib
+from isolated_runs import reset_peak, run_child, status_mib
 
 import bilevel_ray as br
 from bilevel_ray.data import as_batches
@@ -172,15 +170,7 @@ def run_one(method: str, seed: int, seconds: float, lr: float, threads: int) -> 
 def spawn(method: str, seed: int, args: argparse.Namespace) -> list[dict]:
     job = {"method": method, "seed": seed, "seconds": args.seconds, "lr": args.lr}
     job["threads"] = args.threads
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=args.seconds * 4 + 300,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{method} seed {seed} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, job, args.seconds * 4 + 300, f"{method} seed {seed}")
 
 
 def _stats(values: list[float]) -> str:
