@@ -103,29 +103,27 @@ def _key_values(pairs: Sequence[str], flag: str, strict: bool = False) -> dict[s
     return out
 
 
-def _common(command: argparse.ArgumentParser) -> None:
-    """The options ``solve`` and ``train`` share."""
+def _problem_options(command: argparse.ArgumentParser, set_help: str) -> None:
+    """PROBLEM, its factory's settings (``--config``) and what ``--set`` sets."""
     command.add_argument(
         "problem", help=f"built-in ({', '.join(BUILTIN_PROBLEMS)}) or file.py:factory"
     )
+    for flag, text in (
+        ("--set", set_help),
+        ("--config", "a setting of the problem factory (e.g. seed=3, dtype=float32)"),
+    ):
+        command.add_argument(
+            flag, action="append", default=[], metavar="KEY=VALUE", help=f"{text}; repeatable"
+        )
+
+
+def _common(command: argparse.ArgumentParser) -> None:
+    """The options ``solve``, ``train`` and ``tune`` share."""
+    _problem_options(command, "a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...)")
     command.add_argument("--method", default="pbgd_free", help="solver (default: pbgd_free)")
     command.add_argument("--steps", type=int, help="iterations (default: the problem's own)")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--report-every", type=int, default=100, help="log every N steps")
-    command.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...); repeatable",
-    )
-    command.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting of the problem factory (e.g. seed=3, dtype=float32); repeatable",
-    )
     command.add_argument(
         "--out", type=Path, help="write history.parquet, result.pt and run.json here"
     )
@@ -260,8 +258,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog=DIAGNOSE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    diagnose_cmd.add_argument(
-        "problem", help=f"built-in ({', '.join(BUILTIN_PROBLEMS)}) or file.py:factory"
+    _problem_options(
+        diagnose_cmd,
+        "a warm-up setting (lr_x, lr_y, inner_steps, optimizer) or an option of br.diagnose "
+        "(solve_steps, rho_ok, ...)",
     )
     diagnose_cmd.add_argument(
         "--gamma", type=float, help="the penalty to diagnose at (default: the problem's, or 10)"
@@ -271,21 +271,6 @@ def _parser() -> argparse.ArgumentParser:
         "--every", type=int, default=25, help="estimate every N warm-up steps (default 25)"
     )
     diagnose_cmd.add_argument("--seed", type=int, default=0)
-    diagnose_cmd.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a warm-up setting (lr_x, lr_y, inner_steps, optimizer) or an option of "
-        "br.diagnose (solve_steps, rho_ok, ...); repeatable",
-    )
-    diagnose_cmd.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting of the problem factory; repeatable",
-    )
     diagnose_cmd.add_argument(
         "--address", help="run the diagnostic as a task on this Ray cluster (default: here)"
     )
