@@ -8,8 +8,10 @@ Grid: gamma {1, 3, 10, 30, 100} x lr_y {1e-4, 1e-3, 1e-2, 1e-1} x lr_ratio {0.01
 inner_steps {1, 2, 3} x optimizer {sgd, adam} = 360 runs, every one to the end (no scheduler).
 Both are ranked by the same rule (held-out upper loss among runs whose lower gap <= gap_tol).
 
-The sweep uses br.tune's defaults (ASHA; Optuna's TPE when optuna is installed, else random),
-once per ``--seeds`` value (the searcher's seed), so that the figure is not one lucky draw.
+The sweep uses br.tune's defaults (Optuna's TPE with every trial run to its end when optuna is
+installed, else random search with ASHA), once per ``--seeds`` value (the sweep's seed: the
+searcher's and the trials' data order), so that the figure is not one lucky draw.
+``benchmarks/searcher_study.py`` compares other searchers on the same objective, in process.
 
 Target: each sweep's best held-out upper loss within 5% of the grid's best.
 

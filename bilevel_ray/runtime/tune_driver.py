@@ -271,6 +271,8 @@ def run_sweep(
             actor per sweep, and each trial's verdict is a column of ``trials.parquet``
             (``flatness/verdict``, ``flatness/reason``); a stopped trial's status is
             ``unsuitable``.
+        seed: seeds the searcher and every trial's run (data order, sampling), so that the
+            trials of one sweep differ only in their settings.
         max_failures: times a trial whose process dies (a killed worker, a lost node) is
             retried from its start (Tune's ``FailureConfig``).
         **base_options: fixed solver settings (not searched).
