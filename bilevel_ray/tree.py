@@ -18,6 +18,7 @@ __all__ = [
     "Params",
     "add_scaled",
     "clone",
+    "cuda_devices",
     "leaves",
     "sub",
     "to_device",
@@ -27,6 +28,11 @@ __all__ = [
 
 Params = dict[str, Tensor]
 """A named group of tensors: one level's variables (x or y), gradients or optimizer moments."""
+
+
+def cuda_devices(*groups: Params) -> list[int]:
+    """The CUDA devices the groups' tensors live on (a run forks their RNGs with the CPU's)."""
+    return sorted({t.device.index or 0 for g in groups for t in g.values() if t.is_cuda})
 
 
 def clone(p: Params) -> Params:

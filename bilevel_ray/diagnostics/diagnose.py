@@ -40,13 +40,14 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.diagnostics.flatness import (
     DELTA_PAIRS,
+    count_problem,
     estimate,
     estimate_problems,
     lower_responses,
 )
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
-from bilevel_ray.tree import Params
+from bilevel_ray.tree import Params, cuda_devices
 
 __all__ = ["Verdict", "decide", "decide_problems", "diagnose"]
 
@@ -186,11 +187,6 @@ def decide(
     return Verdict(False, "unsuitable", reason, out, "switch to alt_pbgd", "alt_pbgd")
 
 
-def _count(problems: list[str], name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        problems.append(f"{name}={value!r}: must be an integer >= {minimum}")
-
-
 def diagnose(
     problem: BilevelProblem,
     x0: Params,
@@ -235,14 +231,17 @@ def diagnose(
     check_problem(problem)
     check_params(x0, y0)
     problems: list[str] = []
-    _count(problems, "warmup_steps", warmup_steps, 0)
-    _count(problems, "every", every, 1)
-    _count(problems, "seed", seed, 0)
-    opts = {
+    count_problem(problems, "warmup_steps", warmup_steps, 0)
+    count_problem(problems, "every", every, 1)
+    count_problem(problems, "seed", seed, 0)
+    solve = {
         "solve_steps": solve_steps,
         "solve_lr": solve_lr,
         "solve_rtol": solve_rtol,
         "optimizer": solve_optimizer,
+    }
+    opts = {
+        **solve,
         "gamma_factor": gamma_factor,
         "directions": directions,
         "delta_pairs": delta_pairs,
@@ -263,9 +262,8 @@ def diagnose(
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 
-    devices = sorted({t.device.index or 0 for g in (x0, y0) for t in g.values() if t.is_cuda})
     stats = []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=cuda_devices(x0, y0)):
         torch.manual_seed(seed)  # a shuffled DataLoader draws from torch's RNG when iterated
         batches = as_batches(data, seed)
         first = next(batches)
@@ -274,18 +272,7 @@ def diagnose(
         warm, scale = state.y, None
         for t, batch in enumerate(itertools.chain([first], batches)):
             if t % every == 0 or t == warmup_steps:
-                r = lower_responses(
-                    problem,
-                    state.x,
-                    warm,
-                    batch,
-                    gamma,
-                    solve_steps=solve_steps,
-                    solve_lr=solve_lr,
-                    solve_rtol=solve_rtol,
-                    optimizer=solve_optimizer,
-                    scale=scale,
-                )
+                r = lower_responses(problem, state.x, warm, batch, gamma, scale=scale, **solve)
                 stats.append(
                     estimate(problem, state.x, warm, batch, gamma, **opts, seed=seed, responses=r)
                 )

@@ -201,6 +201,18 @@ def bias_terms(
     _, _, (kept,) = grads_of(
         lambda x_: (problem.upper_loss(x_, y_gamma, batch.upper), {}), [x], identity_reduce
     )
+    diff = _lower_grad_x_diff(problem, x, y_g, y_gamma, batch)
+    full = add_scaled(kept, diff, gamma)
+    k, d, total = _norm(kept), gamma * _norm(diff), _norm(full)
+    rho = d / k if k > 0 else (math.inf if d > 0 else 0.0)
+    cos = float(vdot(kept, full)) / (k * total) if k * total > 0 else math.nan
+    return {"kept": k, "dropped": d, "full": total, "rho": rho, "cos": cos}
+
+
+def _lower_grad_x_diff(
+    problem: BilevelProblem, x: Params, y_g: Params, y_gamma: Params, batch: Any
+) -> Params:
+    """grad_x g(x, y_gamma) - grad_x g(x, y_g): the dropped term is gamma times it."""
     _, _, (diff,) = grads_of(
         lambda x_: (
             problem.lower_loss(x_, y_gamma, batch.lower) - problem.lower_loss(x_, y_g, batch.lower),
@@ -209,11 +221,7 @@ def bias_terms(
         [x],
         identity_reduce,
     )
-    full = add_scaled(kept, diff, gamma)
-    k, d, total = _norm(kept), gamma * _norm(diff), _norm(full)
-    rho = d / k if k > 0 else (math.inf if d > 0 else 0.0)
-    cos = float(vdot(kept, full)) / (k * total) if k * total > 0 else math.nan
-    return {"kept": k, "dropped": d, "full": total, "rho": rho, "cos": cos}
+    return diff
 
 
 def delta_hat(f_gap: float, gap: float, c: float = 0.5, alpha: float = 1.5) -> float:
@@ -318,14 +326,13 @@ def estimate(
         perturbed_hi, r.y_gamma, solve_steps, solve_lr, optimizer, solve_rtol * r.scale
     )
     terms = bias_terms(problem, x, r.y_g, r.y_gamma, batch, gamma)
-    dropped_hi = bias_terms(problem, x, r.y_g, y_hi, batch, gamma_hi)["dropped"]
+    dropped_hi = gamma_hi * _norm(_lower_grad_x_diff(problem, x, r.y_g, y_hi, batch))
     gap, gap_hi = _norm(sub(r.y_gamma, r.y_g)), _norm(sub(y_hi, r.y_g))
-    _, _, (grad_y,) = grads_of(
+    f_g, _, (grad_y,) = grads_of(
         lambda y_: (problem.upper_loss(x, y_, batch.upper), {}), [r.y_g], identity_reduce
     )
     with torch.no_grad():
-        f_g = float(problem.upper_loss(x, r.y_g, batch.upper))
-        f_gap = abs(f_g - float(problem.upper_loss(x, r.y_gamma, batch.upper)))
+        f_gap = abs(float(f_g) - float(problem.upper_loss(x, r.y_gamma, batch.upper)))
     alpha_hat, c_hat = fit_exponent(
         problem, x, r.y_g, batch, r.y_gamma, directions=directions, seed=seed
     )
@@ -349,7 +356,7 @@ def estimate(
     return {f"flatness/{k}": float(v) for k, v in stats.items()}
 
 
-def _count(problems: list[str], name: str, value: Any, minimum: int) -> None:
+def count_problem(problems: list[str], name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         problems.append(f"{name}={value!r}: must be an integer >= {minimum}")
 
@@ -383,7 +390,7 @@ def estimate_problems(
     ``optimizer_name`` is what the caller calls the solves' optimizer."""
     problems: list[str] = []
     _number(problems, "gamma", gamma, 0, math.inf, "the penalty to diagnose at, e.g. 10.0")
-    _count(problems, "solve_steps", solve_steps, 1)
+    count_problem(problems, "solve_steps", solve_steps, 1)
     _number(problems, "solve_lr", solve_lr, 0, math.inf, "e.g. solve_lr=0.05 with Adam")
     _number(problems, "solve_rtol", solve_rtol, 0, 1, "e.g. solve_rtol=1e-6")
     if not isinstance(optimizer, str) or optimizer not in (*OPTIMIZERS, "lbfgs"):
@@ -392,7 +399,7 @@ def estimate_problems(
             f"{sorted([*OPTIMIZERS, 'lbfgs'])}"
         )
     _number(problems, "gamma_factor", gamma_factor, 1, math.inf, "the second gamma, e.g. 4.0")
-    _count(problems, "directions", directions, 0)
+    count_problem(problems, "directions", directions, 0)
     if not isinstance(delta_pairs, Sequence) or not all(_is_pair(p) for p in delta_pairs):
         problems.append(
             f"delta_pairs={delta_pairs!r}: must be (c, alpha) pairs with c >= 0 and alpha > 0, "

@@ -28,7 +28,7 @@ from typing import Any
 
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
 from bilevel_ray.diagnostics.diagnose import Verdict, decide
-from bilevel_ray.diagnostics.flatness import estimate, estimate_problems, lower_responses
+from bilevel_ray.diagnostics.flatness import count_problem, estimate, estimate_problems
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.solvers.base import SolverState
 
@@ -103,9 +103,8 @@ def watch_settings(
             f"on_unsuitable={on_unsuitable!r} with method={method!r}: the flatness diagnostic "
             "judges PBGD-Free's dropped term; use method='pbgd_free' or on_unsuitable=None"
         )
-    for name, value, low in (("diagnose_window", window, 1), ("diagnose_every", every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"{name}={value!r}: must be an integer >= {low}")
+    count_problem(problems, "diagnose_window", window, 1)
+    count_problem(problems, "diagnose_every", every, 1)
     if not problems and steps is not None and window > steps:
         problems.append(
             f"diagnose_window={window} is longer than the run (steps={steps}): the verdict "
@@ -184,12 +183,9 @@ class FlatnessWatch:
         if state.step not in self._due:
             return
         gamma = float(self.gamma(state.step) if callable(self.gamma) else self.gamma)
-        options = dict(self.settings.estimator)
-        solve = {k: options[k] for k in ("solve_steps", "solve_lr", "solve_rtol", "optimizer")}
         # The solves start at the run's y: PBGD-Free's y tracks y_gamma, O(1/gamma) from y_g,
         # a closer start than the previous point's y_g once x has moved for every steps.
-        responses = lower_responses(problem, state.x, state.y, batch, gamma, **solve)
-        stats = estimate(problem, state.x, state.y, batch, gamma, responses=responses, **options)
+        stats = estimate(problem, state.x, state.y, batch, gamma, **self.settings.estimator)
         self.judge.add(self.run_id, state.step, stats)
 
     def due(self, step: int) -> bool:

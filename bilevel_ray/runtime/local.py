@@ -42,7 +42,7 @@ from bilevel_ray.runtime.flatness_watch import (
 )
 from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
-from bilevel_ray.tree import Params, to_device
+from bilevel_ray.tree import Params, cuda_devices, to_device
 
 __all__ = [
     "SolveResult",
@@ -231,7 +231,7 @@ def run_local(
         check_free_space(Path(checkpoint_path).parent, 3 * tensor_bytes(state), "checkpoint_path")
 
     # The seeded RNG covers the data stream too (a shuffled DataLoader draws when iterated).
-    with torch.random.fork_rng(devices=_cuda_devices(x0, y0)):
+    with torch.random.fork_rng(devices=cuda_devices(x0, y0)):
         # A resumed stream first skips the batches it used, drawing from the seeded RNG as the
         # first run did (a shuffled DataLoader draws when it starts an epoch); then the RNG
         # continues from the checkpoint.
@@ -268,11 +268,6 @@ def run_local(
         run.verdict,
         run.status,
     )
-
-
-def _cuda_devices(*groups: Params) -> list[int]:
-    """The CUDA devices the run uses, whose RNGs are forked along with the CPU's."""
-    return sorted({t.device.index or 0 for g in groups for t in g.values() if t.is_cuda})
 
 
 def _run(run, state, batches, steps, recorder, progress, checkpointing, on_row) -> SolverState:
