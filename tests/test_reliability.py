@@ -22,6 +22,7 @@ def _run(quadratic, origin, steps, **extra):
     [
         lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # a copy cut short
         lambda p: p.write_bytes(b"\x00" * 64),  # a bad disk block
+        lambda p: p.unlink(),  # a crash between moving it to .prev and renaming the new one
     ],
 )
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
@@ -39,6 +40,24 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
     # Ten steps are redone from step 30; the result is the uninterrupted run's.
     assert torch.equal(resumed.x["x"], whole.x["x"]) and torch.equal(resumed.y["y"], whole.y["y"])
     assert resumed.history["step"].to_pylist() == whole.history["step"].to_pylist()
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_last_one_in_place(tmp_path, monkeypatch):
+    from bilevel_ray.runtime import checkpoint
+
+    ckpt = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint({"step": 1}, ckpt, keep_previous=True)
+
+    def crash(payload, tmp):
+        tmp.write_bytes(b"half a file")
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError, match="killed mid-write"):
+        checkpoint.save_checkpoint({"step": 2}, ckpt, keep_previous=True)
+    monkeypatch.undo()
+    assert torch.load(ckpt) == {"step": 1}
+    assert not previous_path(ckpt).exists()
 
 
 def test_both_checkpoints_damaged_is_a_clear_error(quadratic, origin, tmp_path):

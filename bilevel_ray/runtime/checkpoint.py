@@ -67,9 +67,14 @@ def save_checkpoint(
 ) -> Path:
     """Write atomically; with ``keep_previous`` the file it replaces becomes ``<path>.prev``, a
     fallback should the new one be damaged later (a bad disk, a copy cut short)."""
-    if keep_previous and Path(path).exists():
-        os.replace(path, previous_path(path))
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        # Only once the new file is complete: a crash during the write leaves ``path`` intact.
+        if keep_previous and Path(path).exists():
+            os.replace(path, previous_path(path))
+
+    return atomic_write(path, write)
 
 
 def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dict[str, Any]:
@@ -79,8 +84,8 @@ def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dic
     try:
         return load_checkpoint(path)
     except ConfigError as err:
-        candidates = list(older) or [previous_path(path)]
-        for previous in reversed([p for p in candidates if Path(p).exists()]):
+        existing = [p for p in list(older) or [previous_path(path)] if Path(p).exists()]
+        for previous in reversed(existing):
             try:
                 payload = load_checkpoint(previous)
             except ConfigError:
@@ -94,10 +99,10 @@ def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dic
                 flush=True,
             )
             return payload
-        if not any(Path(p).exists() for p in candidates):
+        if not existing:
             raise
         raise ConfigError(
-            f"{err.problems[0]} The previous checkpoint {str(candidates[-1])!r} cannot be read "
+            f"{err.problems[0]} The previous checkpoint {str(existing[-1])!r} cannot be read "
             "either: delete both to start afresh."
         ) from None
 

@@ -31,6 +31,7 @@ from bilevel_ray.runtime.checkpoint import (
     check_writable,
     checkpoint_payload,
     load_latest,
+    previous_path,
     save_checkpoint,
     tensor_bytes,
 )
@@ -303,9 +304,9 @@ def _run(run, state, batches, steps, recorder, progress, checkpointing, on_row) 
 
 
 def _load_resume(path: Any, config: SolverConfig, seed: int) -> dict[str, Any] | None:
-    if not Path(path).exists():
+    if not Path(path).exists() and not previous_path(path).exists():
         return None
-    saved = load_latest(path)
+    saved = load_latest(path)  # falls back to <path>.prev (a crash between its two renames)
     if saved["seed"] != seed:
         raise ConfigError(
             f"checkpoint {str(path)!r} was written with seed={saved['seed']}, not seed={seed}: "
