@@ -119,12 +119,14 @@ def sweep(job: dict[str, Any]) -> dict[str, Any]:
 def _sampler(searcher: str, seed: int, trials: int) -> Any:
     import optuna
 
+    from bilevel_ray.runtime.tune_driver import tpe_sampler
+
     if searcher == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if searcher.endswith("gp"):
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=4)
-    startup = 8 if searcher.startswith("sobol-") else max(1, min(8, trials // 2))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+    # br.tune's own sampler; after Sobol points, TPE counts them as its start-up trials.
+    return tpe_sampler(seed, trials, startup=8 if searcher.startswith("sobol-") else None)
 
 
 def sobol_points(space: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:

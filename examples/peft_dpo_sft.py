@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 import bilevel_ray as br
+from bilevel_ray.config import METHOD_OPTIONS
 from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
 
 
@@ -34,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     budget.add_argument("--steps", type=int, default=1000, help="iterations (default 1000)")
     budget.add_argument("--seconds", type=float, help="run for this wall-clock time instead")
     parser.add_argument("--seed", type=int, default=0, help="model, data and run seed")
-    parser.add_argument("--gamma", type=float, default=10.0, help="penalty (not used by bome)")
+    parser.add_argument("--gamma", type=float, default=10.0, help="penalty, if the method has one")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam step size, both levels")
     parser.add_argument("--inner-steps", type=int, help="K (default: the method's own)")
     parser.add_argument("--report-every", type=int, default=50)
@@ -113,7 +114,7 @@ def main() -> None:
     options = {**br.SolverConfig.applicable(args.method, spec.defaults), "lr_x": args.lr}
     options["lr_y"] = args.lr
     options.pop("steps", None)
-    if args.method != "bome":
+    if "gamma" in METHOD_OPTIONS[args.method]:  # BOME and implicit_cg have no penalty
         options["gamma"] = args.gamma
     if args.inner_steps is not None:
         options["inner_steps"] = args.inner_steps

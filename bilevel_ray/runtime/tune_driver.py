@@ -426,7 +426,7 @@ def _search_alg(search_alg: Any, num_samples: int, seed: int) -> Any:
     """
     if search_alg in ("optuna", "auto"):
         try:
-            import optuna
+            import optuna  # noqa: F401 (whether it is installed decides "auto")
             from ray.tune.search.optuna import OptunaSearch
         except (ImportError, AssertionError):
             if search_alg == "auto":
@@ -434,17 +434,24 @@ def _search_alg(search_alg: Any, num_samples: int, seed: int) -> Any:
             raise ConfigError(
                 "search_alg='optuna' needs the optuna package: pip install 'bilevel_ray[optuna]'"
             ) from None
-        with warnings.catch_warnings():  # multivariate TPE is flagged experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(
-                seed=seed, n_startup_trials=max(1, min(8, num_samples // 2)), multivariate=True
-            )
-        return OptunaSearch(sampler=sampler)
+        return OptunaSearch(sampler=tpe_sampler(seed, num_samples))
     if search_alg is None or not isinstance(search_alg, str):
         return search_alg
     raise ConfigError(
         f"search_alg={search_alg!r}: use 'auto', None (random), 'optuna' or a searcher"
     )
+
+
+def tpe_sampler(seed: int, num_samples: int, startup: int | None = None) -> Any:
+    """The default searcher's sampler: multivariate TPE after ``startup`` trials (by default
+    ``num_samples // 2``, at most 8) sampled at random."""
+    import optuna
+
+    if startup is None:
+        startup = max(1, min(8, num_samples // 2))
+    with warnings.catch_warnings():  # multivariate TPE is flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
 
 
 def _tables(grid: Any, steps: int) -> tuple[pa.Table, pa.Table]:
