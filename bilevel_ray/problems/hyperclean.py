@@ -38,7 +38,7 @@ from torch.func import functional_call
 from bilevel_ray.data import BilevelBatch, full_batch, minibatches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config
-from bilevel_ray.tree import Params
+from bilevel_ray.tree import Params, clone, leaves
 
 __all__ = [
     "HyperCleaning",
@@ -242,7 +242,7 @@ def fit_classifier(
     inputs, labels = inputs.to(device), labels.to(device)
     weights = torch.ones(len(labels), device=device) if weights is None else weights.to(device)
     weights = weights.detach().to(inputs.dtype)
-    y = {k: v.detach().clone().requires_grad_(True) for k, v in spec.y0.items()}
+    y = leaves(clone(spec.y0))
     solver = torch.optim.LBFGS(
         list(y.values()),
         max_iter=max_iter,

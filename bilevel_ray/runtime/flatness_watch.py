@@ -40,6 +40,7 @@ __all__ = [
     "WatchSettings",
     "fallback_config",
     "switch_solver",
+    "verdict_columns",
     "watch_settings",
 ]
 
@@ -154,6 +155,13 @@ class FlatnessJudge:
 
     def verdicts(self) -> dict[str, dict[str, Any]]:
         return dict(self._verdicts)
+
+
+def verdict_columns(verdict: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A verdict, once given, as report columns (a sweep's trials.parquet keeps them)."""
+    if verdict is None:
+        return {}
+    return {"flatness/verdict": verdict["verdict"], "flatness/reason": verdict["reason"]}
 
 
 def fallback_config(settings: SolverConfig, method: str) -> SolverConfig:

@@ -43,7 +43,12 @@ from bilevel_ray.runtime.collectives import (
     broadcast_from_rank0,
 )
 from bilevel_ray.runtime.flatness_actor import ActorJudge
-from bilevel_ray.runtime.flatness_watch import ActiveSolver, FlatnessWatch, WatchSettings
+from bilevel_ray.runtime.flatness_watch import (
+    ActiveSolver,
+    FlatnessWatch,
+    WatchSettings,
+    verdict_columns,
+)
 from bilevel_ray.runtime.history import HistoryRecorder
 from bilevel_ray.runtime.local import progress_line
 from bilevel_ray.runtime.train import CHECKPOINT_FILE, build_spec
@@ -263,7 +268,7 @@ class _Run:
                 scores = self.scorer(state, done) if self.scorer is not None else {}
                 status = active.status if done else "running"
                 self.report(
-                    {**row, **scores, **self.flatness_columns(), "status": status},
+                    {**row, **scores, **verdict_columns(self.active.verdict), "status": status},
                     state,
                     save,
                     status,
@@ -271,13 +276,6 @@ class _Run:
                 self.recorder.restart_window()  # a report is a barrier: not a step's cost
                 if action == "stop":
                     return
-
-    def flatness_columns(self) -> dict[str, Any]:
-        """The verdict as report columns (a sweep's trials.parquet keeps them)."""
-        verdict = self.active.verdict
-        if verdict is None:
-            return {}
-        return {"flatness/verdict": verdict["verdict"], "flatness/reason": verdict["reason"]}
 
     def report(
         self, row: dict[str, Any], state: SolverState, save: bool, status: str = "running"

@@ -36,7 +36,12 @@ from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.evaluation import evaluate
 from bilevel_ray.runtime.checkpoint import check_writable
 from bilevel_ray.runtime.flatness_actor import ActorJudge, start_judge
-from bilevel_ray.runtime.flatness_watch import FlatnessWatch, WatchSettings, watch_settings
+from bilevel_ray.runtime.flatness_watch import (
+    FlatnessWatch,
+    WatchSettings,
+    verdict_columns,
+    watch_settings,
+)
 from bilevel_ray.runtime.history import write_parquet
 from bilevel_ray.runtime.local import count, run_local, solver_config
 from bilevel_ray.runtime.ranking import GAP, METRIC, rank_trials
@@ -96,7 +101,7 @@ def _trial(point: dict[str, Any], run: dict[str, Any]) -> None:
             spec.problem, state.x, state.y, eval_batch, gap_steps=run["gap_steps"], with_gap=final
         )
         last.clear()
-        last.update({**_numbers(row), **scores, **_verdict_columns(watch)})
+        last.update({**_numbers(row), **scores, **verdict_columns(watch and watch.last_verdict)})
         status = "completed" if row["step"] == run["steps"] else "running"
         ray_tune.report({**last, "status": status})
 
@@ -138,14 +143,6 @@ def _trial_watch(run: dict[str, Any], settings: SolverConfig) -> FlatnessWatch |
         ray_tune.get_context().get_trial_id(),
         settings.option("gamma"),
     )
-
-
-def _verdict_columns(watch: FlatnessWatch | None) -> dict[str, Any]:
-    """The trial's verdict, once given, as report columns (trials.parquet keeps them)."""
-    if watch is None or watch.last_verdict is None:
-        return {}
-    verdict = watch.last_verdict
-    return {"flatness/verdict": verdict["verdict"], "flatness/reason": verdict["reason"]}
 
 
 def _trial_on_worker_group(options: dict[str, Any], run: dict[str, Any]) -> None:
