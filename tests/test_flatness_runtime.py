@@ -206,6 +206,10 @@ def test_tune_records_each_trials_verdict_and_stops_unsuitable_trials(ray_2cpu, 
     for trial in trials:
         assert trial["flatness/verdict"] == "unsuitable" and trial["status"] == "unsuitable"
         assert trial["step"] == 100 and "PBGD-Free is biased" in trial["flatness/reason"]
+    history = pq.read_table(result.path / "history.parquet").to_pylist()
+    for trial in trials:
+        steps = [r["step"] for r in history if r["trial_id"] == trial["trial_id"]]
+        assert steps == [50, 100]  # the stop step is reported once, with its status
 
 
 @pytest.mark.ray

@@ -184,7 +184,6 @@ class FlatnessWatch:
         an actor proxy); ``gamma`` is the run's penalty, a number or a schedule of the step."""
         self.settings, self.judge, self.run_id, self.gamma = settings, judge, run_id, gamma
         self._due = set(settings.estimate_steps())
-        self.last_verdict: dict[str, Any] | None = None
 
     def observe(self, problem: Any, state: SolverState, batch: Any) -> None:
         """Estimate at (x, y) if this step is one of the window's estimate steps."""
@@ -203,8 +202,7 @@ class FlatnessWatch:
         return step == self.settings.window
 
     def verdict(self) -> dict[str, Any]:
-        self.last_verdict = self.judge.verdict(self.run_id)
-        return self.last_verdict
+        return self.judge.verdict(self.run_id)
 
     def action(self, verdict: Mapping[str, Any], warn: bool = True) -> str | None:
         """None (keep going), "fallback" or "stop"; "warn" warns here (if ``warn``) and keeps

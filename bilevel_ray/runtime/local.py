@@ -182,12 +182,12 @@ def run_local(
     resume: bool = False,
     progress: bool = False,
     grad_reduce: GradReduce | None = None,
-    on_row: Callable[[dict[str, Any], SolverState], None] | None = None,
+    on_row: Callable[[dict[str, Any], SolverState, ActiveSolver], None] | None = None,
     watch: FlatnessWatch | None = None,
 ) -> SolveResult:
     """:func:`solve` with its settings already built (also the one-worker path of ``train`` and
-    a sweep's trials). ``on_row(row, state)`` is called after each logged row; ``watch`` runs
-    the flatness diagnostic."""
+    a sweep's trials). ``on_row(row, state, active)`` is called after each logged row (``active``:
+    the ActiveSolver, with the verdict and status); ``watch`` runs the flatness diagnostic."""
     steps = count("steps", steps, 1)
     report_every = count("report_every", report_every, 1)
     seed = count("seed", seed, 0)
@@ -290,7 +290,7 @@ def _run(run, state, batches, steps, recorder, progress, checkpointing, on_row) 
             last_print = recorder.elapsed
             print(progress_line(row, steps), file=sys.stderr, flush=True)
         if on_row is not None and row is not None:
-            on_row(row, state)
+            on_row(row, state, run)
             recorder.restart_window()
         # Every K steps (multiples of report_every: the rows are flushed) and at the end.
         if checkpoint_path is not None and (

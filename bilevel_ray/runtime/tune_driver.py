@@ -37,6 +37,7 @@ from bilevel_ray.evaluation import evaluate
 from bilevel_ray.runtime.checkpoint import check_writable
 from bilevel_ray.runtime.flatness_actor import ActorJudge, start_judge
 from bilevel_ray.runtime.flatness_watch import (
+    ActiveSolver,
     FlatnessWatch,
     WatchSettings,
     verdict_columns,
@@ -91,9 +92,8 @@ def _trial(point: dict[str, Any], run: dict[str, Any]) -> None:
     settings = solver_config(run["method"], options)
     eval_batch = spec.eval_data
     last: dict[str, Any] = {}
-    watch = _trial_watch(run, settings)
 
-    def on_row(row: dict[str, Any], state: Any) -> None:
+    def on_row(row: dict[str, Any], state: Any, active: ActiveSolver) -> None:
         # The gap (a lower solve) only at the end: the ranking reads the final one, ASHA the
         # upper loss.
         final = row["step"] == run["steps"]
@@ -101,12 +101,13 @@ def _trial(point: dict[str, Any], run: dict[str, Any]) -> None:
             spec.problem, state.x, state.y, eval_batch, gap_steps=run["gap_steps"], with_gap=final
         )
         last.clear()
-        last.update({**_numbers(row), **scores, **verdict_columns(watch and watch.last_verdict)})
-        status = "completed" if row["step"] == run["steps"] else "running"
+        last.update({**_numbers(row), **scores, **verdict_columns(active.verdict)})
+        # A run stopped by the flatness verdict ends on this row, with its status.
+        status = "running" if active.status == "completed" and not final else active.status
         ray_tune.report({**last, "status": status})
 
     try:
-        result = run_local(
+        run_local(
             spec.problem,
             spec.x0,
             spec.y0,
@@ -116,10 +117,8 @@ def _trial(point: dict[str, Any], run: dict[str, Any]) -> None:
             seed=run["seed"],
             report_every=run["report_every"],
             on_row=on_row,
-            watch=watch,
+            watch=_trial_watch(run, settings),
         )
-        if result.status != "completed":  # stopped by the flatness verdict
-            ray_tune.report({**last, "status": result.status})
     except DivergenceError as err:
         ray_tune.report(
             {
