@@ -119,7 +119,7 @@ def sweep(job: dict[str, Any]) -> dict[str, Any]:
 def _sampler(searcher: str, seed: int, trials: int) -> Any:
     import optuna
 
-    from bilevel_ray.runtime.tune_driver import tpe_sampler
+    from bilevel_ray.runtime.search_strategy import tpe_sampler
 
     if searcher == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -152,9 +152,10 @@ def objective(point: dict[str, Any], steps: int, gap_tol: float) -> float:
     """The sweep's trial, scored as the ranking does: held-out upper loss if the gap is ok."""
     from bilevel_ray.errors import DivergenceError
     from bilevel_ray.evaluation import evaluate
+    from bilevel_ray.problems import build_spec
     from bilevel_ray.runtime.local import run_local, solver_config
+    from bilevel_ray.runtime.run_spec import RunSpec
     from bilevel_ray.runtime.search_space import decode
-    from bilevel_ray.runtime.train import build_spec
 
     spec = build_spec("representation", {"device": "cpu"})
     settings = solver_config("pbgd_free", decode(point))
@@ -164,10 +165,8 @@ def objective(point: dict[str, Any], steps: int, gap_tol: float) -> float:
             spec.x0,
             spec.y0,
             settings,
-            steps=steps,
+            RunSpec(steps, seed=0, report_every=max(steps // 6, 1)),
             data=spec.data,
-            seed=0,
-            report_every=max(steps // 6, 1),
         )
     except DivergenceError:
         return math.inf

@@ -15,9 +15,15 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import BilevelBatch, full_batch, minibatches
 from bilevel_ray.diagnostics import Verdict, diagnose
 from bilevel_ray.errors import BilevelRayError, ConfigError, DivergenceError
-from bilevel_ray.problem import BilevelProblem, ProblemSpec, module_problem, split_module_problem
+from bilevel_ray.problem import (
+    BilevelProblem,
+    FeatureProblem,
+    ProblemSpec,
+    module_problem,
+    split_module_problem,
+)
 from bilevel_ray.runtime.local import SolveResult, solve
-from bilevel_ray.runtime.sweep import tune
+from bilevel_ray.runtime.sweep import compare, tune
 from bilevel_ray.runtime.train import train
 from bilevel_ray.solvers import SOLVERS, SolverState, state_from_dict, state_to_dict
 from bilevel_ray.tables import table_minibatches
@@ -33,6 +39,7 @@ __all__ = [
     "BilevelRayError",
     "ConfigError",
     "DivergenceError",
+    "FeatureProblem",
     "Params",
     "ProblemSpec",
     "SolveResult",
@@ -40,6 +47,7 @@ __all__ = [
     "SolverState",
     "Verdict",
     "adam",
+    "compare",
     "diagnose",
     "full_batch",
     "minibatches",

@@ -4,6 +4,7 @@
     bilevel-ray train PROBLEM --workers N [--gpu auto|yes|no] [--checkpoint-every K] [--out DIR]
     bilevel-ray tune PROBLEM [--samples N] [--max-steps N] [--out DIR]
     bilevel-ray diagnose PROBLEM [--gamma G]
+    bilevel-ray compare PROBLEM [--methods M,M,...] [--budget SECONDS] [--seeds N] [--out DIR]
     bilevel-ray report DIR
 
 PROBLEM is a built-in name (see ``--help``) or ``path/to/file.py:factory`` /
@@ -11,12 +12,19 @@ PROBLEM is a built-in name (see ``--help``) or ``path/to/file.py:factory`` /
 and needs no Ray). Exit codes: 0 success; 2 bad usage or bad input (one message on stderr, no
 traceback); 3 ``diagnose`` (or a run with ``--on-unsuitable stop``) found the problem unsuitable
 for PBGD-Free; 1 anything else (a diverged run included).
+
+Progress lines go to stderr every few seconds when stderr is a terminal (``--quiet`` silences
+them); ``--verbose`` also shows Ray's own log lines (it sets ``BILEVEL_RAY_VERBOSE=1``). torch's
+thread count for work in this process is ``OMP_NUM_THREADS`` when set, else the CPUs this process
+may use.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +35,17 @@ import torch
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problems import BUILTIN_PROBLEMS
-from bilevel_ray.runtime.checkpoint import check_writable
+from bilevel_ray.runtime.checkpoint import (
+    atomic_write,
+    check_inside,
+    check_output_path,
+    check_writable,
+)
+from bilevel_ray.runtime.diagnose_named import diagnose_problem
 from bilevel_ray.runtime.history import write_parquet
 from bilevel_ray.runtime.local import solve
+from bilevel_ray.runtime.run_spec import check_run_name
+from bilevel_ray.runtime.threads import use_process_cpus
 
 __all__ = ["main"]
 
@@ -117,16 +133,29 @@ def _problem_options(command: argparse.ArgumentParser, set_help: str) -> None:
         )
 
 
-def _common(command: argparse.ArgumentParser) -> None:
+def _output_options(command: argparse.ArgumentParser, quiet: bool = True) -> None:
+    """``--verbose`` (Ray's own log lines) and, where a command has progress lines, ``--quiet``."""
+    if quiet:
+        command.add_argument(
+            "--quiet",
+            action="store_true",
+            help="no progress lines (they go to stderr only when it is a terminal)",
+        )
+    command.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own log lines (sets BILEVEL_RAY_VERBOSE=1)",
+    )
+
+
+def _common(command: argparse.ArgumentParser, out_help: str) -> None:
     """The options ``solve``, ``train`` and ``tune`` share."""
     _problem_options(command, "a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...)")
     command.add_argument("--method", default="pbgd_free", help="solver (default: pbgd_free)")
     command.add_argument("--steps", type=int, help="iterations (default: the problem's own)")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--report-every", type=int, default=100, help="log every N steps")
-    command.add_argument(
-        "--out", type=Path, help="write history.parquet, result.pt and run.json here"
-    )
+    command.add_argument("--out", type=Path, metavar="DIR", help=out_help)
     command.add_argument(
         "--on-unsuitable",
         choices=("fallback", "stop", "warn"),
@@ -145,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--verbose",
+        dest="verbose_all",
+        action="store_true",
+        help="also show Ray's own log lines (sets BILEVEL_RAY_VERBOSE=1); also after a command",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     solve_cmd = commands.add_parser(
         "solve",
@@ -153,8 +188,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(solve_cmd)
-    solve_cmd.add_argument("--quiet", action="store_true", help="no progress lines")
+    _common(solve_cmd, "write history.parquet, result.pt and run.json to DIR")
+    _output_options(solve_cmd)
     solve_cmd.add_argument(
         "--address", help="run the solve as a task on this Ray cluster (default: here, no Ray)"
     )
@@ -167,7 +202,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(train_cmd)
+    _common(
+        train_cmd,
+        "write the run (history.parquet, result.pt, run.json, checkpoints) to DIR/NAME "
+        "(default: ~/ray_results/NAME)",
+    )
     train_cmd.add_argument("--workers", type=int, required=True, help="data-parallel workers")
     train_cmd.add_argument(
         "--gpu",
@@ -186,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-failures", type=int, default=0, help="worker-group restarts allowed"
     )
     train_cmd.add_argument("--name", help="the run's name (default: a timestamped one)")
-    train_cmd.add_argument("--quiet", action="store_true", help="no progress lines")
+    _output_options(train_cmd)
     train_cmd.add_argument(
         "--cpus-per-worker",
         type=float,
@@ -204,7 +243,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=TUNE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(tune_cmd)
+    _common(
+        tune_cmd,
+        "write the sweep (trials.parquet, history.parquet, Tune's state) to DIR/NAME "
+        "(default: ~/ray_results/NAME); bilevel-ray report DIR/NAME shows it",
+    )
+    _output_options(tune_cmd)
     tune_cmd.set_defaults(report_every=None)  # a tenth of the steps: the scheduler's rungs
     tune_cmd.add_argument("--samples", type=int, default=16, help="trials (default 16)")
     tune_cmd.add_argument(
@@ -271,9 +315,39 @@ def _parser() -> argparse.ArgumentParser:
         "--every", type=int, default=25, help="estimate every N warm-up steps (default 25)"
     )
     diagnose_cmd.add_argument("--seed", type=int, default=0)
+    _output_options(diagnose_cmd)
     diagnose_cmd.add_argument(
         "--address", help="run the diagnostic as a task on this Ray cluster (default: here)"
     )
+    compare_cmd = commands.add_parser(
+        "compare",
+        help="every method under one time budget, and which to use (a proof of concept)",
+        description="Run every applicable method (or --methods) on the problem for --budget "
+        "seconds each, --seeds times, as Ray Tune trials, beside the flatness diagnostic on the "
+        "same start; print a table and a recommendation; write compare.parquet, curves.parquet, "
+        "compare.json and compare.png to DIR/NAME. Quality is phi = f(x, y*(x)) on the "
+        "problem's held-out data.",
+    )
+    _problem_options(
+        compare_cmd,
+        "a solver setting for every method it applies to (lr_x, lr_y, gamma, optimizer, ...)",
+    )
+    compare_cmd.add_argument(
+        "--methods", help="comma-separated methods (default: every one that applies)"
+    )
+    compare_cmd.add_argument(
+        "--budget", type=float, default=60.0, help="wall-clock seconds per run (default 60)"
+    )
+    compare_cmd.add_argument("--seeds", type=int, default=3, help="runs per method (default 3)")
+    compare_cmd.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write the comparison to DIR/NAME (default: ~/ray_results/NAME)",
+    )
+    compare_cmd.add_argument("--name", default="compare", help="the comparison's folder name")
+    compare_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+    _output_options(compare_cmd)
     report_cmd = commands.add_parser(
         "report",
         help="table and plot of the runs in a folder",
@@ -300,8 +374,21 @@ def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     if args.steps is not None:
         settings["steps"] = args.steps
     if args.out is not None:
+        check_output_path(args.out, "--out", is_file=False)
         check_writable(args.out, "--out")
+        if args.command == "solve":
+            check_run_files(args.out)
     return problem_config, settings
+
+
+RUN_FILES = ("history.parquet", "result.pt", "run.json")
+
+
+def check_run_files(folder: Path) -> None:
+    """Before the run: every file it will write into ``folder`` can be written there (not a
+    folder, FIFO or device in its place); a link there is replaced, never written through."""
+    for name in RUN_FILES:
+        check_output_path(Path(folder) / name, "--out file")
 
 
 def _watch_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -317,41 +404,12 @@ def solve_problem(problem: str, problem_config: dict[str, Any], method: str, **o
     return solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
 
 
-def diagnose_problem(
-    problem: str, problem_config: dict[str, Any], gamma: float | None, **options: Any
-) -> Any:
-    """``br.diagnose`` on a problem named as on the command line, with the problem's suggested
-    warm-up settings (its step sizes, optimizer and gamma) unless given."""
-    import inspect
-
-    from bilevel_ray.diagnostics import diagnose
-    from bilevel_ray.runtime.train import build_spec
-
-    allowed = [
-        p.name for p in inspect.signature(diagnose).parameters.values() if p.kind == p.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {unknown}; br.diagnose takes: {', '.join(allowed)} (and --gamma)"
-        )
-    spec = build_spec(problem, problem_config)
-    suggested = SolverConfig.applicable("pbgd_free", spec.defaults)
-    warmup = {
-        k: v
-        for k, v in suggested.items()
-        if k in ("lr_x", "lr_y", "inner_steps", "optimizer") and isinstance(v, (int, float, str))
-    }
-    gamma = gamma if gamma is not None else suggested.get("gamma", 10.0)
-    return diagnose(spec.problem, spec.x0, spec.y0, gamma, data=spec.data, **{**warmup, **options})
-
-
 def _solve(args: argparse.Namespace) -> int:
     problem_config, settings = _options(args)
     run = dict(
         seed=args.seed,
         report_every=args.report_every,
-        progress=not args.quiet,
+        progress=_progress(args),
         **_watch_options(args),
         **settings,
     )
@@ -367,6 +425,23 @@ def _solve(args: argparse.Namespace) -> int:
     return _status_code(result)
 
 
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress lines on stderr: unless --quiet, and only when stderr is a terminal (a log file
+    or a pipe gets the results only)."""
+    return not getattr(args, "quiet", False) and _stderr_is_terminal()
+
+
 def _status_code(result: Any) -> int:
     """3 when the flatness diagnostic stopped the run, else 0."""
     if result.verdict is not None:
@@ -377,24 +452,49 @@ def _status_code(result: Any) -> int:
     return 0
 
 
+# What `diagnose` prints of the settings it ran with: the warm-up's, then the estimator's.
+DIAGNOSE_SHOWN = (
+    "gamma",
+    "warmup_steps",
+    "every",
+    "lr_x",
+    "lr_y",
+    "inner_steps",
+    "optimizer",
+    "solve_steps",
+    "solve_lr",
+    "solve_rtol",
+    "solve_optimizer",
+    "max_residual",
+)
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     options = {"warmup_steps": args.steps, "every": args.every, "seed": args.seed}
     options.update(_key_values(args.set, "--set"))
+    if "progress" in options:
+        raise ConfigError(
+            "--set progress=...: not a setting; progress lines are on by default "
+            "(on a terminal), --quiet turns them off"
+        )
+    options["progress"] = _progress(args)
     problem_config = _key_values(args.config, "--config")
     if args.address is not None:
         from bilevel_ray.runtime.remote import on_cluster
 
-        verdict = on_cluster(
+        verdict, used = on_cluster(
             args.address, diagnose_problem, args.problem, problem_config, args.gamma, **options
         )
     else:
-        verdict = diagnose_problem(args.problem, problem_config, args.gamma, **options)
+        verdict, used = diagnose_problem(args.problem, problem_config, args.gamma, **options)
     print(f"{args.problem}: {verdict.verdict}")
     print(f"  {verdict.reason}")
     print(f"  recommendation: {verdict.recommendation}")
+    shown = ", ".join(f"{k}={_value(used[k])}" for k in DIAGNOSE_SHOWN if k in used)
+    print(f"  settings: {shown} (change any with --set KEY=VALUE, gamma with --gamma)")
     for key in ("rho", "dropped", "kept", "alpha_hat", "c_hat", "dropped_slope"):
         value = verdict.stats.get(f"flatness/{key}")
-        if value is not None:
+        if value is not None and value == value:  # NaN: no usable estimate of it
             print(f"  {key} = {value:.4g}")
     return 3 if verdict.verdict == "unsuitable" else 0
 
@@ -404,6 +504,11 @@ def _train(args: argparse.Namespace) -> int:
 
     problem_config, options = _options(args)  # br.train applies the problem's defaults
     name = args.name or default_run_name(args.method)
+    if args.out is not None:
+        check_output_path(name, "--name", is_file=False)
+        check_run_name(name)
+        check_inside(args.out / name, args.out, "--name")
+        check_run_files(args.out / name)
     result = train(
         args.problem,
         problem_config=problem_config,
@@ -420,7 +525,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         report_every=args.report_every,
         address=args.address,
-        progress=not args.quiet,
+        progress=_progress(args),
         **_watch_options(args),
         **options,
     )
@@ -458,14 +563,92 @@ def _tune(args: argparse.Namespace) -> int:
         seed=args.seed,
         address=args.address,
         max_failures=args.max_failures,
+        progress=not args.quiet,
         **_watch_options(args),
         **settings,
     )
+    failures = result.failure_summary()
+    if result.best_config is None:
+        # Nothing completed: no "best config" made of failed trials' numbers.
+        print(f"error: no trial of the sweep completed; {failures}", file=sys.stderr)
+        print(f"  wrote {result.path}/trials.parquet (each trial's reason in its error column)")
+        return 1
     print(f"best config: {json.dumps(result.best_config, default=str)}")
     print(f"  eval/upper_loss = {result.best_metrics.get('eval/upper_loss')}")
     print(f"  eval/lower_gap = {result.best_metrics.get('eval/lower_gap')}")
+    if failures is not None:
+        print(f"  {failures}")
+    note = flatness_note(result.trials.to_pylist(), result.best_metrics, args.on_unsuitable)
+    if note is not None:
+        print(f"  flatness: {note}")
     print(f"  wrote {result.path}/trials.parquet, history.parquet")
     return 0
+
+
+def flatness_note(
+    trials: list[dict[str, Any]], best: dict[str, Any], on_unsuitable: str | None
+) -> str | None:
+    """One sentence on what the flatness verdicts of a sweep's trials mean for its best config
+    (None when the sweep ran without the watch or no trial was found unsuitable)."""
+    verdicts = [t.get("flatness/verdict") for t in trials]
+    flagged = sum(v == "unsuitable" for v in verdicts)
+    if not flagged:
+        return None
+    judged = sum(v in ("suitable", "unsuitable", "uncertain") for v in verdicts)
+    count = f"{flagged} of {judged} judged trials found PBGD-Free unsuitable"
+    if best.get("flatness/verdict") != "unsuitable":
+        return (
+            f"{count}, but not the best one ({best.get('flatness/verdict') or 'not judged'}); "
+            "its score is PBGD-Free's own."
+        )
+    meaning = {
+        "fallback": "its score comes from the alt_pbgd fallback it switched to, so the best "
+        "config is a good start for that switch, not for PBGD-Free alone",
+        "stop": "it was stopped at the end of the diagnostic window, so its score is that of a "
+        "short run",
+        "warn": "its held-out loss is measured, but it is the best point PBGD-Free's biased "
+        "updates reached, not the bilevel optimum; --method alt_pbgd (or --on-unsuitable "
+        "fallback) may reach a lower one",
+    }.get(on_unsuitable or "warn")
+    return f"{count}, the best one included: {meaning}."
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from bilevel_ray.runtime.compare import compare
+
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    if args.out is not None:
+        check_writable(args.out, "--out")
+    result = compare(
+        args.problem,
+        problem_config=_key_values(args.config, "--config"),
+        methods=methods,
+        budget_s=args.budget,
+        seeds=args.seeds,
+        storage_path=args.out,
+        name=args.name,
+        address=args.address,
+        progress=not args.quiet,
+        **_key_values(args.set, "--set"),
+    )
+    print(
+        f"{'method':<12} {'phi (median)':>13} {'± std':>9} {'to target s':>12} "
+        f"{'steps/s':>9} {'state MiB':>10} {'peak MB':>8}"
+    )
+    for row in result.table:
+        print(
+            f"{row['method']:<12} {row['final_phi']:>13.6g} {row['final_std']:>9.2g} "
+            f"{row['time_to_target_s']:>12.3g} {row['steps_per_s']:>9.4g} "
+            f"{row['state_bytes'] / 2**20:>10.3g} {row['peak_rss_mb']:>8.0f}"
+        )
+    for run in result.runs.to_pylist():
+        if run["status"] != "completed":
+            print(f"{run['method']:<12} {run['status']}: {run['reason']}")
+    print(f"target: phi <= {result.recommendation.get('target', float('nan')):.6g}")
+    print()
+    print(result.recommendation["text"])
+    print(f"  wrote {result.path}/compare.parquet, curves.parquet, compare.json, compare.png")
+    return 0 if result.recommendation.get("method") is not None else 1
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -480,10 +663,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def switch_step(history: list[dict[str, Any]], method: str) -> int | None:
+    """The step after which a run that started with ``method`` continued with another one (the
+    last row logged with ``method`` is the switch's), or None when it never switched."""
+    for before, row in itertools.pairwise(history):
+        if before.get("method") == method and row.get("method") != method:
+            return int(before["step"])
+    return None
+
+
 def _show(args: argparse.Namespace, problem_config: dict[str, Any], result: Any) -> None:
     """Print the final losses and iterates; with --out, write the run's files."""
-    last = result.history.to_pylist()[-1]
-    print(f"{args.method} on {args.problem}: {last['step']} steps, {last['time/elapsed_s']:.2f} s")
+    rows = result.history.to_pylist()
+    last = rows[-1]
+    used = last.get("method") or result.config.get("method", args.method)
+    print(f"{used} on {args.problem}: {last['step']} steps, {last['time/elapsed_s']:.2f} s")
+    switched = switch_step(rows, args.method) if used != args.method else None
+    if switched is not None:
+        print(
+            f"  switched from {args.method} to {used} at step {switched} (--on-unsuitable "
+            f"{args.on_unsuitable}: the flatness diagnostic found {args.method} unsuitable)"
+        )
     for key in ("upper/loss", "lower/loss"):
         print(f"  {key} = {last[key]:.6g}")
     for level, params in (("x", result.x), ("y", result.y)):
@@ -493,28 +693,37 @@ def _show(args: argparse.Namespace, problem_config: dict[str, Any], result: Any)
             print(f"  {level}[{name}] = {[round(v, 6) for v in shown]}{more}")
     if args.out is not None:
         write_parquet(result.history, args.out / "history.parquet")
-        torch.save({"x": result.x, "y": result.y}, args.out / "result.pt")
+        params = {"x": result.x, "y": result.y}
+        atomic_write(args.out / "result.pt", lambda tmp: torch.save(params, tmp))
         run = {
             "command": args.command,
             "problem": args.problem,
             "problem_config": problem_config,
             "seed": args.seed,
             "steps": result.state.step,
+            "method": used,
+            "switched_at_step": switched,
             "settings": result.config,
         }
-        (args.out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+        text = json.dumps(run, indent=2, default=str) + "\n"
+        atomic_write(args.out / "run.json", lambda tmp: tmp.write_text(text))
         print(f"  wrote {args.out}/history.parquet, result.pt, run.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        if args.verbose_all or getattr(args, "verbose", False):
+            os.environ["BILEVEL_RAY_VERBOSE"] = "1"  # read when Ray starts: before any Ray work
+        if args.command != "report":
+            use_process_cpus()
         commands = {
             "solve": _solve,
             "train": _train,
             "tune": _tune,
             "diagnose": _diagnose,
             "report": _report,
+            "compare": _compare,
         }
         return commands[args.command](args)
     except (_UsageError, ConfigError) as err:

@@ -9,15 +9,18 @@ fails before a run (or a sweep) starts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 
 from bilevel_ray import schedules
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule
-from bilevel_ray.solvers import SOLVERS, BilevelSolver
-from bilevel_ray.solvers.base import KNOB_CHECKS, GradReduce
+from bilevel_ray.solvers import SOLVER_SETTINGS, SOLVERS, BilevelSolver
+from bilevel_ray.solvers.accumulation import check_accumulation
+from bilevel_ray.solvers.base import GradReduce
+from bilevel_ray.solvers.compute import check_in_place
+from bilevel_ray.solvers.precision import check_precision
 from bilevel_ray.updates import (
     NEUTRAL_OPTIONS,
     OPTIMIZERS,
@@ -29,21 +32,27 @@ from bilevel_ray.updates import (
 
 __all__ = ["METHOD_OPTIONS", "SolverConfig"]
 
-# Keyword arguments that only some methods take, and each method's value when not given.
+# Keyword arguments that only some methods take, and each method's value when not given: derived
+# from the declarations in each solver's file (solvers.SOLVER_SETTINGS).
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "pbgd_free": {"gamma": 10.0, "inner_steps": 1},
-    "pbgd": {"gamma": 10.0, "inner_steps": 5},
-    "alt_pbgd": {"gamma": 10.0, "inner_steps": 5},
-    "f2sa": {"gamma": 10.0, "inner_steps": 5, "multiplier_growth": 0.0},
-    "bome": {"inner_steps": 5, "bome_eta": 0.5},
-    "implicit_cg": {"inner_steps": 20, "cg_steps": 10, "cg_ridge": 0.0},
+    method: {name: setting.default for name, setting in settings.items()}
+    for method, settings in SOLVER_SETTINGS.items()
 }
-_SCHEDULE_FIELDS = ("lr_x", "lr_y", "gamma", "multiplier_growth")
-_METHOD_SPECIFIC = ("gamma", "inner_steps", "multiplier_growth", "bome_eta", "cg_steps", "cg_ridge")
+_METHOD_SPECIFIC = tuple(dict.fromkeys(k for knobs in METHOD_OPTIONS.values() for k in knobs))
+_SCHEDULE_FIELDS = (
+    "lr_x",
+    "lr_y",
+    *dict.fromkeys(
+        name
+        for settings in SOLVER_SETTINGS.values()
+        for name, setting in settings.items()
+        if setting.schedule
+    ),
+)
 
 
 @dataclass(frozen=True)
-class SolverConfig:
+class _SolverConfigBase:
     """Settings of one solver. ``None`` means the method's own default (:data:`METHOD_OPTIONS`).
 
     Attributes:
@@ -54,15 +63,25 @@ class SolverConfig:
         optimizer: ``"sgd"`` or ``"adam"``, or a pair ``(for_x, for_y)``.
         momentum, nesterov: SGD options. betas, eps, decoupled_weight_decay: Adam options.
         weight_decay: for either optimizer.
-        multiplier_growth: F2SA's multiplier increment per step. bome_eta: BOME's eta.
-        cg_steps, cg_ridge: implicit_cg's CG iterations and Hessian ridge.
+        precision: ``"fp32"`` (default), ``"bf16"`` (CPU and GPU) or ``"fp16"`` (CUDA, with
+            loss scaling): the losses under ``torch.autocast``, parameters and optimizer
+            moments in their own dtype (:mod:`bilevel_ray.solvers.precision`).
+        grad_accumulation: k >= 1; every step's upper and lower batch is split into k
+            micro-batches whose mean-scaled gradients are summed before the (single)
+            reduction, so k micro-batches of B / k give the gradient of one batch of B
+            (:mod:`bilevel_ray.solvers.accumulation`).
+        in_place: False (default): the solver works on copies of x0 and y0. True: x0 and y0
+            themselves are updated (one copy of the parameters; with ``module_problem(...,
+            copy=False)`` they are the model's own parameters).
+        and one field per method-specific setting (``METHOD_OPTIONS``), declared with its
+        default and check in its solver's file: gamma (penalty, a number or schedule; for
+        ``f2sa`` the initial multiplier), inner_steps (K, lower-level steps per iteration),
+        multiplier_growth (F2SA), bome_eta (BOME), cg_steps and cg_ridge (implicit_cg).
     """
 
     method: str = "pbgd_free"
     lr_x: ScalarOrSchedule = 0.01
     lr_y: ScalarOrSchedule = 0.1
-    gamma: ScalarOrSchedule | None = None
-    inner_steps: int | None = None
     optimizer: str | tuple[str, str] = "sgd"
     momentum: float = 0.0
     nesterov: bool = False
@@ -70,10 +89,9 @@ class SolverConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     decoupled_weight_decay: bool = False
-    multiplier_growth: ScalarOrSchedule | None = None
-    bome_eta: float | None = None
-    cg_steps: int | None = None
-    cg_ridge: float | None = None
+    precision: str = "fp32"
+    grad_accumulation: int = 1
+    in_place: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -131,9 +149,18 @@ class SolverConfig:
 
     def _knob_problems(self) -> list[str]:
         problems = []
+        for check, value in (
+            (check_precision, self.precision),
+            (check_accumulation, self.grad_accumulation),
+            (check_in_place, self.in_place),
+        ):
+            try:
+                check(value)
+            except ConfigError as err:
+                problems.extend(err.problems)
         for name in METHOD_OPTIONS[self.method]:
             try:
-                KNOB_CHECKS[name](self.option(name))
+                SOLVER_SETTINGS[self.method][name].check(self.option(name))
             except ConfigError as err:
                 problems.extend(err.problems)
         if self.method == "f2sa" and not isinstance(self.option("gamma"), (int, float)):
@@ -190,7 +217,14 @@ class SolverConfig:
     ) -> BilevelSolver:
         knobs = {name: self.option(name) for name in METHOD_OPTIONS[self.method]}
         return SOLVERS[self.method](
-            problem, update_x=update_x, update_y=update_y, grad_reduce=grad_reduce, **knobs
+            problem,
+            update_x=update_x,
+            update_y=update_y,
+            grad_reduce=grad_reduce,
+            precision=self.precision,
+            grad_accumulation=self.grad_accumulation,
+            in_place=self.in_place,
+            **knobs,
         )
 
     def build(
@@ -236,3 +270,15 @@ class SolverConfig:
                 f"unknown solver setting(s) {unknown}; the allowed ones are: {', '.join(allowed)}"
             )
         return cls(**d)
+
+
+# The method-specific settings become fields (None: the method's default), so that a setting
+# declared in a solver's file is a keyword of br.solve, a --set key and a Tune search key at once.
+SolverConfig = make_dataclass(
+    "SolverConfig",
+    [(name, Any, field(default=None)) for name in _METHOD_SPECIFIC],
+    bases=(_SolverConfigBase,),
+    frozen=True,
+)
+SolverConfig.__module__ = __name__  # make_dataclass takes module= only from Python 3.12
+SolverConfig.__doc__ = _SolverConfigBase.__doc__

@@ -15,6 +15,7 @@ copy of y (PBGD's value-function copy) without copying the model.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,11 +30,14 @@ from bilevel_ray.tree import Params, leaves
 
 __all__ = [
     "BilevelProblem",
+    "FeatureProblem",
     "ProblemSpec",
     "check_losses",
     "check_params",
     "check_problem",
+    "detach_features",
     "factory_config",
+    "has_features",
     "module_problem",
     "split_module_problem",
 ]
@@ -44,6 +48,43 @@ class BilevelProblem(Protocol):
     def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor: ...
 
     def lower_loss(self, x: Params, y: Params, batch: Any) -> Tensor: ...
+
+
+@runtime_checkable
+class FeatureProblem(BilevelProblem, Protocol):
+    """A problem that declares its structure: x computes features, y is a head on them. For
+    ``level`` in ``("upper", "lower")`` and that level's batch ``b``::
+
+        upper_loss(x, y, b) == head_loss(y, features(x, b, "upper"), b, "upper")
+        lower_loss(x, y, b) == head_loss(y, features(x, b, "lower"), b, "lower")
+
+    The solvers then compute the features of x once per step and run only the head in their
+    lower-level loops (:mod:`bilevel_ray.solvers.compute`). ``features`` may return any nest of
+    tensors (dicts, lists, tuples) or an object with a ``detach()`` method.
+    """
+
+    def features(self, x: Params, batch: Any, level: str) -> Any: ...
+
+    def head_loss(self, y: Params, features: Any, batch: Any, level: str) -> Tensor: ...
+
+
+def has_features(problem: Any) -> bool:
+    """Whether ``problem`` declares the :class:`FeatureProblem` structure."""
+    return callable(getattr(problem, "features", None)) and callable(
+        getattr(problem, "head_loss", None)
+    )
+
+
+def detach_features(features: Any) -> Any:
+    """The features without autograd history (tensors and ``detach()``-able objects, nested)."""
+    if hasattr(features, "detach"):
+        return features.detach()
+    if isinstance(features, Mapping):
+        return {k: detach_features(v) for k, v in features.items()}
+    if isinstance(features, (list, tuple)):
+        items = [detach_features(v) for v in features]
+        return type(features)(*items) if hasattr(features, "_fields") else type(features)(items)
+    return features
 
 
 @dataclass
@@ -108,6 +149,12 @@ def check_params(x0: Any, y0: Any) -> None:
                 problems.append(
                     f"{name}[{key!r}] is a {type(value).__name__}: must be a torch.Tensor "
                     f"(wrap it: torch.tensor({value!r}))"
+                )
+            elif value.is_meta:
+                problems.append(
+                    f"{name}[{key!r}] is on the meta device: it holds no values; materialise "
+                    "it (e.g. module.to_empty(device='cpu') and initialise it, or load the "
+                    "weights) before solving"
                 )
             elif not value.is_floating_point():
                 problems.append(
@@ -210,6 +257,7 @@ def module_problem(
     y: str | Iterable[str] | Callable[[str], bool],
     upper_loss: Callable[[Callable[..., Any], Any], Tensor],
     lower_loss: Callable[[Callable[..., Any], Any], Tensor],
+    copy: bool = True,
 ) -> tuple[BilevelProblem, Params, Params]:
     """Adapt one model whose parameters split by name into x (upper) and y (lower).
 
@@ -225,7 +273,10 @@ def module_problem(
             upper_loss=lambda forward, batch: dpo_loss(forward(batch["ids"]), batch),
             lower_loss=lambda forward, batch: sft_loss(forward(batch["ids"]), batch))
 
-    Returns ``(problem, x0, y0)`` with x0, y0 detached copies of the selected parameters.
+    Returns ``(problem, x0, y0)`` with x0, y0 detached copies of the selected parameters, or,
+    with ``copy=False``, detached views of them (no memory of their own): then a solver with
+    ``in_place=True`` updates the model's own parameters, and x and y exist once in memory
+    instead of three times (the model's, x0 / y0, the solver's).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model is a {type(model).__name__}: must be a torch.nn.Module")
@@ -238,8 +289,9 @@ def module_problem(
             f"parameters {both} match both x={x!r} and y={y!r}: the groups must be disjoint; "
             "narrow one selector"
         )
-    x0 = {n: p.detach().clone() for n, p in named.items() if in_x(n)}
-    y0 = {n: p.detach().clone() for n, p in named.items() if in_y(n)}
+    take = (lambda p: p.detach().clone()) if copy else (lambda p: p.detach())
+    x0 = {n: take(p) for n, p in named.items() if in_x(n)}
+    y0 = {n: take(p) for n, p in named.items() if in_y(n)}
     if not named:
         raise ConfigError(f"model {type(model).__name__} has no parameters to split into x and y")
     sample = ", ".join(list(named)[:6])
@@ -261,8 +313,59 @@ def module_problem(
     return _SingleModelProblem(model, frozen, upper_loss, lower_loss), x0, y0
 
 
+class _StopRecording(BaseException):
+    """Raised by the head while x's calls are recorded (BaseException: a user's ``except
+    Exception`` in a loss does not swallow it)."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two call arguments are the same: identical objects, equal tensors, equal nests."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == is not a bool: treat it as different
+        return False
+
+
+class _Recording:
+    """The features of x for one loss and batch: what ``x_forward`` returned, call by call, up
+    to the loss's first call of ``y_forward``; and x itself, for any later calls."""
+
+    def __init__(self, x: Params, calls: list[tuple[tuple, dict, Any]]):
+        self.x, self.calls = x, calls
+
+    def detach(self) -> _Recording:
+        return _Recording(
+            {k: v.detach() for k, v in self.x.items()},
+            [(a, kw, detach_features(out)) for a, kw, out in self.calls],
+        )
+
+
 class _TwoModuleProblem:
-    """Separate upper (x) and lower (y) modules; names carry an ``upper.`` / ``lower.`` prefix."""
+    """Separate upper (x) and lower (y) modules; names carry an ``upper.`` / ``lower.`` prefix.
+
+    It declares the :class:`FeatureProblem` structure by record and replay: ``features`` runs a
+    loss until its first call of ``y_forward`` and keeps what each ``x_forward`` call returned;
+    ``head_loss`` runs the loss again with a ``x_forward`` that returns the kept outputs for
+    the same arguments, in the same order (equal tensors count as the same), and calls the
+    upper module for anything else. So ``fy(fx(batch[0]))`` runs the extractor once per step,
+    and a loss of any other shape is still evaluated exactly (it just gains nothing). The
+    upper module must be deterministic (``eval()`` for dropout) for the replay to be exact.
+    """
 
     def __init__(
         self,
@@ -287,6 +390,41 @@ class _TwoModuleProblem:
     def lower_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
         return self._lower(*self._forwards(x, y), batch)
 
+    def _x_forward(self, x: Params) -> Callable[..., Any]:
+        px = {**self.frozen[0], **{k.removeprefix("upper."): v for k, v in x.items()}}
+        return lambda *a, **kw: functional_call(self.modules[0], px, a, kw, strict=True)
+
+    def features(self, x: Params, batch: Any, level: str) -> _Recording:
+        live, calls = self._x_forward(x), []
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            out = live(*args, **kwargs)
+            calls.append((args, kwargs, out))
+            return out
+
+        def stop(*args: Any, **kwargs: Any) -> Any:
+            raise _StopRecording
+
+        with contextlib.suppress(_StopRecording):
+            (self._upper if level == "upper" else self._lower)(record, stop, batch)
+        return _Recording(x, calls)
+
+    def head_loss(self, y: Params, features: _Recording, batch: Any, level: str) -> Tensor:
+        live, position = self._x_forward(features.x), [0]
+
+        def replay(*args: Any, **kwargs: Any) -> Any:
+            i = position[0]
+            position[0] += 1
+            if i < len(features.calls):
+                a, kw, out = features.calls[i]
+                if _same(a, args) and _same(kw, kwargs):
+                    return out
+            return live(*args, **kwargs)
+
+        py = {**self.frozen[1], **{k.removeprefix("lower."): v for k, v in y.items()}}
+        y_forward = lambda *a, **kw: functional_call(self.modules[1], py, a, kw, strict=True)  # noqa: E731
+        return (self._upper if level == "upper" else self._lower)(replay, y_forward, batch)
+
 
 def split_module_problem(
     upper_module: nn.Module,
@@ -294,6 +432,7 @@ def split_module_problem(
     *,
     upper_loss: Callable[[Callable[..., Any], Callable[..., Any], Any], Tensor],
     lower_loss: Callable[[Callable[..., Any], Callable[..., Any], Any], Tensor],
+    copy: bool = True,
 ) -> tuple[BilevelProblem, Params, Params]:
     """Adapt separate modules: x = the trainable parameters of ``upper_module`` (named
     ``upper.<name>``), y = those of ``lower_module`` (``lower.<name>``); parameters with
@@ -304,6 +443,10 @@ def split_module_problem(
 
         mse = lambda fx, fy, b: ((fy(fx(b[0])).squeeze(-1) - b[1]) ** 2).mean()
         problem, x0, y0 = br.split_module_problem(extractor, head, upper_loss=mse, lower_loss=mse)
+
+    ``copy=False``: x0 and y0 are views of the modules' own parameters (see
+    :func:`module_problem`). The problem declares its structure (x computes features, y is a
+    head on them) through record and replay; see ``_TwoModuleProblem``.
     """
     modules = (upper_module, lower_module)
     for name, module in zip(("upper_module", "lower_module"), modules):
@@ -320,7 +463,11 @@ def split_module_problem(
         ("upper_module", "lower_module"), ("upper.", "lower."), modules
     ):
         params = dict(module.named_parameters())
-        trainable = {prefix + n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+        trainable = {
+            prefix + n: p.detach().clone() if copy else p.detach()
+            for n, p in params.items()
+            if p.requires_grad
+        }
         if not trainable:
             why = "all have requires_grad=False" if params else "it has no parameters"
             raise ConfigError(

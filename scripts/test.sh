@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Sets up .venv (see setup.sh), checks lint and format, and runs the whole test suite.
+# CI's test command (.ci/run calls it). Sets up .venv with the 'test' extra (scripts/setup.sh
+# test: the demo's packages plus pytest, ruff, scikit-learn, transformers and peft, which the
+# tests import), checks lint and format, and runs the whole test suite. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
+echo "== lint and format (ruff)" >&2
 .venv/bin/ruff check bilevel_ray tests examples benchmarks
 .venv/bin/ruff format --check bilevel_ray tests examples benchmarks
+echo "== the test suite (pytest)" >&2
 .venv/bin/python -m pytest -q --doctest-modules bilevel_ray tests "$@"

@@ -34,6 +34,12 @@ def ray_2cpu():
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="bilevel_ray_tests")
+    # On the loopback address: the tests' Ray traffic never leaves this machine.
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="bilevel_ray_tests",
+        _node_ip_address="127.0.0.1",
+    )
     yield ray
     ray.shutdown()

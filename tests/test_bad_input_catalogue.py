@@ -834,15 +834,15 @@ class RayStarted(AssertionError):
 def no_ray(monkeypatch):
     """Connecting to Ray or starting a worker group fails the case."""
     import bilevel_ray.runtime.ray_session as ray_session
-    import bilevel_ray.runtime.train as train_runtime
     import bilevel_ray.runtime.tune_driver as tune_driver
+    import bilevel_ray.runtime.worker_group as worker_group
 
     def refuse(*args, **kwargs):
         raise RayStarted("the input reached Ray before it was refused")
 
     monkeypatch.setattr(ray_session, "connect", refuse)
     monkeypatch.setattr(tune_driver, "connect", refuse)
-    monkeypatch.setattr(train_runtime, "fit_worker_group", refuse)
+    monkeypatch.setattr(worker_group, "fit_worker_group", refuse)
 
 
 @dataclass

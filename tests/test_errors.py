@@ -30,7 +30,7 @@ from torch import nn
 
 import bilevel_ray as br
 import bilevel_ray.runtime.local as local_runtime
-import bilevel_ray.runtime.train as train_runtime
+import bilevel_ray.runtime.worker_group as worker_group
 from bilevel_ray.data import BilevelBatch, as_batches
 from bilevel_ray.linear_solve import solve_cg
 from bilevel_ray.problem import factory_config
@@ -1611,7 +1611,7 @@ def no_ray(monkeypatch):
     fake = types.ModuleType("bilevel_ray.runtime.ray_session")
     fake.connect = refuse
     monkeypatch.setitem(sys.modules, "bilevel_ray.runtime.ray_session", fake)
-    monkeypatch.setattr(train_runtime, "fit_worker_group", refuse)
+    monkeypatch.setattr(worker_group, "fit_worker_group", refuse)
 
 
 def train_args(tmp_path, **overrides):

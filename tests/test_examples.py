@@ -22,6 +22,13 @@ def test_quickstart():
     assert "pbgd_free  x = +0.0000   phi'(x) = +10.0000" in out
     assert "alt_pbgd   x = -5.0000" in out
     assert "[pbgd_free] step 600/600" in done.stderr
+    errors = {  # the flat quadratic: both reach x*
+        line.split()[0]: float(line.split("||x - x*|| = ")[1].split()[0])
+        for line in out.splitlines()
+        if "||x - x*|| = " in line
+    }
+    assert set(errors) == {"pbgd_free", "implicit_cg"} and max(errors.values()) < 1e-8
+    assert out.strip().splitlines()[-1].startswith("quick start done in ")
 
 
 def test_representation_example_with_tiny_settings():

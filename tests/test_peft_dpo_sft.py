@@ -159,7 +159,12 @@ def test_example_runs():
         ({"beta": 0.0}, "beta=0.0 must be a finite number > 0"),
         ({"lora_alpha": math.inf}, "lora_alpha=inf must be a finite number > 0"),
         ({"lora_targets": []}, r"lora_targets=\[\] must name module\(s\) to adapt"),
-        ({"model": "no/such/dir"}, "model='no/such/dir' is not a local directory"),
+        (
+            {"model": "no/such/dir"},
+            r"model='no/such/dir' is neither a preset \(llama-100m\), a dict of LlamaConfig "
+            "fields, nor a local directory",
+        ),
+        ({"model": {"hidden_size": 30, "num_attention_heads": 4}}, "is not a valid Llama config"),
         ({"hidden": 12, "heads": 4}, "hidden=12 must be heads=4 times an even head size"),
         ({"vocab": 3, "topics": 4}, "vocab=3 is smaller than topics=4"),
         ({"batch": 100, "n_pref": 50}, "batch=100 exceeds n_pref=50"),
@@ -183,3 +188,65 @@ def test_missing_libraries_name_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
     with pytest.raises(br.ConfigError, match=r"pip install 'bilevel_ray\[peft\]'"):
         peft_dpo_sft({})
+
+
+@needs_peft
+def test_the_problem_declares_features_and_the_head_path_is_exact(spec):
+    """f and g through features(x) + head_loss(y) equal the whole model's, at x0 and at a moved
+    x (non-zero LoRA B), so the solvers may run the backbone once per step."""
+    from bilevel_ray.problem import has_features
+
+    problem = spec.problem
+    assert has_features(problem)
+    gen = torch.Generator().manual_seed(3)
+    x = {
+        k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in spec.x0.items()
+    }
+    batch = next(br.data.as_batches(spec.data, 0))
+    for level, part, whole in (
+        ("upper", batch.upper, problem.upper_loss),
+        ("lower", batch.lower, problem.lower_loss),
+    ):
+        for point in (spec.x0, x):
+            split = problem.head_loss(spec.y0, problem.features(point, part, level), part, level)
+            assert torch.allclose(split, whole(point, spec.y0, part), rtol=1e-12, atol=1e-12)
+
+
+@needs_peft
+@pytest.mark.parametrize("method", ["pbgd_free", "pbgd"])
+def test_bf16_and_accumulation_run_on_the_tiny_model(method):
+    spec = peft_dpo_sft({**TINY, "dtype": "float32"})
+    results = [
+        br.solve(
+            spec.problem,
+            spec.x0,
+            spec.y0,
+            method=method,
+            steps=3,
+            data=spec.data,
+            optimizer="adam",
+            lr_x=3e-3,
+            lr_y=3e-3,
+            inner_steps=2,
+            **options,
+        )
+        for options in ({}, {"precision": "bf16"}, {"grad_accumulation": 4})
+    ]
+    for res in results:
+        assert all(t.dtype == torch.float32 for t in res.y.values())
+        assert math.isfinite(res.history["upper/loss"][-1].as_py())
+    for k, v in results[0].y.items():  # accumulation: the same update up to float32 rounding
+        assert (results[2].y[k] - v).abs().max() <= 1e-5
+
+
+def test_the_llama_100m_preset_has_the_shape_of_a_small_production_model():
+    transformers = pytest.importorskip("transformers")
+    from bilevel_ray.problems.model_presets import PRESETS, llama_config
+
+    config = llama_config(PRESETS["llama-100m"], transformers)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight
+    assert 100e6 < total < 110e6 and tuple(head.shape) == (32000, 768)
+    assert head is not model.get_input_embeddings().weight

@@ -162,3 +162,51 @@ def test_metrics_are_tensors_or_floats_without_history(method):
     assert {"upper/loss", "lower/loss"} <= set(metrics)
     for value in metrics.values():
         assert isinstance(value, float) or (value.dim() == 0 and value.grad_fn is None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_in_place_makes_x0_and_y0_the_working_copy(method):
+    """in_place=True: the state's x and y are x0 and y0 (same memory, updated in place), and
+    the iterates are those of a run on copies."""
+    spec = _spec()
+    x0 = {k: v.clone() for k, v in spec.x0.items()}
+    y0 = {k: v.clone() for k, v in spec.y0.items()}
+    copied = _run(
+        _solver(method, spec.problem),
+        _solver(method, spec.problem).init(x0, y0),
+        spec.data,
+        0,
+        0,
+        4,
+    )
+    assert torch.equal(x0["W"], spec.x0["W"])  # the default copies
+    solver = _solver(method, spec.problem, in_place=True)
+    state = _run(solver, solver.init(x0, y0), spec.data, 0, 0, 4)
+    assert state.x["W"].data_ptr() == x0["W"].data_ptr()
+    assert state.y["v"].data_ptr() == y0["v"].data_ptr()
+    assert torch.equal(x0["W"], copied.x["W"]) and torch.equal(y0["v"], copied.y["v"])
+
+
+def test_module_problem_without_copy_shares_the_model_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    _, x0, y0 = br.module_problem(
+        model,
+        x=r"^0\.",
+        y=r"^1\.",
+        upper_loss=lambda fw, b: fw(b).sum(),
+        lower_loss=lambda fw, b: fw(b).sum(),
+        copy=False,
+    )
+    assert x0["0.weight"].data_ptr() == model[0].weight.data_ptr()
+    assert y0["1.bias"].data_ptr() == model[1].bias.data_ptr()
+    assert not x0["0.weight"].requires_grad
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_in_place_must_be_a_bool(value):
+    with pytest.raises(
+        br.ConfigError,
+        match=rf"^in_place={value!r}: must be True \(the solver updates x0 and y0 themselves: "
+        r"one copy of the parameters\) or False \(it works on copies; the default\)$",
+    ):
+        br.SolverConfig(in_place=value)

@@ -1,6 +1,6 @@
 """Does PBGD-Free suit a problem? Flatness estimates at a point, and the verdict they support.
 
-    v = diagnose(problem, x0, y0, gamma=10.0)     # a short PBGD-Free warm-up, then decide
+    v = diagnose(problem, x0, y0, gamma=10.0)     # follow PBGD-Free, price its bias, decide
     v.suitable, v.reason, v.stats, v.recommendation, v.fallback
 
 A runtime that collects :func:`estimate` dicts during a run calls :func:`decide` on them after
@@ -9,6 +9,13 @@ its warm-up window. Torch only: nothing here imports Ray or the runtimes.
 
 from __future__ import annotations
 
+from bilevel_ray.diagnostics.cost import (
+    curvature_along,
+    penalty_gradient,
+    penalty_value,
+    pooled_cost,
+    predicted_cost,
+)
 from bilevel_ray.diagnostics.diagnose import Verdict, decide, decide_problems, diagnose
 from bilevel_ray.diagnostics.flatness import (
     DELTA_PAIRS,
@@ -27,6 +34,7 @@ __all__ = [
     "Responses",
     "Verdict",
     "bias_terms",
+    "curvature_along",
     "decide",
     "decide_problems",
     "delta_hat",
@@ -35,5 +43,9 @@ __all__ = [
     "estimate_problems",
     "fit_exponent",
     "lower_responses",
+    "penalty_gradient",
+    "penalty_value",
+    "pooled_cost",
+    "predicted_cost",
     "solve_scale",
 ]

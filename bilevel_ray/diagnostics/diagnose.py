@@ -1,28 +1,36 @@
-"""From flatness estimates to a verdict: does PBGD-Free suit this problem?
+"""From flatness estimates to a verdict: will PBGD-Free end as well as a corrected method?
 
 :func:`decide` judges estimates collected anywhere (a training run's reports, or a warm-up);
-:func:`diagnose` runs a short PBGD-Free warm-up from (x0, y0), estimates at its start and every
-``every`` steps (:func:`~bilevel_ray.diagnostics.flatness.estimate`) and decides.
+:func:`diagnose` follows PBGD-Free from (x0, y0) to where it is heading and prices its dropped
+term there (:func:`~bilevel_ray.diagnostics.flatness.estimate`), then decides.
 
-Decision rule. Points whose solves stopped with a relative residual above ``max_residual``
-(1e-3) or with non-finite estimates are left out. Over the rest, with D the median of
-||dropped|| and S the largest max(||kept||, ||kept + dropped||), the bias ratio is D / S:
+Decision rule (the value form of Definition 1). Where PBGD-Free stops, kept = 0 and the penalty
+gradient is the dropped term d alone; a corrected method goes on along -d and gains about
+C = ||d||^2 / (2 kappa) in f (kappa: the penalty objective's curvature along d;
+:mod:`~bilevel_ray.diagnostics.cost`). C is averaged over the judged points (the later half of
+the priced points' steps: the end of diagnose's trajectory, on several batches), with standard
+error se. The run's own progress P = f(start) - f(end) (f = f(x, y_gamma), the loss the run
+sees; diagnose pairs the start and the end on each priced batch) plus C is the improvement the
+corrected method achieves from the same start, and PBGD-Free is as good when its shortfall C is
+at most rtol of that: C <= rtol (P + C), i.e. C <= tau = rtol / (1 - rtol) max(P, 0) + atol
+(without a measured progress, one step only, tau = rtol |f| + atol):
 
-* suitable   if D <= atol (1e-6) or D / S <= rho_ok (0.1): PBGD-Free can shrink the penalty
-  gradient about S / D-fold before its bias, of size D, dominates; "keep pbgd_free";
-* unsuitable if D / S >= rho_bad (0.3), fallback ``alt_pbgd`` (it keeps the dropped term): the
-  recommendation is "raise gamma" when ||dropped|| ~ gamma^slope falls (slope <= -0.25) to
-  rho_ok S by 100 gamma, else "switch to alt_pbgd";
-* uncertain  in between, or when no point is usable: "compare with alt_pbgd".
+* suitable   if C + z se <= tau: PBGD-Free's result is as good to that precision; "keep
+  pbgd_free" (the reason states C, se, f, the start's f, tau and the confidence P(C <= tau));
+* unsuitable if C - z se > tau, fallback ``alt_pbgd``: "raise gamma" when ||d|| ~ gamma^slope
+  falls fast enough (slope <= -0.25) that C reaches tau by 100 gamma, else "switch to alt_pbgd";
+* uncertain  when the interval straddles tau (more batches narrow it), when the verdict hinges on
+  points whose solves did not converge (the reason names the solve settings and what to try;
+  unconverged points are never dropped silently), or when C is only a lower bound (the penalty
+  objective does not curve up along d as far as probed) that does not exceed tau.
 
-Why rho first and not the gamma scaling: for any smooth f with grad_y f(x, y_g) != 0,
-gamma ||y_gamma - y_g|| tends to a constant, so the scaling alone does not separate the paper's
-positive toy from its negative toy; the size of the dropped term against the kept one does. The
-scaling says whether raising gamma would help, and alpha_hat ~ 1 with a large c_hat confirms a
-Lipschitz-like (non-flat) f. Near a stationary point the kept term -> 0 and the pointwise rho
-blows up (digest §2.6(b)), so the scale S is the largest gradient seen over the points, and
-``atol`` is the size below which the bias is negligible whatever the ratio (the stationarity
-level a user targets).
+Why cost and not the ratio ||d|| / ||kept||: both terms can be tiny (a least-squares f and g
+sharing their target) or the kept term can dwarf d far from the solution (a far start), and the
+ratio then says nothing about the result; C is in the units the user judges the result in, and
+does not depend on the start when measured where PBGD-Free settles. Estimates without a cost
+(``estimate(..., cost=False)``, or built by hand) get the former ratio rule: D / S with D the
+median ||dropped|| and S the largest max(||kept||, ||kept + dropped||), suitable if D <= atol or
+D / S <= rho_ok, unsuitable if D / S >= rho_bad, uncertain in between.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,17 +47,21 @@ from typing import Any
 import torch
 
 from bilevel_ray.config import SolverConfig
-from bilevel_ray.data import as_batches
+from bilevel_ray.data import FullBatch, as_batches
+from bilevel_ray.diagnostics.cost import pooled_cost
 from bilevel_ray.diagnostics.flatness import (
     DELTA_PAIRS,
     count_problem,
     estimate,
     estimate_problems,
+    lower_grad_x_diff,
     lower_responses,
 )
+from bilevel_ray.diagnostics.responses import Responses, as_batch, minimize, perturbed_objective
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
-from bilevel_ray.tree import Params, cuda_devices
+from bilevel_ray.solvers.base import grads_of, identity_reduce
+from bilevel_ray.tree import Params, cuda_devices, vdot
 
 __all__ = ["Verdict", "decide", "decide_problems", "diagnose"]
 
@@ -102,6 +116,33 @@ def _median(values: list[float]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
+def _get(p: Mapping[str, float], name: str) -> float:
+    value = p.get(f"flatness/{name}", p.get(name, math.nan))
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (0 from one value; inf when a value is inf)."""
+    if not all(math.isfinite(v) for v in values):
+        return math.inf, math.inf
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, se
+
+
+def _settings(points: Sequence[Mapping[str, float]], residual: float) -> str:
+    """The solve settings behind ``points`` and what to try instead, for an uncertain reason."""
+    steps = _median([_get(p, "solve_steps") for p in points])
+    rtol = _median([_get(p, "solve_rtol") for p in points])
+    if not math.isfinite(steps):
+        return "raise solve_steps or solve_lr"
+    return (
+        f"the solves ran solve_steps={steps:g} to solve_rtol={rtol:g} and stopped at a relative "
+        f"residual of {residual:.3g}: try solve_steps={4 * steps:g} and "
+        "solve_optimizer='lbfgs'"
+    )
+
+
 def decide(
     stats: Mapping[str, float] | Sequence[Mapping[str, float]],
     *,
@@ -109,47 +150,269 @@ def decide(
     rho_bad: float = 0.3,
     atol: float = 1e-6,
     max_residual: float = 1e-3,
+    rtol: float = 0.05,
+    z: float = 2.0,
 ) -> Verdict:
     """The verdict (module docstring) on one :func:`estimate` or on those of several points."""
     points = [stats] if isinstance(stats, Mapping) else list(stats)
     problems = decide_problems(rho_ok, rho_bad, atol, max_residual)
+    _rtol_problem(problems, rtol)
+    _threshold(problems, "z", z, 0, "the confidence multiplier of the standard error, e.g. 2.0")
     if not points:
         problems.append("stats is empty: decide needs at least one estimate from estimate()")
     if problems:
         raise ConfigError(problems)
+    priced = [p for p in points if not math.isnan(_get(p, "cost"))]
+    if priced:
+        # Judge where the run is heading: the later half of the priced points' steps.
+        steps = [_get(p, "step") for p in priced]
+        cut = _median(steps)
+        judged = [p for p, s in zip(priced, steps) if not s < cut] if math.isfinite(cut) else priced
+        return _decide_cost(points, judged, atol, max_residual, rtol, z)
+    return _decide_ratio(points, rho_ok, rho_bad, atol, max_residual)
 
-    def get(p: Mapping[str, float], name: str) -> float:
-        return float(p.get(f"flatness/{name}", math.nan))
 
-    finite = [p for p in points if all(math.isfinite(get(p, k)) for k in ("kept", "dropped"))]
-    used = [p for p in finite if not get(p, "residual") > max_residual]
-    residual = max((get(p, "residual") for p in points), default=math.nan)
-    gamma = _median([get(p, "gamma") for p in points])
+def _common(points: Sequence[Mapping[str, float]], used: list) -> dict[str, float]:
+    residual = max((_get(p, "residual") for p in points), default=math.nan)
     out = {"flatness/points": float(len(points)), "flatness/used": float(len(used))}
-    out.update({"flatness/gamma": gamma, "flatness/residual": residual})
+    out["flatness/gamma"] = _median([_get(p, "gamma") for p in points])
+    out["flatness/residual"] = residual
+    for name in ("rho", "cos", "alpha_hat", "c_hat", "gap_slope", "dropped_slope", "f_gap"):
+        out[f"flatness/{name}"] = _median([_get(p, name) for p in used])
+    return out
+
+
+def _shape(out: Mapping[str, float]) -> str:
+    return f"alpha_hat={out['flatness/alpha_hat']:.3g}, c_hat={out['flatness/c_hat']:.3g}"
+
+
+def _unsuitable(out: dict[str, float], head: str, ratio: float, power: float) -> Verdict:
+    """'raise gamma' when the dropped term shrinks fast enough in gamma that ``ratio`` (the
+    measure against its threshold, ~ gamma^(power * slope)) falls to 1 by 100 gamma; else
+    'switch to alt_pbgd'."""
+    gamma, slope = out["flatness/gamma"], out["flatness/dropped_slope"]
+    shown = round(slope, 2) + 0.0  # + 0.0 turns -0.0 into 0.0: no "-0.00" in the reason
+    target = gamma * ratio ** (-1.0 / (power * slope)) if slope <= -0.25 else math.inf
+    if target <= 100 * gamma:
+        out["flatness/suggested_gamma"] = target
+        reason = (
+            f"{head}, but it shrinks like gamma^{shown:.2f} ({_shape(out)}), so raise gamma to "
+            f"about {target:.3g} or switch to alt_pbgd."
+        )
+        return Verdict(False, "unsuitable", reason, out, "raise gamma", "alt_pbgd")
+    shape_says = (
+        "f is Lipschitz-like in y near y_g"
+        if out["flatness/alpha_hat"] < 1.25
+        else "f is flat near y_g only up to a residual"
+    )
+    reason = (
+        f"{head}, raising gamma does not shrink it (slope {shown:.2f}) and {shape_says} "
+        f"({_shape(out)}), so switch to alt_pbgd."
+    )
+    return Verdict(False, "unsuitable", reason, out, "switch to alt_pbgd", "alt_pbgd")
+
+
+def _rtol_problem(problems: list[str], rtol: Any) -> None:
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
+        problems.append(
+            f"rtol={rtol!r}: must be a finite number in [0, 1), the tolerated share of the "
+            "achievable improvement, e.g. 0.05"
+        )
+
+
+def _start_upper(points: Sequence[Mapping[str, float]], used: list) -> float:
+    """f where the run started: the priced points' own ``start_upper`` (f(x0, y_gamma(x0)) on
+    their batches) or else the earliest point's ``upper``; NaN when every point has one step."""
+    paired = [_get(p, "start_upper") for p in used]
+    if paired and all(math.isfinite(v) for v in paired):
+        return statistics.fmean(paired)
+    timed = [(_get(p, "step"), _get(p, "upper")) for p in points]
+    timed = [(s, f) for s, f in timed if math.isfinite(s) and math.isfinite(f)]
+    if len({s for s, _ in timed}) < 2:
+        return math.nan
+    first = min(s for s, _ in timed)
+    return statistics.fmean(f for s, f in timed if s == first)
+
+
+def _decide_cost(
+    points: Sequence[Mapping[str, float]],
+    judged: list,
+    atol: float,
+    max_residual: float,
+    rtol: float,
+    z: float,
+) -> Verdict:
+    """Cost C (mean over the judged points, standard error se) against the tolerance tau (module
+    docstring): suitable if C + z se <= tau, unsuitable if C - z se > tau."""
+    used = [p for p in judged if not _get(p, "residual") > max_residual]
+    stuck = [p for p in judged if _get(p, "residual") > max_residual]
+    out = _common(points, used)
+    step = _get(judged[0], "step")
+    at = f" at step {step:g}" if math.isfinite(step) else ""
+    worst = max((_get(p, "residual") for p in stuck), default=0.0)
+    if not used:
+        reason = (
+            f"The lower-level solves did not converge at the {len(judged)} point(s) judged{at}: "
+            f"{_settings(stuck, worst)}, then diagnose again."
+        )
+        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+
+    def verdict_of(group: list) -> tuple[str, dict[str, float]]:
+        cost, se = _mean_se([_get(p, "cost") for p in group])
+        pooled, pooled_se = _get(group[0], "pooled_cost"), _get(group[0], "pooled_se")
+        bounds = [_get(p, "cost_is_bound") > 0 for p in group]
+        bound = any(bounds)
+        if len(group) == len(judged) and math.isfinite(pooled) and math.isfinite(pooled_se):
+            cost, se = pooled, pooled_se  # diagnose's noise-free pairs estimate (cost.py)
+            # Priced with the curvature of the batches that bracketed: a bound only if none did.
+            bound = all(bounds)
+        upper = statistics.fmean(_get(p, "upper") for p in group)
+        start = _start_upper(points, group)
+        progress = start - upper
+        noise = max(_get(group[0], "noise_floor"), 0.0) if group else 0.0
+        noise = noise if math.isfinite(noise) else 0.0
+        if math.isfinite(progress):  # gap <= rtol (progress + gap), solved for the gap
+            tol = rtol / (1 - rtol) * max(progress, 0.0) + noise + atol
+        else:
+            tol = rtol * abs(upper) + noise + atol
+        numbers = {
+            "cost": cost,
+            "cost_se": se,
+            "upper": upper,
+            "start_upper": start,
+            "progress": progress,
+            "tolerance": tol,
+            "noise_floor": noise,
+            "cost_is_bound": float(bound),
+        }
+        if math.isinf(cost):
+            return "unsuitable", numbers
+        low, high = cost - z * se, cost + z * se
+        name = "suitable" if high <= tol else "unsuitable" if low > tol else "uncertain"
+        if bound and name == "suitable":  # a lower bound cannot clear PBGD-Free
+            name = "uncertain"
+        return name, numbers
+
+    name, numbers = verdict_of(used)
+    out.update({f"flatness/{k}": v for k, v in numbers.items()})
+    cost, se, upper, tol = (numbers[k] for k in ("cost", "cost_se", "upper", "tolerance"))
+    start, progress, bound = numbers["start_upper"], numbers["progress"], numbers["cost_is_bound"]
+    dropped = _median([_get(p, "dropped") for p in used])
+    out["flatness/dropped"] = dropped
+    out["flatness/kept"] = _median([_get(p, "kept") for p in used])
+    out["flatness/judged"] = float(len(used))
+    # P(C <= tau) under a normal error of the mean: the confidence the reason reports.
+    confidence = (
+        (1.0 if cost <= tol else 0.0)
+        if se == 0 or not math.isfinite(cost)
+        else 0.5 * (1 + math.erf((tol - cost) / (se * math.sqrt(2))))
+    )
+    out["flatness/confidence"] = confidence
+    noise = numbers["noise_floor"]
+    jitter = f" plus its own minibatch jitter {noise:.2g}" if noise > 0 else ""
+    if math.isfinite(progress):
+        against = (
+            f"a tolerance of {tol:.3g} ({100 * rtol:g}% of the achievable improvement: the run's "
+            f"own progress from f = {start:.4g} plus that cost{jitter})"
+        )
+    else:
+        against = (
+            f"a tolerance of {tol:.3g} ({rtol:g} |f| + {atol:g}; the run's progress was not "
+            "measured)"
+        )
+    about = "at least" if bound else "about"
+    measured = (
+        f"its dropped term (norm {dropped:.3g}) costs {about} {cost:.3g} ± {se:.2g} in the upper "
+        f"objective where the run is heading{at} (f = {upper:.4g}, over {len(used)} batch(es)), "
+        f"against {against}"
+    )
+    if stuck:
+        alt, _ = verdict_of(used + stuck)
+        if alt != name:
+            reason = (
+                f"PBGD-Free's verdict depends on {len(stuck)} point(s) whose solves did not "
+                f"converge{at}: {_settings(stuck, worst)}, then diagnose again."
+            )
+            return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+        measured += f"; {len(stuck)} unconverged point(s) agree"
+    # Before the run settles its kept term still moves it: a cost clearly under the tolerance
+    # (whose progress only grows) stands, a larger one may still change.
+    unsettled = [p for p in used if _get(p, "settled") == 0]
+    if unsettled and name != "suitable":
+        ratio = _median([_get(p, "settle_ratio") for p in unsettled])
+        below = _get(unsettled[0], "settle")
+        out["flatness/settle_ratio"] = ratio
+        reason = (
+            f"PBGD-Free had not settled when the time ran out{at}: its own direction is still "
+            f"{ratio:.3g} times the dropped term (settled below {below:g}), so what the dropped "
+            f"term costs there ({measured}) may not be what it costs at the run's end; diagnose a "
+            "longer run (warmup_steps, max_seconds) or compare with alt_pbgd on a short run."
+        )
+        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+    if name == "suitable":
+        reason = (
+            f"PBGD-Free will do as well as the corrected methods: {measured}, with "
+            f"{100 * confidence:.3g}% confidence, so keep pbgd_free."
+        )
+        return Verdict(True, "suitable", reason, out, "keep pbgd_free")
+    if name == "uncertain" and bound:
+        reason = (
+            f"PBGD-Free may or may not do as well: {measured}, and the penalty objective does not "
+            "curve up along the dropped term as far as probed, so only that lower bound is known; "
+            "compare with alt_pbgd on a short run, or diagnose a longer run (warmup_steps) "
+            "nearer its end."
+        )
+        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+    if name == "uncertain":
+        n = len(used)
+        reason = (
+            f"PBGD-Free may or may not do as well: {measured}, and the spread over batches "
+            f"leaves {100 * confidence:.3g}% confidence; average more batches (batches={4 * n}) "
+            "or compare with alt_pbgd on a short run."
+        )
+        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+    head = f"PBGD-Free is biased: {measured}"
+    # cost ~ dropped^2 ~ gamma^(2 slope): the ratio cost / tol falls as gamma^(2 slope).
+    return _unsuitable(out, head, cost / tol if tol > 0 else math.inf, 2.0)
+
+
+def _decide_ratio(
+    points: Sequence[Mapping[str, float]],
+    rho_ok: float,
+    rho_bad: float,
+    atol: float,
+    max_residual: float,
+) -> Verdict:
+    """The ratio rule, for estimates without a cost (``estimate(..., cost=False)`` or built by
+    hand): D / S, D the median ||dropped||, S the largest max(||kept||, ||kept + dropped||)."""
+    finite = [p for p in points if all(math.isfinite(_get(p, k)) for k in ("kept", "dropped"))]
+    used = [p for p in finite if not _get(p, "residual") > max_residual]
+    stuck = [p for p in finite if _get(p, "residual") > max_residual]
+    out = _common(points, used)
+    gamma, residual = out["flatness/gamma"], out["flatness/residual"]
     where = f"over {len(used)} of {len(points)} point(s) at gamma={gamma:g}"
     if not used:
         reason = (
             f"The flatness estimates are not finite {where}: lower lr_x / lr_y or solve_lr, or "
             "check f and g at the start point, then diagnose again."
             if len(finite) < len(points)
-            else f"The lower-level solves did not converge (relative residual {residual:.3g} > "
-            f"{max_residual:g}) {where}: raise solve_steps or solve_lr and diagnose again."
+            else f"The lower-level solves did not converge {where}: "
+            f"{_settings(stuck, residual)}, then diagnose again."
         )
         return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
-    dropped = _median([get(p, "dropped") for p in used])
+    dropped = _median([_get(p, "dropped") for p in used])
     # A hand-built estimate may lack "full" (NaN): its kept term is the scale then.
     scale = max(
-        max(get(p, "kept"), get(p, "full") if math.isfinite(get(p, "full")) else 0.0) for p in used
+        max(_get(p, "kept"), _get(p, "full") if math.isfinite(_get(p, "full")) else 0.0)
+        for p in used
     )
     ratio = dropped / scale if scale > 0 else (math.inf if dropped > 0 else 0.0)
     out.update(
         {"flatness/dropped": dropped, "flatness/grad_scale": scale, "flatness/bias_ratio": ratio}
     )
-    for name in ("rho", "cos", "alpha_hat", "c_hat", "gap_slope", "dropped_slope"):
-        out[f"flatness/{name}"] = _median([get(p, name) for p in used])
     share = f"{100 * ratio:.3g}% of the gradient scale {scale:.3g}"
-    shape = f"alpha_hat={out['flatness/alpha_hat']:.3g}, c_hat={out['flatness/c_hat']:.3g}"
+    if stuck:
+        where += f" ({len(stuck)} left out: {_settings(stuck, residual)})"
     if dropped <= atol or ratio <= rho_ok:
         reason = (
             f"PBGD-Free's dropped value-function term is negligible {where}: its median norm "
@@ -160,31 +423,12 @@ def decide(
     if ratio < rho_bad:
         reason = (
             f"PBGD-Free's dropped term is {share} {where}, between {100 * rho_ok:g}% and "
-            f"{100 * rho_bad:g}% ({shape}), so compare pbgd_free with alt_pbgd on a short run."
+            f"{100 * rho_bad:g}% ({_shape(out)}), so compare pbgd_free with alt_pbgd on a short "
+            "run."
         )
         return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
-    slope = out["flatness/dropped_slope"]
-    shown = round(slope, 2) + 0.0  # + 0.0 turns -0.0 into 0.0: no "-0.00" in the reason
-    # ||dropped|| ~ gamma^slope reaches rho_ok * scale at gamma * (ratio / rho_ok)^(-1/slope).
-    target = gamma * (ratio / rho_ok) ** (-1.0 / slope) if slope <= -0.25 else math.inf
     head = f"PBGD-Free is biased: its dropped term (median norm {dropped:.3g}) is {share} {where}"
-    if target <= 100 * gamma:
-        out["flatness/suggested_gamma"] = target
-        reason = (
-            f"{head}, but it shrinks like gamma^{shown:.2f} ({shape}), so raise gamma to about "
-            f"{target:.3g} or switch to alt_pbgd."
-        )
-        return Verdict(False, "unsuitable", reason, out, "raise gamma", "alt_pbgd")
-    shape_says = (
-        "f is Lipschitz-like in y near y_g"
-        if out["flatness/alpha_hat"] < 1.25
-        else "f is flat near y_g only up to a residual"
-    )
-    reason = (
-        f"{head}, raising gamma does not shrink it (slope {shown:.2f}) and {shape_says} "
-        f"({shape}), so switch to alt_pbgd."
-    )
-    return Verdict(False, "unsuitable", reason, out, "switch to alt_pbgd", "alt_pbgd")
+    return _unsuitable(out, head, ratio / rho_ok, 1.0)
 
 
 def diagnose(
@@ -201,10 +445,14 @@ def diagnose(
     inner_steps: int = 1,
     optimizer: str | tuple[str, str] = "sgd",
     seed: int = 0,
+    max_steps: int | None = None,
+    max_seconds: float = 15.0,
+    settle: float = 0.1,
+    batches: int = 4,
     solve_steps: int = 300,
     solve_lr: float = 0.05,
     solve_rtol: float = 1e-6,
-    solve_optimizer: str = "adam",
+    solve_optimizer: str = "lbfgs",
     gamma_factor: float = 4.0,
     directions: int = 3,
     delta_pairs: Sequence[tuple[float, float]] = DELTA_PAIRS,
@@ -212,18 +460,32 @@ def diagnose(
     rho_bad: float = 0.3,
     atol: float = 1e-6,
     max_residual: float = 1e-3,
+    rtol: float = 0.05,
+    z: float = 2.0,
+    progress: bool = False,
 ) -> Verdict:
-    """Is PBGD-Free's dropped value-function term negligible on ``problem`` from (x0, y0)?
+    """Will PBGD-Free on ``problem`` end as well as a corrected method, to this precision?
 
-    Runs ``warmup_steps`` PBGD-Free steps (``lr_x``, ``lr_y``, ``inner_steps``, ``optimizer``
-    as in ``br.solve``, at this fixed ``gamma``), estimates at step 0 and every ``every`` steps
-    and at the last, on that step's batch of ``data``, then applies :func:`decide`. x0 and y0 are
-    not modified.
+    Follows PBGD-Free's own trajectory from (x0, y0) (``lr_x``, ``lr_y``, ``inner_steps``,
+    ``optimizer`` as in ``br.solve``, at this fixed ``gamma``), with a cheap check every
+    ``every`` steps (solves warm-started at the run's current y, to 1e-2 in at most 50 steps),
+    for at least ``warmup_steps`` and until it settles (||E kept|| <= ``settle`` *
+    max(||E dropped||, ``settle`` * its largest value), E over batches by the dot product of
+    two successive checks' vectors: what is left to move is the dropped term's),
+    ``max_steps`` (default 20 * warmup_steps) or 40% of ``max_seconds``. There it prices the
+    dropped term in units of f (module docstring) on ``batches`` batches of ``data`` (one when
+    the data is deterministic; at least two, up to 4 * ``batches`` while the verdict is
+    uncertain, none more once ``max_seconds`` is spent), measures f where the run started on
+    the same batches (its progress) and, for plain SGD on x, its own jitter floor
+    lr_x tr(Var kept) / 4, and applies :func:`decide`. A run that has not settled when the
+    time runs out is judged suitable only if its cost clears the tolerance, else uncertain.
+    x0 and y0 are not modified. ``progress`` prints a line to stderr at once and then every
+    2 s.
 
-    The ``solve_*`` options set the short lower-level solves of each estimate (the first starts
-    at y0, each later one at the previous point's y_g, whose x is nearby);
-    ``gamma_factor``, ``directions`` and ``delta_pairs`` are :func:`estimate`'s; ``rho_ok``,
-    ``rho_bad``, ``atol`` and ``max_residual`` are :func:`decide`'s.
+    The ``solve_*`` options set the lower-level solves of each estimate (L-BFGS by default: it
+    converges to ``solve_rtol`` in tens of gradients); ``gamma_factor``, ``directions`` and
+    ``delta_pairs`` are :func:`estimate`'s; ``rho_ok``, ``rho_bad``, ``atol``,
+    ``max_residual``, ``rtol`` and ``z`` are :func:`decide`'s.
 
     Raises:
         ConfigError: bad input, before any step runs (every problem found, at once).
@@ -234,6 +496,13 @@ def diagnose(
     count_problem(problems, "warmup_steps", warmup_steps, 0)
     count_problem(problems, "every", every, 1)
     count_problem(problems, "seed", seed, 0)
+    count_problem(problems, "batches", batches, 1)
+    if max_steps is not None:
+        count_problem(problems, "max_steps", max_steps, 0)
+    _threshold(problems, "settle", settle, 0, "e.g. settle=0.1")
+    _threshold(problems, "max_seconds", max_seconds, 0, "e.g. max_seconds=20")
+    if not isinstance(progress, bool):
+        problems.append(f"progress={progress!r}: must be True or False")
     solve = {
         "solve_steps": solve_steps,
         "solve_lr": solve_lr,
@@ -248,6 +517,8 @@ def diagnose(
     }
     problems += estimate_problems(gamma=gamma, **opts, optimizer_name="solve_optimizer")
     problems += decide_problems(rho_ok, rho_bad, atol, max_residual)
+    _rtol_problem(problems, rtol)
+    _threshold(problems, "z", z, 0, "the confidence multiplier of the standard error, e.g. 2.0")
     try:
         solver = SolverConfig(
             method="pbgd_free",
@@ -262,23 +533,149 @@ def diagnose(
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 
-    stats = []
+    last = 20 * warmup_steps if max_steps is None else max(max_steps, warmup_steps)
+    # A tolerance below the dtype's rounding cannot be met (float32 networks): solve_rtol is
+    # floored at sqrt(eps) and max_residual at 100 times that (the run watch's 2e-2 in float32);
+    # the verdict's reason names the tolerance used.
+    floor = torch.finfo(next(iter(x0.values())).dtype).eps ** 0.5
+    solve["solve_rtol"] = opts["solve_rtol"] = max(solve_rtol, floor)
+    max_residual = max(max_residual, 100 * solve["solve_rtol"])
+    # The trajectory's checks only ask whether the run has settled: looser, cheaper solves.
+    check = {
+        **solve,
+        "solve_rtol": max(solve["solve_rtol"], 1e-2),
+        "solve_steps": min(solve["solve_steps"], 50),
+    }
+    # Deterministic data gives the same batch every step: one priced batch says it all.
+    fixed = data is None or isinstance(data, FullBatch)
+    report = _Progress(progress)
     with torch.random.fork_rng(devices=cuda_devices(x0, y0)):
         torch.manual_seed(seed)  # a shuffled DataLoader draws from torch's RNG when iterated
-        batches = as_batches(data, seed)
-        first = next(batches)
+        stream = as_batches(data, seed)
+        first = next(stream)
         check_losses(problem, x0, y0, first, upper_needs_x=True)
-        state = solver.init(x0, y0)
-        warm, scale = state.y, None
-        for t, batch in enumerate(itertools.chain([first], batches)):
-            if t % every == 0 or t == warmup_steps:
-                r = lower_responses(problem, state.x, warm, batch, gamma, scale=scale, **solve)
-                stats.append(
-                    estimate(problem, state.x, warm, batch, gamma, **opts, seed=seed, responses=r)
-                )
-                # The next point's x is close: its solves start at this y_g, to this tolerance.
-                warm, scale = r.y_g, r.scale
-            if t == warmup_steps:
-                break
+        state, peak, previous, checks = solver.init(x0, y0), 0.0, None, 0
+        for t, batch in enumerate(itertools.chain([first], stream)):
+            if t % every == 0 or t >= last:
+                kept, dropped, r = _terms(problem, state.x, state.y, batch, gamma, check)
+                if t == 0:
+                    y_first, scale_first = r.y_gamma, r.scale
+                # ||E kept|| and ||E dropped|| from two successive batches (their dot product),
+                # so that a minibatch's own noise does not keep the run from settling.
+                before = previous or (kept, dropped)
+                signal = math.sqrt(max(float(vdot(kept, before[0])), 0.0))
+                bias = math.sqrt(max(float(vdot(dropped, before[1])), 0.0))
+                previous, checks = (kept, dropped), checks + 1
+                peak = max(peak, signal) if math.isfinite(signal) else peak
+                settled = signal <= settle * max(bias, settle * peak)
+                late = t >= last or report.elapsed() > 0.4 * max_seconds
+                if t >= warmup_steps and (settled or late) and (checks > 1 or fixed or late):
+                    settled = settled and (checks > 1 or fixed)
+                    break
+                report.show(f"step {t}, check {checks}")
             state, _ = solver.step(state, batch)
-    return decide(stats, rho_ok=rho_ok, rho_bad=rho_bad, atol=atol, max_residual=max_residual)
+        priced, vectors, steps_kept = [], [], []
+        judge = {"atol": atol, "max_residual": max_residual, "rtol": rtol, "z": z}
+        # Plain SGD on x jitters around its end point by its batch noise: a quadratic loss sits
+        # lr_x tr(Var kept) / 4 above its minimum on average, a floor under any visible gap.
+        x_rule = optimizer if isinstance(optimizer, str) else optimizer[0]
+        jitter = lr_x / 4 if x_rule == "sgd" and not fixed else 0.0
+        for b in range(1 if fixed else 4 * batches):
+            # The end point, priced: on this step's batch, then on fresh ones (two at least, the
+            # fewest that give a noise-free pair; ``batches``, and up to 4 times as many while
+            # the verdict is uncertain, while max_seconds allows).
+            if b >= 2 and report.elapsed() > max_seconds:
+                break
+            interim = (priced, vectors, steps_kept, jitter, judge)
+            if b >= batches and _decide_priced(*interim).verdict != "uncertain":
+                break
+            batch = batch if b == 0 else next(stream)
+            r = lower_responses(problem, state.x, state.y, batch, gamma, **solve)
+            diff = lower_grad_x_diff(problem, state.x, r.y_g, r.y_gamma, batch)
+            vectors.append({k: gamma * v for k, v in diff.items()})
+            _, _, (kept,) = grads_of(
+                lambda x_, r=r, batch=batch: (
+                    problem.upper_loss(x_, r.y_gamma, as_batch(batch).upper),
+                    {},
+                ),
+                [state.x],
+                identity_reduce,
+            )
+            steps_kept.append(kept)
+            point = estimate(
+                problem, state.x, state.y, batch, gamma, **opts, seed=seed + b, responses=r
+            )
+            # Where the run started, on the same batch: its progress, paired; y_gamma(x0)
+            # alone, warm-started at the first check's (one solve, not two).
+            y_start, _ = minimize(
+                perturbed_objective(problem, x0, as_batch(batch), gamma),
+                y_first,
+                check["solve_steps"],
+                check["solve_lr"],
+                check["optimizer"],
+                check["solve_rtol"] * scale_first,
+            )
+            with torch.no_grad():
+                point["flatness/start_upper"] = float(
+                    problem.upper_loss(x0, y_start, as_batch(batch).upper)
+                )
+            point["flatness/settled"], point["flatness/settle"] = float(settled), settle
+            point["flatness/settle_ratio"] = signal / max(bias, settle * peak, 1e-300)
+            priced.append({**point, "flatness/step": float(t)})
+            report.show(f"step {t}, pricing batch {b + 1}")
+    judge.update(rho_ok=rho_ok, rho_bad=rho_bad)
+    return _decide_priced(priced, vectors, steps_kept, jitter, judge)
+
+
+def _decide_priced(
+    priced: list[dict], vectors: list[Params], kept: list[Params], jitter: float, options: dict
+) -> Verdict:
+    """:func:`decide` on the priced end points, with their pooled cost (cost.py) and the noise
+    floor ``jitter`` tr(Var kept) (the trace from the batches' kept vectors: the mean of
+    ||k_b||^2 less that of k_a . k_b, a != b)."""
+    curvatures = [
+        math.nan if p["flatness/cost_is_bound"] else p["flatness/curvature"] for p in priced
+    ]
+    pooled, pooled_se = pooled_cost(vectors, curvatures)
+    n, floor = len(kept), 0.0
+    if jitter > 0 and n >= 2:
+        dots = [[float(vdot(a, b)) for b in kept] for a in kept]
+        own = sum(dots[i][i] for i in range(n)) / n
+        pairs = (sum(map(sum, dots)) - own * n) / (n * (n - 1))
+        floor = jitter * max(own - pairs, 0.0)
+    for point in priced:
+        point.update({"flatness/pooled_cost": pooled, "flatness/pooled_se": pooled_se})
+        point["flatness/noise_floor"] = floor
+    return decide(priced, **options)
+
+
+def _terms(
+    problem: BilevelProblem, x: Params, y: Params, batch: Any, gamma: float, solve: dict
+) -> tuple[Params, Params, Responses]:
+    """The kept and dropped vectors at (x, y) on this batch (solves warm-started at y), and the
+    responses."""
+    r = lower_responses(problem, x, y, batch, gamma, **solve)
+    batch = as_batch(batch)
+    _, _, (kept,) = grads_of(
+        lambda x_: (problem.upper_loss(x_, r.y_gamma, batch.upper), {}), [x], identity_reduce
+    )
+    diff = lower_grad_x_diff(problem, x, r.y_g, r.y_gamma, batch)
+    return kept, {k: gamma * v for k, v in diff.items()}, r
+
+
+class _Progress:
+    """'[diagnose] <what>, <seconds> s' on stderr: the first at once, then at most every
+    ``interval`` seconds."""
+
+    def __init__(self, on: bool, interval: float = 2.0):
+        self.on, self.interval = on, interval
+        self.start, self.shown = time.monotonic(), -math.inf  # the first line at once
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def show(self, what: str) -> None:
+        now = time.monotonic()
+        if self.on and now - self.shown >= self.interval:
+            self.shown = now
+            print(f"[diagnose] {what}, {now - self.start:.1f} s", file=sys.stderr, flush=True)

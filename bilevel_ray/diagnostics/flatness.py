@@ -24,8 +24,15 @@ The penalty gradient is grad F_gamma(x) = kept + dropped, where
 * ``scaled_gap`` = gamma ||y_gamma - y_g|| and ``dropped`` again at ``gamma_hi`` = factor * gamma,
   with their log-slopes in gamma (``gap_slope``, ``dropped_slope``): ~ 0 for Lipschitz f
   (Proposition 1), about (1 - alpha) / (2 - alpha) < 0 under flatness (Lemma 1);
+* ``upper`` = f(x, y_gamma) (the upper loss the run itself sees), ``cost`` = ||dropped||^2 /
+  (2 ``curvature``): what the dropped term costs PBGD-Free in units of f where it stops
+  (:mod:`~bilevel_ray.diagnostics.cost`), the quantity the verdict is about, with
+  ``cost_is_bound`` = 1 where the penalty objective did not curve up along the dropped term as
+  far as probed and ``cost`` is only the decrease found up to there (a lower bound);
 * ``residual``: the solves' final gradient norm relative to their reference scale (a solve that
   stopped far from its minimizer makes every other number unreliable).
+
+The solves are :mod:`~bilevel_ray.diagnostics.responses`'.
 
 :mod:`bilevel_ray.diagnostics.diagnose` turns these into a verdict.
 """
@@ -34,27 +41,37 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from bilevel_ray.data import BilevelBatch
+from bilevel_ray.diagnostics.cost import predicted_cost
+from bilevel_ray.diagnostics.responses import (
+    Responses,
+    as_batch,
+    lower_responses,
+    minimize,
+    norm,
+    perturbed_objective,
+    solve_scale,
+)
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import grads_of, identity_reduce
-from bilevel_ray.tree import Params, add_scaled, clone, sub, vdot
-from bilevel_ray.updates import OPTIMIZERS, make_update
+from bilevel_ray.tree import Params, add_scaled, sub, vdot
+from bilevel_ray.updates import OPTIMIZERS
 
 __all__ = [
     "DELTA_PAIRS",
     "Responses",
     "bias_terms",
+    "count_problem",
     "delta_hat",
     "estimate",
     "estimate_problems",
     "fit_exponent",
+    "lower_grad_x_diff",
     "lower_responses",
     "solve_scale",
 ]
@@ -63,153 +80,24 @@ DELTA_PAIRS = ((0.5, 1.5), (1.0, 1.5))
 """(c, alpha) pairs of delta_hat: the official notebook's and the author's site's."""
 
 
-def _norm(p: Params) -> float:
-    return math.sqrt(max(float(vdot(p, p)), 0.0))
-
-
-def _batch(batch: Any) -> Any:
-    return BilevelBatch(None, None) if batch is None else batch
-
-
-def _perturbed(problem: BilevelProblem, x: Params, batch: Any, gamma: float) -> Callable:
-    """y -> f(x, y) / gamma + g(x, y)."""
-    return lambda y_: (
-        problem.upper_loss(x, y_, batch.upper) / gamma + problem.lower_loss(x, y_, batch.lower)
-    )
-
-
-def _solve(
-    objective: Callable[[Params], Tensor],
-    y: Params,
-    steps: int,
-    lr: float,
-    optimizer: str,
-    stop: float,
-) -> tuple[Params, float]:
-    """Up to ``steps`` updates of a copy of y on ``objective``, stopping once ||grad|| <= stop;
-    returns the iterate with the smallest gradient norm, and that norm. Both guards are for
-    Adam: its first step has length lr whatever the gradient, so a solve started at (or
-    oscillating around) a minimizer would otherwise end further from it."""
-    if optimizer == "lbfgs":
-        return _solve_lbfgs(objective, y, steps, stop)
-    y = clone(y)
-    rule = make_update(optimizer, lr, name="solve_lr")
-    state = rule.init(y)
-    best, best_norm = y, math.inf
-    for t in range(steps + 1):
-        _, _, (grad,) = grads_of(lambda y_: (objective(y_), {}), [y], identity_reduce)
-        norm = _norm(grad)
-        if norm < best_norm:
-            best, best_norm = (y if norm <= stop or t == steps else clone(y)), norm
-        if t == steps or norm <= stop:
-            break
-        rule.apply(y, grad, state, t)
-    return best, best_norm
-
-
-def _solve_lbfgs(
-    objective: Callable[[Params], Tensor], y: Params, steps: int, stop: float
-) -> tuple[Params, float]:
-    """As :func:`_solve` with L-BFGS and a strong-Wolfe line search (torch.optim.LBFGS): on a
-    smooth lower level it reaches a tight tolerance in tens of gradients where Adam needs
-    hundreds, which is what keeps a run's diagnostic cheap. Gradients are taken with respect to
-    y only (``autograd.grad``), so frozen parameters of a module problem gain no ``.grad``."""
-    y = {k: v.detach().clone().requires_grad_(True) for k, v in y.items()}
-    leaves = list(y.values())
-    # L-BFGS tests the largest gradient entry; stop / sqrt(n) bounds the norm by ``stop``.
-    size = sum(t.numel() for t in leaves)
-    opt = torch.optim.LBFGS(
-        leaves,
-        max_iter=steps,
-        tolerance_grad=stop / math.sqrt(size),
-        tolerance_change=0.0,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        loss = objective(y)
-        for leaf, grad in zip(leaves, torch.autograd.grad(loss, leaves)):
-            leaf.grad = grad
-        return loss.detach()
-
-    opt.step(closure)
-    y = {k: v.detach() for k, v in y.items()}
-    _, _, (grad,) = grads_of(lambda y_: (objective(y_), {}), [y], identity_reduce)
-    return y, _norm(grad)
-
-
-def solve_scale(problem: BilevelProblem, x: Params, y: Params, batch: Any, gamma: float) -> float:
-    """The gradient size the solves are measured against: max(||grad_y g(x, y)||,
-    ||grad_y f(x, y)|| / gamma), the first step's size on g and the perturbation separating
-    y_gamma from y_g, floored at sqrt(eps) (1 + |g(x, y)|) so that a start at an exact solution
-    (both ~0) is not measured against rounding."""
-    batch = _batch(batch)
-    g, _, (grad_g,) = grads_of(
-        lambda y_: (problem.lower_loss(x, y_, batch.lower), {}), [y], identity_reduce
-    )
-    _, _, (grad_f,) = grads_of(
-        lambda y_: (problem.upper_loss(x, y_, batch.upper), {}), [y], identity_reduce
-    )
-    floor = torch.finfo(g.dtype).eps ** 0.5 * (1 + abs(float(g)))
-    return max(_norm(grad_g), _norm(grad_f) / gamma, floor)
-
-
-class Responses(NamedTuple):
-    """y_g and y_gamma (detached), the gradient scale of their solves (:func:`solve_scale`) and
-    their worst final gradient norm relative to it."""
-
-    y_g: Params
-    y_gamma: Params
-    scale: float
-    residual: float
-
-
-def lower_responses(
-    problem: BilevelProblem,
-    x: Params,
-    y: Params,
-    batch: Any = None,
-    gamma: float = 10.0,
-    *,
-    solve_steps: int = 300,
-    solve_lr: float = 0.05,
-    solve_rtol: float = 1e-6,
-    optimizer: str = "adam",
-    scale: float | None = None,
-) -> Responses:
-    """y_g from up to ``solve_steps`` steps on g(x, .) from y; y_gamma from as many on
-    f(x, .)/gamma + g(x, .) from y_g (O(1/gamma) away). Both stop at gradient norm
-    ``solve_rtol * scale``; ``scale`` defaults to :func:`solve_scale` at y (a run passes its
-    first point's scale at later points, so that a warm start near y_g does not tighten the
-    tolerance). Adam by default: its step length does not depend on g's curvature."""
-    batch = _batch(batch)
-    scale = solve_scale(problem, x, y, batch, gamma) if scale is None else scale
-    settings = (solve_steps, solve_lr, optimizer, solve_rtol * scale)
-    y_g, res_g = _solve(lambda y_: problem.lower_loss(x, y_, batch.lower), y, *settings)
-    y_gamma, res_gamma = _solve(_perturbed(problem, x, batch, gamma), y_g, *settings)
-    worst = max(res_g, res_gamma)
-    return Responses(y_g, y_gamma, scale, worst / scale if scale > 0 else worst)
-
-
 def bias_terms(
     problem: BilevelProblem, x: Params, y_g: Params, y_gamma: Params, batch: Any, gamma: float
 ) -> dict[str, float]:
     """Norms of kept = grad_x f(x, y_gamma), dropped = gamma [grad_x g(x, y_gamma) -
     grad_x g(x, y_g)] and their sum, rho = ||dropped|| / ||kept|| and cos(kept, kept + dropped)."""
-    batch = _batch(batch)
+    batch = as_batch(batch)
     _, _, (kept,) = grads_of(
         lambda x_: (problem.upper_loss(x_, y_gamma, batch.upper), {}), [x], identity_reduce
     )
-    diff = _lower_grad_x_diff(problem, x, y_g, y_gamma, batch)
+    diff = lower_grad_x_diff(problem, x, y_g, y_gamma, batch)
     full = add_scaled(kept, diff, gamma)
-    k, d, total = _norm(kept), gamma * _norm(diff), _norm(full)
+    k, d, total = norm(kept), gamma * norm(diff), norm(full)
     rho = d / k if k > 0 else (math.inf if d > 0 else 0.0)
     cos = float(vdot(kept, full)) / (k * total) if k * total > 0 else math.nan
     return {"kept": k, "dropped": d, "full": total, "rho": rho, "cos": cos}
 
 
-def _lower_grad_x_diff(
+def lower_grad_x_diff(
     problem: BilevelProblem, x: Params, y_g: Params, y_gamma: Params, batch: Any
 ) -> Params:
     """grad_x g(x, y_gamma) - grad_x g(x, y_g): the dropped term is gamma times it."""
@@ -250,18 +138,18 @@ def fit_exponent(
     random unit vectors (unit over all tensors of y together). Differences at rounding level are
     left out; NaN when fewer than two remain.
     """
-    batch = _batch(batch)
+    batch = as_batch(batch)
     ref = next(iter(y_g.values()))
     eps = torch.finfo(ref.dtype).eps
     step = sub(toward, y_g) if toward is not None else None
-    length = _norm(step) if step is not None else 0.0
+    length = norm(step) if step is not None else 0.0
     units = [{k: v / length for k, v in step.items()}] if length > 0 else []
     gen = torch.Generator().manual_seed(seed)
     for _ in range(directions):
         u = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in y_g.items()}
-        size = _norm(u)
+        size = norm(u)
         units.append({k: (v / size).to(ref.device, y_g[k].dtype) for k, v in u.items()})
-    s_max = max(length, eps**0.25 * (1 + _norm(y_g)))
+    s_max = max(length, eps**0.25 * (1 + norm(y_g)))
     grid = [s_max * span ** (-i / max(points - 1, 1)) for i in range(points)]
     with torch.no_grad():
         f0 = float(problem.upper_loss(x, y_g, batch.upper))
@@ -296,6 +184,8 @@ def estimate(
     gamma_factor: float = 4.0,
     directions: int = 3,
     delta_pairs: Sequence[tuple[float, float]] = DELTA_PAIRS,
+    cost: bool = True,
+    probe: float = 1e-2,
     seed: int = 0,
     responses: Responses | None = None,
 ) -> dict[str, float]:
@@ -303,7 +193,10 @@ def estimate(
 
     y is the warm start of the solves (the run's current lower iterate); ``responses`` from
     :func:`lower_responses` replaces the two main solves. One more solve, at ``gamma_factor *
-    gamma`` from y_gamma, gives the gamma scaling. Bad options raise ConfigError.
+    gamma`` from y_gamma, gives the gamma scaling; with ``cost`` two or four more, at ``x - s u``
+    along the dropped term, give its cost in units of f (:mod:`~bilevel_ray.diagnostics.cost`,
+    first secant over ``probe`` (1 + ||x||)). ``residual`` is the worst relative residual of all
+    the solves. Bad options raise ConfigError.
     """
     problems = estimate_problems(
         gamma=gamma,
@@ -314,34 +207,49 @@ def estimate(
         gamma_factor=gamma_factor,
         directions=directions,
         delta_pairs=delta_pairs,
+        cost=cost,
+        probe=probe,
     )
     if problems:
         raise ConfigError(problems)
-    batch = _batch(batch)
+    batch = as_batch(batch)
     settings = {"solve_steps": solve_steps, "solve_lr": solve_lr, "optimizer": optimizer}
     r = responses or lower_responses(problem, x, y, batch, gamma, solve_rtol=solve_rtol, **settings)
     gamma_hi = gamma_factor * gamma
-    perturbed_hi = _perturbed(problem, x, batch, gamma_hi)
-    y_hi, _ = _solve(
+    perturbed_hi = perturbed_objective(problem, x, batch, gamma_hi)
+    y_hi, _ = minimize(
         perturbed_hi, r.y_gamma, solve_steps, solve_lr, optimizer, solve_rtol * r.scale
     )
     terms = bias_terms(problem, x, r.y_g, r.y_gamma, batch, gamma)
-    dropped_hi = gamma_hi * _norm(_lower_grad_x_diff(problem, x, r.y_g, y_hi, batch))
-    gap, gap_hi = _norm(sub(r.y_gamma, r.y_g)), _norm(sub(y_hi, r.y_g))
+    dropped_hi = gamma_hi * norm(lower_grad_x_diff(problem, x, r.y_g, y_hi, batch))
+    gap, gap_hi = norm(sub(r.y_gamma, r.y_g)), norm(sub(y_hi, r.y_g))
     f_g, _, (grad_y,) = grads_of(
         lambda y_: (problem.upper_loss(x, y_, batch.upper), {}), [r.y_g], identity_reduce
     )
     with torch.no_grad():
-        f_gap = abs(float(f_g) - float(problem.upper_loss(x, r.y_gamma, batch.upper)))
+        f_gamma = float(problem.upper_loss(x, r.y_gamma, batch.upper))
+    f_gap = abs(float(f_g) - f_gamma)
     alpha_hat, c_hat = fit_exponent(
         problem, x, r.y_g, batch, r.y_gamma, directions=directions, seed=seed
     )
+    priced = {"curvature": math.nan, "cost": math.nan, "cost_is_bound": 0.0, "probe_residual": 0.0}
+    if cost:
+        dropped = lower_grad_x_diff(problem, x, r.y_g, r.y_gamma, batch)
+        dropped = {k: gamma * v for k, v in dropped.items()}
+        # The probes' solves start near their answer but must reach the same tolerance at a
+        # new x: L-BFGS does that in a few gradients whatever the main solves used.
+        solve = {"solve_rtol": solve_rtol, **settings, "optimizer": "lbfgs"}
+        priced = predicted_cost(problem, x, r, dropped, batch, gamma, solve, probe)
     stats = {
         **terms,
+        "upper": f_gamma,
+        "cost": priced["cost"],
+        "cost_is_bound": priced["cost_is_bound"],
+        "curvature": priced["curvature"],
         "gamma": gamma,
         "gap": gap,
         "f_gap": f_gap,
-        "grad_y_f": _norm(grad_y),
+        "grad_y_f": norm(grad_y),
         "alpha_hat": alpha_hat,
         "c_hat": c_hat,
         "gamma_hi": gamma_hi,
@@ -350,7 +258,9 @@ def estimate(
         "gap_slope": _slope(gamma * gap, gamma_hi * gap_hi, gamma_factor),
         "dropped_hi": dropped_hi,
         "dropped_slope": _slope(terms["dropped"], dropped_hi, gamma_factor),
-        "residual": r.residual,
+        "residual": max(r.residual, priced["probe_residual"]),
+        "solve_steps": solve_steps,
+        "solve_rtol": solve_rtol,
         **{f"delta_hat_c{c:g}_a{a:g}": delta_hat(f_gap, gap, c, a) for c, a in delta_pairs},
     }
     return {f"flatness/{k}": float(v) for k, v in stats.items()}
@@ -384,6 +294,8 @@ def estimate_problems(
     gamma_factor: Any,
     directions: Any,
     delta_pairs: Any,
+    cost: Any = True,
+    probe: Any = 1e-2,
     optimizer_name: str = "optimizer",
 ) -> list[str]:
     """Every rule the options of :func:`estimate` break, one message each (empty if none);
@@ -405,4 +317,7 @@ def estimate_problems(
             f"delta_pairs={delta_pairs!r}: must be (c, alpha) pairs with c >= 0 and alpha > 0, "
             "e.g. ((0.5, 1.5),)"
         )
+    if not isinstance(cost, bool):
+        problems.append(f"cost={cost!r}: must be True (price the dropped term) or False")
+    _number(problems, "probe", probe, 0, math.inf, "the curvature probe's relative step, e.g. 1e-2")
     return problems

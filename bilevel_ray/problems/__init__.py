@@ -36,6 +36,7 @@ __all__ = [
     "NegativeToy",
     "PositiveToy",
     "QuadraticProblem",
+    "build_spec",
     "cleaning_scores",
     "fit_classifier",
     "heldout_accuracy",
@@ -96,3 +97,33 @@ def _import_module(where: str) -> Any:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         return module
     return importlib.import_module(where)
+
+
+def build_spec(factory: ProblemFactory | str, problem_config: dict[str, Any]) -> ProblemSpec:
+    """Resolve ``factory`` (a callable, a built-in name or a ``file.py:factory`` string) and
+    call it with ``problem_config``, checking that it returns a ProblemSpec."""
+    resolved = load_factory(factory) if isinstance(factory, str) else factory
+    if not callable(resolved):
+        raise ConfigError(f"factory={factory!r}: must be callable or a 'file.py:factory' string")
+    module = getattr(resolved, "__module__", None) or ""
+    if module.split(".")[0] in sys.stdlib_module_names or module == "builtins":
+        name = getattr(resolved, "__qualname__", repr(resolved))
+        raise ConfigError(
+            f"factory={factory!r} is {module}.{name}, a function of Python's standard library, "
+            "not a problem factory: give path/to/file.py:factory or package.module:factory, a "
+            "function that takes the config dict and returns br.ProblemSpec(...)"
+        )
+    try:
+        spec = resolved(dict(problem_config))
+    except SystemExit as exit_:
+        # The user's own exceptions propagate as they are; an exit would end the caller too.
+        raise ConfigError(
+            f"the factory {factory!r} called sys.exit({exit_.code!r}): a factory must return "
+            "br.ProblemSpec(...) or raise an exception, not exit"
+        ) from None
+    if not isinstance(spec, ProblemSpec):
+        raise ConfigError(
+            f"the factory returned a {type(spec).__name__}: it must return "
+            "br.ProblemSpec(problem, x0, y0, data, defaults)"
+        )
+    return spec

@@ -15,8 +15,17 @@ adapted model *is* the base model, and its log-probabilities of the preference d
 once here and stored with the data (``ref_chosen``, ``ref_rejected``): no second model is kept,
 and f = log 2 at the start (every DPO margin is 0).
 
-By default the model is a small Llama built from a config (no download); ``model`` names a local
-Hugging Face checkpoint instead (loaded with ``local_files_only=True``). The data is generated
+By default the model is a tiny Llama built from a config (no download); ``model`` picks another
+shape (:mod:`bilevel_ray.problems.model_presets`): the preset ``"llama-100m"`` (105.8 M
+parameters, a 32 000-token vocabulary: the head y alone is 24.6 M parameters), a dict of
+``LlamaConfig`` fields, or a local Hugging Face checkpoint directory (loaded with
+``local_files_only=True``).
+
+The problem declares its structure (:class:`~bilevel_ray.problem.FeatureProblem`): the features
+of x are the decoder's last hidden states h (the LoRA-adapted backbone), and the head y maps
+them to logits ``h W_y^T``; so the solvers run the backbone once per step and level and only the
+head in their inner loops. For a checkpoint directory the two paths are compared once at build
+time, and the structure is declared only if they agree. The data is generated
 (:mod:`bilevel_ray.problems.preference_data`): token ids below ``vocab``, which must not exceed
 the model's vocabulary. ``eval_data`` holds a held-out preference set and a held-out instruction
 set. Needs ``pip install 'bilevel_ray[peft]'`` (transformers and peft).
@@ -37,14 +46,27 @@ from torch import Tensor, nn
 from bilevel_ray.data import BilevelBatch, minibatches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config, module_problem
+from bilevel_ray.problems.model_presets import PRESETS, llama_config
 from bilevel_ray.problems.preference_data import instruction_data, preference_data
+from bilevel_ray.tree import Params
 
-__all__ = ["DEFAULTS", "dpo_loss", "peft_dpo_sft", "sequence_logprob", "sft_loss"]
+__all__ = [
+    "DEFAULTS",
+    "PeftDpoSft",
+    "dpo_from_logits",
+    "dpo_loss",
+    "peft_dpo_sft",
+    "sequence_logprob",
+    "sft_from_logits",
+    "sft_loss",
+]
 
 NAME = "peft-dpo-sft"
 DEFAULTS: dict[str, Any] = {
     "seed": 0,  # model initialisation and data
-    "model": None,  # a local checkpoint directory; None builds the small Llama below
+    # None: the tiny Llama below; a preset name ("llama-100m"), a dict of LlamaConfig fields, or
+    # a local checkpoint directory
+    "model": None,
     "vocab": 64,  # generated token ids are below this (and the built model's vocabulary)
     "hidden": 32,  # built model only: width, layers, attention heads (MLP width 4 * hidden)
     "layers": 2,
@@ -86,21 +108,109 @@ def sequence_logprob(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     return -(nll * mask[:, 1:]).sum(-1)
 
 
-def dpo_loss(forward: Any, batch: dict[str, Tensor], beta: float, device: Any = None) -> Tensor:
-    """f: the DPO loss of a preference batch, chosen and rejected in one forward pass."""
-    b = {k: v.to(device) for k, v in batch.items()}
-    ids = torch.cat([b["chosen"], b["rejected"]])
-    mask = torch.cat([b["chosen_mask"], b["rejected_mask"]])
-    logp = sequence_logprob(forward(input_ids=ids).logits, ids, mask)
+def _preference_ids(b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    return torch.cat([b["chosen"], b["rejected"]]), torch.cat(
+        [b["chosen_mask"], b["rejected_mask"]]
+    )
+
+
+def dpo_from_logits(logits: Tensor, b: dict[str, Tensor], beta: float) -> Tensor:
+    """f from the logits of the chosen then the rejected sequences (one batch of 2n)."""
+    ids, mask = _preference_ids(b)
+    logp = sequence_logprob(logits, ids, mask)
     n = len(b["chosen"])
     margin = (logp[:n] - b["ref_chosen"]) - (logp[n:] - b["ref_rejected"])
     return -F.logsigmoid(beta * margin).mean()
 
 
+def sft_from_logits(logits: Tensor, b: dict[str, Tensor]) -> Tensor:
+    """g from the logits of the instruction sequences."""
+    ids, mask = b["ids"], b["mask"]
+    return -sequence_logprob(logits, ids, mask).sum() / mask[:, 1:].sum()
+
+
+def _on(batch: dict[str, Tensor], device: Any) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def dpo_loss(forward: Any, batch: dict[str, Tensor], beta: float, device: Any = None) -> Tensor:
+    """f: the DPO loss of a preference batch, chosen and rejected in one forward pass."""
+    b = _on(batch, device)
+    return dpo_from_logits(forward(input_ids=_preference_ids(b)[0]).logits, b, beta)
+
+
 def sft_loss(forward: Any, batch: dict[str, Tensor], device: Any = None) -> Tensor:
     """g: the mean token NLL over the response tokens of an instruction batch."""
-    ids, mask = batch["ids"].to(device), batch["mask"].to(device)
-    return -sequence_logprob(forward(input_ids=ids).logits, ids, mask).sum() / mask[:, 1:].sum()
+    b = _on(batch, device)
+    return sft_from_logits(forward(input_ids=b["ids"]).logits, b)
+
+
+class PeftDpoSft:
+    """The problem with its structure declared: features(x) = the decoder's last hidden
+    states (functional call of the decoder with the LoRA x), head_loss(y) = the loss of the
+    logits ``F.linear(h, y)``. ``upper_loss`` / ``lower_loss`` are the whole model's (the
+    module problem's), equal by construction."""
+
+    def __init__(
+        self, inner: Any, decoder: nn.Module, prefix: str, head_name: str, beta: float, device: Any
+    ):
+        self.inner, self.decoder, self.prefix = inner, decoder, prefix
+        self.head_name, self.beta, self.device = head_name, beta, device
+        self.model, self.frozen = inner.model, inner.frozen
+        cut = len(prefix)
+        self._frozen = {k[cut:]: v for k, v in inner.frozen.items() if k.startswith(prefix)}
+
+    def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self.inner.upper_loss(x, y, batch)
+
+    def lower_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self.inner.lower_loss(x, y, batch)
+
+    def features(self, x: Params, batch: Any, level: str) -> Tensor:
+        b = _on(batch, self.device)
+        ids = _preference_ids(b)[0] if level == "upper" else b["ids"]
+        cut = len(self.prefix)
+        params = {**self._frozen, **{k[cut:]: v for k, v in x.items()}}
+        out = torch.func.functional_call(
+            self.decoder, params, (), {"input_ids": ids, "use_cache": False}, strict=True
+        )
+        return out.last_hidden_state
+
+    def head_loss(self, y: Params, features: Tensor, batch: Any, level: str) -> Tensor:
+        b = _on(batch, self.device)
+        logits = F.linear(features, y[f"{self.head_name}.weight"], y.get(f"{self.head_name}.bias"))
+        if level == "upper":
+            return dpo_from_logits(logits, b, self.beta)
+        return sft_from_logits(logits, b)
+
+
+def _structured(
+    inner: Any, model: nn.Module, head_name: str, c: dict[str, Any], device: Any, check: Any
+) -> Any:
+    """``inner`` with its structure declared where the decoder is found (and, for a
+    checkpoint, where the features path reproduces the whole model's losses on ``check``)."""
+    base = model.get_base_model()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    prefix = next((n for n, m in model.named_modules() if m is decoder), None)
+    if (
+        decoder is None
+        or not prefix
+        or set(dict(model.get_output_embeddings().named_parameters()))
+        - {
+            "weight",
+            "bias",
+        }
+    ):
+        return inner
+    problem = PeftDpoSft(inner, decoder, prefix + ".", head_name, float(c["beta"]), device)
+    if check is not None:
+        x, y, batch = check
+        with torch.no_grad():
+            whole = problem.upper_loss(x, y, batch)
+            split = problem.head_loss(y, problem.features(x, batch, "upper"), batch, "upper")
+        if not torch.allclose(whole, split, rtol=1e-4, atol=1e-6):
+            return inner
+    return problem
 
 
 def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
@@ -118,12 +228,13 @@ def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
     model = model.to(device=device, dtype=c["dtype"]).eval()
     head = model.get_output_embeddings()
     head_name = next(name for name, module in model.named_modules() if module is head)
-    problem, x0, y0 = module_problem(
+    inner, x0, y0 = module_problem(
         model,
         x="lora_",
         y=[f"{head_name}.{p}" for p, _ in head.named_parameters()],
         upper_loss=partial(dpo_loss, beta=float(c["beta"]), device=device),
         lower_loss=partial(sft_loss, device=device),
+        copy=False,  # x0, y0 share the model's memory; in_place=True makes them the state
     )
 
     gen = torch.Generator().manual_seed(c["seed"])
@@ -131,6 +242,10 @@ def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
     pref, pref_eval = (
         _with_reference(model, preference_data(n, *shape)) for n in (c["n_pref"], c["n_eval"])
     )
+    check = None
+    if isinstance(c["model"], (str, Path)) and c["model"] not in PRESETS:
+        check = (x0, y0, {k: v[:2] for k, v in pref.items()})
+    problem = _structured(inner, model, head_name, c, device, check)
     sft, sft_eval = (instruction_data(n, *shape) for n in (c["n_sft"], c["n_eval"]))
     return ProblemSpec(
         problem,
@@ -168,10 +283,18 @@ def _check(c: dict[str, Any]) -> None:
             f"problem {NAME!r}: lora_targets={targets!r} must name module(s) to adapt, "
             "e.g. ['q_proj', 'v_proj'] or 'query_key_value'"
         )
-    if c["model"] is not None and not Path(c["model"]).is_dir():
+    model = c["model"]
+    if isinstance(model, dict):
+        if not all(isinstance(k, str) for k in model):
+            problems.append(
+                f"problem {NAME!r}: model={model!r}: a model config is a dict of LlamaConfig "
+                "fields such as {'hidden_size': 256, 'num_hidden_layers': 4}"
+            )
+    elif model is not None and model not in PRESETS and not Path(model).is_dir():
         problems.append(
-            f"problem {NAME!r}: model={c['model']!r} is not a local directory; give the path of a "
-            "saved Hugging Face causal LM (it is loaded with local_files_only=True)"
+            f"problem {NAME!r}: model={model!r} is neither a preset ({', '.join(PRESETS)}), a "
+            "dict of LlamaConfig fields, nor a local directory; give the path of a saved Hugging "
+            "Face causal LM (it is loaded with local_files_only=True)"
         )
     if problems:
         raise ConfigError(problems)
@@ -205,22 +328,40 @@ def _libraries() -> tuple[Any, Any]:
 
 
 def _base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
+    length = c["prompt_len"] + c["response_len"]
     if c["model"] is None:
-        config = transformers.LlamaConfig(
-            vocab_size=c["vocab"],
-            hidden_size=c["hidden"],
-            intermediate_size=4 * c["hidden"],
-            num_hidden_layers=c["layers"],
-            num_attention_heads=c["heads"],
-            num_key_value_heads=c["heads"],
-            max_position_embeddings=max(64, c["prompt_len"] + c["response_len"]),
-            tie_word_embeddings=False,
+        config = llama_config(
+            {
+                "vocab_size": c["vocab"],
+                "hidden_size": c["hidden"],
+                "intermediate_size": 4 * c["hidden"],
+                "num_hidden_layers": c["layers"],
+                "num_attention_heads": c["heads"],
+                "num_key_value_heads": c["heads"],
+                "max_position_embeddings": max(64, length),
+            },
+            transformers,
         )
         return transformers.LlamaForCausalLM(config)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(c["model"], local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"problem {NAME!r}: cannot load model={c['model']!r}: {err}") from None
+    if isinstance(c["model"], dict) or c["model"] in PRESETS:
+        fields = PRESETS[c["model"]] if isinstance(c["model"], str) else dict(c["model"])
+        try:
+            config = llama_config(fields, transformers)
+            config.max_position_embeddings = max(config.max_position_embeddings, length)
+            model = transformers.LlamaForCausalLM(config)
+        except Exception as err:  # transformers' validators raise their own error types
+            raise ConfigError(
+                f"problem {NAME!r}: model={c['model']!r} is not a valid Llama config: {err}"
+            ) from None
+    else:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                c["model"], local_files_only=True
+            )
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"problem {NAME!r}: cannot load model={c['model']!r}: {err}"
+            ) from None
     size = model.get_input_embeddings().weight.shape[0]
     if c["vocab"] > size:
         raise ConfigError(

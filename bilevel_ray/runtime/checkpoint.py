@@ -1,11 +1,18 @@
 """Checkpoint files: a plain dict of tensors and numbers, written atomically, read without
-executing code (``torch.load(weights_only=True)``)."""
+executing code (``torch.load(weights_only=True)``), and where a run keeps them.
+
+Layout of a run folder ``{storage_path}/{name}``: an in-process run keeps ``checkpoint.pt``
+(and ``checkpoint.pt.prev``, the one before); a worker group keeps Train's checkpoint folders
+``checkpoint_step_<step>_<attempt>/state.pt`` (the newest ``KEEP_GROUP_CHECKPOINTS``).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,35 +24,227 @@ from bilevel_ray.solvers.base import state_to_dict
 from bilevel_ray.tree import to_device
 
 __all__ = [
+    "CHECKPOINT_FILE",
     "CHECKPOINT_KEYS",
+    "KEEP_GROUP_CHECKPOINTS",
+    "LOCAL_CHECKPOINT",
     "atomic_write",
+    "check_distinct",
     "check_free_space",
+    "check_inside",
+    "check_output_path",
+    "check_resume_shapes",
     "check_writable",
     "checkpoint_payload",
+    "group_checkpoint_name",
+    "group_checkpoints",
+    "history_bytes",
     "load_checkpoint",
     "load_latest",
+    "load_resume",
     "previous_path",
+    "prune_group_checkpoints",
+    "same_settings",
     "save_checkpoint",
     "tensor_bytes",
 ]
 
 CHECKPOINT_KEYS = ("state", "rng", "history", "elapsed_s", "config", "seed")
+LOCAL_CHECKPOINT = "checkpoint.pt"  # an in-process run's file in its run folder
+CHECKPOINT_FILE = "state.pt"  # inside each Train checkpoint folder
+KEEP_GROUP_CHECKPOINTS = 2  # Train's num_to_keep: the newest and one fallback
+
+
+def group_checkpoint_name(step: int, attempt: str) -> str:
+    """A worker group's checkpoint folder: unique per group start, so that a group that resumed
+    from an older checkpoint (the newest was damaged) never writes into a folder Train tracks."""
+    return f"checkpoint_step_{step:09d}_{attempt}"
+
+
+def group_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """A run folder's worker-group checkpoint files, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [d / CHECKPOINT_FILE for d in sorted(folder.glob("checkpoint_step_*"))]
+
+
+def prune_group_checkpoints(folder: str | os.PathLike[str]) -> None:
+    """Keep the newest ``KEEP_GROUP_CHECKPOINTS`` folders: Train prunes the ones it tracks, but
+    the folders of a failed attempt (a restarted group tracks afresh) would pile up."""
+    for stale in group_checkpoints(folder)[:-KEEP_GROUP_CHECKPOINTS]:
+        shutil.rmtree(stale.parent, ignore_errors=True)
+
+
+def same_settings(saved: Any, config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's solver settings are ``config``: read through ``SolverConfig``, so
+    that a setting added since the file was written counts at its default."""
+    from bilevel_ray.config import SolverConfig
+
+    try:
+        return SolverConfig.from_dict(saved).to_dict() == config
+    except ConfigError:
+        return False
+
+
+def load_resume(
+    path: str | os.PathLike[str] | None, config: dict[str, Any], seed: int
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` to resume from (None when there is none yet), refused when it
+    was written with another seed or other solver settings."""
+    if path is None or (not Path(path).exists() and not previous_path(path).exists()):
+        return None
+    saved = load_latest(path)  # falls back to <path>.prev (a crash between its two renames)
+    if saved["seed"] != seed:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written with seed={saved['seed']}, not seed={seed}: "
+            "the data stream would differ; resume with the same seed, or start a new run"
+        )
+    if not same_settings(saved["config"], config):
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written with other solver settings "
+            f"({saved.get('config')}); resume with the same settings, or start a new run (another "
+            "checkpoint_path, or another name with br.train)"
+        )
+    return saved
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a temporary file, then rename it into place: a crash mid-write leaves
-    the previous file intact and no half-written one."""
+    """``write(tmp)`` to a fresh temporary file in the same folder (created with O_EXCL, so
+    never a planted file or link), then rename it into place: a crash mid-write leaves the
+    previous file intact and no half-written one, and a link at ``path`` is replaced, never
+    written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:80]}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def checkpoint_payload(state: Any, recorder: Any, config: Any, seed: int) -> dict[str, Any]:
+MAX_NAME_BYTES = 255  # one path component, on every common file system
+
+
+def check_output_path(path: Any, what: str, *, is_file: bool = True) -> Path:
+    """Refuse, before any work, an output path the run could not write at its end: a NUL
+    byte, a component longer than 255 bytes, a name that is not valid UTF-8, a folder or a
+    special file (a FIFO, a device) where a file goes."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if "\x00" in text:
+        raise ConfigError(f"{what} {text!r} contains a NUL byte; give a path without it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{what} {text!r} is not valid UTF-8; give a path of UTF-8 characters"
+        ) from None
+    long = [p for p in Path(text).parts if len(os.fsencode(p)) > MAX_NAME_BYTES]
+    if long:
+        raise ConfigError(
+            f"{what} {text!r} has a component of {len(os.fsencode(long[0]))} bytes: at most "
+            f"{MAX_NAME_BYTES} bytes per name; give a shorter name"
+        )
+    path = Path(text).expanduser()
+    if is_file:
+        for candidate in (path, previous_path(path)):
+            try:
+                mode = os.lstat(candidate).st_mode
+            except OSError:
+                continue
+            if stat.S_ISDIR(mode):
+                raise ConfigError(
+                    f"{what} {str(candidate)!r} is a folder; give a file path in it (or move "
+                    "the folder away)"
+                )
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                raise ConfigError(
+                    f"{what} {str(candidate)!r} is not a regular file (a FIFO, socket or "
+                    "device); remove it or give another path"
+                )
+    return path
+
+
+def check_inside(path: Path, folder: Path, what: str) -> Path:
+    """``path`` resolved (links followed) must stay inside ``folder`` resolved: a planted link
+    must not carry a run's files out of the folder the user chose."""
+    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ConfigError(
+            f"{what} {str(path)!r} resolves to {str(resolved)!r}, outside {str(root)!r} (a "
+            "symbolic link): remove the link or choose another name"
+        )
+    return path
+
+
+def check_distinct(paths: dict[str, Any]) -> None:
+    """No two outputs on one path: one would overwrite the other."""
+    seen: dict[Path, str] = {}
+    for what, path in paths.items():
+        if path is None:
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise ConfigError(
+                f"{what} and {seen[key]} are the same file {str(path)!r}: one would overwrite "
+                "the other; give each its own path"
+            )
+        seen[key] = what
+
+
+def check_resume_shapes(path: Any, saved: dict[str, Any], x0: Any, y0: Any, steps: int) -> None:
+    """A checkpoint resumes only the run it was written by: the same parameter names, shapes
+    and dtypes, and no more steps done than the run asks for; every difference named."""
+    state = saved.get("state")
+    problems = []
+    if not isinstance(state, dict):
+        problems.append("it holds no solver state")
+    else:
+        for level, start in (("x", x0), ("y", y0)):
+            kept = state.get(level)
+            if not isinstance(kept, dict) or not isinstance(start, dict):
+                problems.append(f"its {level} is not a dict of tensors")
+                continue
+            if set(kept) != set(start):
+                problems.append(
+                    f"{level} names {sorted(kept)} in the checkpoint, {sorted(start)} now"
+                )
+                continue
+            for key, value in start.items():
+                old = kept[key]
+                if not isinstance(old, torch.Tensor):
+                    problems.append(f"{level}[{key!r}] is not a tensor in the checkpoint")
+                elif tuple(old.shape) != tuple(value.shape) or old.dtype != value.dtype:
+                    problems.append(
+                        f"{level}[{key!r}] is {tuple(old.shape)} {old.dtype} in the checkpoint, "
+                        f"{tuple(value.shape)} {value.dtype} now"
+                    )
+        step = state.get("step")
+        if isinstance(step, int) and not isinstance(step, bool) and step > steps:
+            problems.append(f"it is at step {step}, past steps={steps}")
+        history = saved.get("history")
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            problems.append("its history is not a list of rows")
+    if problems:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} belongs to another run: {'; '.join(problems)}. Resume "
+            "with the same problem and steps >= the checkpoint's step, or start a new run "
+            "(another checkpoint_path, or another name)"
+        )
+
+
+def checkpoint_payload(
+    state: Any, recorder: Any, config: Any, seed: int, flatness: Any, **extra: Any
+) -> dict[str, Any]:
     """What a checkpoint holds: the solver state (on the CPU), the RNG, the history so far, the
-    elapsed time, the solver settings and the seed of the data stream."""
+    elapsed time, the solver settings the run started with, the seed of the data stream, the
+    flatness watch's outcome (``ActiveSolver.saved()``) and the runtime's own ``extra`` keys
+    (a worker group's ``status`` and ``num_workers``)."""
     return {
         "state": to_device(state_to_dict(state), "cpu"),
         "rng": torch.get_rng_state(),
@@ -53,6 +252,8 @@ def checkpoint_payload(state: Any, recorder: Any, config: Any, seed: int) -> dic
         "elapsed_s": recorder.elapsed,
         "config": config.to_dict(),
         "seed": seed,
+        "flatness": flatness,
+        **extra,
     }
 
 
@@ -110,6 +311,16 @@ def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dic
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint; a truncated, corrupted or foreign file is a clear ConfigError."""
     try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(mode):
+        # A FIFO would block the read forever; a folder or a device is no checkpoint either.
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is not a regular file (a folder, FIFO or device): "
+            "remove it or give another checkpoint_path"
+        )
+    try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a bad file; report them all alike
         # torch's own text may advise weights_only=False, which would run code from the file.
@@ -126,6 +337,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return payload
 
 
+HISTORY_ROW_BYTES = 256  # about one logged row in a checkpoint or a Parquet file
+
+
+def history_bytes(steps: int, report_every: int) -> int:
+    """About how large the history of a ``steps``-step run grows."""
+    return (steps // max(report_every, 1) + 2) * HISTORY_ROW_BYTES
+
+
 def tensor_bytes(tree: Any) -> int:
     """Bytes of every tensor in a nest of dicts, lists and tuples (a state, a checkpoint)."""
     if isinstance(tree, torch.Tensor):
@@ -138,13 +357,14 @@ def tensor_bytes(tree: Any) -> int:
 
 
 def check_free_space(folder: str | os.PathLike[str], need: int, what: str) -> None:
-    """Refuse to start a run whose checkpoints cannot fit in ``folder`` (a full disk found at the
-    first save, an hour in, loses the hour)."""
+    """Refuse to start a run whose checkpoints and history cannot fit in ``folder`` (a full disk
+    found at the first save, an hour in, loses the hour)."""
     free = shutil.disk_usage(Path(folder).expanduser()).free
     if free < need:
         raise ConfigError(
             f"{what} {str(folder)!r} has {free / 2**20:.1f} MiB free and the run's checkpoints "
-            f"need about {need / 2**20:.1f} MiB: free some space or choose another folder"
+            f"need about {need / 2**20:.1f} MiB: free some space or choose another folder (the "
+            "estimate counts the state and the history the run will write)"
         )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "ON_UNSUITABLE",
     "ActiveSolver",
     "FlatnessJudge",
+    "FlatnessWarning",
     "FlatnessWatch",
     "WatchSettings",
     "fallback_config",
@@ -87,10 +88,10 @@ def watch_settings(
     window: Any = 200,
     every: Any = 50,
     estimator: Any = None,
-    steps: int | None = None,
 ) -> WatchSettings | None:
     """Validated settings, or None when no diagnostic was asked for (``on_unsuitable=None``);
-    ``steps``, the run's length, must reach the end of the window."""
+    :class:`~bilevel_ray.runtime.run_spec.RunSpec` checks that the run reaches the window's
+    end."""
     if on_unsuitable is None:
         return None
     problems = []
@@ -106,11 +107,6 @@ def watch_settings(
         )
     count_problem(problems, "diagnose_window", window, 1)
     count_problem(problems, "diagnose_every", every, 1)
-    if not problems and steps is not None and window > steps:
-        problems.append(
-            f"diagnose_window={window} is longer than the run (steps={steps}): the verdict "
-            "would never come; use a window of at most the run's steps"
-        )
     if estimator is not None and not isinstance(estimator, Mapping):
         problems.append(f"diagnose_options={estimator!r}: must be a dict of estimator options")
         estimator = None
@@ -128,6 +124,10 @@ def watch_settings(
     if problems:
         raise ConfigError(problems)
     return WatchSettings(on_unsuitable, window, every, options)
+
+
+class FlatnessWarning(UserWarning):
+    """The diagnostic found PBGD-Free unsuitable and ``on_unsuitable="warn"`` keeps going."""
 
 
 class FlatnessJudge:
@@ -167,13 +167,10 @@ def verdict_columns(verdict: Mapping[str, Any] | None) -> dict[str, Any]:
 def fallback_config(settings: SolverConfig, method: str) -> SolverConfig:
     """``settings`` for ``method``: step sizes, optimizer and gamma kept; the knobs of the old
     method that the new one lacks dropped; the new method's own knobs at their defaults."""
-    knobs = METHOD_OPTIONS[method]
-    kept = {
-        name: getattr(settings, name) if name == "gamma" else None
-        for name in ("gamma", "inner_steps", "multiplier_growth", "bome_eta", "cg_steps")
-    }
-    kept = {k: (v if k in knobs else None) for k, v in kept.items()}
-    return dataclasses.replace(settings, method=method, cg_ridge=None, **kept)
+    knobs = {name: None for knobs in METHOD_OPTIONS.values() for name in knobs}
+    if "gamma" in METHOD_OPTIONS[method]:
+        knobs["gamma"] = settings.gamma
+    return dataclasses.replace(settings, method=method, **knobs)
 
 
 class FlatnessWatch:
@@ -212,10 +209,14 @@ class FlatnessWatch:
         if self.settings.on_unsuitable == "warn":
             if not warn:
                 return None
-            warnings.warn(
+            # Attributed to no source file: Python would print the line of this library that
+            # warned under the message, which tells a user nothing.
+            warnings.warn_explicit(
                 f"flatness diagnostic at step {self.settings.window}: {verdict['reason']} "
                 f"(recommendation: {verdict['recommendation']})",
-                stacklevel=2,
+                FlatnessWarning,
+                filename="bilevel_ray",
+                lineno=0,
             )
             return None
         return self.settings.on_unsuitable
@@ -251,6 +252,7 @@ class ActiveSolver:
         share: Any = None,
     ):
         self.settings, self.solver, self.problem = settings, solver, problem
+        self.initial_settings = settings  # what the run was started with (its checkpoints')
         self.grad_reduce, self.watch, self.leader = grad_reduce, watch, leader
         self.share = share or (lambda verdict: verdict)
         self.verdict: dict[str, Any] | None = None
@@ -277,7 +279,12 @@ class ActiveSolver:
 
     def saved(self) -> dict[str, Any]:
         """What a checkpoint keeps of the diagnostic (plain values)."""
-        return {"method": self.settings.method, "verdict": self.verdict, "status": self.status}
+        return {
+            "method": self.settings.method,
+            "settings": self.settings.to_dict(strict=False),  # in force: the fallback's
+            "verdict": self.verdict,
+            "status": self.status,
+        }
 
     def restore(self, saved: Mapping[str, Any] | None) -> None:
         """Continue a resumed run with the solver it had switched to."""

@@ -1,20 +1,17 @@
 """The local runtime: ``br.solve`` runs a solver in this process, with no Ray.
 
-    for t in range(steps): state, metrics = solver.step(state, next(batches))
-
 Everything is validated before step 0 (settings, x0 / y0, data, one evaluation of each loss).
-Metrics become floats only every ``report_every`` steps; a non-finite loss stops the run with
-:class:`~bilevel_ray.errors.DivergenceError`. With ``checkpoint_path`` the state, the RNG, the
-history so far and the settings are saved every ``checkpoint_every`` steps, and ``resume=True``
-continues from there with the same batches and the same result as an uninterrupted run.
+The steps are :func:`bilevel_ray.runtime.loop.run`'s; this module's sink writes the files. With
+``checkpoint_path`` the state, the RNG, the history so far and the settings are saved every
+``checkpoint_every`` steps, and ``resume=True`` continues from there with the same batches and
+the same result as an uninterrupted run. A non-finite loss stops the run with
+:class:`~bilevel_ray.errors.DivergenceError`.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,12 +23,16 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
+from bilevel_ray.runtime import loop
 from bilevel_ray.runtime.checkpoint import (
+    check_distinct,
     check_free_space,
+    check_output_path,
+    check_resume_shapes,
     check_writable,
     checkpoint_payload,
-    load_latest,
-    previous_path,
+    history_bytes,
+    load_resume,
     save_checkpoint,
     tensor_bytes,
 )
@@ -42,24 +43,25 @@ from bilevel_ray.runtime.flatness_watch import (
     watch_settings,
 )
 from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
+from bilevel_ray.runtime.run_spec import RunSpec
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
+from bilevel_ray.solvers.compute import LossReturnError
 from bilevel_ray.tree import Params, cuda_devices, to_device
 
-__all__ = [
-    "SolveResult",
-    "count",
-    "progress_line",
-    "run_local",
-    "solve",
-    "solver_config",
-]
+__all__ = ["SolveResult", "run_local", "run_spec_local", "solve", "solver_config"]
+
+RUN_SETTINGS = (
+    "steps, data, seed, report_every, history_path, checkpoint_path, checkpoint_every, resume, "
+    "progress, grad_reduce, on_unsuitable, diagnose_window, diagnose_every, diagnose_options"
+)
 
 
 @dataclass
 class SolveResult:
     """Final iterates, the logged history (``HISTORY_SCHEMA``), the solver state and settings;
     with a flatness diagnostic, its verdict and the run's status (``"completed"``, or
-    ``"unsuitable"`` when ``on_unsuitable="stop"`` ended it)."""
+    ``"unsuitable"`` when ``on_unsuitable="stop"`` ended it). ``config["method"]`` is the
+    method in force at the end (the fallback's, after a switch)."""
 
     x: Params
     y: Params
@@ -70,12 +72,6 @@ class SolveResult:
     status: str = "completed"
 
 
-def count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return value
-
-
 def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
     """A SolverConfig from keywords, refusing unknown ones by name."""
     allowed = {f.name for f in fields(SolverConfig)}
@@ -83,9 +79,17 @@ def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
     if unknown:
         raise ConfigError(
             f"unknown keyword(s) {unknown}; solver settings are: {', '.join(sorted(allowed))}; "
-            "run settings are: steps, data, seed, report_every, history_path, checkpoint_path, "
-            "checkpoint_every, resume, progress, grad_reduce"
+            f"run settings are: {RUN_SETTINGS}"
         )
+    for key, value in options.items():
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            # Python holds it; float() and torch do not (an OverflowError deep in the setup).
+            digits = len(str(abs(value)))
+            shown = repr(value) if digits <= 30 else f"<an integer of {digits} digits>"
+            raise ConfigError(
+                f"{key}={shown}: too large; must be below 2**63 (for a rate or a penalty, give a "
+                "float such as 1e3)"
+            )
     return SolverConfig(method=method, **options)
 
 
@@ -141,28 +145,21 @@ def solve(
         DivergenceError: a loss became NaN or infinite (names the step).
     """
     config = solver_config(method, solver_options)
-    settings = watch_settings(
-        on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options, steps
-    )
-    watch = None
-    if settings is not None:
-        watch = FlatnessWatch(settings, FlatnessJudge(), "run", config.option("gamma"))
+    watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
+    spec = RunSpec(steps, seed, report_every, checkpoint_every, progress=progress, watch=watch)
     return run_local(
         problem,
         x0,
         y0,
         config,
-        steps=steps,
+        spec,
         data=data,
-        seed=seed,
-        report_every=report_every,
         history_path=history_path,
         checkpoint_path=checkpoint_path,
-        checkpoint_every=checkpoint_every,
         resume=resume,
-        progress=progress,
         grad_reduce=grad_reduce,
-        watch=watch,
+        judge=FlatnessJudge(),
+        run_id="run",
     )
 
 
@@ -171,73 +168,74 @@ def run_local(
     x0: Params,
     y0: Params,
     config: SolverConfig,
+    spec: RunSpec,
     *,
-    steps: int,
-    data: Any,
-    seed: int,
-    report_every: int,
+    data: Any = None,
     history_path: str | os.PathLike[str] | None = None,
     checkpoint_path: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 0,
     resume: bool = False,
-    progress: bool = False,
     grad_reduce: GradReduce | None = None,
-    on_row: Callable[[dict[str, Any], SolverState, ActiveSolver], None] | None = None,
-    watch: FlatnessWatch | None = None,
+    judge: Any = None,
+    run_id: str = "run",
+    also: loop.Sink | None = None,
 ) -> SolveResult:
     """:func:`solve` with its settings already built (also the one-worker path of ``train`` and
-    a sweep's trials). ``on_row(row, state, active)`` is called after each logged row (``active``:
-    the ActiveSolver, with the verdict and status); ``watch`` runs the flatness diagnostic."""
-    steps = count("steps", steps, 1)
-    report_every = count("report_every", report_every, 1)
-    seed = count("seed", seed, 0)
-    checkpoint_every = count("checkpoint_every", checkpoint_every, 0)
+    a sweep's trials). ``judge`` receives the flatness watch's estimates (when ``spec.watch``);
+    ``also`` is a further sink that sees every step after this one's files (a Tune trial's
+    reports)."""
     if resume and checkpoint_path is None:
         raise ConfigError("resume=True needs checkpoint_path: pass checkpoint_path='run/ckpt.pt'")
-    if checkpoint_every and checkpoint_path is None:
+    if spec.checkpoint_every and checkpoint_path is None:
         raise ConfigError(
-            f"checkpoint_every={checkpoint_every} needs checkpoint_path: pass "
+            f"checkpoint_every={spec.checkpoint_every} needs checkpoint_path: pass "
             "checkpoint_path='run/ckpt.pt'"
-        )
-    if checkpoint_every % report_every:
-        raise ConfigError(
-            f"checkpoint_every={checkpoint_every} must be a multiple of report_every="
-            f"{report_every}: a checkpoint carries the history up to a logged row"
         )
     for what, path in (("history_path", history_path), ("checkpoint_path", checkpoint_path)):
         if path is not None:  # a bad path fails now, not after the run (or at its first save)
-            if Path(path).is_dir():
-                raise ConfigError(f"{what} {str(path)!r} is a folder; give a file path in it")
-            check_writable(Path(path).parent, what)
+            path = check_output_path(path, what)
+            check_writable(path.parent, what)
+    check_distinct({"history_path": history_path, "checkpoint_path": checkpoint_path})
     if checkpoint_path is not None:
         config.to_dict()  # a checkpoint stores the settings: refuse unserialisable ones now
     check_problem(problem)
     check_params(x0, y0)
     solver = config.build(problem, grad_reduce)
 
-    saved = _load_resume(checkpoint_path, config, seed) if resume else None
-    run = ActiveSolver(config, solver, problem, grad_reduce, watch)
+    saved = load_resume(checkpoint_path, config.to_dict(), spec.seed) if resume else None
+    if saved is not None:
+        check_resume_shapes(checkpoint_path, saved, x0, y0, spec.steps)
+    watch = None
+    if spec.watch is not None:
+        watch = FlatnessWatch(spec.watch, judge or FlatnessJudge(), run_id, config.option("gamma"))
+    active = ActiveSolver(config, solver, problem, grad_reduce, watch)
     if saved is not None:
         # Checkpoints are read onto the CPU; the run continues where x0 lives.
         state = to_device(state_from_dict(saved["state"]), next(iter(x0.values())).device)
-        run.restore(saved.get("flatness"))
+        active.restore(saved.get("flatness"))
         recorder = HistoryRecorder(
-            run.settings.method, report_every, saved["history"], saved["elapsed_s"]
+            active.settings.method, spec.report_every, saved["history"], saved["elapsed_s"]
         )
     else:
         state = solver.init(x0, y0)
-        recorder = HistoryRecorder(config.method, report_every)
+        recorder = HistoryRecorder(config.method, spec.report_every)
+    rows = history_bytes(spec.steps, spec.report_every)
     if checkpoint_path is not None:
-        # The new file, its .tmp while written, and the previous one; the history is small.
-        check_free_space(Path(checkpoint_path).parent, 3 * tensor_bytes(state), "checkpoint_path")
+        # The new file, its temporary copy while written, and the previous one, each with the
+        # history so far; and the history file when it shares the disk.
+        check_free_space(
+            Path(checkpoint_path).parent, 3 * (tensor_bytes(state) + rows), "checkpoint_path"
+        )
+    if history_path is not None:
+        check_free_space(Path(history_path).parent, 2 * rows, "history_path")
 
     # The seeded RNG covers the data stream too (a shuffled DataLoader draws when iterated).
     with torch.random.fork_rng(devices=cuda_devices(x0, y0)):
         # A resumed stream first skips the batches it used, drawing from the seeded RNG as the
         # first run did (a shuffled DataLoader draws when it starts an epoch); then the RNG
         # continues from the checkpoint.
-        torch.manual_seed(seed)
-        batches = as_batches(data, seed, start_step=state.step)
+        torch.manual_seed(spec.seed)
+        device = next(iter(x0.values())).device
+        batches = (to_device(b, device) for b in as_batches(data, spec.seed, state.step))
         if saved is not None:
             torch.set_rng_state(saved["rng"])
         else:
@@ -246,17 +244,11 @@ def run_local(
                 problem, state.x, state.y, first, upper_needs_x=config.method == "pbgd_free"
             )
             batches = itertools.chain([first], batches)
+        sink = _FileSink(checkpoint_path, config, spec.seed, recorder, also)
         try:
-            state = _run(
-                run,
-                state,
-                batches,
-                steps,
-                recorder,
-                progress,
-                (checkpoint_path, checkpoint_every, config, seed),
-                on_row,
-            )
+            state = loop.run(active, state, batches, spec, recorder, sink, spec.progress)
+        except LossReturnError as err:
+            raise err.at_step(sink.step) from None
         finally:
             if history_path is not None:
                 write_parquet(recorder.table(), history_path)
@@ -265,69 +257,37 @@ def run_local(
         state.y,
         recorder.table(),
         state,
-        run.settings.to_dict(strict=False),
-        run.verdict,
-        run.status,
+        active.settings.to_dict(strict=False),
+        active.verdict,
+        active.status,
     )
 
 
-def _run(run, state, batches, steps, recorder, progress, checkpointing, on_row) -> SolverState:
-    checkpoint_path, checkpoint_every, config, seed = checkpointing
-    last_print = -float("inf")
-    for t in range(state.step, steps):
-        if run.status != "completed":
-            break
-        batch = next(batches)
-        state, metrics = run.solver.step(state, batch)
-        # The watch's estimate of step t + 1 belongs to that step's time (and its row).
-        state, action = run.after_step(state, batch)
-        row = recorder.record(t + 1, metrics)
-        done = t + 1 == steps or action == "stop"
-        if (done or action is not None) and row is None:
-            row = recorder.flush()  # the final step, and the step of a switch, are logged
-        recorder.method = run.settings.method  # rows after a switch name the fallback
-        if progress and row is not None and (recorder.elapsed - last_print >= 2.0 or done):
-            last_print = recorder.elapsed
-            print(progress_line(row, steps), file=sys.stderr, flush=True)
-        if on_row is not None and row is not None:
-            on_row(row, state, run)
-            recorder.restart_window()
-        # Every K steps (multiples of report_every: the rows are flushed) and at the end.
-        if checkpoint_path is not None and (
-            done or (checkpoint_every and (t + 1) % checkpoint_every == 0)
-        ):
-            payload = checkpoint_payload(state, recorder, config, seed)
-            payload["flatness"] = run.saved()
-            save_checkpoint(payload, checkpoint_path, keep_previous=True)
-            recorder.restart_window()
-    return state
+def run_spec_local(spec: Any, config: SolverConfig, run: RunSpec, **options: Any) -> SolveResult:
+    """:func:`run_local` on a factory's ``ProblemSpec`` (its problem, start point and data)."""
+    return run_local(spec.problem, spec.x0, spec.y0, config, run, data=spec.data, **options)
 
 
-def _load_resume(path: Any, config: SolverConfig, seed: int) -> dict[str, Any] | None:
-    if not Path(path).exists() and not previous_path(path).exists():
-        return None
-    saved = load_latest(path)  # falls back to <path>.prev (a crash between its two renames)
-    if saved["seed"] != seed:
-        raise ConfigError(
-            f"checkpoint {str(path)!r} was written with seed={saved['seed']}, not seed={seed}: "
-            "the data stream would differ; resume with the same seed, or start a new run"
-        )
-    if saved["config"] != config.to_dict():
-        raise ConfigError(
-            f"checkpoint {str(path)!r} was written with other solver settings "
-            f"({saved.get('config')}); resume with the same settings, or start a new run (another "
-            "checkpoint_path, or another name with br.train)"
-        )
-    return saved
+class _FileSink:
+    """The local run's outputs: a checkpoint file every K steps and at the end (the history is
+    the recorder's), then whatever the caller's own sink does."""
 
+    def __init__(self, path: Any, config: SolverConfig, seed: int, recorder: Any, also: Any):
+        self.path, self.config, self.seed = path, config, seed
+        self.recorder, self.also = recorder, also
+        self.step = 0  # the step running now (0-based), named by a loss's wrong return
 
-def progress_line(row: dict[str, Any], steps: int) -> str:
-    shown = " ".join(
-        f"{k}={row[k]:.5g}"
-        for k in ("upper/loss", "lower/loss", "penalty/gamma")
-        if row[k] == row[k]  # skip NaN: the method has no such quantity
-    )
-    return (
-        f"[{row['method']}] step {row['step']}/{steps} {shown} "
-        f"({1e3 * row['time/step_s']:.2f} ms/step, {row['time/elapsed_s']:.1f} s)"
-    )
+    def before_step(self, step: int) -> None:
+        self.step = step
+        if self.also is not None:
+            self.also.before_step(step)
+
+    def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> None:
+        if self.path is not None and outcome.checkpoint:
+            payload = checkpoint_payload(
+                state, self.recorder, self.config, self.seed, active.saved()
+            )
+            save_checkpoint(payload, self.path, keep_previous=True)
+            self.recorder.restart_window()  # a save is not a step's cost
+        if self.also is not None:
+            self.also.after_step(outcome, state, active)

@@ -80,17 +80,10 @@ def check_search_space(space: Any, method: str, fixed: Mapping[str, Any]) -> Non
         raise ConfigError("search_space sets both lr_x and lr_ratio (lr_x = lr_y * lr_ratio)")
     if "lr_ratio" in keys and "lr_y" not in keys:
         raise ConfigError("search_space sets lr_ratio without lr_y (lr_x = lr_y * lr_ratio)")
+    method_specific = {k for knobs in METHOD_OPTIONS.values() for k in knobs}
     unused = sorted(
         k
-        for k in (
-            "gamma",
-            *RAMP_KEYS,
-            "inner_steps",
-            "multiplier_growth",
-            "bome_eta",
-            "cg_steps",
-            "cg_ridge",
-        )
+        for k in (*method_specific, *RAMP_KEYS)
         if k in space and (k if k not in RAMP_KEYS else "gamma") not in METHOD_OPTIONS[method]
     )
     if unused:

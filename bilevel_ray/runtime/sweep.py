@@ -1,10 +1,10 @@
-"""``br.tune``, importable without Ray: Ray Tune loads when a sweep starts."""
+"""``br.tune`` and ``br.compare``, importable without Ray: Ray Tune loads when one starts."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["tune"]
+__all__ = ["compare", "tune"]
 
 
 def tune(factory: Any, **kwargs: Any) -> Any:
@@ -13,3 +13,11 @@ def tune(factory: Any, **kwargs: Any) -> Any:
     from bilevel_ray.runtime.tune_driver import run_sweep
 
     return run_sweep(factory, **kwargs)
+
+
+def compare(factory: Any, **kwargs: Any) -> Any:
+    """Run every method under one wall-clock budget and recommend one; see
+    :func:`bilevel_ray.runtime.compare.compare` for the arguments and the rule."""
+    from bilevel_ray.runtime.compare import compare as run_compare
+
+    return run_compare(factory, **kwargs)

@@ -13,7 +13,6 @@ Ray is imported only when a worker group is started.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -28,44 +27,36 @@ import torch
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
-from bilevel_ray.problem import ProblemSpec, check_params, check_problem
-from bilevel_ray.problems import load_factory
+from bilevel_ray.problem import ProblemSpec
+from bilevel_ray.problems import build_spec, load_factory
 from bilevel_ray.runtime.checkpoint import (
+    LOCAL_CHECKPOINT,
     check_free_space,
+    check_inside,
+    check_output_path,
     check_writable,
-    load_checkpoint,
+    group_checkpoints,
     load_latest,
+    same_settings,
     tensor_bytes,
 )
-from bilevel_ray.runtime.flatness_watch import (
-    FlatnessJudge,
-    FlatnessWatch,
-    fallback_config,
-    watch_settings,
-)
+from bilevel_ray.runtime.flatness_watch import FlatnessJudge, watch_settings
 from bilevel_ray.runtime.history import HISTORY_SCHEMA
-from bilevel_ray.runtime.local import SolveResult, count, run_local, solver_config
+from bilevel_ray.runtime.local import SolveResult, run_spec_local, solver_config
+from bilevel_ray.runtime.preflight import check_spec
+from bilevel_ray.runtime.run_spec import (
+    REPORT_INTERVAL_S,
+    Placement,
+    RunSpec,
+    check_run_name,
+    verbose,
+)
+from bilevel_ray.runtime.worker_job import WorkerJob
 from bilevel_ray.solvers.base import state_from_dict
 
-__all__ = ["CHECKPOINT_FILE", "build_spec", "train"]
-
-CHECKPOINT_FILE = "state.pt"  # inside each Train checkpoint folder
+__all__ = ["build_spec", "check_run_name", "default_run_name", "portable_factory", "train"]
 
 Factory = Callable[[dict[str, Any]], ProblemSpec] | str
-
-
-def build_spec(factory: Factory, problem_config: dict[str, Any]) -> ProblemSpec:
-    """Resolve ``factory`` and call it, checking that it returns a ProblemSpec."""
-    resolved = load_factory(factory) if isinstance(factory, str) else factory
-    if not callable(resolved):
-        raise ConfigError(f"factory={factory!r}: must be callable or a 'file.py:factory' string")
-    spec = resolved(dict(problem_config))
-    if not isinstance(spec, ProblemSpec):
-        raise ConfigError(
-            f"the factory returned a {type(spec).__name__}: it must return "
-            "br.ProblemSpec(problem, x0, y0, data, defaults)"
-        )
-    return spec
 
 
 def train(
@@ -83,6 +74,7 @@ def train(
     max_failures: int = 0,
     seed: int = 0,
     report_every: int = 10,
+    report_interval_s: float = REPORT_INTERVAL_S,
     address: str | None = None,
     fault: dict[str, int] | None = None,
     progress: bool = False,
@@ -113,9 +105,12 @@ def train(
         storage_path, name: the run lives in ``{storage_path}/{name}`` (default storage
             ``~/ray_results``); running again with the same pair resumes the run.
         max_failures: worker-group restarts allowed (Train's ``FailureConfig``).
+        report_interval_s: the worker group reports to Train at most this often (and at every
+            checkpoint and the end); a report is a barrier that costs seconds. The history
+            keeps every ``report_every`` row regardless.
         address: a Ray cluster to connect to; default: the running one, or a new local one.
         fault: test hook ``{"rank": r, "step": k}``: rank r exits at step k, once per run.
-        progress: one line per logged row, at most every 2 s (rank 0's, on a worker group).
+        progress: a progress line at most every 2 s (rank 0's, on a worker group).
         datasets, batch_size: Ray Data instead of the factory's data:
             ``{"upper": ds, "lower": ds}`` (e.g. ``ray.data.read_parquet(...)``), split across
             the workers, ``batch_size`` rows per worker and step (one size or (upper, lower)),
@@ -141,23 +136,20 @@ def train(
     spec = build_spec(factory, {**problem_config, "device": "cpu"})
     defaults = SolverConfig.applicable(method, spec.defaults)
     default_steps = defaults.pop("steps", 1000)
-    steps = count("steps", default_steps if steps is None else steps, 1)
     settings = solver_config(method, {**defaults, **solver_options})
     settings.to_dict()  # workers rebuild the settings from a dict: refuse unserialisable ones now
-    check_problem(spec.problem)
-    check_params(spec.x0, spec.y0)
-    num_workers = count("num_workers", num_workers, 1)
-    max_failures = count("max_failures", max_failures, 0)
-    checkpoint_every = count("checkpoint_every", checkpoint_every, 0)
-    report_every = count("report_every", report_every, 1)
-    seed = count("seed", seed, 0)
-    if checkpoint_every % report_every:
-        raise ConfigError(
-            f"checkpoint_every={checkpoint_every} must be a multiple of report_every="
-            f"{report_every}: a checkpoint carries the history up to a logged row"
-        )
-    if use_gpu not in ("auto", True, False):
-        raise ConfigError(f"use_gpu={use_gpu!r}: must be 'auto', True or False")
+    check_spec(spec, needs_eval=False)
+    watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
+    run = RunSpec(
+        default_steps if steps is None else steps,
+        seed,
+        report_every,
+        checkpoint_every,
+        report_interval_s,
+        progress,
+        watch,
+    )
+    placement = Placement(num_workers, use_gpu, resources_per_worker, max_failures)
     if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
         raise ConfigError(f"fault={fault!r}: must be a dict {{'rank': r, 'step': k}}")
     if datasets is not None:
@@ -168,15 +160,14 @@ def train(
         next(as_batches(spec.data, seed, 0, num_workers - 1, num_workers))  # shardable?
     if in_process not in ("auto", False):
         raise ConfigError(f"in_process={in_process!r}: must be 'auto' or False")
-    watch = watch_settings(
-        on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options, steps
-    )
-    check_resources_spec(resources_per_worker)
     # A fresh run gets a unique name; pass name= (the same one) to resume a run.
     name = check_run_name(name or default_run_name(method))
+    check_output_path(name, "name", is_file=False)
     storage = _storage(storage_path)
 
     if not isinstance(storage, _UriPath):
+        # A planted link at {storage}/{name} must not carry the run's files elsewhere.
+        check_inside(storage / name, storage, "name")
         # Train keeps two checkpoints and writes a third; a state is about x and y plus an
         # optimizer's two moments.
         check_free_space(storage, 9 * tensor_bytes((spec.x0, spec.y0)), "storage_path")
@@ -185,137 +176,91 @@ def train(
     needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
     if num_workers == 1 and not needs_ray and in_process == "auto":
         _check_run_folder(storage / name, in_process=True)
-        return run_local(
-            spec.problem,
-            spec.x0,
-            spec.y0,
+        return run_spec_local(
+            spec,
             settings,
-            steps=steps,
-            data=spec.data,
-            seed=seed,
-            report_every=report_every,
-            checkpoint_path=storage / name / "checkpoint.pt",
-            checkpoint_every=checkpoint_every,
+            run,
+            checkpoint_path=storage / name / LOCAL_CHECKPOINT,
             resume=True,
-            progress=progress,
-            watch=None
-            if watch is None
-            else FlatnessWatch(watch, FlatnessJudge(), name, settings.option("gamma")),
+            judge=FlatnessJudge(),
+            run_id=name,
         )
-
-    from bilevel_ray.runtime.ray_session import connect
-
-    _check_run_folder(
-        storage / name, in_process=False, settings=settings, seed=seed, num_workers=num_workers
-    )
-    gpus = connect(address)
-    on_gpu = bool(gpus) if use_gpu == "auto" else use_gpu
-    if address is None:
-        _check_resources(num_workers, resources_per_worker, on_gpu, datasets is not None)
-    config = worker_config(
+    return _train_on_group(
         factory,
         problem_config,
         settings,
-        steps=steps,
-        seed=seed,
-        report_every=report_every,
-        checkpoint_every=checkpoint_every,
-        use_gpu=on_gpu,
-        num_workers=num_workers,
-        progress=progress,
-        fault=None if fault is None else {**fault, "marker_dir": str(storage / name)},
-        batch_size=_pair(batch_size) if datasets is not None else None,
+        run,
+        placement,
+        storage,
+        name,
+        address,
+        fault,
+        datasets,
+        batch_size,
     )
-    if watch is not None:
-        from bilevel_ray.runtime.flatness_actor import start_judge
 
-        config["flatness"] = {
-            "settings": dataclasses.asdict(watch),
-            "judge": start_judge(name),
-            "run_id": name,
-        }
-    metrics, payload = fit_worker_group(
-        config, num_workers, resources_per_worker, storage, name, max_failures, datasets
-    )
+
+def _train_on_group(
+    factory,
+    problem_config,
+    settings,
+    run,
+    placement,
+    storage,
+    name,
+    address,
+    fault,
+    datasets,
+    batch_size,
+) -> SolveResult:
+    from bilevel_ray.runtime.ray_session import connect, steady_working_dir
+    from bilevel_ray.runtime.worker_group import check_cluster_fits, fit_worker_group
+
+    _check_run_folder(storage / name, False, settings, run.seed, placement.num_workers)
+    # Resolved before connecting: a job's driver may not stay in the folder the path is
+    # relative to.
+    shipped = portable_factory(factory)
+    # A remote storage URI leaves the working directory as it is (nothing local to stand in).
+    here = storage if isinstance(storage, Path) else Path.cwd()
+    with steady_working_dir(here):
+        gpus = connect(address)
+        on_gpu = bool(gpus) if placement.use_gpu == "auto" else placement.use_gpu
+        if address is None:
+            check_cluster_fits(placement, on_gpu, datasets is not None)
+        judge = None
+        if run.watch is not None:
+            from bilevel_ray.runtime.flatness_actor import start_judge
+
+            judge = start_judge(name)
+        job = WorkerJob(
+            shipped,
+            problem_config,
+            settings.to_dict(),
+            run,
+            placement.num_workers,
+            on_gpu,
+            batch_size=_pair(batch_size) if datasets is not None else None,
+            fault=None if fault is None else {**fault, "marker_dir": str(storage / name)},
+            judge=judge,
+            run_id=name,
+            verbose=verbose(),
+        )
+        metrics, payload = fit_worker_group(job, placement, storage, name, datasets)
     if metrics.get("status") == "diverged":
         last = {k: v for k, v in metrics.items() if k == "step" or "/" in k}
         raise DivergenceError(metrics["diverged_at_step"], metrics["diverged_metric"], last)
     state = state_from_dict(payload["state"])
     history = pa.Table.from_pylist(payload["history"], schema=HISTORY_SCHEMA)
     flatness = payload.get("flatness") or {}
-    config = payload["config"]
-    if flatness.get("method", config["method"]) != config["method"]:
-        config = fallback_config(SolverConfig.from_dict(config), flatness["method"]).to_dict()
     return SolveResult(
         state.x,
         state.y,
         history,
         state,
-        config,
+        flatness.get("settings", payload["config"]),  # the settings in force at the end
         flatness.get("verdict"),
         flatness.get("status", "completed"),
     )
-
-
-def worker_config(
-    factory: Any,
-    problem_config: dict[str, Any],
-    settings: SolverConfig,
-    *,
-    steps: int,
-    seed: int,
-    report_every: int,
-    checkpoint_every: int,
-    use_gpu: bool,
-    num_workers: int,
-    progress: bool = False,
-    fault: dict[str, Any] | None = None,
-    batch_size: tuple[int, int] | None = None,
-    evaluate: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The plain dict every worker rebuilds its run from (``train_loop_per_worker``'s config)."""
-    return {
-        "factory": portable_factory(factory),
-        "problem_config": problem_config,
-        "solver": settings.to_dict(),
-        "steps": steps,
-        "seed": seed,
-        "report_every": report_every,
-        "checkpoint_every": checkpoint_every,
-        "use_gpu": use_gpu,
-        "num_workers": num_workers,
-        "progress": progress,
-        "fault": fault,
-        "batch_size": batch_size,
-        "evaluate": evaluate,
-    }
-
-
-def check_run_name(name: Any) -> str:
-    """A run or sweep name is one folder inside the storage path: no separators, no '..'
-    (a name like '../x' or '/x' would put the run, and its files, outside it)."""
-    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
-        raise ConfigError(
-            f"name={name!r}: must be a plain folder name (no '/' or '..'), e.g. name='run1'"
-        )
-    return name
-
-
-def check_resources_spec(resources: Any) -> None:
-    """``resources_per_worker``: None, or resource names to finite numbers > 0."""
-    if resources is None:
-        return
-    if not isinstance(resources, dict) or not all(
-        isinstance(k, str)
-        and isinstance(v, (int, float))
-        and not isinstance(v, bool)
-        and 0 < v < float("inf")
-        for k, v in resources.items()
-    ):
-        raise ConfigError(
-            f"resources_per_worker={resources!r}: must map resource names to numbers > 0, "
-            "e.g. {'CPU': 1} or {'CPU': 0.5}"
-        )
 
 
 def default_run_name(method: str) -> str:
@@ -353,37 +298,14 @@ def portable_factory(factory: Any) -> Any:
     return resolved
 
 
-def _check_resources(workers: int, resources: Any, on_gpu: bool, with_data: bool) -> None:
-    """Refuse a worker group the local cluster can never hold (Train would wait forever)."""
-    import ray
-
-    have = ray.cluster_resources()
-    cpu_each = float((resources or {}).get("CPU", 1.0))
-    need_cpu = workers * cpu_each + (1.0 if with_data else 0.0)  # Ray Data needs a free CPU
-    problems = []
-    if need_cpu > have.get("CPU", 0.0):
-        problems.append(
-            f"{workers} workers x {cpu_each:g} CPU{' + 1 for Ray Data' if with_data else ''} = "
-            f"{need_cpu:g} CPUs, the cluster has {have.get('CPU', 0.0):g}: lower "
-            "resources_per_worker (e.g. {'CPU': 0.5}) or num_workers"
-        )
-    if on_gpu and have.get("GPU", 0.0) < workers:
-        problems.append(
-            f"{workers} GPU workers, the cluster has {have.get('GPU', 0.0):g} GPUs: use "
-            "use_gpu=False or fewer workers"
-        )
-    if problems:
-        raise ConfigError(problems)
-
-
 def _check_run_folder(
     folder: Any, in_process: bool, settings: Any = None, seed: int = 0, num_workers: int = 1
 ) -> None:
     """A run resumes only as it was started: same runtime, settings, seed and workers."""
     if not isinstance(folder, Path) or not folder.exists():
         return
-    local = (folder / "checkpoint.pt").exists()
-    group = sorted(folder.glob("checkpoint_step_*"))
+    local = (folder / LOCAL_CHECKPOINT).exists()
+    group = group_checkpoints(folder)
     if (in_process and group) or (not in_process and local):
         kind = "a worker group" if group else "one in-process worker"
         raise ConfigError(
@@ -392,7 +314,7 @@ def _check_run_folder(
         )
     if in_process or not group:
         return
-    saved = load_latest(group[-1] / CHECKPOINT_FILE, [d / CHECKPOINT_FILE for d in group[:-1]])
+    saved = load_latest(group[-1], group[:-1])
     if saved.get("status") == "diverged":
         raise ConfigError(
             f"run {str(folder)!r} diverged; its last state is not finite: use a new name"
@@ -400,7 +322,7 @@ def _check_run_folder(
     mismatched = [
         what
         for what, ok in (
-            ("solver settings", saved["config"] == settings.to_dict()),
+            ("solver settings", same_settings(saved["config"], settings.to_dict())),
             ("seed", saved["seed"] == seed),
             ("num_workers", saved.get("num_workers", num_workers) == num_workers),
         )
@@ -446,53 +368,3 @@ def _check_datasets(datasets: Any, batch_size: Any, factory_data: Any) -> None:
             f"datasets values must be ray.data.Dataset (e.g. ray.data.read_parquet(path)); got "
             f"{wrong}"
         )
-
-
-def fit_worker_group(
-    config: dict[str, Any],
-    num_workers: int,
-    resources: dict[str, float] | None,
-    storage: Path,
-    name: str,
-    max_failures: int,
-    datasets: dict[str, Any] | None,
-    callbacks: list[Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Start the worker group, wait for it, and read the final checkpoint (``callbacks``: Train
-    callbacks such as Tune's ``TuneReportCallback`` for a multi-worker trial)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from bilevel_ray.runtime.train_worker import train_loop_per_worker
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=config["use_gpu"],
-            resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        # Bad input a worker found (e.g. data too small for its shard) reaches the user as the
-        # ConfigError it is, not as Train's wrapper.
-        failures = getattr(result.error, "worker_failures", {}) or {}
-        for failure in failures.values():
-            if isinstance(failure, ConfigError):
-                raise failure from None
-        raise result.error
-    payload: dict[str, Any] = {}
-    if result.metrics.get("status") != "diverged":
-        with result.checkpoint.as_directory() as folder:
-            payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    return dict(result.metrics), payload

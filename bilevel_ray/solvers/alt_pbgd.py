@@ -19,19 +19,23 @@ from typing import Any
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule, positive_value
 from bilevel_ray.solvers.base import (
-    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
+    gamma_setting,
     identity_reduce,
-    initial_state,
+    steps_setting,
 )
+from bilevel_ray.solvers.compute import Compute
 from bilevel_ray.solvers.penalty import alternating_penalty_step
 from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
-__all__ = ["alt_pbgd"]
+__all__ = ["SETTINGS", "alt_pbgd"]
+
+# ALT-PBGD's own settings (SolverConfig, the CLI and Tune read them from here).
+SETTINGS = {"gamma": gamma_setting(), "inner_steps": steps_setting(5)}
 
 
 def alt_pbgd(
@@ -40,22 +44,26 @@ def alt_pbgd(
     update_x: UpdateRule,
     update_y: UpdateRule,
     gamma: ScalarOrSchedule,
-    inner_steps: int = 5,
+    inner_steps: int = SETTINGS["inner_steps"].default,
     grad_reduce: GradReduce | None = None,
+    precision: str = "fp32",
+    grad_accumulation: int = 1,
+    in_place: bool = False,
 ) -> BilevelSolver:
     """Build ALT-PBGD; ``inner_steps`` is the length K of each of the two inner loops."""
-    gamma_t = KNOB_CHECKS["gamma"](gamma)
-    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
-    reduce = grad_reduce or identity_reduce
+    gamma_t = SETTINGS["gamma"].check(gamma)
+    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
+    compute = Compute(
+        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
+    )
 
     def init(x0: Params, y0: Params) -> SolverState:
-        return initial_state(x0, y0, update_x, update_y, copies=("y_g",))
+        return compute.init(x0, y0, update_x, update_y, copies=("y_g",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         gamma = positive_value("gamma", gamma_t, state.step)
-        metrics = alternating_penalty_step(
-            problem, state, gamma, update_x, update_y, inner_steps, batch, reduce
-        )
+        ev = compute.at(state.x, batch, state.extra)
+        metrics = alternating_penalty_step(ev, state, gamma, update_x, update_y, inner_steps)
         return state._replace(step=state.step + 1), {**metrics, "penalty/gamma": gamma}
 
     return BilevelSolver("alt_pbgd", init, step)

@@ -24,29 +24,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.schedules import nonnegative_schedule, positive_schedule
+from bilevel_ray.schedules import positive_schedule
 from bilevel_ray.tree import Params, clone, leaves
 
 __all__ = [
-    "KNOB_CHECKS",
     "BilevelSolver",
     "GradReduce",
     "Metrics",
+    "Setting",
     "SolverState",
     "check_inner_steps",
     "check_number",
     "descend",
+    "gamma_setting",
     "grads_of",
     "identity_reduce",
     "initial_state",
     "state_from_dict",
     "state_to_dict",
+    "steps_setting",
 ]
 
 Metrics = dict[str, Any]
@@ -80,12 +83,19 @@ def initial_state(
     update_x: Any,
     update_y: Any,
     copies: Sequence[str] = (),
+    in_place: bool = False,
     **numbers: float,
 ) -> SolverState:
     """Step 0: x and y copied from (x0, y0), and each named extra copy of y (a value-function
     copy) too; an optimizer state for every group (the copies use y's rule); ``numbers`` such as
-    a multiplier go to ``extra`` as they are."""
-    x, y = clone(x0), clone(y0)
+    a multiplier go to ``extra`` as they are. ``in_place``: x and y ARE x0 and y0 (detached
+    views of the same memory, updated in place), not copies: the caller opts in to having its
+    tensors (e.g. a model's own parameters) be the solver's working copy."""
+    if in_place:
+        x = {k: v.detach() for k, v in x0.items()}
+        y = {k: v.detach() for k, v in y0.items()}
+    else:
+        x, y = clone(x0), clone(y0)
     opt = {"x": update_x.init(x), "y": update_y.init(y)}
     extra: dict[str, Any] = dict(numbers)
     for name in copies:
@@ -175,18 +185,23 @@ def state_from_dict(d: Any) -> SolverState:
     return SolverState(d["step"], d["x"], d["y"], d["opt"], d["extra"])
 
 
-# Each solver knob's check, shared by the factories and by SolverConfig (which runs them one by
-# one so that every problem is reported at once).
-KNOB_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "gamma": lambda v: positive_schedule("gamma", v, example="10.0"),
-    "inner_steps": check_inner_steps,
-    "multiplier_growth": lambda v: nonnegative_schedule("multiplier_growth", v),
-    "bome_eta": lambda v: check_number("bome_eta", v, strict=True, hint="BOME uses 0.5"),
-    "cg_steps": lambda v: check_inner_steps(v, "cg_steps"),
-    "cg_ridge": lambda v: check_number(
-        "cg_ridge",
-        v,
-        strict=False,
-        hint="it is added to the Hessian's diagonal; use 0 for a strongly convex lower level",
-    ),
-}
+@dataclass(frozen=True)
+class Setting:
+    """A solver's own setting (a *knob*), declared once in its solver's file: the default, the
+    check (returns the value to use, or raises ConfigError naming the fix), and whether it may
+    be a schedule of the step. ``SolverConfig``, the CLI, Tune's search spaces and the flatness
+    fallback derive their lists from these declarations (``solvers.SOLVER_SETTINGS``)."""
+
+    default: Any
+    check: Callable[[Any], Any]
+    schedule: bool = False
+
+
+def gamma_setting(default: float = 10.0) -> Setting:
+    """The penalty gamma: a number or a schedule, > 0 at every step."""
+    return Setting(default, lambda v: positive_schedule("gamma", v, example="10.0"), schedule=True)
+
+
+def steps_setting(default: int, name: str = "inner_steps") -> Setting:
+    """An iteration count >= 1 (``inner_steps`` K, or a method's own such as ``cg_steps``)."""
+    return Setting(default, lambda v: check_inner_steps(v, name))

@@ -21,20 +21,29 @@ import torch
 
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import (
-    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
+    Setting,
     SolverState,
-    grads_of,
+    check_number,
     identity_reduce,
-    initial_state,
+    steps_setting,
 )
+from bilevel_ray.solvers.compute import Compute, Losses
 from bilevel_ray.solvers.penalty import value_function_steps
 from bilevel_ray.tree import Params, vdot
 from bilevel_ray.updates import UpdateRule
 
-__all__ = ["bome"]
+__all__ = ["SETTINGS", "bome"]
+
+# BOME's own settings (SolverConfig, the CLI and Tune read them from here).
+SETTINGS = {
+    "inner_steps": steps_setting(5),
+    "bome_eta": Setting(
+        0.5, lambda v: check_number("bome_eta", v, strict=True, hint="BOME uses 0.5")
+    ),
+}
 
 
 def bome(
@@ -42,32 +51,34 @@ def bome(
     *,
     update_x: UpdateRule,
     update_y: UpdateRule,
-    bome_eta: float = 0.5,
-    inner_steps: int = 5,
+    bome_eta: float = SETTINGS["bome_eta"].default,
+    inner_steps: int = SETTINGS["inner_steps"].default,
     grad_reduce: GradReduce | None = None,
+    precision: str = "fp32",
+    grad_accumulation: int = 1,
+    in_place: bool = False,
 ) -> BilevelSolver:
     """Build BOME; ``inner_steps`` is T, the lower-level steps for y_hat per iteration."""
-    bome_eta = KNOB_CHECKS["bome_eta"](bome_eta)
-    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
-    reduce = grad_reduce or identity_reduce
+    bome_eta = SETTINGS["bome_eta"].check(bome_eta)
+    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
+    compute = Compute(
+        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
+    )
 
     def init(x0: Params, y0: Params) -> SolverState:
-        return initial_state(x0, y0, update_x, update_y, copies=("y_hat",))
+        return compute.init(x0, y0, update_x, update_y, copies=("y_hat",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y, y_hat = state.step, state.x, state.y, state.extra["y_hat"]
-        aux = value_function_steps(
-            problem, x, y_hat, update_y, state.opt["y_hat"], t, inner_steps, batch, reduce
-        )
-        f, _, (fx, fy) = grads_of(
-            lambda x_, y_: (problem.upper_loss(x_, y_, batch.upper), {}), [x, y], reduce
-        )
+        ev = compute.at(x, batch, state.extra)
+        aux = value_function_steps(ev, y_hat, update_y, state.opt["y_hat"], t, inner_steps)
+        f, _, (fx, fy) = ev.grads(lambda L, x_, y_: (L.upper(x_, y_), {}), [ev.x, y])
 
-        def gap(x_: Params, y_: Params) -> tuple[Any, Metrics]:
-            g = problem.lower_loss(x_, y_, batch.lower)
-            return g - problem.lower_loss(x_, y_hat, batch.lower), {"lower/loss": g.detach()}
+        def gap(L: Losses, x_: Params, y_: Params) -> tuple[Any, Metrics]:
+            g = L.lower(x_, y_)
+            return g - L.lower(x_, y_hat), {"lower/loss": g.detach()}
 
-        _, gap_aux, (qx, qy) = grads_of(gap, [x, y], reduce)
+        _, gap_aux, (qx, qy) = ev.grads(gap, [ev.x, y])
         q_sq = vdot(qx, qx) + vdot(qy, qy)
         inner = vdot(fx, qx) + vdot(fy, qy)
         safe = torch.where(q_sq > 0, q_sq, torch.ones_like(q_sq))

@@ -25,21 +25,33 @@ from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import (
     ScalarOrSchedule,
     checked_value,
+    nonnegative_schedule,
 )
 from bilevel_ray.solvers.base import (
-    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
+    Setting,
     SolverState,
+    gamma_setting,
     identity_reduce,
-    initial_state,
+    steps_setting,
 )
+from bilevel_ray.solvers.compute import Compute
 from bilevel_ray.solvers.penalty import alternating_penalty_step
 from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
-__all__ = ["f2sa"]
+__all__ = ["SETTINGS", "f2sa"]
+
+# F2SA's own settings (SolverConfig, the CLI and Tune read them from here); gamma is lam_0.
+SETTINGS = {
+    "gamma": gamma_setting(),
+    "inner_steps": steps_setting(5),
+    "multiplier_growth": Setting(
+        0.0, lambda v: nonnegative_schedule("multiplier_growth", v), schedule=True
+    ),
+}
 
 
 def f2sa(
@@ -48,9 +60,12 @@ def f2sa(
     update_x: UpdateRule,
     update_y: UpdateRule,
     gamma: float,
-    multiplier_growth: ScalarOrSchedule = 0.0,
-    inner_steps: int = 5,
+    multiplier_growth: ScalarOrSchedule = SETTINGS["multiplier_growth"].default,
+    inner_steps: int = SETTINGS["inner_steps"].default,
     grad_reduce: GradReduce | None = None,
+    precision: str = "fp32",
+    grad_accumulation: int = 1,
+    in_place: bool = False,
 ) -> BilevelSolver:
     """Build F2SA; ``gamma`` is the initial multiplier lam_0, ``multiplier_growth`` is delta_t."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
@@ -58,19 +73,20 @@ def f2sa(
             f"gamma={gamma!r}: for f2sa gamma is the initial multiplier lam_0 and must be a "
             "number; schedule its growth with multiplier_growth"
         )
-    lam0 = KNOB_CHECKS["gamma"](gamma)(0)
-    growth = KNOB_CHECKS["multiplier_growth"](multiplier_growth)
-    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
-    reduce = grad_reduce or identity_reduce
+    lam0 = SETTINGS["gamma"].check(gamma)(0)
+    growth = SETTINGS["multiplier_growth"].check(multiplier_growth)
+    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
+    compute = Compute(
+        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
+    )
 
     def init(x0: Params, y0: Params) -> SolverState:
-        return initial_state(x0, y0, update_x, update_y, copies=("y_g",), multiplier=lam0)
+        return compute.init(x0, y0, update_x, update_y, copies=("y_g",), multiplier=lam0)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         lam = state.extra["multiplier"]
-        metrics = alternating_penalty_step(
-            problem, state, lam, update_x, update_y, inner_steps, batch, reduce
-        )
+        ev = compute.at(state.x, batch, state.extra)
+        metrics = alternating_penalty_step(ev, state, lam, update_x, update_y, inner_steps)
         state.extra["multiplier"] = lam + checked_value(
             "multiplier_growth", growth, state.step, strict=False
         )

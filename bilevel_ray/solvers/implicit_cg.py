@@ -26,19 +26,37 @@ import torch
 from bilevel_ray.linear_solve import solve_cg
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import (
-    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
+    Setting,
     SolverState,
+    check_number,
     identity_reduce,
-    initial_state,
+    steps_setting,
 )
+from bilevel_ray.solvers.compute import Compute, StepEval
 from bilevel_ray.solvers.penalty import value_function_steps
+from bilevel_ray.solvers.precision import autocast
 from bilevel_ray.tree import Params, leaves, sub
 from bilevel_ray.updates import UpdateRule
 
-__all__ = ["implicit_cg", "implicit_hypergradient"]
+__all__ = ["SETTINGS", "implicit_cg", "implicit_hypergradient"]
+
+# implicit_cg's own settings (SolverConfig, the CLI and Tune read them from here).
+SETTINGS = {
+    "inner_steps": steps_setting(20),
+    "cg_steps": steps_setting(10, "cg_steps"),
+    "cg_ridge": Setting(
+        0.0,
+        lambda v: check_number(
+            "cg_ridge",
+            v,
+            strict=False,
+            hint="it is added to the Hessian's diagonal; use 0 for a strongly convex lower level",
+        ),
+    ),
+}
 
 
 def implicit_hypergradient(
@@ -50,42 +68,63 @@ def implicit_hypergradient(
     cg_steps: int,
     cg_ridge: float = 0.0,
     grad_reduce: GradReduce = identity_reduce,
+    ev: StepEval | None = None,
 ) -> tuple[Params, Metrics]:
-    """grad_x f(x, y) - grad^2_xy g(x, y) v with v from CG; exact at y = y*(x) when CG converges."""
-    xl, yl = leaves(x), leaves(y)
+    """grad_x f(x, y) - grad^2_xy g(x, y) v with v from CG; exact at y = y*(x) when CG converges.
+
+    ``ev`` (a solver's step evaluation) brings precision and accumulation: the Hessian-vector
+    products sum over the micro-batches, whose graphs of grad_y g are all kept for the CG
+    iterations (so accumulation does not lower implicit_cg's memory), and fp16 runs without
+    loss scaling here (the second derivatives are taken of the unscaled g).
+    """
+    ev = ev or Compute(problem, grad_reduce).at(x, batch)
+    reduce = ev.compute.reduce
+    (f, _, (f_x, f_y)) = ev.grads(
+        lambda L, x_, y_: (L.upper(x_, y_), {}), [ev.x, y], reduce=(False, True)
+    )
+    xl, yl = ev.xl, leaves(y)
     xs, ys = list(xl.values()), list(yl.values())
+    g_total = None
+    g_ys: list[tuple[Any, ...]] = []
     with torch.enable_grad():
-        f = problem.upper_loss(xl, yl, batch.upper)
-        df = torch.autograd.grad(f, xs + ys, allow_unused=True, materialize_grads=True)
-        f_x, f_y = dict(zip(xl, df[: len(xs)])), grad_reduce(dict(zip(yl, df[len(xs) :])))
-        g = problem.lower_loss(xl, yl, batch.lower)
-        g_y = torch.autograd.grad(
-            g, ys, create_graph=True, allow_unused=True, materialize_grads=True
-        )
+        for L in ev.micro:
+            with autocast(ev.compute.precision, ev.device):
+                g = L.lower(xl, yl)
+            g_ys.append(
+                torch.autograd.grad(
+                    g, ys, create_graph=True, allow_unused=True, materialize_grads=True
+                )
+            )
+            g_total = g.detach() if g_total is None else g_total + g.detach()
         # Entries of grad_y g that do not depend on (x, y) (g linear in them, or unused) have a
         # zero Hessian block: they drop out of every second derivative.
-        live = [i for i, d in enumerate(g_y) if d.requires_grad]
+        live = [[i for i, d in enumerate(g_y) if d.requires_grad] for g_y in g_ys]
 
-        def second(wrt: list[Any], v: Params, **kwargs: Any) -> tuple[Any, ...]:
-            if not live:
-                return tuple(torch.zeros_like(w) for w in wrt)
+        def second(wrt: list[Any], v: Params, retain: bool) -> list[Any]:
             vs = list(v.values())
-            return torch.autograd.grad(
-                [g_y[i] for i in live],
-                wrt,
-                grad_outputs=[vs[i] for i in live],
-                allow_unused=True,
-                materialize_grads=True,
-                **kwargs,
-            )
+            total = [torch.zeros_like(w) for w in wrt]
+            for g_y, alive in zip(g_ys, live):
+                if not alive:
+                    continue
+                parts = torch.autograd.grad(
+                    [g_y[i] for i in alive],
+                    wrt,
+                    grad_outputs=[vs[i] for i in alive],
+                    allow_unused=True,
+                    materialize_grads=True,
+                    retain_graph=retain or ev.keep_graph,
+                )
+                torch._foreach_add_(total, list(parts))
+            return total
 
         def hvp(v: Params) -> Params:
-            return grad_reduce(dict(zip(yl, second(ys, v, retain_graph=True))))
+            return reduce(dict(zip(yl, second(ys, v, retain=True))))
 
         v = solve_cg(hvp, f_y, maxiter=cg_steps, ridge=cg_ridge)
-        cross = second(xs, v)
-    hypergrad = grad_reduce(sub(f_x, dict(zip(xl, cross))))
-    return hypergrad, {"upper/loss": f.detach(), "lower/loss": g.detach()}
+        cross = second(xs, v, retain=False)
+    hypergrad = reduce(sub(f_x, dict(zip(xl, cross))))
+    assert g_total is not None
+    return hypergrad, {"upper/loss": f, "lower/loss": g_total}
 
 
 def implicit_cg(
@@ -93,25 +132,31 @@ def implicit_cg(
     *,
     update_x: UpdateRule,
     update_y: UpdateRule,
-    inner_steps: int = 20,
-    cg_steps: int = 10,
-    cg_ridge: float = 0.0,
+    inner_steps: int = SETTINGS["inner_steps"].default,
+    cg_steps: int = SETTINGS["cg_steps"].default,
+    cg_ridge: float = SETTINGS["cg_ridge"].default,
     grad_reduce: GradReduce | None = None,
+    precision: str = "fp32",
+    grad_accumulation: int = 1,
+    in_place: bool = False,
 ) -> BilevelSolver:
     """Build AID-CG; ``inner_steps`` lower steps on y, then ``cg_steps`` CG iterations."""
-    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
-    cg_steps = KNOB_CHECKS["cg_steps"](cg_steps)
-    cg_ridge = KNOB_CHECKS["cg_ridge"](cg_ridge)
-    reduce = grad_reduce or identity_reduce
+    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
+    cg_steps = SETTINGS["cg_steps"].check(cg_steps)
+    cg_ridge = SETTINGS["cg_ridge"].check(cg_ridge)
+    compute = Compute(
+        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
+    )
 
     def init(x0: Params, y0: Params) -> SolverState:
-        return initial_state(x0, y0, update_x, update_y)
+        return compute.init(x0, y0, update_x, update_y)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y = state.step, state.x, state.y
-        value_function_steps(problem, x, y, update_y, state.opt["y"], t, inner_steps, batch, reduce)
+        ev = compute.at(x, batch, state.extra)
+        value_function_steps(ev, y, update_y, state.opt["y"], t, inner_steps)
         hypergrad, metrics = implicit_hypergradient(
-            problem, x, y, batch, cg_steps=cg_steps, cg_ridge=cg_ridge, grad_reduce=reduce
+            problem, x, y, batch, cg_steps=cg_steps, cg_ridge=cg_ridge, ev=ev
         )
         update_x.apply(x, hypergrad, state.opt["x"], t)
         return state._replace(step=t + 1), metrics

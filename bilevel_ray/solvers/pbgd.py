@@ -22,20 +22,23 @@ import torch
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule, positive_value
 from bilevel_ray.solvers.base import (
-    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    grads_of,
+    gamma_setting,
     identity_reduce,
-    initial_state,
+    steps_setting,
 )
+from bilevel_ray.solvers.compute import Compute
 from bilevel_ray.solvers.penalty import penalty_objective, value_function_steps
 from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
-__all__ = ["pbgd"]
+__all__ = ["SETTINGS", "pbgd"]
+
+# V-PBGD's own settings (SolverConfig, the CLI and Tune read them from here).
+SETTINGS = {"gamma": gamma_setting(), "inner_steps": steps_setting(5)}
 
 
 def pbgd(
@@ -44,25 +47,29 @@ def pbgd(
     update_x: UpdateRule,
     update_y: UpdateRule,
     gamma: ScalarOrSchedule,
-    inner_steps: int = 5,
+    inner_steps: int = SETTINGS["inner_steps"].default,
     grad_reduce: GradReduce | None = None,
+    precision: str = "fp32",
+    grad_accumulation: int = 1,
+    in_place: bool = False,
 ) -> BilevelSolver:
     """Build V-PBGD; ``inner_steps`` is K_g, the value-function steps per joint step."""
-    gamma_t = KNOB_CHECKS["gamma"](gamma)
-    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
-    reduce = grad_reduce or identity_reduce
+    gamma_t = SETTINGS["gamma"].check(gamma)
+    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
+    compute = Compute(
+        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
+    )
 
     def init(x0: Params, y0: Params) -> SolverState:
-        return initial_state(x0, y0, update_x, update_y, copies=("y_g",))
+        return compute.init(x0, y0, update_x, update_y, copies=("y_g",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y, y_g = state.step, state.x, state.y, state.extra["y_g"]
         gamma = positive_value("gamma", gamma_t, t)
-        aux = value_function_steps(
-            problem, x, y_g, update_y, state.opt["y_g"], t, inner_steps, batch, reduce
-        )
-        _, metrics, (grad_x, grad_y) = grads_of(
-            lambda x_, y_: penalty_objective(problem, x_, y_, y_g, gamma, batch), [x, y], reduce
+        ev = compute.at(x, batch, state.extra)
+        aux = value_function_steps(ev, y_g, update_y, state.opt["y_g"], t, inner_steps)
+        _, metrics, (grad_x, grad_y) = ev.grads(
+            lambda L, x_, y_: penalty_objective(L, x_, y_, y_g, gamma), [ev.x, y]
         )
         torch._foreach_mul_(list(grad_y.values()), 1.0 / gamma)  # fresh tensors: scale in place
         update_x.apply(x, grad_x, state.opt["x"], t)

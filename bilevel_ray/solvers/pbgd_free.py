@@ -24,20 +24,22 @@ from typing import Any
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule, positive_value
 from bilevel_ray.solvers.base import (
-    KNOB_CHECKS,
     BilevelSolver,
     GradReduce,
     Metrics,
     SolverState,
-    descend,
-    grads_of,
+    gamma_setting,
     identity_reduce,
-    initial_state,
+    steps_setting,
 )
+from bilevel_ray.solvers.compute import Compute, Losses
 from bilevel_ray.tree import Params
 from bilevel_ray.updates import UpdateRule
 
-__all__ = ["pbgd_free"]
+__all__ = ["SETTINGS", "pbgd_free"]
+
+# PBGD-Free's own settings (SolverConfig, the CLI and Tune read them from here).
+SETTINGS = {"gamma": gamma_setting(), "inner_steps": steps_setting(1)}
 
 
 def pbgd_free(
@@ -46,29 +48,35 @@ def pbgd_free(
     update_x: UpdateRule,
     update_y: UpdateRule,
     gamma: ScalarOrSchedule,
-    inner_steps: int = 1,
+    inner_steps: int = SETTINGS["inner_steps"].default,
     grad_reduce: GradReduce | None = None,
+    precision: str = "fp32",
+    grad_accumulation: int = 1,
+    in_place: bool = False,
 ) -> BilevelSolver:
-    """Build PBGD-Free; ``inner_steps`` is K, the number of y updates per x update."""
-    gamma_t = KNOB_CHECKS["gamma"](gamma)
-    inner_steps = KNOB_CHECKS["inner_steps"](inner_steps)
-    reduce = grad_reduce or identity_reduce
+    """Build PBGD-Free; ``inner_steps`` is K, the number of y updates per x update;
+    ``precision`` and ``grad_accumulation`` as in :mod:`bilevel_ray.solvers.compute`."""
+    gamma_t = SETTINGS["gamma"].check(gamma)
+    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
+    compute = Compute(
+        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
+    )
 
     def init(x0: Params, y0: Params) -> SolverState:
-        return initial_state(x0, y0, update_x, update_y)
+        return compute.init(x0, y0, update_x, update_y)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y = state.step, state.x, state.y
         gamma = positive_value("gamma", gamma_t, t)
+        # Only f is differentiated in x: the lower level's features need no graph.
+        ev = compute.at(x, batch, state.extra, attach=("upper",))
 
-        def perturbed_lower(y_: Params) -> tuple[Any, Metrics]:
-            g = problem.lower_loss(x, y_, batch.lower)
-            return problem.upper_loss(x, y_, batch.upper) / gamma + g, {"lower/loss": g.detach()}
+        def perturbed_lower(L: Losses, y_: Params) -> tuple[Any, Metrics]:
+            g = L.lower(ev.x, y_)
+            return L.upper(ev.x, y_) / gamma + g, {"lower/loss": g.detach()}
 
-        aux = descend(perturbed_lower, y, update_y, state.opt["y"], t, inner_steps, reduce)
-        f, _, (grad_x,) = grads_of(
-            lambda x_: (problem.upper_loss(x_, y, batch.upper), {}), [x], reduce
-        )
+        aux = ev.descend(perturbed_lower, y, update_y, state.opt["y"], t, inner_steps)
+        f, _, (grad_x,) = ev.grads(lambda L, x_: (L.upper(x_, y), {}), [ev.x])
         update_x.apply(x, grad_x, state.opt["x"], t)
         return state._replace(step=t + 1), {"upper/loss": f, **aux, "penalty/gamma": gamma}
 

@@ -1,0 +1,408 @@
+"""Is the flatness verdict right? A panel of problems whose truth is the outcome.
+
+For each problem and start the truth comes from running the solver to convergence with
+``pbgd_free`` and with ``alt_pbgd`` (the corrected method, both inner loops, K = 5) at the same
+gamma from that start (seed 0's batches), and evaluating the true upper objective
+phi(x) = f(x, y*(x)) on the full data at both ends (y*(x) by L-BFGS; on the networks the mean of
+the last evaluations, as their test loss wanders):
+
+    gap = phi(x_pbgd_free) - phi(x_alt),   improvement = phi(x0) - phi(x_alt)
+
+PBGD-Free is "as good" when gap <= 5% of the improvement from that start, "worse" otherwise,
+and a run that diverges is "worse". (The gap does not depend on the start where the solutions
+are unique, the improvement does: from x0 = 100 the negative toy's 25 is 0.2% of 11025.) Each
+start is then diagnosed (``br.diagnose``) with every seed of its family; a verdict is right when
+"suitable" meets "as good" or "unsuitable" meets "worse"; "uncertain" is counted as not right.
+Printed: every start's truth and verdicts (with the slowest diagnosis' seconds), the confusion
+table, and the problems whose verdicts differ under one truth (over seeds or starts).
+
+Problems (all float64, small; ~2 to 8 minutes on 2 cores without the networks):
+
+* the paper's negative toy from x0 = 2, -8, 100; its positive toy from the notebook's start;
+* strongly convex quadratics: coupled (3 seeds), flat (f depends on y through (y - y*)^2), and
+  uncoupled (g independent of x, so the dropped term is 0);
+* Hölder-flat: g = (y - x)^2 / 2, f = (x - 1)^2 / 2 + |y - x - e|^alpha, alpha = 1.25, 1.5,
+  1.75, at gamma = 5 and 20 (f is flat at y* up to the residual from e);
+* Lipschitz: f = (x - 1)^2 / 2 + l y with l = 0.05 and 2 (the negative toy's shape);
+* minibatch least squares (x, y = two blocks of weights; f = MSE on the upper sample, g = MSE +
+  ridge on the lower): the same target for both levels, and shifted targets; batch sizes 20, 50,
+  200, diagnosed with 5 seeds each; the built-in ``regression`` (its factory's settings, 5 seeds);
+* with ``--networks`` (or ``--only-networks``): ``representation`` on the NLSY79 CSV
+  (``--data``; 3000 steps) and ``peft-dpo-sft`` (the built small Llama; 1200 steps), at their
+  factories' settings (their truth: phi on the held-out data, about 3 minutes more).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diagnose_panel.py [--networks --data CSV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import bilevel_ray as br
+from bilevel_ray.config import SolverConfig
+from bilevel_ray.data import BilevelBatch, as_batches
+from bilevel_ray.diagnostics.responses import minimize
+from bilevel_ray.problems import BUILTIN_PROBLEMS, NegativeToy, QuadraticProblem
+from bilevel_ray.problems.toys import positive_toy
+
+F64 = torch.float64
+
+
+def t64(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=F64)
+
+
+@dataclass
+class Case:
+    """One problem: its starts (the first is canonical), data per seed, settings."""
+
+    name: str
+    problem: Any
+    starts: list[tuple[dict, dict]]
+    settings: dict[str, Any]
+    steps: int
+    data: Any = None  # callable seed -> data, or None
+    seeds: tuple[int, ...] = (0,)
+    eval_batch: Any = None
+    diagnose: dict[str, Any] = field(default_factory=dict)
+    tail: int = 1  # evaluations averaged at the end of the truth's runs
+
+
+class Holder:
+    """g = (y - x)^2 / 2, f = (x - 1)^2 / 2 + |y - x - e|^alpha."""
+
+    def __init__(self, alpha: float, e: float = 0.05):
+        self.alpha, self.e = alpha, e
+
+    def upper_loss(self, x, y, batch):
+        return (0.5 * (x["x"] - 1) ** 2 + (y["y"] - x["x"] - self.e).abs() ** self.alpha).sum()
+
+    def lower_loss(self, x, y, batch):
+        return (0.5 * (y["y"] - x["x"]) ** 2).sum()
+
+
+class Lipschitz:
+    """g = (y - x)^2 / 2, f = (x - 1)^2 / 2 + l y."""
+
+    def __init__(self, slope: float):
+        self.slope = slope
+
+    def upper_loss(self, x, y, batch):
+        return (0.5 * (x["x"] - 1) ** 2 + self.slope * y["y"]).sum()
+
+    def lower_loss(self, x, y, batch):
+        return (0.5 * (y["y"] - x["x"]) ** 2).sum()
+
+
+class Uncoupled(QuadraticProblem):
+    """The coupled quadratic with B = 0: y* does not depend on x, the dropped term is 0."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed=seed)
+        self.B = torch.zeros_like(self.B)
+
+
+class LeastSquares:
+    """Predictions u x + v y (two feature blocks); f = MSE on the upper batch, g = MSE + ridge
+    ||y||^2 on the lower batch."""
+
+    def upper_loss(self, x, y, batch):
+        u, v, t = batch
+        return ((u @ x["x"] + v @ y["y"] - t) ** 2).mean()
+
+    def lower_loss(self, x, y, batch):
+        u, v, t = batch
+        return ((u @ x["x"] + v @ y["y"] - t) ** 2).mean() + 0.01 * (y["y"] ** 2).sum()
+
+
+def least_squares_data(shift: float, n: int = 600, dim: int = 4):
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(2 * dim, generator=gen, dtype=F64)
+    sets = []
+    for level in range(2):
+        feats = torch.randn(n, 2 * dim, generator=gen, dtype=F64)
+        target = feats @ (w + level * shift * torch.randn(2 * dim, generator=gen, dtype=F64))
+        target = target + 0.1 * torch.randn(n, generator=gen, dtype=F64)
+        sets.append((feats[:, :dim], feats[:, dim:], target))
+    return sets[0], sets[1]
+
+
+def phi(case: Case, x: dict) -> float:
+    """f(x, y*(x)) on the evaluation batch, y*(x) by L-BFGS from the canonical y0."""
+    batch = case.eval_batch or BilevelBatch(None, None)
+    y0 = {k: v.clone() for k, v in case.starts[0][1].items()}
+    tol = 1e-10 if next(iter(y0.values())).dtype == F64 else 1e-6
+    y, _ = minimize(
+        lambda y_: case.problem.lower_loss(x, y_, batch.lower), y0, 500, 0.1, "lbfgs", tol
+    )
+    with torch.no_grad():
+        return float(case.problem.upper_loss(x, y, batch.upper))
+
+
+def final_phi(case: Case, method: str, start: int) -> float:
+    """phi at the end of ``case.steps`` steps of ``method`` from start ``start`` (seed 0's data),
+    averaged over the last ``case.tail`` evaluations, spaced ``case.steps / 8`` apart (a
+    minibatch network's test loss wanders from step to step); inf if the run diverges."""
+    x0, y0 = case.starts[start]
+    extra = {"inner_steps": 5} if method == "alt_pbgd" else {}
+    solver = SolverConfig(method=method, **{**case.settings, **extra}).build(case.problem)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        stream = as_batches(case.data(0) if case.data else None, 0)
+        state, values = solver.init(x0, y0), []
+        for t in range(case.steps + 1):
+            if t >= case.steps - (case.tail - 1) * case.steps // 8 and t % (case.steps // 8) == 0:
+                values.append(phi(case, state.x))
+            if t < case.steps:
+                state, _ = solver.step(state, next(stream))
+    return statistics.fmean(values) if all(map(math.isfinite, values)) else math.inf
+
+
+def truth(case: Case, start: int) -> tuple[str, float, float]:
+    """("as good" | "worse", gap, gap / improvement) from this start."""
+    free, alt = final_phi(case, "pbgd_free", start), final_phi(case, "alt_pbgd", start)
+    improvement = phi(case, case.starts[start][0]) - alt
+    gap = free - alt
+    share = gap / improvement if improvement > 0 else (0.0 if gap <= 0 else math.inf)
+    return ("as good" if share <= 0.05 else "worse"), gap, share
+
+
+def verdicts(case: Case, start: int) -> tuple[list[str], list[float], list[float]]:
+    """The verdict from this start with every seed, each one's cost / tolerance and seconds."""
+    out, ratios, seconds = [], [], []
+    x0, y0 = case.starts[start]
+    for seed in case.seeds:
+        data = case.data(seed) if case.data else None
+        settings = {k: v for k, v in case.settings.items() if k != "gamma"}
+        t0 = time.monotonic()
+        v = br.diagnose(
+            case.problem,
+            x0,
+            y0,
+            case.settings["gamma"],
+            data=data,
+            seed=seed,
+            **settings,
+            **case.diagnose,
+        )
+        seconds.append(time.monotonic() - t0)
+        out.append(v.verdict)
+        cost, tol = v.stats.get("flatness/cost", math.nan), v.stats.get("flatness/tolerance")
+        ratios.append(cost / tol if tol else math.nan)
+    return out, ratios, seconds
+
+
+def cases() -> list[Case]:
+    neg = {"lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0}
+    out = [
+        Case(
+            "toy-negative",
+            NegativeToy(),
+            [({"x": t64(x)}, {"y": t64(0.0)}) for x in (2.0, -8.0, 100.0)],
+            neg,
+            4000,
+        ),
+    ]
+    pos = positive_toy()
+    out.append(
+        Case(
+            "toy-positive",
+            pos.problem,
+            [(pos.x0, pos.y0)],
+            {"lr_x": 0.01, "lr_y": 0.01, "gamma": 16.0, "inner_steps": 2},
+            20000,
+        )
+    )
+    quad = {"lr_x": 0.05, "lr_y": 0.2, "gamma": 10.0}
+
+    def quad_starts(dim_x=3, dim_y=4):
+        return [
+            ({"x": s * torch.ones(dim_x, dtype=F64)}, {"y": torch.zeros(dim_y, dtype=F64)})
+            for s in (0.0, 3.0, -5.0)
+        ]
+
+    for seed in (0, 1, 2):
+        out.append(
+            Case(
+                f"quadratic coupled seed={seed}",
+                QuadraticProblem(seed=seed),
+                quad_starts(),
+                quad,
+                3000,
+            )
+        )
+    for seed in (0, 1):
+        out.append(
+            Case(
+                f"quadratic flat seed={seed}",
+                QuadraticProblem(seed=seed, flat=True),
+                quad_starts(),
+                quad,
+                3000,
+            )
+        )
+    out.append(Case("quadratic uncoupled", Uncoupled(0), quad_starts(), quad, 3000))
+    scalar = [({"x": t64(x)}, {"y": t64(0.0)}) for x in (3.0, -2.0, 10.0)]
+    for alpha in (1.25, 1.5, 1.75):
+        for gamma in (5.0, 20.0):
+            out.append(
+                Case(
+                    f"holder alpha={alpha} gamma={gamma:g}",
+                    Holder(alpha),
+                    scalar,
+                    {"lr_x": 0.05, "lr_y": 0.2, "gamma": gamma},
+                    4000,
+                )
+            )
+    for slope in (0.05, 2.0):
+        out.append(
+            Case(
+                f"lipschitz l={slope}",
+                Lipschitz(slope),
+                scalar,
+                {"lr_x": 0.05, "lr_y": 0.2, "gamma": 10.0},
+                3000,
+            )
+        )
+    for shift in (0.0, 1.0):
+        upper, lower = least_squares_data(shift)
+        for size in (20, 50, 200):
+
+            def data(seed, upper=upper, lower=lower, size=size):
+                return br.minibatches(upper, lower, size)
+
+            out.append(
+                Case(
+                    f"least squares shift={shift:g} batch={size}",
+                    LeastSquares(),
+                    [({"x": torch.zeros(4, dtype=F64)}, {"y": torch.zeros(4, dtype=F64)})],
+                    {"lr_x": 0.02, "lr_y": 0.1, "gamma": 10.0},
+                    3000,
+                    data=data,
+                    seeds=(0, 1, 2, 3, 4),
+                    eval_batch=BilevelBatch(upper, lower),
+                )
+            )
+    spec = BUILTIN_PROBLEMS["regression"]({})
+    out.append(
+        Case(
+            "regression (built-in)",
+            spec.problem,
+            [(spec.x0, spec.y0)],
+            {k: v for k, v in spec.defaults.items() if k != "steps"},
+            3000,
+            data=lambda seed, spec=spec: spec.data,
+            seeds=(0, 1, 2, 3, 4),
+            eval_batch=spec.eval_data,
+        )
+    )
+    return out
+
+
+def network_cases(data: str | None) -> list[Case]:
+    """The two networks, each at its factory's settings. Their truths run 3000 (representation)
+    and 1200 (peft) steps and average the last 3 (2) evaluations, an eighth of the run apart;
+    their diagnoses run at the CLI's settings (``bilevel-ray diagnose``)."""
+    out = []
+    config = {"data": data} if data else {}
+    spec = BUILTIN_PROBLEMS["representation"](config)
+    settings = {k: v for k, v in spec.defaults.items() if k != "steps"}
+    out.append(
+        Case(
+            "representation" + (" (NLSY79)" if data else " (synthetic)"),
+            spec.problem,
+            [(spec.x0, spec.y0)],
+            settings,
+            3000,
+            data=lambda seed, spec=spec: spec.data,
+            eval_batch=spec.eval_data,
+            tail=3,
+        )
+    )
+    spec = BUILTIN_PROBLEMS["peft-dpo-sft"]({})
+    settings = {k: v for k, v in spec.defaults.items() if k != "steps"}
+    out.append(
+        Case(
+            "peft-dpo-sft",
+            spec.problem,
+            [(spec.x0, spec.y0)],
+            settings,
+            1200,
+            data=lambda seed, spec=spec: spec.data,
+            eval_batch=spec.eval_data,
+            tail=2,
+        )
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", action="store_true")
+    parser.add_argument("--only-networks", action="store_true")
+    parser.add_argument("--data", default=None, help="the NLSY79 CSV for representation")
+    args = parser.parse_args()
+    panel = [] if args.only_networks else cases()
+    if args.networks or args.only_networks:
+        panel += network_cases(args.data)
+    table: Counter = Counter()
+    right = total = 0
+    unstable: list[str] = []
+    start = time.monotonic()
+    for case in panel:
+        case.settings.pop("steps", None)
+        labels = []
+        for index, (x0, _) in enumerate(case.starts):
+            t0 = time.monotonic()
+            label, gap, share = truth(case, index)
+            got, ratios, seconds = verdicts(case, index)
+            labels.append((label, got))
+            ok = [(v == "suitable") == (label == "as good") and v != "uncertain" for v in got]
+            right, total = right + sum(ok), total + len(ok)
+            for v in got:
+                table[(label, v)] += 1
+            counts = ", ".join(f"{n}x {v}" for v, n in Counter(got).items())
+            finite = sorted(r for r in ratios if math.isfinite(r))
+            spread = f"cost/tol {finite[0]:.2g}..{finite[-1]:.2g}" if finite else "cost/tol n/a"
+            where = f" x0={_first(x0):g}" if len(case.starts) > 1 else ""
+            print(
+                f"{case.name + where:44s} truth {label:8s} gap {gap:9.3g} ({100 * share:7.3g}% "
+                f"of improvement)  verdicts: {counts} ({spread}; diagnose {max(seconds):.1f} s)"
+                f"  [{time.monotonic() - t0:.1f} s]",
+                flush=True,
+            )
+        # Same truth, different verdicts (over seeds or starts): the verdict is not stable.
+        for label in {lab for lab, _ in labels}:
+            seen = {v for lab, got in labels if lab == label for v in got}
+            if len(seen) > 1:
+                unstable.append(f"{case.name} ({label}: {', '.join(sorted(seen))})")
+    print(
+        f"\nconfusion (rows: truth, columns: verdict), {total} diagnoses of {len(panel)} problems"
+    )
+    print(f"{'':10s}" + "".join(f"{v:>12s}" for v in ("suitable", "uncertain", "unsuitable")))
+    for label in ("as good", "worse"):
+        print(
+            f"{label:10s}"
+            + "".join(f"{table[(label, v)]:12d}" for v in ("suitable", "uncertain", "unsuitable"))
+        )
+    print(
+        f"right: {right}/{total} = {100 * right / total:.1f}%; 'suitable' where worse: "
+        f"{table[('worse', 'suitable')]}; verdict differs under one truth: "
+        f"{'; '.join(unstable) if unstable else 'none'}; total {time.monotonic() - start:.0f} s"
+    )
+
+
+def _first(x0: dict) -> float:
+    return float(next(iter(x0.values())).flatten()[0])
+
+
+if __name__ == "__main__":
+    main()

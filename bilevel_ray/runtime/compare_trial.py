@@ -1,0 +1,203 @@
+"""One run of ``br.compare``: one method, one seed, a wall-clock budget (a Tune trial).
+
+The run goes until its budget is spent (or the problem's step count, scaled far up, is
+reached). Logged rows, at most 40 spread over the budget, are scored on held-out data and kept
+as the curve, against the method's time and step:
+
+* ``eval/upper_loss``: f(x, y) at the run's own y;
+* ``eval/phi``: f(x, y_hat(x)), the bilevel objective phi(x) = f(x, y*(x)) with y_hat a tracked
+  approximation of argmin_y g(x, .) on the held-out lower sample (Adam, warm-started from the
+  previous row's, a few steps per row and more at the end). Methods are compared on phi: a
+  penalty method's y sits O(1/gamma) off the lower solution, where f can be lower than any
+  bilevel solution's.
+
+At the end the trial reports its final and best phi, the final f, the lower-level gap
+g(x, y) - g(x, y_hat), the steps it took, its solver state's bytes and its process's peak
+memory. A diverged run, or one whose code raised, reports that with its reason.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+import torch
+from ray import tune as ray_tune
+
+from bilevel_ray.errors import DivergenceError
+from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime import loop
+from bilevel_ray.runtime.checkpoint import tensor_bytes
+from bilevel_ray.runtime.history import write_parquet
+from bilevel_ray.runtime.local import run_spec_local, solver_config
+from bilevel_ray.runtime.run_spec import RunSpec
+from bilevel_ray.runtime.sweep_outcome import one_line
+from bilevel_ray.runtime.threads import use_cpus
+
+__all__ = ["CURVES", "ComparePlan", "run_compare_trial"]
+
+CURVES = "curves"  # a comparison's folder of per-run curve files
+TRACK_STEPS = 50  # lower steps of y_hat per scored row (warm-started)
+SCORED_POINTS = 40  # a curve's points over the budget: the scoring's cost stays bounded
+TRACK_LR = 1e-2
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """What every run of a comparison shares; ``settings[method]`` are that method's solver
+    keywords (the problem's suggestions and the user's fixed settings, where they apply)."""
+
+    factory: Any
+    problem_config: Mapping[str, Any]
+    settings: Mapping[str, Mapping[str, Any]]
+    budget_s: float
+    max_steps: int
+    report_every: int
+    gap_steps: int
+    folder: str
+
+
+class _BudgetSpent(Exception):
+    """The run's wall-clock budget is spent: it ends here, as planned."""
+
+
+def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
+    """A Tune function trainable: ``point`` is ``{"method": ..., "seed": ...}``."""
+    method, seed = point["method"], int(point["seed"])
+    name = f"{method}-seed{seed}"
+    try:
+        use_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+        rss_before = _peak_rss_mb()
+        spec = build_spec(plan.factory, {**plan.problem_config, "device": "cpu"})
+        settings = solver_config(method, dict(plan.settings[method]))
+        sink = _BudgetSink(spec, plan, method, seed)
+        status, reason = "completed", None
+        try:
+            run_spec_local(
+                spec, settings, RunSpec(plan.max_steps, seed, plan.report_every), also=sink
+            )
+        except _BudgetSpent:
+            pass
+        except DivergenceError as err:
+            status, reason = "diverged", f"diverged at step {err.step}: {err.metric} not finite"
+        write_parquet(
+            pa.Table.from_pylist(sink.rows), Path(plan.folder) / CURVES / f"{name}.parquet"
+        )
+        final = sink.rows[-1] if sink.rows else {}
+        phis = [r["eval/phi"] for r in sink.rows if math.isfinite(r["eval/phi"])]
+        completed = status == "completed"
+        ray_tune.report(
+            {
+                "status": status,
+                "reason": reason,
+                "steps": int(final.get("step", 0)),
+                "wall_s": float(final.get("wall_s", math.nan)),
+                "final_phi": float(final.get("eval/phi", math.nan)) if completed else math.nan,
+                "best_phi": min(phis) if phis else math.nan,
+                "final_upper_loss": float(final.get("eval/upper_loss", math.nan))
+                if completed
+                else math.nan,
+                "lower_gap": sink.gap,
+                "state_bytes": sink.state_bytes,
+                "peak_rss_mb": _peak_rss_mb(),
+                "rss_growth_mb": _peak_rss_mb() - rss_before,
+            }
+        )
+    except Exception as err:  # the run's own code raised: a result, with its reason
+        ray_tune.report({"status": "error", "reason": one_line(err)})
+
+
+class _LowerSolution:
+    """y_hat(x), tracked: Adam on g(x, .) over the held-out lower sample, warm-started from the
+    previous call's y_hat (x moves little between logged rows), or from the run's own y when
+    that one has the lower g."""
+
+    def __init__(self, problem: Any, batch: Any):
+        self.problem, self.batch = problem, batch
+        self.y: dict[str, torch.Tensor] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def scores(self, x: Any, y: Any, steps: int) -> dict[str, float]:
+        """phi = f(x, y_hat), f(x, y) and the gap g(x, y) - g(x, y_hat), after ``steps`` more
+        updates of y_hat."""
+        x = {k: v.detach() for k, v in x.items()}
+        with torch.no_grad():
+            restart = self.y is None or float(
+                self.problem.lower_loss(x, y, self.batch.lower)
+            ) < float(self.problem.lower_loss(x, self.y, self.batch.lower))
+        if restart:  # the run's own y is nearer the lower solution: start from it
+            self.y = {k: v.detach().clone().requires_grad_(True) for k, v in y.items()}
+            self.optimizer = torch.optim.Adam(self.y.values(), lr=TRACK_LR)
+        for _ in range(steps):
+            self.optimizer.zero_grad()
+            self.problem.lower_loss(x, self.y, self.batch.lower).backward()
+            self.optimizer.step()
+        with torch.no_grad():
+            g_run = float(self.problem.lower_loss(x, y, self.batch.lower))
+            g_hat = float(self.problem.lower_loss(x, self.y, self.batch.lower))
+            return {
+                "eval/phi": float(self.problem.upper_loss(x, self.y, self.batch.upper)),
+                "eval/upper_loss": float(self.problem.upper_loss(x, y, self.batch.upper)),
+                "eval/lower_gap": max(g_run - min(g_hat, g_run), 0.0),
+            }
+
+
+class _BudgetSink:
+    """Scores logged rows, at most ``SCORED_POINTS`` over the budget; ends the run once its
+    budget is spent (the final row's y_hat gets ``gap_steps`` more updates)."""
+
+    def __init__(self, spec: Any, plan: ComparePlan, method: str, seed: int):
+        self.plan, self.method, self.seed = plan, method, seed
+        self.lower = _LowerSolution(spec.problem, spec.eval_data)
+        self.started = time.perf_counter()
+        self.scoring_s = 0.0
+        self.last_scored = -math.inf
+        self.rows: list[dict[str, Any]] = []
+        self.gap = math.nan
+        self.state_bytes = 0
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, outcome: loop.StepOutcome, state: Any, active: Any) -> None:
+        if outcome.row is None:
+            return
+        began = time.perf_counter()
+        # The method's own time: the scoring of rows is not charged to it (a method that takes
+        # more steps per second logs more rows).
+        wall = began - self.started - self.scoring_s
+        spent = wall >= self.plan.budget_s
+        final = spent or outcome.done
+        if not final and wall - self.last_scored < self.plan.budget_s / SCORED_POINTS:
+            return
+        self.last_scored = wall
+        steps = TRACK_STEPS + (self.plan.gap_steps if final else 0)
+        scores = self.lower.scores(state.x, state.y, steps)
+        self.rows.append(
+            {
+                "method": self.method,
+                "seed": self.seed,
+                "step": outcome.row["step"],
+                "wall_s": wall,
+                "eval/phi": scores["eval/phi"],
+                "eval/upper_loss": scores["eval/upper_loss"],
+            }
+        )
+        if final:
+            self.gap = scores["eval/lower_gap"]
+            self.state_bytes = tensor_bytes(state)
+        self.scoring_s += time.perf_counter() - began
+        if spent:
+            raise _BudgetSpent
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

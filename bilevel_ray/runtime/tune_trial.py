@@ -1,0 +1,179 @@
+"""One trial of a sweep (a Tune function trainable) and what it reports.
+
+A single-worker trial runs the local runtime in the trial's own process; a multi-worker trial
+launches a Train V2 ``TorchTrainer`` (run name from the trial id, the sweep's storage path) and
+forwards its reports through ``TuneReportCallback``. Every logged row is scored on held-out
+data (``eval/upper_loss``; the last one adds ``eval/lower_gap``, which needs a lower solve) and
+kept in the trial's history file, ``{sweep}/histories/<trial id>.parquet``; Tune sees a report
+at the end, at the scheduler's milestones and otherwise at most every ``report_interval_s``.
+A trial whose loss goes non-finite ends with status ``diverged`` and its last finite metrics;
+the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray import tune as ray_tune
+
+from bilevel_ray.errors import DivergenceError
+from bilevel_ray.evaluation import evaluate
+from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime import loop
+from bilevel_ray.runtime.flatness_watch import verdict_columns
+from bilevel_ray.runtime.history import write_parquet
+from bilevel_ray.runtime.local import run_spec_local, solver_config
+from bilevel_ray.runtime.ranking import GAP, METRIC
+from bilevel_ray.runtime.run_spec import Placement, RunSpec, verbose
+from bilevel_ray.runtime.search_space import decode
+from bilevel_ray.runtime.sweep_outcome import HISTORIES, one_line
+from bilevel_ray.runtime.threads import use_cpus
+from bilevel_ray.runtime.worker_job import WorkerJob
+
+__all__ = ["TrialPlan", "run_trial"]
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a sweep shares: the problem, the method and its fixed settings, the
+    run, the placement of its workers, the held-out scoring, and where its history goes."""
+
+    factory: Any
+    problem_config: Mapping[str, Any]
+    method: str
+    base: Mapping[str, Any]
+    run: RunSpec
+    placement: Placement
+    use_gpu: bool
+    gap_steps: int
+    sweep_folder: str
+    milestones: frozenset[int] = frozenset()
+    judge: Any = None
+
+
+def run_trial(point: dict[str, Any], plan: TrialPlan) -> None:
+    """A Tune function trainable: the trial at ``point`` of the search space.
+
+    An exception of the trial's own code (bad settings, the user's loss) is a result, not a
+    crash: the trial reports status ``error`` with a one-line reason and ends, so that Tune
+    does not retry it (it would fail again); only a trial whose process dies is retried.
+    """
+    trial_id = ray_tune.get_context().get_trial_id()
+    history = Path(plan.sweep_folder) / HISTORIES / f"{trial_id}.parquet"
+    try:
+        settings = solver_config(plan.method, {**plan.base, **decode(point)})
+        if plan.placement.num_workers > 1:
+            _trial_on_worker_group(settings, plan, trial_id, history)
+        else:
+            _trial_in_process(settings, plan, trial_id, history)
+    except Exception as err:
+        ray_tune.report(
+            {"status": "error", "error": one_line(err), METRIC: math.inf, GAP: math.inf}
+        )
+
+
+def _trial_in_process(settings: Any, plan: TrialPlan, trial_id: str, history: Path) -> None:
+    use_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    spec = build_spec(plan.factory, {**plan.problem_config, "device": "cpu"})
+    sink = _TuneSink(spec, plan, trial_id, history)
+    try:
+        run_spec_local(spec, settings, plan.run, judge=_judge(plan), run_id=trial_id, also=sink)
+    except DivergenceError as err:
+        sink.diverged(err)
+
+
+def _judge(plan: TrialPlan) -> Any:
+    if plan.judge is None:
+        return None
+    from bilevel_ray.runtime.flatness_actor import ActorJudge
+
+    return ActorJudge(plan.judge)
+
+
+class _TuneSink:
+    """Scores every logged row, keeps the trial's history file, and reports to Tune when the
+    :class:`~bilevel_ray.runtime.loop.ReportClock` says so."""
+
+    def __init__(self, spec: Any, plan: TrialPlan, trial_id: str, history: Path):
+        self.spec, self.plan, self.trial_id, self.history = spec, plan, trial_id, history
+        self.clock = loop.ReportClock(plan.run.report_interval_s, plan.milestones)
+        self.rows: list[dict[str, Any]] = []
+        self.last: dict[str, Any] = {}
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, outcome: loop.StepOutcome, state: Any, active: Any) -> None:
+        row = outcome.row
+        if row is None:
+            return
+        # The gap (a lower solve) only at the end: the ranking reads the final one.
+        scores = evaluate(
+            self.spec.problem,
+            state.x,
+            state.y,
+            self.spec.eval_data,
+            gap_steps=self.plan.gap_steps,
+            with_gap=outcome.done,
+        )
+        # A run stopped by the flatness verdict ends on this row, with its status.
+        status = active.status if outcome.done else "running"
+        self.last = {**_numbers(row), **scores, **verdict_columns(active.verdict)}
+        self.rows.append({"trial_id": self.trial_id, **row, **scores, "status": status})
+        if self.clock.due(outcome):
+            self.report({**self.last, "status": status})
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        write_parquet(pa.Table.from_pylist(self.rows), self.history)
+        ray_tune.report(metrics)
+        self.clock.reported()
+
+    def diverged(self, err: DivergenceError) -> None:
+        ended = {
+            METRIC: math.inf,
+            GAP: math.inf,
+            "status": "diverged",
+            "diverged_at_step": err.step,
+        }
+        self.rows.append({"trial_id": self.trial_id, **_numbers(err.last_finite), **ended})
+        self.report({**self.last, **_numbers(err.last_finite), **ended})
+
+
+def _trial_on_worker_group(settings: Any, plan: TrialPlan, trial_id: str, history: Path) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from bilevel_ray.runtime.train import portable_factory
+    from bilevel_ray.runtime.worker_group import fit_worker_group
+
+    job = WorkerJob(
+        portable_factory(plan.factory),
+        plan.problem_config,
+        settings.to_dict(),
+        dataclasses.replace(plan.run, checkpoint_every=0),
+        plan.placement.num_workers,
+        plan.use_gpu,
+        gap_steps=plan.gap_steps,
+        judge=plan.judge,
+        run_id=trial_id,
+        verbose=verbose(),
+    )
+    _, payload = fit_worker_group(
+        job,
+        dataclasses.replace(plan.placement, max_failures=0),
+        Path(plan.sweep_folder).parent,
+        f"train-{trial_id}",
+        callbacks=[TuneReportCallback()],
+    )
+    rows = [{"trial_id": trial_id, **row} for row in payload.get("history", [])]
+    write_parquet(pa.Table.from_pylist(rows), history)
+
+
+def _numbers(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k == "step" or "/" in k}
