@@ -43,3 +43,24 @@ def ray_2cpu():
     )
     yield ray
     ray.shutdown()
+
+
+class RayStarted(AssertionError):
+    """The call reached Ray: its input was not refused before Ray started."""
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Connecting to Ray or starting a worker group fails the test; returns the error class
+    (``pytest.raises(no_ray)`` where reaching Ray is the expected end)."""
+    import bilevel_ray.runtime.ray_session as ray_session
+    import bilevel_ray.runtime.tune_driver as tune_driver
+    import bilevel_ray.runtime.worker_group as worker_group
+
+    def refuse(*args, **kwargs):
+        raise RayStarted("the input reached Ray before it was refused")
+
+    monkeypatch.setattr(ray_session, "connect", refuse)
+    monkeypatch.setattr(tune_driver, "connect", refuse)
+    monkeypatch.setattr(worker_group, "fit_worker_group", refuse)
+    return RayStarted

@@ -826,25 +826,6 @@ CASES = [
 # --- running a case -----------------------------------------------------------------------------
 
 
-class RayStarted(AssertionError):
-    """The case reached Ray: its input was not refused before Ray started."""
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Connecting to Ray or starting a worker group fails the case."""
-    import bilevel_ray.runtime.ray_session as ray_session
-    import bilevel_ray.runtime.tune_driver as tune_driver
-    import bilevel_ray.runtime.worker_group as worker_group
-
-    def refuse(*args, **kwargs):
-        raise RayStarted("the input reached Ray before it was refused")
-
-    monkeypatch.setattr(ray_session, "connect", refuse)
-    monkeypatch.setattr(tune_driver, "connect", refuse)
-    monkeypatch.setattr(worker_group, "fit_worker_group", refuse)
-
-
 @dataclass
 class Observed:
     raised: BaseException | None = None  # what the API call or main() raised

@@ -1,9 +1,10 @@
 """Bad input, round two (issue 15): paths and files, resume, numbers, user code, reports.
 
 The cases use the format of :mod:`test_bad_input_catalogue` (its ``Case``, ``api`` / ``cli``
-builders, the ``no_ray`` fixture and its checks): each asserts the error type, that the message
-names the fix, and, for each folder in ``writes`` (always including any folder outside the
-requested one a link points to), that no file there is new or changed. Every case is refused
+builders and its checks; the ``no_ray`` fixture is conftest's): each asserts the error type,
+that the message names the fix, and, for each folder in ``writes`` (always including any
+folder outside the requested one a link points to), that no file there is new or changed.
+Every case is refused
 before the run's first step, or (user code that misbehaves mid-run) with a message that names
 the loss and the step.
 
@@ -41,7 +42,6 @@ from test_bad_input_catalogue import (
     _prepare,
     api,
     cli,
-    no_ray,  # noqa: F401  (the fixture)
     solve,
     t64,
 )
@@ -868,7 +868,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
-def test_bad_input_round2(case, tmp_path, no_ray):  # noqa: F811
+def test_bad_input_round2(case, tmp_path, no_ray):
     skip = _prepare(case, tmp_path)
     if skip:
         pytest.skip(skip)
@@ -936,7 +936,7 @@ SAFE = {  # a link planted at the path (relative to the case's folder), and the 
 
 
 @pytest.mark.parametrize("key", list(SAFE))
-def test_a_planted_link_is_replaced_not_written_through(key, tmp_path, no_ray):  # noqa: F811
+def test_a_planted_link_is_replaced_not_written_through(key, tmp_path, no_ray):
     relative, run = SAFE[key]
     if key.startswith("report"):
         write_run_report(tmp_path)

@@ -19,22 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "my_problem.py"
 
 
-class RayStarted(AssertionError):
-    """The call reached Ray: its input was not refused before Ray started."""
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    import bilevel_ray.runtime.ray_session as ray_session
-    import bilevel_ray.runtime.tune_driver as tune_driver
-
-    def refuse(*args, **kwargs):
-        raise RayStarted("the sweep reached Ray before it was refused")
-
-    monkeypatch.setattr(ray_session, "connect", refuse)
-    monkeypatch.setattr(tune_driver, "connect", refuse)
-
-
 @pytest.fixture
 def user_folder(tmp_path, monkeypatch):
     """A user's folder holding their problem file, as the working directory."""
@@ -171,7 +155,7 @@ def test_a_folder_with_an_older_sweeps_results_is_refused(tmp_path):
 
 def test_the_cli_refuses_a_second_different_sweep_into_one_folder(no_ray, tmp_path, capsys):
     first = ["tune", "toy-negative", "--samples", "4", "--out", str(tmp_path), "--quiet"]
-    with pytest.raises(RayStarted):  # the first sweep claims its folder, then reaches Ray
+    with pytest.raises(no_ray):  # the first sweep claims its folder, then reaches Ray
         main(first)
     assert main([*first[:3], "8", *first[4:], "--resume"]) == 2
     err = capsys.readouterr().err
