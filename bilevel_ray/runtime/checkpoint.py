@@ -374,9 +374,10 @@ def check_writable(folder: str | os.PathLike[str], what: str) -> Path:
     folder = Path(folder).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        # A fresh name, created exclusively: never a file (or a link) someone else put there.
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
     except OSError as err:
         raise ConfigError(
             f"{what} {str(folder)!r} is not writable ({err.strerror}); choose another folder"

@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+from ray import tune as ray_tune
 
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
 from bilevel_ray.errors import ConfigError
@@ -29,6 +31,7 @@ from bilevel_ray.runtime.compare_trial import CURVES, ComparePlan, run_compare_t
 from bilevel_ray.runtime.compare_verdict import method_table, recommend, time_to_target
 from bilevel_ray.runtime.history import write_parquet
 from bilevel_ray.runtime.preflight import check_spec, first_step
+from bilevel_ray.runtime.ray_session import connect, steady_working_dir
 from bilevel_ray.runtime.run_spec import check_count, check_run_name
 from bilevel_ray.solvers import SOLVERS
 
@@ -186,11 +189,6 @@ def _problem_label(factory: Any, problem_config: dict[str, Any]) -> str:
 
 def _run_all(plan, methods, seeds, storage, name, address, progress) -> list[dict[str, Any]]:
     """Every (method, seed) as a Tune trial; their final reports."""
-    import ray
-    from ray import tune as ray_tune
-
-    from bilevel_ray.runtime.ray_session import connect, steady_working_dir
-
     Path(plan.folder).mkdir(parents=True, exist_ok=True)
     with steady_working_dir(plan.folder):
         connect(address)
@@ -241,13 +239,7 @@ _RUN_COLUMNS = (
 )
 
 
-def _progress_callback_base() -> Any:
-    from ray import tune as ray_tune
-
-    return ray_tune.Callback
-
-
-class _Progress(_progress_callback_base()):
+class _Progress(ray_tune.Callback):
     """One line per run as it ends."""
 
     def __init__(self, total: int):

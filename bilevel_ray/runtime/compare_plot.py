@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bilevel_ray.runtime.checkpoint import atomic_write
+
 __all__ = ["plot_compare"]
 
 GRID_POINTS = 60
@@ -71,6 +73,6 @@ def plot_compare(
     axis.set_title(textwrap.fill(title, 80), fontsize=10)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
     return path

@@ -64,10 +64,6 @@ class ComparePlan:
     folder: str
 
 
-class _BudgetSpent(Exception):
-    """The run's wall-clock budget is spent: it ends here, as planned."""
-
-
 def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
     """A Tune function trainable: ``point`` is ``{"method": ..., "seed": ...}``."""
     method, seed = point["method"], int(point["seed"])
@@ -79,12 +75,10 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
         settings = solver_config(method, dict(plan.settings[method]))
         sink = _BudgetSink(spec, plan, method, seed)
         status, reason = "completed", None
-        try:
+        try:  # the sink ends the run once its budget is spent
             run_spec_local(
                 spec, settings, RunSpec(plan.max_steps, seed, plan.report_every), also=sink
             )
-        except _BudgetSpent:
-            pass
         except DivergenceError as err:
             status, reason = "diverged", f"diverged at step {err.step}: {err.metric} not finite"
         write_parquet(
@@ -164,11 +158,12 @@ class _BudgetSink:
         self.state_bytes = 0
 
     def before_step(self, step: int) -> None:
-        pass
+        """Nothing to do before a step."""
 
-    def after_step(self, outcome: loop.StepOutcome, state: Any, active: Any) -> None:
+    def after_step(self, outcome: loop.StepOutcome, state: Any, active: Any) -> bool:
+        """Score the row (when due); True once the budget is spent: the run ends here."""
         if outcome.row is None:
-            return
+            return False
         began = time.perf_counter()
         # The method's own time: the scoring of rows is not charged to it (a method that takes
         # more steps per second logs more rows).
@@ -176,7 +171,7 @@ class _BudgetSink:
         spent = wall >= self.plan.budget_s
         final = spent or outcome.done
         if not final and wall - self.last_scored < self.plan.budget_s / SCORED_POINTS:
-            return
+            return False
         self.last_scored = wall
         steps = TRACK_STEPS + (self.plan.gap_steps if final else 0)
         scores = self.lower.scores(state.x, state.y, steps)
@@ -194,8 +189,7 @@ class _BudgetSink:
             self.gap = scores["eval/lower_gap"]
             self.state_bytes = tensor_bytes(state)
         self.scoring_s += time.perf_counter() - began
-        if spent:
-            raise _BudgetSpent
+        return spent
 
 
 def _peak_rss_mb() -> float:

@@ -282,12 +282,11 @@ class _FileSink:
         if self.also is not None:
             self.also.before_step(step)
 
-    def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> None:
+    def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> bool | None:
         if self.path is not None and outcome.checkpoint:
             payload = checkpoint_payload(
                 state, self.recorder, self.config, self.seed, active.saved()
             )
             save_checkpoint(payload, self.path, keep_previous=True)
             self.recorder.restart_window()  # a save is not a step's cost
-        if self.also is not None:
-            self.also.after_step(outcome, state, active)
+        return self.also.after_step(outcome, state, active) if self.also is not None else None

@@ -8,9 +8,10 @@
 
 The loop owns the order of these calls; a *sink* decides what leaves the process: the local
 sink writes checkpoint files, the Train sink calls ``ray.train.report``, the Tune trial's sink
-``tune.report``. A report to Ray is a barrier that costs seconds, so a sink reports at a
-checkpoint, at the end and otherwise at most every ``report_interval_s`` (:class:`ReportClock`);
-the history keeps every logged row in any case. A :class:`DivergenceError` from the history
+``tune.report``; a sink may also end the run (``br.compare``'s budget). A report to Ray is a
+barrier that costs seconds, so a sink reports at a checkpoint, at the end and otherwise at most
+every ``report_interval_s`` (:class:`ReportClock`); the history keeps every logged row in any
+case. A :class:`DivergenceError` from the history
 propagates to the caller, which decides whether it is an error (``br.solve``) or a result
 (a Train worker, a Tune trial).
 """
@@ -55,7 +56,9 @@ class Sink(Protocol):
 
     def after_step(
         self, outcome: StepOutcome, state: SolverState, active: ActiveSolver
-    ) -> None: ...
+    ) -> bool | None:
+        """Handle the step's outcome; a true return ends the run here (a spent budget)."""
+        ...
 
 
 class ReportClock:
@@ -126,8 +129,8 @@ def run(
         ):
             last_print = recorder.elapsed
             print(progress_line(row, spec.steps), file=sys.stderr, flush=True)
-        sink.after_step(StepOutcome(row, done, checkpoint, action), state, active)
-        if action == "stop":
+        ended = sink.after_step(StepOutcome(row, done, checkpoint, action), state, active)
+        if action == "stop" or ended:
             break
     return state
 

@@ -114,9 +114,6 @@ class RunSpec:
         if problems:
             raise ConfigError(problems)
 
-    def replace(self, **changes: Any) -> RunSpec:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if self.watch is not None:

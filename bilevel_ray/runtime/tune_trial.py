@@ -108,7 +108,7 @@ class _TuneSink:
         self.last: dict[str, Any] = {}
 
     def before_step(self, step: int) -> None:
-        pass
+        """Nothing to do before a step."""
 
     def after_step(self, outcome: loop.StepOutcome, state: Any, active: Any) -> None:
         row = outcome.row

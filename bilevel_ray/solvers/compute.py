@@ -177,19 +177,16 @@ class StepEval:
         says otherwise for it). ``ev.x`` among the groups is differentiated as ``ev.xl``."""
         inputs = [self.xl if g is self.x else leaves(g) for g in groups]
         flat = [t for g in inputs for t in g.values()]
-        total: list[Tensor] | None = None
-        value: Tensor | None = None
-        aux_sum: Metrics = {}
-        for losses in self.micro:
+        # At least one micro-batch (k >= 1): the first starts the sums.
+        first, *rest = self.micro
+        value, aux_sum, grads = self._one(fn, first, inputs, flat)
+        total, aux_sum = list(grads), dict(aux_sum)
+        for losses in rest:
             objective, aux, grads = self._one(fn, losses, inputs, flat)
-            if total is None:
-                total, value, aux_sum = list(grads), objective, dict(aux)
-            else:
-                torch._foreach_add_(total, list(grads))
-                value = value + objective
-                for key, v in aux.items():
-                    aux_sum[key] = aux_sum[key] + v if key in aux_sum else v
-        assert total is not None and value is not None
+            torch._foreach_add_(total, list(grads))
+            value = value + objective
+            for key, v in aux.items():
+                aux_sum[key] = aux_sum[key] + v if key in aux_sum else v
         out, i = [], 0
         for j, g in enumerate(inputs):
             part = dict(zip(g, total[i : i + len(g)]))

@@ -84,7 +84,7 @@ def implicit_hypergradient(
     )
     xl, yl = ev.xl, leaves(y)
     xs, ys = list(xl.values()), list(yl.values())
-    g_total = None
+    g_values: list[Any] = []
     g_ys: list[tuple[Any, ...]] = []
     with torch.enable_grad():
         for L in ev.micro:
@@ -95,7 +95,7 @@ def implicit_hypergradient(
                     g, ys, create_graph=True, allow_unused=True, materialize_grads=True
                 )
             )
-            g_total = g.detach() if g_total is None else g_total + g.detach()
+            g_values.append(g.detach())
         # Entries of grad_y g that do not depend on (x, y) (g linear in them, or unused) have a
         # zero Hessian block: they drop out of every second derivative.
         live = [[i for i, d in enumerate(g_y) if d.requires_grad] for g_y in g_ys]
@@ -123,7 +123,7 @@ def implicit_hypergradient(
         v = solve_cg(hvp, f_y, maxiter=cg_steps, ridge=cg_ridge)
         cross = second(xs, v, retain=False)
     hypergrad = reduce(sub(f_x, dict(zip(xl, cross))))
-    assert g_total is not None
+    g_total = sum(g_values[1:], g_values[0])  # one value per micro-batch, at least one
     return hypergrad, {"upper/loss": f, "lower/loss": g_total}
 
 
