@@ -43,6 +43,7 @@ from bilevel_ray.runtime.checkpoint import (
 )
 from bilevel_ray.runtime.diagnose_named import diagnose_problem
 from bilevel_ray.runtime.history import write_parquet
+from bilevel_ray.runtime.lineage import BEST_SCHEDULE, read_schedule_file
 from bilevel_ray.runtime.local import solve
 from bilevel_ray.runtime.run_spec import check_run_name
 from bilevel_ray.runtime.threads import use_process_cpus
@@ -193,6 +194,15 @@ def _parser() -> argparse.ArgumentParser:
     solve_cmd.add_argument(
         "--address", help="run the solve as a task on this Ray cluster (default: here, no Ray)"
     )
+    solve_cmd.add_argument(
+        "--schedule",
+        type=Path,
+        metavar="FILE",
+        help="replay a sweep's best_schedule.json: its method, steps, seed, problem config and "
+        "settings (gamma, lr_x, lr_y as learned schedules); --set, --config, --steps and "
+        "--seed given here take precedence",
+    )
+    solve_cmd.set_defaults(seed=None)  # 0, or the --schedule file's
     train_cmd = commands.add_parser(
         "train",
         help="run data-parallel on a Ray Train worker group",
@@ -250,7 +260,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _output_options(tune_cmd)
     tune_cmd.set_defaults(report_every=None)  # a tenth of the steps: the scheduler's rungs
-    tune_cmd.add_argument("--samples", type=int, default=16, help="trials (default 16)")
+    tune_cmd.add_argument("--samples", type=int, default=32, help="trials (default 32)")
     tune_cmd.add_argument(
         "--max-steps",
         type=int,
@@ -275,10 +285,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune_cmd.add_argument(
         "--scheduler",
-        choices=("auto", "asha", "fifo"),
+        choices=("auto", "asha", "fifo", "pbt", "pb2"),
         default="auto",
-        help="asha stops poor trials early; fifo runs every trial to the end; auto (default): "
-        "asha with random search, fifo with optuna",
+        help="asha stops poor trials early; fifo runs every trial to the end; pbt / pb2 evolve "
+        "gamma, lr_y and lr_ratio as the trials run (population-based training; the best "
+        "trial's schedule goes to best_schedule.json); auto (default): asha with random "
+        "search, fifo with optuna",
+    )
+    tune_cmd.add_argument(
+        "--pbt-interval",
+        type=int,
+        metavar="K",
+        help="with --scheduler pbt/pb2: exploit and explore every K steps (default: a tenth of "
+        "the steps, a multiple of --report-every)",
+    )
+    tune_cmd.add_argument(
+        "--search-seed",
+        type=int,
+        help="the searcher's seed (default: --seed, which also seeds every trial's data)",
     )
     tune_cmd.add_argument(
         "--max-failures",
@@ -406,6 +430,9 @@ def solve_problem(problem: str, problem_config: dict[str, Any], method: str, **o
 
 def _solve(args: argparse.Namespace) -> int:
     problem_config, settings = _options(args)
+    if args.schedule is not None:
+        problem_config, settings = _replay(args, problem_config, settings)
+    args.seed = 0 if args.seed is None else args.seed
     run = dict(
         seed=args.seed,
         report_every=args.report_every,
@@ -423,6 +450,28 @@ def _solve(args: argparse.Namespace) -> int:
         result = solve_problem(args.problem, problem_config, args.method, **run)
     _show(args, problem_config, result)
     return _status_code(result)
+
+
+def _replay(
+    args: argparse.Namespace, problem_config: dict[str, Any], settings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run a ``best_schedule.json`` describes, under what the command line sets."""
+    schedule = read_schedule_file(args.schedule)
+    learned_on = str(schedule.get("problem"))
+    if learned_on != args.problem and ":" not in learned_on + args.problem:
+        raise ConfigError(
+            f"--schedule {str(args.schedule)!r} was learned on {learned_on!r}, not "
+            f"{args.problem!r}: run bilevel-ray solve {learned_on} --schedule {args.schedule}"
+        )
+    if args.method not in ("pbgd_free", schedule["method"]):
+        raise ConfigError(
+            f"--method {args.method}: --schedule {str(args.schedule)!r} holds settings of "
+            f"{schedule['method']}; leave --method out"
+        )
+    args.method = schedule["method"]
+    args.seed = schedule["seed"] if args.seed is None else args.seed
+    settings = {"steps": schedule["steps"], **schedule["settings"], **settings}
+    return {**schedule.get("problem_config", {}), **problem_config}, settings
 
 
 def _value(value: Any) -> str:
@@ -561,6 +610,8 @@ def _tune(args: argparse.Namespace) -> int:
         name=args.name,
         resume=args.resume,
         seed=args.seed,
+        search_seed=args.search_seed,
+        pbt_interval=args.pbt_interval,
         address=args.address,
         max_failures=args.max_failures,
         progress=not args.quiet,
@@ -581,7 +632,10 @@ def _tune(args: argparse.Namespace) -> int:
     note = flatness_note(result.trials.to_pylist(), result.best_metrics, args.on_unsuitable)
     if note is not None:
         print(f"  flatness: {note}")
-    print(f"  wrote {result.path}/trials.parquet, history.parquet")
+    wrote = "trials.parquet, history.parquet"
+    if (result.path / BEST_SCHEDULE).is_file():
+        wrote += f", {BEST_SCHEDULE} (replay: bilevel-ray solve ... --schedule FILE)"
+    print(f"  wrote {result.path}/{wrote}")
     return 0
 
 

@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +35,7 @@ __all__ = [
     "linear",
     "nonnegative_schedule",
     "pbgd_ramp",
+    "piecewise_constant",
     "positive_schedule",
     "positive_value",
     "to_dict",
@@ -43,7 +46,16 @@ ScalarOrSchedule = float | Schedule
 
 
 def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:  # an int beyond a float's range (10**400) overflows here, not deep in a run
+        ok = not isinstance(value, bool) and isinstance(value, (int, float))
+        ok = ok and math.isfinite(float(value))
+    except OverflowError:
+        digits = len(str(abs(value)))
+        raise ConfigError(
+            f"{name}=<an integer of {digits} digits>: beyond a float's range (about 1.8e308); "
+            "give a finite number such as 1e3"
+        ) from None
+    if not ok:
         raise ConfigError(f"{name}={value!r}: must be a finite number")
     return float(value)
 
@@ -145,7 +157,59 @@ class inverse_power:
         return (start, True) if self.scale > 0 else (-math.inf, False)
 
 
-_KINDS: dict[str, type] = {"constant": constant, "linear": linear, "inverse_power": inverse_power}
+@dataclass(frozen=True)
+class piecewise_constant:
+    """value_t = values[i] for boundaries[i-1] <= t < boundaries[i] (boundaries[-1] = inf,
+    boundaries[0 - 1] = 0): one value per segment of the run, as a population-based sweep's
+    best trial learned them (its lineage, ``best_schedule.json``).
+
+        >>> s = piecewise_constant(boundaries=(100, 250), values=(10.0, 30.0, 20.0))
+        >>> [s(t) for t in (0, 99, 100, 249, 250, 10**6)]
+        [10.0, 10.0, 30.0, 30.0, 20.0, 20.0]
+    """
+
+    boundaries: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        boundaries, values = self.boundaries, self.values
+        if not isinstance(boundaries, (list, tuple)) or not isinstance(values, (list, tuple)):
+            raise ConfigError(
+                f"piecewise_constant(boundaries={boundaries!r}, values={values!r}): both must be "
+                "lists, e.g. boundaries=[100], values=[10.0, 30.0]"
+            )
+        if len(values) != len(boundaries) + 1:
+            raise ConfigError(
+                f"piecewise_constant: {len(boundaries)} boundaries need {len(boundaries) + 1} "
+                f"values (one per segment), got {len(values)}"
+            )
+        for b in boundaries:
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 < b < 2**63:
+                raise ConfigError(
+                    f"piecewise_constant.boundaries={boundaries!r}: each must be an integer step "
+                    "> 0 (and below 2**63)"
+                )
+        if any(a >= b for a, b in itertools.pairwise(boundaries)):
+            raise ConfigError(
+                f"piecewise_constant.boundaries={boundaries!r}: must increase strictly"
+            )
+        finite = tuple(_finite(f"piecewise_constant.values[{i}]", v) for i, v in enumerate(values))
+        object.__setattr__(self, "boundaries", tuple(boundaries))
+        object.__setattr__(self, "values", finite)
+
+    def __call__(self, t: int) -> float:
+        return self.values[bisect.bisect_right(self.boundaries, t)]
+
+    def minimum(self) -> tuple[float, bool]:
+        return min(self.values), True
+
+
+_KINDS: dict[str, type] = {
+    "constant": constant,
+    "linear": linear,
+    "inverse_power": inverse_power,
+    "piecewise_constant": piecewise_constant,
+}
 
 
 def as_schedule(name: str, value: ScalarOrSchedule) -> Schedule:
@@ -180,7 +244,12 @@ def nonnegative_schedule(name: str, value: ScalarOrSchedule, example: str = "0.0
 def _bounded_schedule(name: str, value: Any, example: str, strict: bool) -> Schedule:
     schedule = as_schedule(name, value)
     if hasattr(schedule, "minimum"):
-        low, attained = schedule.minimum()
+        try:
+            low, attained = schedule.minimum()
+        except (OverflowError, ZeroDivisionError) as err:
+            raise ConfigError(
+                f"{name}={value!r}: its values leave a float's range ({err}); e.g. {name}={example}"
+            ) from None
         ok = low > 0 or (low == 0 and not attained) if strict else low >= 0
     else:
         ok = True
@@ -197,7 +266,13 @@ def positive_value(name: str, schedule: Schedule, t: int) -> float:
 
 
 def checked_value(name: str, schedule: Schedule, t: int, strict: bool = True) -> float:
-    value = schedule(t)
+    try:
+        value = schedule(t)
+    except (OverflowError, ZeroDivisionError) as err:  # e.g. inverse_power growing past 1e308
+        raise ConfigError(
+            f"{name} cannot be computed at step {t} ({err}); fix the schedule so that it stays "
+            "a finite number"
+        ) from None
     ok = (
         isinstance(value, (int, float))
         and value < math.inf
@@ -224,11 +299,15 @@ def to_dict(schedule: ScalarOrSchedule) -> dict[str, Any] | float:
         return float(schedule)
     for kind, cls in _KINDS.items():
         if type(schedule) is cls:
-            return {"kind": kind, **asdict(schedule)}
+            return {"kind": kind, **{k: _plain(v) for k, v in asdict(schedule).items()}}
     raise ConfigError(
         f"schedule {schedule!r}: only built-in schedules ({', '.join(_KINDS)}) and numbers can "
         "be serialised; build yours from br.schedules"
     )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # JSON has lists, not tuples
 
 
 def from_dict(d: dict[str, Any], name: str = "schedule") -> Schedule:

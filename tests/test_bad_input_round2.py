@@ -227,6 +227,92 @@ def _foreign(tmp: Path) -> None:
     pq.write_table(pa.table({"a": [1, 2], "b": ["u", "v"]}), tmp / "rep" / "history.parquet")
 
 
+def link_at(relative: str) -> Callable[[Path], None]:
+    """tmp/<relative> is a link to a folder outside tmp/out."""
+
+    def setup(tmp: Path) -> None:
+        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(_outside(tmp), tmp / relative)
+
+    return setup
+
+
+def file_at(relative: str) -> Callable[[Path], None]:
+    """A regular file planted where a folder goes."""
+
+    def setup(tmp: Path) -> None:
+        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / relative).write_text("a file\n")
+
+    return setup
+
+
+def factory(name: str, **config: Any) -> Callable[[Path], Any]:
+    """A built-in problem factory called with ``config`` (what br.solve / train / tune do)."""
+    from bilevel_ray.problems import BUILTIN_PROBLEMS
+
+    return lambda tmp: BUILTIN_PROBLEMS[name](config)
+
+
+def small_memory(run: Callable[[Path], Any], total: int = 2**30) -> Callable[[Path], Any]:
+    """``run`` on a machine with ``total`` bytes of memory."""
+    from bilevel_ray.problems import limits
+
+    def patched(tmp: Path) -> Any:
+        with mock.patch.object(limits, "physical_memory", lambda: total):
+            return run(tmp)
+
+    return patched
+
+
+def needs_peft() -> str | None:
+    from importlib.util import find_spec
+
+    if find_spec("peft") is None or find_spec("transformers") is None:
+        return "needs pip install 'bilevel_ray[peft]'"
+    return None
+
+
+def malicious_model(tmp: Path) -> str | None:
+    """tmp/model: a saved tiny Llama whose pytorch_model.bin is a pickle that names a function
+    (``print``): torch.load(weights_only=True) refuses it, and it must stay refused."""
+    if needs_peft():
+        return needs_peft()
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=20,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    folder = tmp / "model"
+    config.save_pretrained(folder)
+
+    class Code:
+        def __reduce__(self):
+            return (print, ("this ran code from the file",))
+
+    torch.save({"model.embed_tokens.weight": Code()}, folder / "pytorch_model.bin")
+    return None
+
+
+def truncated_model(tmp: Path) -> str | None:
+    """tmp/model: a saved config and a pytorch_model.bin cut in half (a copy cut short)."""
+    if needs_peft():
+        return needs_peft()
+    malicious_model(tmp)
+    weights = tmp / "model" / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(1000)}, weights)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return None
+
+
+TINY_PEFT = {"vocab": 16, "n_pref": 8, "n_sft": 8, "n_eval": 4, "batch": 4}
+
+
 GOOD_TRIALS = {
     "trial_id": ["a", "b"],
     "status": ["completed", "completed"],
@@ -241,6 +327,13 @@ GOOD_HISTORY = {
 }
 
 SOLVE = "solve toy-negative --steps 2 --report-every 1"
+TUNE = "tune toy-negative --samples 2 --max-steps 5"
+COMPARE = "compare toy-negative --budget 1 --seeds 1 --quiet"
+LINK_OUT = (
+    r"^error: name '.*out/r' resolves to '.*outside', outside '.*out' \(a symbolic link\): "
+    r"remove the link or choose another name$"
+)
+TOO_LARGE = r": too large; must be an integer in "
 TRAIN = "train toy-negative --workers 1 --steps 2 --report-every 1 --quiet"
 RUN_NOT_FILE = r"is a folder; give a file path in it \(or move the folder away\)$"
 NOT_REGULAR = r"is not a regular file \(a FIFO, socket or device\); remove it or give another path"
@@ -635,6 +728,345 @@ CASES = [
         SOLVE + " --set lr_y=" + "9" * 400,
         r"^error: lr_y=<an integer of 400 digits>: too large; must be below 2\*\*63",
     ),
+    # --- 4b. sizes and seeds of the built-in problems, checked before any allocation ----------
+    cli(
+        "r2-config-n-10-to-12",
+        "CLI",
+        "solve regression --config n=1000000000000",
+        "solve regression --config n=1000000000000",
+        r"^error: problem 'regression': n=1000000000000" + TOO_LARGE + r"\[1, 100000000\] "
+        r"\(rows per group; the data is held in memory\), e\.g\. --config n=2000$",
+    ),
+    cli(
+        "r2-config-n-expression",
+        "CLI",
+        "solve regression --config n=10**12 (not JSON: a string)",
+        "solve regression --config n=10**12",
+        r"^error: problem 'regression': n='10\*\*12': must be an integer >= 1, e\.g\. "
+        r"--config n=2000$",
+    ),
+    cli(
+        "r2-config-n-float",
+        "CLI",
+        "solve regression --config n=2.5",
+        "solve regression --config n=2.5",
+        r"^error: problem 'regression': n=2\.5: must be an integer >= 1, e\.g\. --config n=2000$",
+    ),
+    api(
+        "r2-regression-memory",
+        "API",
+        "regression n=2,000,000 x dim=100 on a machine of 1 GiB",
+        small_memory(factory("regression", n=2_000_000, dim=100)),
+        r"^problem 'regression': n=2000000 rows of dim=100 would take about 3\.6 GiB, more than "
+        r"this machine's 1\.0 GiB of memory; lower n or dim$",
+    ),
+    api(
+        "r2-regression-ridge-400-digits",
+        "API",
+        "regression ridge=10**400",
+        factory("regression", ridge=10**400),
+        r"^problem 'regression': ridge=<an integer of 401 digits>: must be a finite number >= 0, "
+        r"e\.g\. --config ridge=0\.01$",
+    ),
+    cli(
+        "r2-config-dim-x-huge",
+        "CLI",
+        "solve quadratic --config dim_x=10000000",
+        "solve quadratic --config dim_x=10000000",
+        r"^error: problem 'quadratic': dim_x=10000000" + TOO_LARGE + r"\[1, 4096\] \(the "
+        r"closed forms solve dense dim x dim systems\), e\.g\. --config dim_x=3$",
+    ),
+    api(
+        "r2-quadratic-seed-2-to-64",
+        "API",
+        "quadratic seed=2**64",
+        factory("quadratic", seed=2**64),
+        r"^problem 'quadratic': seed=18446744073709551616" + TOO_LARGE + r"\[0, 4294967295\] "
+        r"\(a seed every random generator takes\), e\.g\. --config seed=0$",
+    ),
+    cli(
+        "r2-config-quadratic-seed-negative",
+        "CLI",
+        "solve quadratic --config seed=-1",
+        "solve quadratic --config seed=-1",
+        r"^error: problem 'quadratic': seed=-1: must be an integer >= 0, e\.g\. --config seed=0$",
+    ),
+    api(
+        "r2-quadratic-two-sizes",
+        "API",
+        "quadratic dim_x=10**12 and dim_y=-1 together",
+        factory("quadratic", dim_x=10**12, dim_y=-1),
+        r"^2 problems:\n  - problem 'quadratic': dim_x=1000000000000: too large.*\n  - problem "
+        r"'quadratic': dim_y=-1: must be an integer >= 1, e\.g\. --config dim_y=4$",
+    ),
+    cli(
+        "r2-config-representation-n-huge",
+        "CLI",
+        "solve representation --config n=1000000000000",
+        "solve representation --config n=1000000000000",
+        r"^error: problem 'representation': n=1000000000000" + TOO_LARGE + r"\[1, 100000000\]",
+    ),
+    api(
+        "r2-representation-hidden-huge",
+        "API",
+        "representation hidden=10**6",
+        factory("representation", hidden=10**6),
+        r"^problem 'representation': hidden=1000000" + TOO_LARGE + r"\[1, 16384\] \(the "
+        r"extractor's width; its middle layer is hidden x hidden\), e\.g\. --config hidden=200$",
+    ),
+    api(
+        "r2-representation-memory",
+        "API",
+        "representation n=2,000,000 synthetic rows on a machine of 1 GiB",
+        small_memory(factory("representation", n=2_000_000)),
+        r"^problem 'representation': n=2000000 rows and hidden=200 would take about 1\.9 GiB, "
+        r"more than this machine's 1\.0 GiB of memory; lower n or hidden$",
+    ),
+    api(
+        "r2-representation-seed-2-to-64",
+        "API",
+        "representation seed=2**64",
+        factory("representation", seed=2**64),
+        r"^problem 'representation': seed=18446744073709551616" + TOO_LARGE,
+    ),
+    cli(
+        "r2-config-hyperclean-hidden-huge",
+        "CLI",
+        "solve hyperclean --config hidden=1000000000000",
+        "solve hyperclean --config hidden=1000000000000 --method alt_pbgd",
+        r"^error: problem 'hyperclean': hidden=1000000000000" + TOO_LARGE + r"\[0, 65536\] "
+        r"\(the classifier's hidden width; 0 for a linear one\), e\.g\. --config hidden=32$",
+    ),
+    api(
+        "r2-hyperclean-seed-2-to-64",
+        "API",
+        "hyperclean seed=2**64",
+        factory("hyperclean", seed=2**64),
+        r"^problem 'hyperclean': seed=18446744073709551616" + TOO_LARGE + r"\[0, 4294967295\]",
+    ),
+    api(
+        "r2-hyperclean-ridge-400-digits",
+        "API",
+        "hyperclean ridge=10**400 (float() overflows)",
+        factory("hyperclean", ridge=10**400),
+        r"^problem 'hyperclean': ridge=<an integer of 401 digits>: must be a finite number >= 0; "
+        r"use a small ridge such as 1e-3",
+    ),
+    cli(
+        "r2-config-toy-x0-400-digits",
+        "CLI",
+        "solve toy-negative --config x0=<a 400-digit integer>",
+        "solve toy-negative --config x0=" + "9" * 400,
+        r"^error: problem 'toy-negative': x0=<an integer of 400 digits>: too large; must be "
+        r"below 2\*\*63 in size, e\.g\. --config x0=2\.0$",
+    ),
+    cli(
+        "r2-config-peft-vocab-huge",
+        "CLI",
+        "solve peft-dpo-sft --config vocab=1000000000000",
+        "solve peft-dpo-sft --config vocab=1000000000000",
+        r"^error: problem 'peft-dpo-sft': vocab=1000000000000" + TOO_LARGE + r"\[2, 1048576\] "
+        r"\(token ids; the largest tokenizers hold about 256k\), e\.g\. --config vocab=64$",
+    ),
+    api(
+        "r2-peft-seed-2-to-64",
+        "API",
+        "peft-dpo-sft seed=2**64",
+        factory("peft-dpo-sft", seed=2**64),
+        r"^problem 'peft-dpo-sft': seed=18446744073709551616" + TOO_LARGE,
+    ),
+    api(
+        "r2-peft-beta-400-digits",
+        "API",
+        "peft-dpo-sft beta=10**400",
+        factory("peft-dpo-sft", beta=10**400),
+        r"^problem 'peft-dpo-sft': beta=<an integer of 401 digits>: must be a finite number > 0$",
+    ),
+    api(
+        "r2-peft-data-memory",
+        "API",
+        "peft-dpo-sft n_pref=10**8 of 32768-token prompts",
+        factory("peft-dpo-sft", n_pref=10**8, prompt_len=2**15),
+        r"^problem 'peft-dpo-sft': the generated data would take about [\d,]+\.\d GiB, more "
+        r"than this machine's [\d,.]+ GiB of memory; lower n_pref, n_sft, n_eval, prompt_len, "
+        r"response_len or vocab$",
+    ),
+    api(
+        "r2-peft-built-model-memory",
+        "API",
+        "peft-dpo-sft hidden=65536, layers=1024 (a model of 7e13 parameters)",
+        factory("peft-dpo-sft", hidden=2**16, layers=1024),
+        r"^problem 'peft-dpo-sft': the built model \([\d,]+ parameters\) would take about "
+        r"[\d,]+\.\d GiB, more than this machine's [\d,.]+ GiB of memory; choose a smaller "
+        r"model \(fewer layers; a smaller hidden, vocab or MLP size\)$",
+        setup=lambda tmp: needs_peft(),
+    ),
+    api(
+        "r2-peft-dict-model-memory",
+        "API",
+        "peft-dpo-sft model={'vocab_size': 10**9} (LlamaConfig's other defaults)",
+        factory("peft-dpo-sft", model={"vocab_size": 10**9}),
+        r"^problem 'peft-dpo-sft': model=\{'vocab_size': 1000000000\} \([\d,]+ parameters\) "
+        r"would take about [\d,]+\.\d GiB, more than this machine's",
+        setup=lambda tmp: needs_peft(),
+    ),
+    # --- 7b. a weights file that is not only tensors ------------------------------------------
+    api(
+        "r2-peft-malicious-pytorch-model-bin",
+        "data",
+        "peft-dpo-sft model=DIR whose pytorch_model.bin pickles a function (print)",
+        lambda tmp: factory("peft-dpo-sft", model=str(tmp / "model"), **TINY_PEFT)(tmp),
+        r"^problem 'peft-dpo-sft': model='.*model': pytorch_model\.bin holds objects other than "
+        r"tensors \(it names print\), so it was not loaded: unpickling it could run code\. Give "
+        r"a model saved as safetensors \(model\.save_pretrained\(dir\) writes "
+        r"model\.safetensors\), or re-save the weights as a plain state dict: "
+        r"torch\.save\(model\.state_dict\(\), 'pytorch_model\.bin'\)$",
+        writes=("model",),
+        setup=malicious_model,
+    ),
+    api(
+        "r2-peft-truncated-pytorch-model-bin",
+        "data",
+        "peft-dpo-sft model=DIR whose pytorch_model.bin is cut short",
+        lambda tmp: factory("peft-dpo-sft", model=str(tmp / "model"), **TINY_PEFT)(tmp),
+        r"^problem 'peft-dpo-sft': cannot load model='.*model': pytorch_model\.bin cannot be "
+        r"read \(.*\); it is truncated or corrupted: save the model again with "
+        r"model\.save_pretrained\(dir\)$",
+        writes=("model",),
+        setup=truncated_model,
+    ),
+    # --- 1b / 2b. tune's and compare's folders, checked as solve's and train's, before Ray -----
+    cli(
+        "r2-tune-link-name-outside-out",
+        "CLI",
+        "tune --name r where --out/r is a symlink to a folder outside --out",
+        TUNE + " --out {tmp}/out --name r",
+        LINK_OUT,
+        writes=("outside", "out"),
+        setup=link_run_folder,
+    ),
+    api(
+        "r2-api-tune-link-name-outside-storage",
+        "API",
+        "br.tune name='r' where storage_path/r is a symlink outside storage_path",
+        lambda tmp: br.tune(
+            "toy-negative", num_samples=2, steps=5, storage_path=tmp / "out", name="r"
+        ),
+        r"^name '.*out/r' resolves to '.*outside', outside .*remove the link or choose another",
+        writes=("outside", "out"),
+        setup=link_run_folder,
+    ),
+    cli(
+        "r2-tune-name-300-bytes",
+        "CLI",
+        "tune --name of 300 characters",
+        TUNE + " --out {tmp}/out --name " + LONG,
+        r"^error: name '.*' " + TOO_LONG,
+        writes=(".",),
+    ),
+    cli(
+        "r2-tune-name-nul",
+        "CLI",
+        "tune --name with a NUL byte",
+        TUNE + " --out {tmp}/out --name r\x00un",
+        r"^error: name '.*' " + NUL,
+        writes=(".",),
+    ),
+    cli(
+        "r2-tune-out-nul",
+        "CLI",
+        "tune --out with a NUL byte",
+        TUNE + " --out {tmp}/o\x00ut",
+        r"^error: --out '.*' " + NUL,
+        writes=(".",),
+    ),
+    cli(
+        "r2-tune-out-not-utf8",
+        "CLI",
+        "tune --out whose name is not UTF-8",
+        TUNE + " --out {tmp}/o\udcffut",
+        r"^error: --out '.*' " + NOT_UTF8,
+        writes=(".",),
+    ),
+    api(
+        "r2-api-tune-storage-nul",
+        "API",
+        "br.tune storage_path with a NUL byte",
+        lambda tmp: br.tune("toy-negative", num_samples=2, steps=5, storage_path=f"{tmp}/o\x00"),
+        r"^storage_path '.*' " + NUL,
+        writes=(".",),
+    ),
+    cli(
+        "r2-tune-sweep-json-is-folder",
+        "CLI",
+        "tune --out DIR --name r where DIR/r/sweep.json is a folder",
+        TUNE + " --out {tmp}/out --name r",
+        r"^error: sweep file '.*out/r/sweep\.json' " + RUN_NOT_FILE,
+        writes=("out",),
+        setup=folder_at("out/r/sweep.json"),
+    ),
+    cli(
+        "r2-tune-trials-is-fifo",
+        "CLI",
+        "tune --out DIR --name r where DIR/r/trials.parquet is a FIFO",
+        TUNE + " --out {tmp}/out --name r",
+        r"^error: sweep file '.*out/r/trials\.parquet' " + NOT_REGULAR,
+        writes=("out",),
+        setup=fifo_at("out/r/trials.parquet"),
+    ),
+    cli(
+        "r2-tune-name-is-file",
+        "CLI",
+        "tune --out DIR --name r where DIR/r is a regular file",
+        TUNE + " --out {tmp}/out --name r",
+        r"^error: name '.*out/r' is a file, not a folder; remove it or choose another name$",
+        writes=("out",),
+        setup=file_at("out/r"),
+    ),
+    cli(
+        "r2-compare-link-name-outside-out",
+        "CLI",
+        "compare --name r where --out/r is a symlink to a folder outside --out",
+        COMPARE + " --out {tmp}/out --name r",
+        LINK_OUT,
+        writes=("outside", "out"),
+        setup=link_run_folder,
+    ),
+    cli(
+        "r2-compare-name-300-bytes",
+        "CLI",
+        "compare --name of 300 characters",
+        COMPARE + " --out {tmp}/out --name " + LONG,
+        r"^error: name '.*' " + TOO_LONG,
+        writes=(".",),
+    ),
+    cli(
+        "r2-compare-out-nul",
+        "CLI",
+        "compare --out with a NUL byte",
+        COMPARE + " --out {tmp}/o\x00ut",
+        r"^error: --out '.*' " + NUL,
+        writes=(".",),
+    ),
+    cli(
+        "r2-compare-name-is-file",
+        "CLI",
+        "compare --out DIR --name r where DIR/r is a regular file",
+        COMPARE + " --out {tmp}/out --name r",
+        r"^error: name '.*out/r' is a file, not a folder; remove it or choose another name$",
+        writes=("out",),
+        setup=file_at("out/r"),
+    ),
+    api(
+        "r2-api-compare-storage-not-utf8",
+        "API",
+        "br.compare storage_path whose name is not UTF-8",
+        lambda tmp: br.compare(
+            "toy-negative", budget_s=1, seeds=1, storage_path=f"{tmp}/o\udcffut", progress=False
+        ),
+        r"^storage_path '.*' " + NOT_UTF8,
+        writes=(".",),
+    ),
     # --- 5. user code that misbehaves mid-run -------------------------------------------------
     api(
         "r2-upper-none-later",
@@ -867,8 +1299,20 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def no_compare_ray(no_ray, monkeypatch):
+    """conftest's ``no_ray``, and compare's own reference to ``connect`` refused too."""
+    from bilevel_ray.runtime import compare
+
+    def refuse(*args, **kwargs):
+        raise no_ray("the input reached Ray before it was refused")
+
+    monkeypatch.setattr(compare, "connect", refuse)
+    return no_ray
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
-def test_bad_input_round2(case, tmp_path, no_ray):
+def test_bad_input_round2(case, tmp_path, no_compare_ray):
     skip = _prepare(case, tmp_path)
     if skip:
         pytest.skip(skip)

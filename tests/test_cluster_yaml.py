@@ -10,6 +10,8 @@ import importlib.resources
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import yaml
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 BEGIN, END = "# --- begin cluster-onprem.yaml ---", "# --- end cluster-onprem.yaml ---"
+UNPACK = "rm -rf ~/bilevel_ray && mkdir ~/bilevel_ray && tar -xf ~/bilevel_ray.tar -C ~/bilevel_ray"
 
 
 def _onprem_text() -> str:
@@ -113,11 +116,18 @@ def test_node_types_and_autoscaling_bounds(cloud):
     assert cloud["idle_timeout_minutes"] > 0
 
 
+TARBALL = "~/.cache/bilevel_ray-checkout.tar"  # built on your machine, as the header says
+
+
 @pytest.mark.parametrize("which", ["cloud", "onprem"])
 def test_every_node_installs_this_checkout(which, request):
     config = request.getfixturevalue(which)
-    assert config["file_mounts"]["~/bilevel_ray"] == "."
-    assert ".gitignore" in config["rsync_filter"]  # keeps .venv and runs off the nodes
+    # Only files are mounted: no folder of the checkout (which would carry untracked files).
+    assert config["file_mounts"]["~/bilevel_ray.tar"] == TARBALL
+    assert "." not in config["file_mounts"].values()
+    assert all(not Path(v).expanduser().is_dir() for v in config["file_mounts"].values())
+    unpack = config["setup_commands"][0]
+    assert unpack == UNPACK, "unpacked first, into an emptied ~/bilevel_ray"
     install = [c for c in config["setup_commands"] if "pip install" in c]
     assert len(install) == 1, install
     assert "-e ~/bilevel_ray" in install[0]
@@ -145,7 +155,7 @@ def test_onprem_variant_matches_the_cloud_setup(cloud, onprem):
     assert onprem["provider"]["type"] == "local"
     assert onprem["provider"]["head_ip"] and onprem["provider"]["worker_ips"]
     assert onprem["auth"]["ssh_user"]
-    for key in ("file_mounts", "rsync_exclude", "rsync_filter", "setup_commands"):
+    for key in ("file_mounts", "setup_commands"):
         assert onprem[key] == cloud[key], key
 
 
@@ -190,3 +200,43 @@ def test_documented_commands_exist():
     for run in runs:
         args = _parser().parse_args(shlex.split(run)[1:])  # raises on an unknown flag
         assert args.address == "auto", run
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None or shutil.which("tar") is None, reason="no git")
+def test_the_shipped_checkout_holds_tracked_files_only(tmp_path, cloud):
+    """The header's build command, run in a repository with an edited tracked file, an untracked
+    file and an ignored one, then the nodes' unpack command: tracked files only, edits included."""
+    text = CLUSTER_YAML.read_text()
+    header = text[: text.index("\ncluster_name:")]
+    (build,) = re.findall(r"^#\s+(.*git ls-files.*)$", header, re.M)
+    assert TARBALL in build
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    (repo / "pkg").mkdir(parents=True)
+    home.mkdir()
+    (repo / "pkg" / "code.py").write_text("v = 1\n")
+    (repo / ".gitignore").write_text("runs/\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    (repo / "pkg" / "code.py").write_text("v = 2\n")  # an uncommitted edit: shipped
+    (repo / "scratch.py").write_text("secret = 1\n")  # untracked, not ignored: not shipped
+    (repo / "runs").mkdir()
+    (repo / "runs" / "big.bin").write_bytes(b"0" * 10)  # ignored: not shipped
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    subprocess.run(["bash", "-c", build], cwd=repo, env=env, check=True)
+    # On a node: the mount puts the tarball at ~/bilevel_ray.tar; a stale file is removed.
+    node = tmp_path / "node"
+    (node / "bilevel_ray").mkdir(parents=True)
+    (node / "bilevel_ray" / "stale.py").write_text("")
+    shutil.copy(Path(TARBALL.replace("~", str(home))), node / "bilevel_ray.tar")
+    assert cloud["setup_commands"][0] == UNPACK
+    subprocess.run(["bash", "-c", UNPACK], env={**env, "HOME": str(node)}, check=True)
+    shipped = sorted(
+        str(p.relative_to(node / "bilevel_ray")) for p in (node / "bilevel_ray").rglob("*")
+    )
+    assert shipped == [".gitignore", "pkg", "pkg/code.py"]
+    assert (node / "bilevel_ray" / "pkg" / "code.py").read_text() == "v = 2\n"

@@ -186,3 +186,44 @@ def test_a_flat_problem_from_a_users_file_recommends_pbgd_free(
         == "pbgd_free"
     )
     shutil.rmtree(tmp_path / "out")
+
+
+# --- the comparison's folder: checked as solve's and train's, its files never written through ---
+
+
+def test_a_name_that_links_out_of_the_storage_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "c").symlink_to(outside)
+    with pytest.raises(
+        br.ConfigError,
+        match=r"^name '.*out/c' resolves to '.*outside', outside '.*out' \(a symbolic link\): "
+        r"remove the link or choose another name$",
+    ):
+        br.compare("toy-negative", storage_path=str(tmp_path / "out"), name="c")
+    assert list(outside.iterdir()) == []
+
+
+def test_a_name_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "c").write_text("mine\n")
+    with pytest.raises(br.ConfigError, match=r"^name '.*c' is a file, not a folder; remove it"):
+        br.compare("toy-negative", storage_path=str(tmp_path), name="c")
+    assert (tmp_path / "c").read_text() == "mine\n"
+
+
+def test_the_outputs_replace_a_planted_link_and_never_write_through_it(tmp_path):
+    """compare.json, compare.parquet and curves.parquet are written to a temporary file and
+    renamed: a link planted at one (after the folder was checked) is replaced."""
+    from bilevel_ray.runtime.compare import _outcome
+
+    folder, target = tmp_path / "c", tmp_path / "target.txt"
+    folder.mkdir()
+    target.write_text("not yours\n")
+    for name in ("compare.json", "compare.parquet", "curves.parquet"):
+        (folder / name).symlink_to(target)
+    runs = [_run("alt_pbgd", 0, 1.0), _run("pbgd", 0, 2.0)]
+    _outcome(runs, folder, None, "toy-negative", {})
+    assert target.read_text() == "not yours\n"
+    for name in ("compare.json", "compare.parquet", "curves.parquet"):
+        assert (folder / name).is_file() and not (folder / name).is_symlink(), name

@@ -205,7 +205,8 @@ def test_nonflat_quadratic_is_unsuitable(origin, at_solution):
     x0, y0 = (x_star, q.lower_solution(x_star)) if at_solution else origin
     v = diagnose(q, x0, y0, 10.0, lr_x=0.05, lr_y=0.2)
     assert (v.suitable, v.verdict, v.fallback) == (False, "unsuitable", "alt_pbgd")
-    assert v.stats["flatness/cost"] > 5 * v.stats["flatness/tolerance"]
+    # C = 0.88 against 5% of |f| ~ 4.3 at the ends: 0.21, whatever the start.
+    assert v.stats["flatness/cost"] > 3 * v.stats["flatness/tolerance"]
 
 
 def test_diagnose_with_data_is_deterministic_and_leaves_x0_y0_alone():
@@ -371,8 +372,19 @@ def test_diagnose_refuses_bad_params_and_losses_before_any_step():
         def upper_loss(self, x, y, batch):
             return 10.0 * y["y"].sum()
 
-    with pytest.raises(br.ConfigError, match=r"upper_loss does not depend on x.*PBGD-Free's x"):
-        diagnose(NoX(), {"x": t64(2.0)}, {"y": t64(0.0)})
+    # f of y alone is a verdict, not an error: PBGD-Free's x step is 0 (hyperclean's shape).
+    v = diagnose(NoX(), {"x": t64(2.0)}, {"y": t64(0.0)})
+    assert (v.verdict, v.fallback) == ("unsuitable", "alt_pbgd")
+    assert "upper_loss does not depend on x directly" in v.reason
+
+    class Detached(NegativeToy):
+        def upper_loss(self, x, y, batch):
+            return (10.0 * y["y"] + x["x"].detach() ** 2).sum()
+
+    assert (
+        "or from .detach()ed copies"
+        in diagnose(Detached(), {"x": t64(2.0)}, {"y": t64(0.0)}).reason
+    )
 
 
 def test_diagnose_without_warmup_estimates_the_start_only():

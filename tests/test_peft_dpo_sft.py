@@ -153,11 +153,11 @@ def test_example_runs():
     ("config", "message"),
     [
         ({"vocabb": 3}, r"has no setting\(s\) \['vocabb'\]"),
-        ({"vocab": 1}, "vocab=1 must be an integer >= 2"),
-        ({"seed": True}, "seed=True must be an integer >= 0"),
-        ({"lora_rank": 0}, "lora_rank=0 must be an integer >= 1"),
-        ({"beta": 0.0}, "beta=0.0 must be a finite number > 0"),
-        ({"lora_alpha": math.inf}, "lora_alpha=inf must be a finite number > 0"),
+        ({"vocab": 1}, "vocab=1: must be an integer >= 2, e.g. --config vocab=64"),
+        ({"seed": True}, "seed=True: must be an integer >= 0"),
+        ({"lora_rank": 0}, "lora_rank=0: must be an integer >= 1"),
+        ({"beta": 0.0}, "beta=0.0: must be a finite number > 0"),
+        ({"lora_alpha": math.inf}, "lora_alpha=inf: must be a finite number > 0"),
         ({"lora_targets": []}, r"lora_targets=\[\] must name module\(s\) to adapt"),
         (
             {"model": "no/such/dir"},
@@ -169,6 +169,12 @@ def test_example_runs():
         ({"vocab": 3, "topics": 4}, "vocab=3 is smaller than topics=4"),
         ({"batch": 100, "n_pref": 50}, "batch=100 exceeds n_pref=50"),
         ({"dtype": "int32"}, "dtype='int32' is not a floating torch dtype"),
+        (
+            {"lora_rank": 2**20},
+            r"lora_rank=1048576: too large; must be an integer in \[1, 65536\] \(LoRA's rank; ",
+        ),
+        ({"layers": 10**6}, r"layers=1000000: too large; must be an integer in \[1, 1024\]"),
+        ({"prompt_len": 10**6}, r"prompt_len=1000000: too large; must be an integer in \[1, 32768"),
     ],
 )
 def test_bad_settings_are_refused(config, message):
@@ -182,6 +188,103 @@ def test_bad_targets_and_unloadable_checkpoint_are_refused(tmp_path):
         peft_dpo_sft({**TINY, "lora_targets": "nope"})
     with pytest.raises(br.ConfigError, match="cannot load model="):
         peft_dpo_sft({**TINY, "model": str(tmp_path)})
+
+
+@needs_peft
+def test_a_weights_file_that_is_not_only_tensors_is_refused_not_run(tmp_path, capsys):
+    """A pytorch_model.bin that pickles a callable: refused with what it means and the safe
+    ways out; never torch's advice to load it with weights_only=False, and nothing in it runs."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=20,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    config.save_pretrained(tmp_path)
+
+    class Code:
+        def __reduce__(self):
+            return (print, ("RAN CODE FROM THE FILE",))
+
+    torch.save({"model.embed_tokens.weight": Code()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(br.ConfigError) as raised:
+        peft_dpo_sft({**TINY, "model": str(tmp_path), "vocab": 16})
+    message = str(raised.value)
+    assert "pytorch_model.bin holds objects other than tensors (it names print)" in message
+    assert "so it was not loaded: unpickling it could run code" in message
+    assert "torch.save(model.state_dict(), 'pytorch_model.bin')" in message
+    assert "safetensors" in message
+    assert "weights_only" not in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert "RAN CODE" not in capsys.readouterr().out
+
+
+@needs_peft
+def test_a_truncated_weights_file_is_named_as_damaged(tmp_path):
+    import transformers
+
+    transformers.LlamaConfig(
+        vocab_size=20,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    ).save_pretrained(tmp_path)
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "pytorch_model.bin")
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        br.ConfigError,
+        match=r"cannot load model='.*': pytorch_model\.bin cannot be read \(.*\); it is truncated "
+        r"or corrupted: save the model again with model\.save_pretrained\(dir\)$",
+    ) as raised:
+        peft_dpo_sft({**TINY, "model": str(tmp_path), "vocab": 16})
+    assert "weights_only" not in str(raised.value)
+
+
+@needs_peft
+def test_model_sizes_are_checked_before_any_weight_is_allocated(monkeypatch):
+    """A model too large for the memory is refused from its config alone: the constructor is
+    never called."""
+    import transformers
+
+    from bilevel_ray.problems import limits
+
+    built = []
+    monkeypatch.setattr(transformers, "LlamaForCausalLM", lambda config: built.append(config))
+    monkeypatch.setattr(limits, "physical_memory", lambda: 2**30)
+    for model in ("llama-100m", {"vocab_size": 50000}, None):
+        extra = {"hidden": 2**12, "layers": 8, "heads": 8} if model is None else {}
+        with pytest.raises(br.ConfigError, match=r"would take about [\d.,]+ GiB, more than"):
+            peft_dpo_sft({**TINY, "model": model, **extra})
+    assert built == []
+
+
+def test_parameter_count_matches_the_built_model():
+    transformers = pytest.importorskip("transformers")
+    from bilevel_ray.problems.model_presets import PRESETS, llama_config, parameter_count
+
+    for fields in (
+        PRESETS["llama-100m"],
+        {
+            "vocab_size": 50,
+            "hidden_size": 16,
+            "intermediate_size": 24,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+    ):
+        config = llama_config(fields, transformers)
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config)
+        assert parameter_count(config) == sum(p.numel() for p in model.parameters())
+    assert parameter_count(object()) is None
 
 
 def test_missing_libraries_name_the_extra(monkeypatch):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
 
+import bilevel_ray as br
 from bilevel_ray import schedules
 
 
@@ -42,6 +44,7 @@ def test_inverse_power():
         schedules.linear(1.0, 3.0, 10, 2),
         schedules.pbgd_ramp(1.0, 10.0, 100),
         schedules.inverse_power(0.1, 0.5, 2.0),
+        schedules.piecewise_constant((10, 15), (1.0, 3.0, 2.0)),
     ],
 )
 def test_round_trips_through_dict_and_pickle(schedule):
@@ -54,3 +57,45 @@ def test_round_trips_through_dict_and_pickle(schedule):
 def test_positive_schedule_accepts_a_decaying_step_size_and_numbers():
     assert schedules.positive_schedule("lr", schedules.inverse_power(0.1, 1.0))(10**9) > 0
     assert schedules.positive_schedule("lr", 0.5)(7) == 0.5
+
+
+def test_piecewise_constant_holds_each_value_on_its_segment():
+    s = schedules.piecewise_constant(boundaries=[3, 5], values=[10, 30.0, 20.0])
+    assert [s(t) for t in range(7)] == [10.0, 10.0, 10.0, 30.0, 30.0, 20.0, 20.0]
+    assert s.minimum() == (10.0, True)
+    assert schedules.to_dict(s) == {
+        "kind": "piecewise_constant",
+        "boundaries": [3, 5],
+        "values": [10.0, 30.0, 20.0],
+    }
+
+
+@pytest.mark.parametrize(
+    "boundaries, values, match",
+    [
+        ((5, 3), (1.0, 2.0, 3.0), "must increase strictly"),
+        ((5,), (1.0,), "1 boundaries need 2 values"),
+        ((0,), (1.0, 2.0), r"integer step > 0"),
+        ((2.5,), (1.0, 2.0), r"integer step > 0"),
+        ("5", (1.0, 2.0), "both must be lists"),
+        ((5,), (1.0, math.nan), r"values\[1\]=nan: must be a finite number"),
+        ((5,), (1.0, 10**400), r"values\[1\]=<an integer of 401 digits>: beyond a float's range"),
+    ],
+)
+def test_piecewise_constant_refuses_bad_segments(boundaries, values, match):
+    with pytest.raises(br.ConfigError, match=match):
+        schedules.piecewise_constant(boundaries, values)
+
+
+def test_a_gamma_that_cannot_stay_positive_is_refused_before_the_run():
+    with pytest.raises(br.ConfigError, match=r"gamma=.*must stay > 0 at every step"):
+        schedules.positive_schedule("gamma", schedules.piecewise_constant((5,), (1.0, -1.0)))
+
+
+def test_values_beyond_a_float_are_config_errors_not_overflows():
+    with pytest.raises(br.ConfigError, match="end_value=<an integer of 401 digits>: beyond"):
+        schedules.linear(1, 10**400, 10)
+    with pytest.raises(br.ConfigError, match="its values leave a float's range"):
+        schedules.positive_schedule("gamma", schedules.inverse_power(1e300, -40.0, 1e10))
+    with pytest.raises(br.ConfigError, match="gamma cannot be computed at step 1000000"):
+        schedules.checked_value("gamma", schedules.inverse_power(1.0, -200.0), 10**6)

@@ -40,7 +40,22 @@ def test_default_space_keeps_the_two_time_scale_prior():
         point = {k: v.sample() for k, v in space.items()}
         options = decode(point)
         assert options["lr_x"] <= options["lr_y"] and 1 <= options["gamma"] <= 100
+        assert options["optimizer"] == "adam"
     assert "gamma" not in default_search_space("bome")
+
+
+def test_the_default_space_leaves_out_what_the_user_fixed():
+    assert set(default_search_space("pbgd_free", {"optimizer": "sgd", "gamma": 5.0})) == {
+        "lr_y",
+        "lr_ratio",
+        "inner_steps",
+    }
+    # lr_x = lr_y * lr_ratio: a fixed step size takes the ratio out too.
+    assert set(default_search_space("pbgd_free", {"lr_y": 0.01})) == {
+        "gamma",
+        "optimizer",
+        "inner_steps",
+    }
 
 
 def test_decode_builds_a_pbgd_ramp():

@@ -9,11 +9,15 @@ gradient is the dropped term d alone; a corrected method goes on along -d and ga
 C = ||d||^2 / (2 kappa) in f (kappa: the penalty objective's curvature along d;
 :mod:`~bilevel_ray.diagnostics.cost`). C is averaged over the judged points (the later half of
 the priced points' steps: the end of diagnose's trajectory, on several batches), with standard
-error se. The run's own progress P = f(start) - f(end) (f = f(x, y_gamma), the loss the run
-sees; diagnose pairs the start and the end on each priced batch) plus C is the improvement the
-corrected method achieves from the same start, and PBGD-Free is as good when its shortfall C is
-at most rtol of that: C <= rtol (P + C), i.e. C <= tau = rtol / (1 - rtol) max(P, 0) + atol
-(without a measured progress, one step only, tau = rtol |f| + atol):
+error se. The scale is the achievable improvement: f at the problem's reference point (the
+``reference`` argument, default x0: the problem's own start; f = f(x, y_gamma), the loss the run
+sees, measured on each priced batch) less the better end, f(end) - C. PBGD-Free is as good when
+its shortfall C is at most rtol of that, plus the run's own minibatch jitter and atol:
+C <= tau = rtol max(f(reference) - (f(end) - C), 0) + jitter + atol (:func:`tolerance`; with
+no reference measured, a hand-built estimate, rtol |f| at the larger end). Unlike rtol |f| it
+does not move when a constant is added to f or collapse where f ends near 0 (a DPO loss ends
+at ~1e-5 from log 2), and unlike the run's own progress it does not grow with a far start (the
+negative toy from x0 = 100 would allow 551 against its 25):
 
 * suitable   if C + z se <= tau: PBGD-Free's result is as good to that precision; "keep
   pbgd_free" (the reason states C, se, f, the start's f, tau and the confidence P(C <= tau));
@@ -57,7 +61,7 @@ from bilevel_ray.diagnostics.flatness import (
     lower_grad_x_diff,
     lower_responses,
 )
-from bilevel_ray.diagnostics.responses import Responses, as_batch, minimize, perturbed_objective
+from bilevel_ray.diagnostics.responses import Responses, as_batch, minimize
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
 from bilevel_ray.solvers.base import grads_of, identity_reduce
@@ -220,9 +224,33 @@ def _rtol_problem(problems: list[str], rtol: Any) -> None:
         )
 
 
+def tolerance(
+    reference: float,
+    upper: float,
+    gap: float,
+    rtol: float,
+    atol: float,
+    noise: float = 0.0,
+) -> float:
+    """The tolerance of a shortfall ``gap`` below PBGD-Free's end value ``upper``: rtol times the
+    achievable improvement, f at the problem's reference point (``reference``: its own start)
+    less the better end (min(upper, upper - gap): the corrected method's when gap > 0), plus the
+    run's own jitter ``noise`` and ``atol``. It does not change when a constant is added to f,
+    nor with the start a run takes (the reference is the problem's, not the run's), and it does
+    not collapse where f ends near 0 (a DPO loss). Without a reference (NaN: a hand-built
+    estimate) the scale is |f| at the larger end. diagnose_panel's truth uses this function."""
+    best = min(upper, upper - gap) if math.isfinite(gap) else upper
+    if math.isfinite(reference) and math.isfinite(best):
+        scale = max(reference - best, 0.0)
+    else:
+        scale = max((abs(v) for v in (upper, upper - gap) if math.isfinite(v)), default=0.0)
+    return rtol * scale + max(noise, 0.0) + atol
+
+
 def _start_upper(points: Sequence[Mapping[str, float]], used: list) -> float:
-    """f where the run started: the priced points' own ``start_upper`` (f(x0, y_gamma(x0)) on
-    their batches) or else the earliest point's ``upper``; NaN when every point has one step."""
+    """f at the reference point: the priced points' own ``start_upper`` (diagnose's
+    f(reference, y_gamma(reference)) on their batches) or else the earliest point's ``upper``
+    (a run's reports: its start); NaN when every point has one step."""
     paired = [_get(p, "start_upper") for p in used]
     if paired and all(math.isfinite(v) for v in paired):
         return statistics.fmean(paired)
@@ -271,10 +299,7 @@ def _decide_cost(
         progress = start - upper
         noise = max(_get(group[0], "noise_floor"), 0.0) if group else 0.0
         noise = noise if math.isfinite(noise) else 0.0
-        if math.isfinite(progress):  # gap <= rtol (progress + gap), solved for the gap
-            tol = rtol / (1 - rtol) * max(progress, 0.0) + noise + atol
-        else:
-            tol = rtol * abs(upper) + noise + atol
+        tol = tolerance(start, upper, cost, rtol, atol, noise)
         numbers = {
             "cost": cost,
             "cost_se": se,
@@ -296,7 +321,7 @@ def _decide_cost(
     name, numbers = verdict_of(used)
     out.update({f"flatness/{k}": v for k, v in numbers.items()})
     cost, se, upper, tol = (numbers[k] for k in ("cost", "cost_se", "upper", "tolerance"))
-    start, progress, bound = numbers["start_upper"], numbers["progress"], numbers["cost_is_bound"]
+    bound = numbers["cost_is_bound"]
     dropped = _median([_get(p, "dropped") for p in used])
     out["flatness/dropped"] = dropped
     out["flatness/kept"] = _median([_get(p, "kept") for p in used])
@@ -310,16 +335,14 @@ def _decide_cost(
     out["flatness/confidence"] = confidence
     noise = numbers["noise_floor"]
     jitter = f" plus its own minibatch jitter {noise:.2g}" if noise > 0 else ""
-    if math.isfinite(progress):
-        against = (
-            f"a tolerance of {tol:.3g} ({100 * rtol:g}% of the achievable improvement: the run's "
-            f"own progress from f = {start:.4g} plus that cost{jitter})"
-        )
-    else:
-        against = (
-            f"a tolerance of {tol:.3g} ({rtol:g} |f| + {atol:g}; the run's progress was not "
-            "measured)"
-        )
+    start = numbers["start_upper"]
+    against = (
+        f"a tolerance of {tol:.3g} ({100 * rtol:g}% of the achievable improvement from "
+        f"f = {start:.4g} at the problem's reference point{jitter})"
+        if math.isfinite(start)
+        else f"a tolerance of {tol:.3g} ({100 * rtol:g}% of |f| at the ends{jitter}; no "
+        "reference point was measured)"
+    )
     about = "at least" if bound else "about"
     measured = (
         f"its dropped term (norm {dropped:.3g}) costs {about} {cost:.3g} ± {se:.2g} in the upper "
@@ -438,6 +461,8 @@ def diagnose(
     gamma: float = 10.0,
     *,
     data: Any = None,
+    eval_data: Any = None,
+    reference: Params | None = None,
     warmup_steps: int = 100,
     every: int = 25,
     lr_x: float = 0.01,
@@ -446,7 +471,8 @@ def diagnose(
     optimizer: str | tuple[str, str] = "sgd",
     seed: int = 0,
     max_steps: int | None = None,
-    max_seconds: float = 15.0,
+    max_seconds: float = 60.0,
+    branch_steps: int = 200,
     settle: float = 0.1,
     batches: int = 4,
     solve_steps: int = 300,
@@ -472,15 +498,24 @@ def diagnose(
     for at least ``warmup_steps`` and until it settles (||E kept|| <= ``settle`` *
     max(||E dropped||, ``settle`` * its largest value), E over batches by the dot product of
     two successive checks' vectors: what is left to move is the dropped term's),
-    ``max_steps`` (default 20 * warmup_steps) or 40% of ``max_seconds``. There it prices the
+    ``max_steps`` (default 20 * warmup_steps; ``max_seconds`` only caps a far slower run, so
+    a loaded machine gets the same verdict). There it prices the
     dropped term in units of f (module docstring) on ``batches`` batches of ``data`` (one when
     the data is deterministic; at least two, up to 4 * ``batches`` while the verdict is
     uncertain, none more once ``max_seconds`` is spent), measures f where the run started on
     the same batches (its progress) and, for plain SGD on x, its own jitter floor
     lr_x tr(Var kept) / 4, and applies :func:`decide`. A run that has not settled when the
     time runs out is judged suitable only if its cost clears the tolerance, else uncertain.
-    x0 and y0 are not modified. ``progress`` prints a line to stderr at once and then every
-    2 s.
+    On minibatch data, a run still moving at the trajectory's end, or whose price cannot decide
+    (uncertain), is compared with alt_pbgd from there for ``branch_steps`` steps on the same
+    batches (a step count, not a time budget), judged on ``eval_data`` (split into 32 strided
+    parts: the paired per-part differences give the shortfall's standard error) or on
+    held-back batches, averaged over 4 evaluations in the branch's second half, against the
+    tolerance plus the runs' own jitter (the evaluations' spread).
+    The tolerance is ``rtol`` of the achievable improvement measured from ``reference`` (an
+    upper-level point, default x0: the problem's own start), so that diagnosing from another
+    start with the problem's reference gives the same tolerance. x0 and y0 are not modified.
+    ``progress`` prints a line to stderr at once and then every 2 s.
 
     The ``solve_*`` options set the lower-level solves of each estimate (L-BFGS by default: it
     converges to ``solve_rtol`` in tens of gradients); ``gamma_factor``, ``directions`` and
@@ -492,11 +527,20 @@ def diagnose(
     """
     check_problem(problem)
     check_params(x0, y0)
+    if reference is not None:
+        check_params(reference, y0)
+        if set(reference) != set(x0) or any(reference[k].shape != x0[k].shape for k in x0):
+            raise ConfigError(
+                "reference must have x0's names and shapes (an upper-level point, the problem's "
+                f"own start); got {_shapes(reference)} for x0's {_shapes(x0)}"
+            )
+    reference = x0 if reference is None else reference
     problems: list[str] = []
     count_problem(problems, "warmup_steps", warmup_steps, 0)
     count_problem(problems, "every", every, 1)
     count_problem(problems, "seed", seed, 0)
     count_problem(problems, "batches", batches, 1)
+    count_problem(problems, "branch_steps", branch_steps, 0)
     if max_steps is not None:
         count_problem(problems, "max_steps", max_steps, 0)
     _threshold(problems, "settle", settle, 0, "e.g. settle=0.1")
@@ -553,13 +597,13 @@ def diagnose(
         torch.manual_seed(seed)  # a shuffled DataLoader draws from torch's RNG when iterated
         stream = as_batches(data, seed)
         first = next(stream)
-        check_losses(problem, x0, y0, first, upper_needs_x=True)
+        check_losses(problem, x0, y0, first)
+        if not _upper_reaches_x(problem, x0, y0, first):
+            return _blind(x0)
         state, peak, previous, checks = solver.init(x0, y0), 0.0, None, 0
         for t, batch in enumerate(itertools.chain([first], stream)):
             if t % every == 0 or t >= last:
-                kept, dropped, r = _terms(problem, state.x, state.y, batch, gamma, check)
-                if t == 0:
-                    y_first, scale_first = r.y_gamma, r.scale
+                kept, dropped, _ = _terms(problem, state.x, state.y, batch, gamma, check)
                 # ||E kept|| and ||E dropped|| from two successive batches (their dot product),
                 # so that a minibatch's own noise does not keep the run from settling.
                 before = previous or (kept, dropped)
@@ -568,18 +612,36 @@ def diagnose(
                 previous, checks = (kept, dropped), checks + 1
                 peak = max(peak, signal) if math.isfinite(signal) else peak
                 settled = signal <= settle * max(bias, settle * peak)
-                late = t >= last or report.elapsed() > 0.4 * max_seconds
+                # Steps, not seconds, end the trajectory (a loaded machine gets the same
+                # verdict); max_seconds only caps a run far slower than its steps suggest.
+                late = t >= last or report.elapsed() > max_seconds
                 if t >= warmup_steps and (settled or late) and (checks > 1 or fixed or late):
                     settled = settled and (checks > 1 or fixed)
                     break
                 report.show(f"step {t}, check {checks}")
             state, _ = solver.step(state, batch)
-        priced, vectors, steps_kept = [], [], []
         judge = {"atol": atol, "max_residual": max_residual, "rtol": rtol, "z": z}
+        ratio = signal / max(bias, settle * peak, 1e-300)
+
+        def compare(priced_verdict: Verdict | None = None) -> Verdict:
+            # PBGD-Free against alt_pbgd from here, on the same batches, for branch_steps steps.
+            branch = _Branch(
+                problem, solver, lr_x, lr_y, gamma, optimizer, state, t, ratio, eval_data
+            )
+            branch.reference = (reference, y0)
+            branch.settled, branch.priced = settled, priced_verdict
+            return branch.verdict(stream, batches, branch_steps, report, judge)
+
+        if not settled and not fixed:
+            # Pricing assumes PBGD-Free's own step has died out (kept ~ 0); a minibatch network
+            # that is still moving at the trajectory's end is compared with alt_pbgd instead.
+            return compare()
+        priced, vectors, steps_kept = [], [], []
         # Plain SGD on x jitters around its end point by its batch noise: a quadratic loss sits
         # lr_x tr(Var kept) / 4 above its minimum on average, a floor under any visible gap.
         x_rule = optimizer if isinstance(optimizer, str) else optimizer[0]
         jitter = lr_x / 4 if x_rule == "sgd" and not fixed else 0.0
+        y_ref = y0
         for b in range(1 if fixed else 4 * batches):
             # The end point, priced: on this step's batch, then on fresh ones (two at least, the
             # fewest that give a noise-free pair; ``batches``, and up to 4 times as many while
@@ -605,26 +667,215 @@ def diagnose(
             point = estimate(
                 problem, state.x, state.y, batch, gamma, **opts, seed=seed + b, responses=r
             )
-            # Where the run started, on the same batch: its progress, paired; y_gamma(x0)
-            # alone, warm-started at the first check's (one solve, not two).
-            y_start, _ = minimize(
-                perturbed_objective(problem, x0, as_batch(batch), gamma),
-                y_first,
-                check["solve_steps"],
-                check["solve_lr"],
-                check["optimizer"],
-                check["solve_rtol"] * scale_first,
+            # f at the reference point on the same batch: the achievable improvement, paired.
+            point["flatness/start_upper"], y_ref = _reference_upper(
+                problem, reference, y_ref, batch, gamma, check
             )
-            with torch.no_grad():
-                point["flatness/start_upper"] = float(
-                    problem.upper_loss(x0, y_start, as_batch(batch).upper)
-                )
             point["flatness/settled"], point["flatness/settle"] = float(settled), settle
             point["flatness/settle_ratio"] = signal / max(bias, settle * peak, 1e-300)
             priced.append({**point, "flatness/step": float(t)})
             report.show(f"step {t}, pricing batch {b + 1}")
-    judge.update(rho_ok=rho_ok, rho_bad=rho_bad)
-    return _decide_priced(priced, vectors, steps_kept, jitter, judge)
+    priced_verdict = _decide_priced(
+        priced, vectors, steps_kept, jitter, {**judge, "rho_ok": rho_ok, "rho_bad": rho_bad}
+    )
+    if priced_verdict.verdict == "uncertain" and not fixed and branch_steps > 0:
+        # The price could not decide (a bound, a spread straddling the tolerance, unconverged
+        # solves): on minibatch data the outcome itself is compared, as the reason advises.
+        return compare(priced_verdict)
+    return priced_verdict
+
+
+PARTS = 32  # the held-out data is split into this many strided parts for the paired spread
+EVALS = 4  # held-out evaluations over the branch's second half, averaged
+
+
+def paired_gap(free: Sequence[Sequence[float]], alt: Sequence[Sequence[float]]) -> tuple:
+    """The mean shortfall f(PBGD-Free) - f(alt_pbgd), its standard error and the runs' own
+    jitter, from values ``free[e][k]`` and ``alt[e][k]`` at evaluation e on held-out part k
+    (or held-back batch k). The gap of part k is averaged over the evaluations, so the
+    standard error (over the parts: the paired differences of the same samples) is that of
+    the time-averaged gap; one part gives NaN, never a falsely exact 0. The jitter is how far
+    a single end value wanders: the standard deviation over the evaluations of each method's
+    mean (pooled; 0 from one evaluation)."""
+    parts = len(free[0])
+    gaps = [statistics.fmean(f[k] - a[k] for f, a in zip(free, alt)) for k in range(parts)]
+    if not all(math.isfinite(g) for g in gaps):
+        return math.inf, math.inf, 0.0
+    gap = statistics.fmean(gaps)
+    se = statistics.stdev(gaps) / math.sqrt(parts) if parts > 1 else math.nan
+    jitter = 0.0
+    if len(free) > 1:
+        spreads = [statistics.variance([statistics.fmean(v) for v in run]) for run in (free, alt)]
+        jitter = math.sqrt(statistics.fmean(spreads))
+    return gap, se, jitter
+
+
+def _split(batch: Any, parts: int) -> list | None:
+    """``batch`` cut into ``parts`` strided parts along its first dimension (every leaf a
+    tensor with the same length, at least ``parts``), or None where it cannot be cut."""
+    leaves: list[torch.Tensor] = []
+
+    def walk(b: Any) -> bool:
+        if isinstance(b, torch.Tensor):
+            leaves.append(b)
+            return b.dim() > 0
+        if isinstance(b, (tuple, list)):
+            return all(walk(v) for v in b)
+        if isinstance(b, dict):
+            return all(walk(v) for v in b.values())
+        return False
+
+    if not walk(batch) or not leaves or len({len(v) for v in leaves}) != 1:
+        return None
+    if len(leaves[0]) < parts:
+        return None
+
+    def cut(b: Any, k: int) -> Any:
+        if isinstance(b, torch.Tensor):
+            return b[k::parts]
+        if isinstance(b, dict):
+            return {n: cut(v, k) for n, v in b.items()}
+        return type(b)(cut(v, k) for v in b)
+
+    return [cut(batch, k) for k in range(parts)]
+
+
+class _Branch:
+    """PBGD-Free against alt_pbgd from the same (x, y), on the same batches, for a fixed number
+    of steps: the verdict on a minibatch run whose price of the dropped term cannot decide (it
+    is still moving at the trajectory's end, or the price is a bound or straddles the
+    tolerance). A fixed step count, not a time budget: the verdict does not depend on load."""
+
+    def __init__(self, problem, solver, lr_x, lr_y, gamma, optimizer, state, step, ratio, held):
+        self.problem, self.step, self.ratio, self.eval_data = problem, step, ratio, held
+        self.reference: tuple[Params, Params] = (state.x, state.y)  # diagnose sets its own
+        self.settled, self.priced = False, None
+        self.gamma = gamma
+        alt = SolverConfig(
+            method="alt_pbgd", lr_x=lr_x, lr_y=lr_y, gamma=gamma, optimizer=optimizer
+        ).build(problem)
+        # Both branches start afresh (optimizer states too), so neither has a head start.
+        self.free = (solver, solver.init(state.x, state.y)._replace(step=state.step))
+        self.alt = (alt, alt.init(state.x, state.y)._replace(step=state.step))
+        self.parts = None if held is None else _split(as_batch(held).upper, PARTS)
+
+    def _upper(self, x: Params, y: Params, held: list) -> list[float]:
+        """f at (x, .) on each held-out part (or held-back batch)."""
+        if self.eval_data is not None:
+            # The outcome the user judges: phi(x) = f(x, y_g(x)) on the held-out data, y_g(x)
+            # solved there (warm-started at the branch's y).
+            batch = as_batch(self.eval_data)
+            floor = torch.finfo(next(iter(x.values())).dtype).eps ** 0.5
+            y, _ = minimize(
+                lambda y_: self.problem.lower_loss(x, y_, batch.lower), y, 300, 0.05, "lbfgs", floor
+            )
+            with torch.no_grad():
+                return [
+                    float(self.problem.upper_loss(x, y, part))
+                    for part in (self.parts or [batch.upper])
+                ]
+        with torch.no_grad():
+            return [float(self.problem.upper_loss(x, y, as_batch(b).upper)) for b in held]
+
+    def verdict(self, stream: Any, batches: int, steps: int, report: Any, judge: dict) -> Verdict:
+        """``steps`` steps of each; f at both ends evaluated EVALS times over the second half
+        (on the held-out data's PARTS parts, or on 2 ``batches`` held-back batches) and
+        :func:`paired_gap`'s shortfall against :func:`tolerance` (plus the runs' jitter)."""
+        rtol, atol, z = judge["rtol"], judge["atol"], judge["z"]
+        held = [self.eval_data] if self.eval_data is not None else []
+        held = held or [next(stream) for _ in range(2 * batches)]
+        if self.eval_data is None:
+            where = f"{len(held)} held-back batches"
+        elif self.parts:
+            where = f"the held-out data, paired over {len(self.parts)} parts"
+        else:
+            where = "the held-out data (one part: no spread)"
+        (free, a), (alt, c) = self.free, self.alt
+        start = self._upper(a.x, a.y, held)
+        ref_x, ref_y = self.reference
+        if self.eval_data is None:  # f(reference, y_gamma(reference)) on the held-back batches
+            loose = {"solve_steps": 50, "solve_lr": 0.05, "solve_rtol": 1e-2, "optimizer": "lbfgs"}
+            f_ref = statistics.fmean(
+                _reference_upper(self.problem, ref_x, ref_y, b, self.gamma, loose)[0] for b in held
+            )
+        else:
+            f_ref = statistics.fmean(self._upper(ref_x, ref_y, held))
+        at = sorted({steps - (steps // 2) * e // EVALS for e in range(EVALS)} - {0})
+        ends_free: list[list[float]] = []
+        ends_alt: list[list[float]] = []
+        for m in range(1, steps + 1):
+            batch = next(stream)
+            (a, _), (c, _) = free.step(a, batch), alt.step(c, batch)
+            if m in at:
+                ends_free.append(self._upper(a.x, a.y, held))
+                ends_alt.append(self._upper(c.x, c.y, held))
+            if m % 25 == 0:
+                report.show(f"step {self.step}, comparing with alt_pbgd, step {m} of {steps}")
+        if not ends_free:  # steps = 0: the start alone
+            ends_free, ends_alt = [start], [start]
+        gap, se, jitter = paired_gap(ends_free, ends_alt)
+        f_free = statistics.fmean(statistics.fmean(v) for v in ends_free)
+        f_alt = statistics.fmean(statistics.fmean(v) for v in ends_alt)
+        tol = tolerance(f_ref, f_free, gap, rtol, atol, jitter)
+        f_start = statistics.fmean(start)
+        out = {
+            "flatness/cost": gap,
+            "flatness/cost_se": se,
+            "flatness/tolerance": tol,
+            "flatness/noise_floor": jitter,
+            "flatness/upper": f_free,
+            "flatness/alt_upper": f_alt,
+            "flatness/start_upper": f_ref,
+            "flatness/branch_start_upper": f_start,
+            "flatness/progress": f_ref - f_free,
+            "flatness/branch_steps": float(steps),
+            "flatness/step": float(self.step),
+            "flatness/settled": float(self.settled),
+            "flatness/settle_ratio": self.ratio,
+        }
+        if self.priced is not None:
+            out["flatness/priced_cost"] = self.priced.stats.get("flatness/cost", math.nan)
+        if not math.isfinite(f_free) or not math.isfinite(f_alt):
+            name = "unsuitable" if math.isfinite(f_alt) else "uncertain"
+        elif math.isnan(se):  # one value: its spread is unknown, so only a clear gap decides
+            name = "uncertain"
+        else:
+            low, high = gap - z * se, gap + z * se
+            name = "suitable" if high <= tol else "unsuitable" if low > tol else "uncertain"
+        confidence = (
+            (1.0 if gap <= tol else 0.0)
+            if not se > 0 or not math.isfinite(gap)
+            else 0.5 * (1 + math.erf((tol - gap) / (se * math.sqrt(2))))
+        )
+        out["flatness/confidence"] = confidence
+        why = (
+            f"PBGD-Free was still moving at step {self.step} (its own direction {self.ratio:.3g} "
+            "times the dropped term)"
+            if not self.settled
+            else f"the price of PBGD-Free's dropped term at step {self.step} could not decide"
+        )
+        spread = f"{se:.2g}" if math.isfinite(se) else "an unknown spread"
+        jitters = f" plus the runs' own jitter {jitter:.2g}" if jitter > 0 else ""
+        measured = (
+            f"{why}, so it was compared with alt_pbgd from there over {steps} steps on the same "
+            f"batches: averaged over the last {len(ends_free)} evaluation(s), PBGD-Free ended at "
+            f"f = {f_free:.4g} and alt_pbgd at {f_alt:.4g} (shortfall {gap:.3g} ± {spread} on "
+            f"{where}, from f = {f_start:.4g}), against a tolerance of {tol:.3g} "
+            f"({100 * rtol:g}% of the achievable improvement from f = {f_ref:.4g} at the "
+            f"problem's reference point{jitters})"
+        )
+        if name == "suitable":
+            reason = f"{measured}, with {100 * confidence:.3g}% confidence, so keep pbgd_free."
+            return Verdict(True, "suitable", reason, out, "keep pbgd_free")
+        if name == "unsuitable":
+            reason = f"PBGD-Free falls behind: {measured}, so switch to alt_pbgd."
+            return Verdict(False, "unsuitable", reason, out, "switch to alt_pbgd", "alt_pbgd")
+        reason = (
+            f"PBGD-Free may or may not do as well: {measured}; the difference is within its "
+            f"spread, so diagnose with a larger branch_steps (now {steps}) or compare with "
+            "alt_pbgd on a longer run."
+        )
+        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
 
 
 def _decide_priced(
@@ -647,6 +898,44 @@ def _decide_priced(
         point.update({"flatness/pooled_cost": pooled, "flatness/pooled_se": pooled_se})
         point["flatness/noise_floor"] = floor
     return decide(priced, **options)
+
+
+def _upper_reaches_x(problem: BilevelProblem, x: Params, y: Params, batch: Any) -> bool:
+    """Whether f(x, y) has a gradient in x at all (autograd reaches some tensor of x)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+    with torch.enable_grad():
+        out = problem.upper_loss(leaves, y, as_batch(batch).upper)
+    if not out.requires_grad:
+        return False
+    grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
+    return any(g is not None for g in grads)
+
+
+def _blind(x0: Params) -> Verdict:
+    """The verdict where f does not depend on x directly (it reaches x only through y*(x), as in
+    hyperparameter tuning or data cleaning): PBGD-Free's x step grad_x f is 0."""
+    reason = (
+        "upper_loss does not depend on x directly (it reaches x only through the lower-level "
+        "solution, as in hyperparameter tuning, or from .detach()ed copies): PBGD-Free's x "
+        "step grad_x f is 0, so x stays at its start and the dropped term is the whole "
+        "hypergradient; switch to alt_pbgd (or pbgd, implicit_cg)."
+    )
+    stats = {"flatness/kept": 0.0, "flatness/points": 0.0}
+    return Verdict(False, "unsuitable", reason, stats, "switch to alt_pbgd", "alt_pbgd")
+
+
+def _shapes(p: Params) -> str:
+    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in p.items()) + "}"
+
+
+def _reference_upper(
+    problem: BilevelProblem, x: Params, y: Params, batch: Any, gamma: float, solve: dict
+) -> tuple[float, Params]:
+    """f(x, y_gamma(x)) at the reference point x on this batch (solves warm-started at y, to the
+    trajectory checks' loose tolerance: it only scales the tolerance), and that y_gamma."""
+    r = lower_responses(problem, x, y, batch, gamma, **solve)
+    with torch.no_grad():
+        return float(problem.upper_loss(x, r.y_gamma, as_batch(batch).upper)), r.y_gamma
 
 
 def _terms(

@@ -50,6 +50,7 @@ from bilevel_ray.diagnostics.cost import predicted_cost
 from bilevel_ray.diagnostics.responses import (
     Responses,
     as_batch,
+    level_losses,
     lower_responses,
     minimize,
     norm,
@@ -129,6 +130,7 @@ def fit_exponent(
     points: int = 7,
     span: float = 100.0,
     seed: int = 0,
+    upper: Any = None,
 ) -> tuple[float, float]:
     """(alpha_hat, c_hat): least squares of log|f(x, y_g + s u) - f(x, y_g)| = log c + alpha log s.
 
@@ -136,9 +138,11 @@ def fit_exponent(
     flatness scale; toward = y_gamma) floored at eps^(1/4) (1 + ||y_g||), so that a zero gap
     still probes above rounding; u is the unit vector toward - y_g and ``directions`` seeded
     random unit vectors (unit over all tensors of y together). Differences at rounding level are
-    left out; NaN when fewer than two remain.
+    left out; NaN when fewer than two remain. ``upper`` (y -> f(x, y), e.g. from
+    :func:`~bilevel_ray.diagnostics.responses.level_losses`) replaces ``problem.upper_loss``.
     """
     batch = as_batch(batch)
+    f_of = upper or (lambda y_: problem.upper_loss(x, y_, batch.upper))
     ref = next(iter(y_g.values()))
     eps = torch.finfo(ref.dtype).eps
     step = sub(toward, y_g) if toward is not None else None
@@ -152,12 +156,8 @@ def fit_exponent(
     s_max = max(length, eps**0.25 * (1 + norm(y_g)))
     grid = [s_max * span ** (-i / max(points - 1, 1)) for i in range(points)]
     with torch.no_grad():
-        f0 = float(problem.upper_loss(x, y_g, batch.upper))
-        moved = [
-            (s, float(problem.upper_loss(x, add_scaled(y_g, u, s), batch.upper)))
-            for u in units
-            for s in grid
-        ]
+        f0 = float(f_of(y_g))
+        moved = [(s, float(f_of(add_scaled(y_g, u, s)))) for u in units for s in grid]
     floor = 100 * eps * max(abs(f0), 1.0)
     kept = [(math.log(s), math.log(abs(f - f0))) for s, f in moved if abs(f - f0) > floor]
     if len({log_s for log_s, _ in kept}) < 2:
@@ -216,21 +216,20 @@ def estimate(
     settings = {"solve_steps": solve_steps, "solve_lr": solve_lr, "optimizer": optimizer}
     r = responses or lower_responses(problem, x, y, batch, gamma, solve_rtol=solve_rtol, **settings)
     gamma_hi = gamma_factor * gamma
-    perturbed_hi = perturbed_objective(problem, x, batch, gamma_hi)
+    losses = level_losses(problem, x, batch)  # y -> f, g at this x: the head alone if it can
+    perturbed_hi = perturbed_objective(problem, x, batch, gamma_hi, losses)
     y_hi, _ = minimize(
         perturbed_hi, r.y_gamma, solve_steps, solve_lr, optimizer, solve_rtol * r.scale
     )
     terms = bias_terms(problem, x, r.y_g, r.y_gamma, batch, gamma)
     dropped_hi = gamma_hi * norm(lower_grad_x_diff(problem, x, r.y_g, y_hi, batch))
     gap, gap_hi = norm(sub(r.y_gamma, r.y_g)), norm(sub(y_hi, r.y_g))
-    f_g, _, (grad_y,) = grads_of(
-        lambda y_: (problem.upper_loss(x, y_, batch.upper), {}), [r.y_g], identity_reduce
-    )
+    f_g, _, (grad_y,) = grads_of(lambda y_: (losses[0](y_), {}), [r.y_g], identity_reduce)
     with torch.no_grad():
-        f_gamma = float(problem.upper_loss(x, r.y_gamma, batch.upper))
+        f_gamma = float(losses[0](r.y_gamma))
     f_gap = abs(float(f_g) - f_gamma)
     alpha_hat, c_hat = fit_exponent(
-        problem, x, r.y_g, batch, r.y_gamma, directions=directions, seed=seed
+        problem, x, r.y_g, batch, r.y_gamma, directions=directions, seed=seed, upper=losses[0]
     )
     priced = {"curvature": math.nan, "cost": math.nan, "cost_is_bound": 0.0, "probe_residual": 0.0}
     if cost:

@@ -38,6 +38,7 @@ from torch.func import functional_call
 from bilevel_ray.data import BilevelBatch, full_batch, minibatches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config
+from bilevel_ray.problems.limits import MAX_SEED, SEED_RANGE, Limit, check_limits, shown
 from bilevel_ray.tree import Params, clone, leaves
 
 __all__ = [
@@ -51,6 +52,13 @@ __all__ = [
 
 CLASSES = 10
 PIXELS = 64
+# Upper bounds (the lower ones, and the splits' sizes, are checked with their own reasons):
+# a hidden layer wider than 65536 units (16 MiB of float32 weights) learns nothing more from
+# 1,797 8x8 digits, and a wider one could exhaust the memory.
+CAPS = {
+    "seed": Limit(0, MAX_SEED, 0, SEED_RANGE),
+    "hidden": Limit(0, 2**16, 32, "the classifier's hidden width; 0 for a linear one"),
+}
 
 
 class HyperCleaning:
@@ -103,16 +111,18 @@ def _integer(name: str, value: Any, low: int, high: float, why: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         bound = f"in [{low}, {high}]" if high < math.inf else f">= {low}"
         raise ConfigError(
-            f"problem 'hyperclean': {name}={value!r}: must be an integer {bound}; {why}"
+            f"problem 'hyperclean': {name}={shown(value)}: must be an integer {bound}; {why}"
         )
     return value
 
 
 def _number(name: str, value: Any, high: float, why: str) -> float:
     ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok and isinstance(value, int) and abs(value) >= 2**63:
+        ok = False  # Python holds it; float() would overflow (math.isfinite raises)
     if not ok or not 0.0 <= value <= high or not math.isfinite(value):
         rule = f"a number in [0, {high:g}]" if high < math.inf else "a finite number >= 0"
-        raise ConfigError(f"problem 'hyperclean': {name}={value!r}: must be {rule}; {why}")
+        raise ConfigError(f"problem 'hyperclean': {name}={shown(value)}: must be {rule}; {why}")
     return float(value)
 
 
@@ -148,6 +158,7 @@ def hyperclean(config: dict[str, Any] | None = None) -> ProblemSpec:
     ridge = _number(
         "ridge", c["ridge"], math.inf, "use a small ridge such as 1e-3 (> 0: g strongly convex)"
     )
+    check_limits("hyperclean", {"seed": seed, "hidden": hidden}, CAPS)
     images, labels = load_digits()
     total = len(labels)
     n_train = _integer(

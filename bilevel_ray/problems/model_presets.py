@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "llama_config"]
+__all__ = ["PRESETS", "llama_config", "parameter_count"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-100m": {
@@ -37,3 +37,23 @@ def llama_config(fields: dict[str, Any], transformers: Any) -> Any:
     """A ``LlamaConfig`` of ``fields`` with the head untied from the input embeddings (y is the
     head alone)."""
     return transformers.LlamaConfig(**{**fields, "tie_word_embeddings": False})
+
+
+def parameter_count(config: Any) -> int | None:
+    """About how many parameters a Llama of ``config`` holds (head untied), from its fields
+    alone, before any is allocated; None when a field is not a positive integer (transformers
+    then names it)."""
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    values = [getattr(config, n, None) for n in (*names, "num_attention_heads")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return None
+    vocab, hidden, mlp, layers, heads = values
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if not all(isinstance(v, int) and v > 0 for v in (kv, head_dim)):
+        return None
+    # q and o: hidden x heads*head_dim each; k and v: hidden x kv*head_dim; the MLP's three
+    # matrices; two norms. Then the input embeddings and the untied head, and the final norm.
+    per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim
+    per_layer += 3 * hidden * mlp + 2 * hidden
+    return 2 * vocab * hidden + layers * per_layer + hidden

@@ -34,6 +34,8 @@ set. Needs ``pip install 'bilevel_ray[peft]'`` (transformers and peft).
 from __future__ import annotations
 
 import math
+import pickle
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -46,12 +48,21 @@ from torch import Tensor, nn
 from bilevel_ray.data import BilevelBatch, minibatches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config, module_problem
-from bilevel_ray.problems.model_presets import PRESETS, llama_config
+from bilevel_ray.problems.limits import (
+    MAX_SEED,
+    SEED_RANGE,
+    Limit,
+    integer_problem,
+    memory_problem,
+    shown,
+)
+from bilevel_ray.problems.model_presets import PRESETS, llama_config, parameter_count
 from bilevel_ray.problems.preference_data import instruction_data, preference_data
 from bilevel_ray.tree import Params
 
 __all__ = [
     "DEFAULTS",
+    "LIMITS",
     "PeftDpoSft",
     "dpo_from_logits",
     "dpo_loss",
@@ -84,21 +95,25 @@ DEFAULTS: dict[str, Any] = {
     "topics": 4,  # classes of the data rule (preference_data)
     "dtype": "float32",
 }
-_COUNTS = {  # integer settings and their minimum
-    "seed": 0,
-    "vocab": 2,
-    "hidden": 2,
-    "layers": 1,
-    "heads": 1,
-    "lora_rank": 1,
-    "batch": 1,
-    "n_pref": 1,
-    "n_sft": 1,
-    "n_eval": 1,
-    "prompt_len": 1,
-    "response_len": 1,
-    "topics": 2,
+# Integer settings and their ranges. The caps are far past any use of generated data (the
+# paper: 4800 samples of a few hundred tokens; the largest released vocabularies hold ~256k
+# tokens); what the sizes allocate together is checked against the memory (_fits).
+LIMITS = {
+    "seed": Limit(0, MAX_SEED, 0, SEED_RANGE),
+    "vocab": Limit(2, 2**20, 64, "token ids; the largest tokenizers hold about 256k"),
+    "hidden": Limit(2, 2**16, 32, "the built model's width"),
+    "layers": Limit(1, 1024, 2, "the built model's decoder layers"),
+    "heads": Limit(1, 2**12, 4, "attention heads"),
+    "lora_rank": Limit(1, 2**16, 8, "LoRA's rank; past the model's width it adds nothing"),
+    "batch": Limit(1, 10**8, 32, "samples per step"),
+    "n_pref": Limit(1, 10**8, 4096, "generated samples, held in memory"),
+    "n_sft": Limit(1, 10**8, 4096, "generated samples, held in memory"),
+    "n_eval": Limit(1, 10**8, 512, "generated samples, held in memory"),
+    "prompt_len": Limit(1, 2**15, 6, "tokens; the model's positions grow with it"),
+    "response_len": Limit(1, 2**15, 6, "tokens; the model's positions grow with it"),
+    "topics": Limit(2, 2**20, 4, "classes of the data rule, at most vocab"),
 }
+REFERENCE_CHUNK = 256  # sequences per forward pass when the reference log-probabilities are made
 
 
 def sequence_logprob(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
@@ -258,19 +273,17 @@ def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
 
 
 def _check(c: dict[str, Any]) -> None:
-    problems = []
-    for key, low in _COUNTS.items():
-        value = c[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"problem {NAME!r}: {key}={value!r} must be an integer >= {low}")
+    problems = [integer_problem(NAME, key, c[key], limit) for key, limit in LIMITS.items()]
+    problems = [p for p in problems if p is not None]
     for key in ("lora_alpha", "beta"):
         value = c[key]
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
+            or (isinstance(value, int) and value >= 2**63)  # float() of it would overflow
             or not 0 < value < math.inf
         ):
-            problems.append(f"problem {NAME!r}: {key}={value!r} must be a finite number > 0")
+            problems.append(f"problem {NAME!r}: {key}={shown(value)}: must be a finite number > 0")
     targets = c["lora_targets"]
     if isinstance(targets, str):
         c["lora_targets"] = targets = tuple(t.strip() for t in targets.split(",") if t.strip())
@@ -308,11 +321,43 @@ def _check(c: dict[str, Any]) -> None:
             f"problem {NAME!r}: vocab={c['vocab']} is smaller than topics={c['topics']}: every "
             "topic needs a token; raise vocab or lower topics"
         )
+    problem = memory_problem(NAME, _data_bytes(c), "the generated data", _SMALLER_DATA)
+    if problem:
+        raise ConfigError(problem)
     if c["batch"] > min(c["n_pref"], c["n_sft"]):
         raise ConfigError(
             f"problem {NAME!r}: batch={c['batch']} exceeds n_pref={c['n_pref']} or "
             f"n_sft={c['n_sft']}; use a batch of at most {min(c['n_pref'], c['n_sft'])}"
         )
+
+
+_SMALLER_DATA = "lower n_pref, n_sft, n_eval, prompt_len, response_len or vocab"
+_SMALLER_MODEL = "choose a smaller model (fewer layers; a smaller hidden, vocab or MLP size)"
+
+
+def _data_bytes(c: dict[str, Any]) -> int:
+    """About the bytes of the generated data (int64 ids and bool masks; a preference sample
+    holds a chosen and a rejected sequence) and of one chunk of the reference pass's float32
+    logits (with the copies the log-probabilities make)."""
+    length = c["prompt_len"] + c["response_len"]
+    sequences = 2 * (c["n_pref"] + c["n_eval"]) + c["n_sft"] + c["n_eval"]
+    logits = 3 * 4 * min(REFERENCE_CHUNK, c["n_pref"]) * length * c["vocab"]
+    return 9 * sequences * length + logits
+
+
+def _fits(config: Any, c: dict[str, Any]) -> None:
+    """Refuse a model shape whose weights cannot fit in this machine's memory, before a single
+    one is allocated (the model is built on the CPU in float32, then cast to ``dtype``)."""
+    count = parameter_count(config)
+    if count is None:
+        return  # a field that is not a positive integer: transformers names it
+    size = torch.empty((), dtype=c["dtype"]).element_size()
+    what = "the built model" if c["model"] is None else f"model={c['model']!r}"
+    problem = memory_problem(
+        NAME, count * (4 + size), f"{what} ({count:,} parameters)", _SMALLER_MODEL
+    )
+    if problem:
+        raise ConfigError(problem)
 
 
 def _libraries() -> tuple[Any, Any]:
@@ -342,26 +387,26 @@ def _base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
             },
             transformers,
         )
+        _fits(config, c)
         return transformers.LlamaForCausalLM(config)
     if isinstance(c["model"], dict) or c["model"] in PRESETS:
         fields = PRESETS[c["model"]] if isinstance(c["model"], str) else dict(c["model"])
         try:
             config = llama_config(fields, transformers)
             config.max_position_embeddings = max(config.max_position_embeddings, length)
-            model = transformers.LlamaForCausalLM(config)
         except Exception as err:  # transformers' validators raise their own error types
             raise ConfigError(
                 f"problem {NAME!r}: model={c['model']!r} is not a valid Llama config: {err}"
             ) from None
-    else:
+        _fits(config, c)  # outside the try: its own ConfigError is not an invalid config
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                c["model"], local_files_only=True
-            )
-        except (OSError, ValueError) as err:
+            model = transformers.LlamaForCausalLM(config)
+        except Exception as err:
             raise ConfigError(
-                f"problem {NAME!r}: cannot load model={c['model']!r}: {err}"
+                f"problem {NAME!r}: model={c['model']!r} is not a valid Llama config: {err}"
             ) from None
+    else:
+        model = _load_checkpoint(c["model"], transformers)
     size = model.get_input_embeddings().weight.shape[0]
     if c["vocab"] > size:
         raise ConfigError(
@@ -374,6 +419,41 @@ def _base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
         head.weight = nn.Parameter(embeddings.weight.detach().clone())
     model.config.tie_word_embeddings = False
     return model
+
+
+def _load_checkpoint(folder: Any, transformers: Any) -> nn.Module:
+    """A saved causal LM from ``folder``, no download; a weights file that holds objects other
+    than tensors is refused, never loaded (unpickling it could run code)."""
+    files = ", ".join(sorted(p.name for p in Path(folder).glob("*.bin"))) or "its weights file"
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"problem {NAME!r}: cannot load model={folder!r}: {err}") from None
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise _damaged(folder, files, err) from None
+        # torch.load(weights_only=True) refused the file. Its own text advises weights_only=False,
+        # which would run whatever the file holds: say what it means, and the safe ways out.
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise ConfigError(
+            f"problem {NAME!r}: model={folder!r}: {files} holds objects other than tensors"
+            f"{what}, so it was not loaded: unpickling it could run code. Give a model saved as "
+            "safetensors (model.save_pretrained(dir) writes model.safetensors), or re-save the "
+            "weights as a plain state dict: torch.save(model.state_dict(), 'pytorch_model.bin')"
+        ) from None
+    except (RuntimeError, EOFError) as err:  # torch's reader on a truncated or corrupted file
+        raise _damaged(folder, files, err) from None
+
+
+def _damaged(folder: Any, files: str, err: BaseException) -> ConfigError:
+    # The first line of torch's reason, unless it is advice to load without weights_only.
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    reason = type(err).__name__ if "weights_only" in reason else reason
+    return ConfigError(
+        f"problem {NAME!r}: cannot load model={folder!r}: {files} cannot be read ({reason}); it "
+        "is truncated or corrupted: save the model again with model.save_pretrained(dir)"
+    )
 
 
 def _with_lora(model: nn.Module, c: dict[str, Any], peft: Any) -> nn.Module:
@@ -403,7 +483,8 @@ def _with_reference(model: nn.Module, data: dict[str, Tensor]) -> dict[str, Tens
     out = dict(data)
     for key in ("chosen", "rejected"):
         parts = []
-        for ids, mask in zip(data[key].split(256), data[f"{key}_mask"].split(256)):
+        chunks = zip(data[key].split(REFERENCE_CHUNK), data[f"{key}_mask"].split(REFERENCE_CHUNK))
+        for ids, mask in chunks:
             ids, mask = ids.to(device), mask.to(device)
             parts.append(sequence_logprob(model(input_ids=ids).logits, ids, mask).cpu())
         out[f"ref_{key}"] = torch.cat(parts)

@@ -25,11 +25,20 @@ import torch
 from torch import Tensor
 
 from bilevel_ray.data import BilevelBatch
-from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config
+from bilevel_ray.problems.limits import MAX_SEED, SEED_RANGE, Limit, check_limits
 from bilevel_ray.tree import Params
 
-__all__ = ["QuadraticProblem", "quadratic"]
+__all__ = ["LIMITS", "QuadraticProblem", "quadratic"]
+
+# The closed forms solve dense dim x dim systems: at 4096 one float64 matrix is 128 MiB and a
+# solve takes seconds; a larger member tests nothing a smaller one does not.
+MAX_DIM = 4096
+LIMITS = {
+    "dim_x": Limit(1, MAX_DIM, 3, "the closed forms solve dense dim x dim systems"),
+    "dim_y": Limit(1, MAX_DIM, 4, "the closed forms solve dense dim x dim systems"),
+    "seed": Limit(0, MAX_SEED, 0, SEED_RANGE),
+}
 
 
 class QuadraticProblem:
@@ -130,9 +139,7 @@ def quadratic(config: dict[str, Any] | None = None) -> ProblemSpec:
     c = factory_config(
         "quadratic", config, {"dtype": "float64", "dim_x": 3, "dim_y": 4, "seed": 0, "flat": False}
     )
-    for key in ("dim_x", "dim_y"):
-        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
-            raise ConfigError(f"problem 'quadratic': {key}={c[key]!r}: must be an integer >= 1")
+    check_limits("quadratic", c, LIMITS)
     like = {"dtype": c.pop("dtype"), "device": c.pop("device")}
     problem = QuadraticProblem(**like, **c)
     return ProblemSpec(

@@ -18,10 +18,28 @@ import torch
 from torch import Tensor
 
 from bilevel_ray.data import BilevelBatch, full_batch, minibatches
+from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config
+from bilevel_ray.problems.limits import (
+    MAX_SEED,
+    SEED_RANGE,
+    Limit,
+    check_limits,
+    finite_problem,
+    memory_problem,
+)
 from bilevel_ray.tree import Params
 
-__all__ = ["LinearRepresentation", "make_regression_data", "regression"]
+__all__ = ["LIMITS", "LinearRepresentation", "make_regression_data", "regression"]
+
+# Caps on each size alone (a full-batch solve of more rows, or a wider map, is no longer a
+# reference a test can afford); what they allocate together is checked against the memory.
+LIMITS = {
+    "n": Limit(1, 10**8, 2000, "rows per group; the data is held in memory"),
+    "dim": Limit(1, 10**5, 10, "input features"),
+    "features": Limit(1, 10**5, 4, "width of the learned map"),
+    "seed": Limit(0, MAX_SEED, 0, SEED_RANGE),
+}
 
 
 class LinearRepresentation:
@@ -66,17 +84,26 @@ def regression(config: dict[str, Any] | None = None) -> ProblemSpec:
         config,
         {"n": 2000, "dim": 10, "features": 4, "seed": 0, "ridge": 1e-2, "batch_size": 100},
     )
-    n = int(c["n"])
+    check_limits("regression", c, LIMITS)
+    n, dim = c["n"], c["dim"]
     n_test = max(n // 5, 1)  # held-out upper-level rows, for a sweep's scores
-    upper_all, lower_all = make_regression_data(n + n_test, int(c["dim"]), int(c["seed"]))
+    # Two groups of n + n_test rows of dim inputs and a target, and the map W, in float64.
+    need = 8 * (2 * (n + n_test) * (dim + 1) + dim * c["features"])
+    problems = [
+        finite_problem("regression", "ridge", c["ridge"], 0.01, low=0.0),
+        memory_problem("regression", need, f"n={n} rows of dim={dim}", "lower n or dim"),
+    ]
+    if any(problems):
+        raise ConfigError([p for p in problems if p])
+    upper_all, lower_all = make_regression_data(n + n_test, dim, c["seed"])
     upper = (upper_all[0][:n], upper_all[1][:n])
     lower = (lower_all[0][:n], lower_all[1][:n])
     heldout = (upper_all[0][n:], upper_all[1][n:])
-    gen = torch.Generator().manual_seed(int(c["seed"]) + 1)
-    w0 = torch.randn(int(c["dim"]), int(c["features"]), generator=gen, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    w0 = torch.randn(dim, c["features"], generator=gen, dtype=torch.float64)
     # The data stays on the CPU (workers move each batch); x0 and y0 go to the device.
-    x0 = {"W": (w0 / int(c["dim"]) ** 0.5).to(c["device"])}
-    y0 = {"v": torch.zeros(int(c["features"]), dtype=torch.float64, device=c["device"])}
+    x0 = {"W": (w0 / dim**0.5).to(c["device"])}
+    y0 = {"v": torch.zeros(c["features"], dtype=torch.float64, device=c["device"])}
     batch_size = c["batch_size"]
     data = full_batch(upper, lower) if batch_size is None else minibatches(upper, lower, batch_size)
     return ProblemSpec(

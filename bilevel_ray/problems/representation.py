@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from bilevel_ray.data import BilevelBatch, minibatches
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config, split_module_problem
+from bilevel_ray.problems.limits import MAX_SEED, SEED_RANGE, Limit, check_limits, memory_problem
 
-__all__ = ["FEATURES", "load_nlsy", "representation", "synthetic_nlsy"]
+__all__ = ["FEATURES", "LIMITS", "load_nlsy", "representation", "synthetic_nlsy"]
 
 NUMERIC = (
     "genhealth",
@@ -54,6 +55,16 @@ JOBS = (
     "job_pub",
 )
 FEATURES = NUMERIC + JOBS
+
+# Caps on each size alone; the synthetic rows and the extractor together are checked against
+# the memory. 16384 hidden units make a 1 GiB float32 layer, far past the paper's 200.
+LIMITS = {
+    "n": Limit(1, 10**8, 7244, "synthetic rows, held in memory"),
+    "hidden": Limit(1, 2**14, 200, "the extractor's width; its middle layer is hidden x hidden"),
+    "batch_size": Limit(1, 10**8, 500, "samples per group and step"),
+    "seed": Limit(0, MAX_SEED, 0, SEED_RANGE),
+}
+ROW_BYTES = 1024  # a synthetic row while it is drawn: 21 features and their temporaries
 
 
 def synthetic_nlsy(n: int = 7244, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,12 +134,15 @@ def representation(config: dict[str, Any] | None = None) -> ProblemSpec:
             "hidden": 200,
         },
     )
-    for key in ("n", "hidden", "batch_size", "seed"):
-        low = 0 if key == "seed" else 1
-        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < low:
-            raise ConfigError(
-                f"problem 'representation': {key}={c[key]!r}: must be an integer >= {low}"
-            )
+    check_limits("representation", c, LIMITS)
+    hidden = c["hidden"]
+    # The rows (when synthetic), and the extractor and head in float32 with Adam's two moments.
+    need = ROW_BYTES * c["n"] * (c["data"] is None) + 3 * 4 * (hidden**2 + 23 * hidden)
+    problem = memory_problem(
+        "representation", need, f"n={c['n']} rows and hidden={hidden}", "lower n or hidden"
+    )
+    if problem:
+        raise ConfigError(problem)
     fraction = c["test_fraction"]
     if (
         isinstance(fraction, bool)
@@ -155,7 +169,6 @@ def representation(config: dict[str, Any] | None = None) -> ProblemSpec:
 
     upper, lower = group(train, 0), group(train, 1)
     torch.manual_seed(int(c["seed"]))
-    hidden = int(c["hidden"])
     extractor = nn.Sequential(
         nn.Linear(len(FEATURES), hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
     )

@@ -31,6 +31,7 @@ from torch import Tensor
 from bilevel_ray.data import BilevelBatch
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import ProblemSpec, factory_config
+from bilevel_ray.problems.limits import shown
 from bilevel_ray.tree import Params
 
 __all__ = ["NegativeToy", "PositiveToy", "negative_toy", "positive_toy"]
@@ -64,8 +65,14 @@ def negative_toy(config: dict[str, Any] | None = None) -> ProblemSpec:
     for key in ("x0", "y0"):
         if isinstance(c[key], bool) or not isinstance(c[key], (int, float)):
             raise ConfigError(
-                f"problem 'toy-negative': {key}={c[key]!r}: must be a number, e.g. "
+                f"problem 'toy-negative': {key}={shown(c[key])}: must be a number, e.g. "
                 f"--config {key}=2.0"
+            )
+        if isinstance(c[key], int) and abs(c[key]) >= 2**63:
+            # Python holds it; float() and torch do not (an OverflowError in torch.tensor).
+            raise ConfigError(
+                f"problem 'toy-negative': {key}={shown(c[key])}: too large; must be below "
+                f"2**63 in size, e.g. --config {key}=2.0"
             )
     like = {"dtype": c["dtype"], "device": c["device"]}
     return ProblemSpec(

@@ -32,6 +32,7 @@ __all__ = [
     "check_distinct",
     "check_free_space",
     "check_inside",
+    "check_output_folder",
     "check_output_path",
     "check_resume_shapes",
     "check_writable",
@@ -180,6 +181,31 @@ def check_inside(path: Path, folder: Path, what: str) -> Path:
             "symbolic link): remove the link or choose another name"
         )
     return path
+
+
+def check_output_folder(
+    storage: str | os.PathLike[str],
+    name: str,
+    what: str,
+    files: Sequence[str] = (),
+    files_what: str = "output file",
+) -> Path:
+    """``{storage}/{name}``, the folder a sweep or a comparison writes, checked before any
+    work: its name (NUL, length, UTF-8), that it stays inside ``storage`` (a link planted at
+    the name is refused, never followed out), that it is a folder if it exists, and that each of
+    ``files`` can be written in it (no folder, FIFO or device in its place). The files are then
+    written with :func:`atomic_write`: a link planted at one is replaced, never written
+    through."""
+    check_output_path(name, what, is_file=False)
+    folder = Path(storage).expanduser() / name
+    check_inside(folder, Path(storage).expanduser(), what)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"{what} {str(folder)!r} is a file, not a folder; remove it or choose another name"
+        )
+    for file in files:
+        check_output_path(folder / file, files_what)
+    return folder
 
 
 def check_distinct(paths: dict[str, Any]) -> None:
@@ -371,7 +397,9 @@ def check_free_space(folder: str | os.PathLike[str], need: int, what: str) -> No
 def check_writable(folder: str | os.PathLike[str], what: str) -> Path:
     """Create ``folder`` and prove it writable now, so a run fails before it starts rather than
     at its first save; ``what`` names the argument in the message."""
-    folder = Path(folder).expanduser()
+    # A NUL byte, an over-long or a non-UTF-8 name: refused by name, not a raw ValueError from
+    # mkdir (or a failure at the end of the run, when the results are written).
+    folder = check_output_path(folder, what, is_file=False)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # A fresh name, created exclusively: never a file (or a link) someone else put there.

@@ -26,7 +26,7 @@ from ray import tune as ray_tune
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems import build_spec
-from bilevel_ray.runtime.checkpoint import atomic_write, check_writable
+from bilevel_ray.runtime.checkpoint import atomic_write, check_output_folder, check_writable
 from bilevel_ray.runtime.compare_trial import CURVES, ComparePlan, run_compare_trial
 from bilevel_ray.runtime.compare_verdict import method_table, recommend, time_to_target
 from bilevel_ray.runtime.history import write_parquet
@@ -111,7 +111,10 @@ def compare(
     check_spec(spec, needs_eval=True)
     settings, failed = _method_settings(spec, methods, fixed)
     storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
-    folder = storage / name
+    # As solve / train check theirs, before Ray starts: the name, no link out of storage_path,
+    # a folder if it exists. Its files need no check of their own: the folder must be new or
+    # empty, and every file is written with atomic_write (a link is replaced, not followed).
+    folder = check_output_folder(storage, name, "name")
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(
             f"{str(folder)!r} already holds a comparison: use a new --name (name=...) or "

@@ -46,9 +46,12 @@ def diagnose_problem(
     if progress and "progress" in parameters:
         options["progress"] = True
     chosen = {**warmup, **options}
+    if "eval_data" in parameters and getattr(spec, "eval_data", None) is not None:
+        chosen.setdefault("eval_data", spec.eval_data)  # the outcome is judged on held-out data
     verdict = diagnose(spec.problem, spec.x0, spec.y0, gamma, data=spec.data, **chosen)
     used = {"gamma": gamma}
     used.update({k: p.default for k in allowed if (p := parameters[k]).default is not p.empty})
     used.update(chosen)
     used.pop("progress", None)
+    used.pop("eval_data", None)
     return verdict, used

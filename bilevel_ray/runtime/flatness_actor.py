@@ -43,3 +43,6 @@ class ActorJudge:
 
     def verdict(self, run_id: str) -> dict[str, Any]:
         return ray.get(self.handle.verdict.remote(run_id))
+
+    def recheck(self, run_id: str, since: int) -> dict[str, Any]:
+        return ray.get(self.handle.recheck.remote(run_id, since))

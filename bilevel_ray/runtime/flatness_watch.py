@@ -12,7 +12,13 @@ the estimates to a *judge*; after step W the judge returns a verdict
 * ``"stop"``: the run ends at step W with status ``unsuitable``;
 * ``"warn"``: a warning, and the run goes on unchanged.
 
-After the window nothing is computed (the cost is one integer comparison per step). The judge is
+After the window the watch checks again every ``recheck_every`` steps (W by default: one estimate
+per W steps, a quarter of the window's cost), so that a coupling that switches on only where the
+window did not reach is still caught, and acts the same way the first time a later check finds
+PBGD-Free unsuitable. Each estimate carries diagnose's settled flag (PBGD-Free's own direction
+at most 10% of the dropped term) and, for plain SGD on x, its jitter floor lr_x ||kept||^2 / 4;
+the tolerance is 5% of the achievable improvement from the run's start (f at its first
+estimate, which every later check keeps) plus that floor. The judge is
 a :class:`FlatnessJudge` in this process for ``br.solve``, and the same class inside a named Ray
 actor for ``br.train`` and ``br.tune`` (:mod:`bilevel_ray.runtime.flatness_actor`).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +67,7 @@ RUN_ESTIMATOR_OPTIONS: dict[str, Any] = {
     "solve_rtol": 1e-2,
 }
 RUN_DECIDE_OPTIONS: dict[str, Any] = {"max_residual": 2e-2}
+SETTLE = 0.1  # diagnose's settle: kept <= SETTLE max(dropped, SETTLE peak kept)
 # The keyword options of estimate() and their defaults ("responses" is the runtime's own).
 ESTIMATOR_OPTIONS = {
     p.name: p.default
@@ -76,10 +84,17 @@ class WatchSettings:
     window: int = 200
     every: int = 50
     estimator: Mapping[str, Any] = field(default_factory=dict)
+    recheck_every: int | None = None  # after the window; None: every W steps
 
     def estimate_steps(self) -> list[int]:
         """Steps completed at which an estimate is taken: every, 2 every, ..., and W."""
         return sorted({*range(self.every, self.window, self.every), self.window})
+
+    def rechecks(self, step: int) -> bool:
+        """Whether ``step`` (after the window) is one of the cheap later checks: every
+        ``recheck_every`` (default W) steps past W."""
+        period = self.recheck_every or self.window
+        return step > self.window and (step - self.window) % period == 0
 
 
 def watch_settings(
@@ -135,11 +150,20 @@ class FlatnessJudge:
 
     def __init__(self, decide_options: Mapping[str, Any] | None = None):
         self._stats: dict[str, list[dict[str, float]]] = {}
+        self._reference: dict[str, float] = {}  # f at each run's first estimate
         self._verdicts: dict[str, dict[str, Any]] = {}
         self._decide_options = {**RUN_DECIDE_OPTIONS, **(decide_options or {})}
 
     def add(self, run_id: str, step: int, stats: Mapping[str, float]) -> None:
-        self._stats.setdefault(run_id, []).append({**stats, "step": float(step)})
+        """Keep one estimate; the run's first estimate's f is its reference point (where the
+        achievable improvement is measured from: the run's start), carried by every later one as
+        ``start_upper``, so that a recheck on late estimates alone keeps the same tolerance."""
+        points = self._stats.setdefault(run_id, [])
+        upper = stats.get("flatness/upper", math.nan)
+        if not points and isinstance(upper, (int, float)):
+            self._reference[run_id] = float(upper)
+        reference = {"flatness/start_upper": self._reference.get(run_id, math.nan)}
+        points.append({**reference, **stats, "step": float(step)})
 
     def verdict(self, run_id: str) -> dict[str, Any]:
         """The run's verdict as plain values (``Verdict.to_dict()``), decided on first call."""
@@ -151,6 +175,20 @@ class FlatnessJudge:
                 reason = f"no flatness estimate of run {run_id!r} reached the judge"
                 verdict = Verdict(False, "uncertain", reason, {}, "compare with alt_pbgd")
             self._verdicts[run_id] = verdict.to_dict()
+        return self._verdicts[run_id]
+
+    def recheck(self, run_id: str, since: int) -> dict[str, Any]:
+        """A later verdict on the estimates taken after step ``since`` (the window's end): it
+        replaces the run's verdict only when it finds PBGD-Free unsuitable (a verdict acted on
+        stays); returns the run's verdict either way."""
+        current = self.verdict(run_id)
+        later = [p for p in self._stats.get(run_id, []) if p["step"] > since]
+        if current["verdict"] != "unsuitable" and later:
+            # The latest two estimates: where the run is now, not where it was at W.
+            fresh = decide(later[-2:], **self._decide_options).to_dict()
+            if fresh["verdict"] == "unsuitable":
+                fresh["stats"]["flatness/decided_at"] = later[-1]["step"]
+                self._verdicts[run_id] = fresh
         return self._verdicts[run_id]
 
     def verdicts(self) -> dict[str, dict[str, Any]]:
@@ -174,26 +212,48 @@ def fallback_config(settings: SolverConfig, method: str) -> SolverConfig:
 
 
 class FlatnessWatch:
-    """The run's side of the diagnostic: estimate, hand over, and at step W say what to do."""
+    """The run's side of the diagnostic: estimate, hand over, at step W say what to do, and
+    then check again every ``recheck_every`` steps (one estimate each) until PBGD-Free is found
+    unsuitable or the run switched away from it."""
 
     def __init__(self, settings: WatchSettings, judge: Any, run_id: str, gamma: Any):
-        """``judge`` has ``add(run_id, step, stats)`` and ``verdict(run_id)`` (a FlatnessJudge or
-        an actor proxy); ``gamma`` is the run's penalty, a number or a schedule of the step."""
+        """``judge`` has ``add(run_id, step, stats)``, ``verdict(run_id)`` and
+        ``recheck(run_id, since)`` (a FlatnessJudge or an actor proxy); ``gamma`` is the run's
+        penalty, a number or a schedule of the step."""
         self.settings, self.judge, self.run_id, self.gamma = settings, judge, run_id, gamma
         self._due = set(settings.estimate_steps())
+        self._peak = 0.0  # the largest kept term seen: the settled flag's reference
+        self.jitter = 0.0  # lr_x / 4 for plain SGD on x (bind), else 0
+
+    def bind(self, solver_settings: Any) -> None:
+        """The run's step rule: plain SGD on x jitters lr_x tr(Var kept) / 4 above its end
+        point, a floor under any visible gap (as diagnose's)."""
+        rule = solver_settings.optimizer
+        rule = rule if isinstance(rule, str) else rule[0]
+        self.jitter = solver_settings.lr_x / 4 if rule == "sgd" else 0.0
 
     def observe(self, problem: Any, state: SolverState, batch: Any) -> None:
-        """Estimate at (x, y) if this step is one of the window's estimate steps."""
-        if state.step not in self._due:
+        """Estimate at (x, y) if this step is one of the window's estimate steps or a later
+        check; the estimate carries the settled flag and the jitter floor diagnose uses."""
+        if not self.due(state.step):
             return
         gamma = float(self.gamma(state.step) if callable(self.gamma) else self.gamma)
         # The solves start at the run's y: PBGD-Free's y tracks y_gamma, O(1/gamma) from y_g,
         # a closer start than the previous point's y_g once x has moved for every steps.
         stats = estimate(problem, state.x, state.y, batch, gamma, **self.settings.estimator)
+        kept, dropped = stats["flatness/kept"], stats["flatness/dropped"]
+        if kept == kept:
+            self._peak = max(self._peak, kept)
+        # Settled as in diagnose: PBGD-Free's own step has died out against the dropped term
+        # (or against its own largest value); at a settled point E ||kept_b||^2 ~ tr Var kept.
+        settled = kept <= SETTLE * max(dropped, SETTLE * self._peak)
+        stats["flatness/settled"], stats["flatness/settle"] = float(settled), SETTLE
+        stats["flatness/settle_ratio"] = kept / max(dropped, SETTLE * self._peak, 1e-300)
+        stats["flatness/noise_floor"] = self.jitter * kept**2 if settled else 0.0
         self.judge.add(self.run_id, state.step, stats)
 
     def due(self, step: int) -> bool:
-        return step in self._due
+        return step in self._due or self.settings.rechecks(step)
 
     def decides_at(self, step: int) -> bool:
         return step == self.settings.window
@@ -201,7 +261,12 @@ class FlatnessWatch:
     def verdict(self) -> dict[str, Any]:
         return self.judge.verdict(self.run_id)
 
-    def action(self, verdict: Mapping[str, Any], warn: bool = True) -> str | None:
+    def recheck(self) -> dict[str, Any]:
+        return self.judge.recheck(self.run_id, self.settings.window)
+
+    def action(
+        self, verdict: Mapping[str, Any], warn: bool = True, step: int | None = None
+    ) -> str | None:
         """None (keep going), "fallback" or "stop"; "warn" warns here (if ``warn``) and keeps
         going."""
         if verdict["verdict"] != "unsuitable":
@@ -212,8 +277,8 @@ class FlatnessWatch:
             # Attributed to no source file: Python would print the line of this library that
             # warned under the message, which tells a user nothing.
             warnings.warn_explicit(
-                f"flatness diagnostic at step {self.settings.window}: {verdict['reason']} "
-                f"(recommendation: {verdict['recommendation']})",
+                f"flatness diagnostic at step {step or self.settings.window}: "
+                f"{verdict['reason']} (recommendation: {verdict['recommendation']})",
                 FlatnessWarning,
                 filename="bilevel_ray",
                 lineno=0,
@@ -257,18 +322,31 @@ class ActiveSolver:
         self.share = share or (lambda verdict: verdict)
         self.verdict: dict[str, Any] | None = None
         self.status = "completed"
+        if watch is not None:
+            watch.bind(settings)
 
     def after_step(self, state: SolverState, batch: Any) -> tuple[SolverState, str | None]:
         """Feed the watch; at the end of its window, act on the verdict. Returns the state and
         the action taken (None, "fallback" or "stop")."""
         if self.watch is None or not self.watch.due(state.step):
             return state, None
+        window = self.watch.decides_at(state.step)
+        if not window and (
+            self.settings.method != "pbgd_free"
+            or self.verdict is None
+            or self.verdict["verdict"] == "unsuitable"
+        ):
+            return state, None  # later checks only while PBGD-Free runs and was not yet acted on
         if self.leader:
             self.watch.observe(self.problem, state, batch)
-        if not self.watch.decides_at(state.step):
-            return state, None
-        self.verdict = self.share(self.watch.verdict() if self.leader else None)
-        action = self.watch.action(self.verdict, warn=self.leader)
+        if window:
+            self.verdict = self.share(self.watch.verdict() if self.leader else None)
+        else:
+            later = self.share(self.watch.recheck() if self.leader else None)
+            if later["verdict"] != "unsuitable":
+                return state, None
+            self.verdict = later
+        action = self.watch.action(self.verdict, warn=self.leader, step=state.step)
         if action == "stop":
             self.status = "unsuitable"
         elif action == "fallback":

@@ -149,3 +149,10 @@ def _to_floats(matrix: list[list[Any]]) -> list[list[float]]:
 def write_parquet(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write atomically: a crash leaves no half-written file."""
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a history file written earlier (none when it does not exist)."""
+    if not Path(path).is_file():
+        return []
+    return pq.read_table(path).to_pylist()

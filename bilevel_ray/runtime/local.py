@@ -178,14 +178,21 @@ def run_local(
     judge: Any = None,
     run_id: str = "run",
     also: loop.Sink | None = None,
+    restore: dict[str, Any] | None = None,
+    on_checkpoint: Any = None,
 ) -> SolveResult:
     """:func:`solve` with its settings already built (also the one-worker path of ``train`` and
     a sweep's trials). ``judge`` receives the flatness watch's estimates (when ``spec.watch``);
     ``also`` is a further sink that sees every step after this one's files (a Tune trial's
-    reports)."""
+    reports).
+
+    A sweep's trial keeps its checkpoints itself: ``on_checkpoint(payload)`` receives each one
+    (every ``spec.checkpoint_every`` steps and at the end), and ``restore`` is a payload to
+    continue from. Unlike ``resume``, ``restore`` may come with other solver settings: a
+    population-based exploit continues another trial's state with perturbed settings."""
     if resume and checkpoint_path is None:
         raise ConfigError("resume=True needs checkpoint_path: pass checkpoint_path='run/ckpt.pt'")
-    if spec.checkpoint_every and checkpoint_path is None:
+    if spec.checkpoint_every and checkpoint_path is None and on_checkpoint is None:
         raise ConfigError(
             f"checkpoint_every={spec.checkpoint_every} needs checkpoint_path: pass "
             "checkpoint_path='run/ckpt.pt'"
@@ -201,7 +208,7 @@ def run_local(
     check_params(x0, y0)
     solver = config.build(problem, grad_reduce)
 
-    saved = load_resume(checkpoint_path, config.to_dict(), spec.seed) if resume else None
+    saved = load_resume(checkpoint_path, config.to_dict(), spec.seed) if resume else restore
     if saved is not None:
         check_resume_shapes(checkpoint_path, saved, x0, y0, spec.steps)
     watch = None
@@ -244,7 +251,7 @@ def run_local(
                 problem, state.x, state.y, first, upper_needs_x=config.method == "pbgd_free"
             )
             batches = itertools.chain([first], batches)
-        sink = _FileSink(checkpoint_path, config, spec.seed, recorder, also)
+        sink = _FileSink(checkpoint_path, config, spec.seed, recorder, also, on_checkpoint)
         try:
             state = loop.run(active, state, batches, spec, recorder, sink, spec.progress)
         except LossReturnError as err:
@@ -272,9 +279,17 @@ class _FileSink:
     """The local run's outputs: a checkpoint file every K steps and at the end (the history is
     the recorder's), then whatever the caller's own sink does."""
 
-    def __init__(self, path: Any, config: SolverConfig, seed: int, recorder: Any, also: Any):
+    def __init__(
+        self,
+        path: Any,
+        config: SolverConfig,
+        seed: int,
+        recorder: Any,
+        also: Any,
+        on_checkpoint: Any = None,
+    ):
         self.path, self.config, self.seed = path, config, seed
-        self.recorder, self.also = recorder, also
+        self.recorder, self.also, self.on_checkpoint = recorder, also, on_checkpoint
         self.step = 0  # the step running now (0-based), named by a loss's wrong return
 
     def before_step(self, step: int) -> None:
@@ -283,10 +298,13 @@ class _FileSink:
             self.also.before_step(step)
 
     def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> bool | None:
-        if self.path is not None and outcome.checkpoint:
+        if outcome.checkpoint and (self.path is not None or self.on_checkpoint is not None):
             payload = checkpoint_payload(
                 state, self.recorder, self.config, self.seed, active.saved()
             )
-            save_checkpoint(payload, self.path, keep_previous=True)
+            if self.path is not None:
+                save_checkpoint(payload, self.path, keep_previous=True)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(payload)
             self.recorder.restart_window()  # a save is not a step's cost
         return self.also.after_step(outcome, state, active) if self.also is not None else None

@@ -20,6 +20,13 @@ import pyarrow.parquet as pq
 
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.checkpoint import atomic_write, check_output_path
+from bilevel_ray.runtime.lineage import BEST_SCHEDULE
+from bilevel_ray.runtime.report_sweep import (
+    read_best_schedule,
+    settings_label,
+    status_counts,
+    sweep_figure,
+)
 
 __all__ = ["report"]
 
@@ -59,7 +66,7 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
         trials = rank_trials(trials, gap_tol)
         verdicts = ("flatness/verdict",) if any("flatness/verdict" in t for t in trials) else ()
         configs = tuple(k for k in trials[0] if k.startswith("config/"))
-        table = _format(trials, COLUMNS + verdicts + configs)
+        table = _format(trials, COLUMNS + verdicts + configs) + f"\n{status_counts(trials)}"
         curves = {
             t["trial_id"]: [r for r in history if r["trial_id"] == t["trial_id"]] for t in trials
         }
@@ -90,6 +97,29 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
                 "(pip install 'bilevel_ray[plot]')"
             ),
         )
+    if sweep:
+        best, value = trials[0], trials[0].get(metric)
+        title = f"sweep {folder.name}: {status_counts(trials)}"
+        if best.get("status") == "completed" and isinstance(value, float):
+            title += f"; best held-out upper loss {value:.4g} ({settings_label(best)})"
+        schedule = read_best_schedule(folder / BEST_SCHEDULE)
+        fig = sweep_figure(plt, trials, curves, gap_tol, title, schedule)
+    else:
+        fig = _run_figure(plt, curves, runs, switches, metric)
+    out = folder / "report.png"
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return table, out, None
+
+
+def _run_figure(
+    plt: Any,
+    curves: dict[str, list[dict[str, Any]]],
+    runs: list[list[dict[str, Any]]],
+    switches: list[tuple[int, str]],
+    metric: str,
+) -> Any:
+    """A solve or train folder's figure: the loss against wall time and step, per method."""
     fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4))
     plotted = {
         label: [r for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
@@ -130,10 +160,7 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
             fontsize=9,
         )
     fig.tight_layout()
-    out = folder / "report.png"
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return table, out, None
+    return fig
 
 
 def _by_method(history: list[dict[str, Any]]) -> tuple[dict[str, list], list[tuple[int, str]]]:

@@ -36,23 +36,33 @@ RAMP_KEYS = ("gamma_init", "gamma_max", "gamma_argmax_step")
 EXTRA_KEYS = ("lr_ratio", *RAMP_KEYS)
 
 
-def default_search_space(method: str) -> dict[str, Any]:
+def default_search_space(method: str, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """gamma log-uniform on [1, 100] (penalty methods), lr_y log-uniform on [1e-4, 1e-1] with
-    lr_x = lr_y * lr_ratio, lr_ratio log-uniform on [1e-2, 1], inner_steps in {1, 2, 3} and the
-    optimizer in {sgd, adam}."""
+    lr_x = lr_y * lr_ratio, lr_ratio log-uniform on [1e-2, 1], inner_steps in {1, 2, 3}, with
+    Adam; a setting the user ``fixed`` is left out (a fixed lr_x or lr_y drops lr_ratio).
+
+    Why Adam only: on ``representation`` (NLSY79) and ``regression`` every configuration of the
+    360-point grid within 5% of its best is an Adam one (3 of 3 and 1 of 1), and a searcher that
+    also draws SGD spends half of its trials there: with 36 TPE trials it reached 1.14x the
+    grid's best (median of 3 searcher seeds) against 1.01x-1.03x with Adam alone
+    (``benchmarks/searcher_study.py``). Search SGD with ``optimizer: choice(["sgd", "adam"])``.
+    """
     from ray import tune
 
     space: dict[str, Any] = {
         "lr_y": tune.loguniform(1e-4, 1e-1),
         "lr_ratio": tune.loguniform(1e-2, 1.0),
-        "optimizer": tune.choice(["sgd", "adam"]),
+        "optimizer": tune.choice(["adam"]),
     }
     knobs = METHOD_OPTIONS.get(method, {})
     if "gamma" in knobs:
         space["gamma"] = tune.loguniform(1.0, 100.0)
     if "inner_steps" in knobs:
         space["inner_steps"] = tune.choice([1, 2, 3])
-    return space
+    fixed = fixed or {}
+    if "lr_x" in fixed or "lr_y" in fixed:
+        space.pop("lr_ratio")
+    return {k: v for k, v in space.items() if k not in fixed}
 
 
 def check_search_space(space: Any, method: str, fixed: Mapping[str, Any]) -> None:

@@ -1,7 +1,11 @@
 """One folder, one sweep: a sweep's folder remembers the settings it was started with
 (``sweep.json``), and another sweep run into it, or a ``resume`` with other settings, is
 refused with the differences named (Tune would otherwise reuse the old trials, or mix them with
-the new ones, and the tables would describe neither sweep)."""
+the new ones, and the tables would describe neither sweep).
+
+The folder is checked as ``solve`` / ``train`` check theirs, before Ray starts: a name with a
+NUL byte, too long or not UTF-8, a link out of the storage folder, a folder or FIFO where a
+table goes are refused (the sweep would otherwise run, then fail to write its results)."""
 
 from __future__ import annotations
 
@@ -10,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.checkpoint import atomic_write
+from bilevel_ray.runtime.checkpoint import atomic_write, check_output_folder
 
-__all__ = ["SWEEP_FILE", "claim_sweep_folder"]
+__all__ = ["SWEEP_FILE", "SWEEP_FILES", "claim_sweep_folder"]
 
 SWEEP_FILE = "sweep.json"
+SWEEP_FILES = (SWEEP_FILE, "trials.parquet", "history.parquet")  # each written atomically
 
 
 def claim_sweep_folder(path: Path, settings: dict[str, Any], resume: bool) -> None:
     """Refuse ``path`` when it holds another sweep, or this one without ``resume``; otherwise
-    record ``settings`` as the folder's sweep."""
+    record ``settings`` as the folder's sweep. ``path`` is ``{storage_path}/{name}``."""
+    check_output_folder(path.parent, path.name, "name", SWEEP_FILES, "sweep file")
     settings = json.loads(json.dumps(settings, default=repr))  # as the file will read back
     file = path / SWEEP_FILE
     if file.is_file():

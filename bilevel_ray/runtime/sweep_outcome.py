@@ -98,7 +98,7 @@ def trials_table(grid: Any) -> pa.Table:
             GAP: float(metrics.get(GAP, math.nan)),
             "step": int(metrics.get("step", 0) or 0),
         }
-        for key in ("flatness/verdict", "flatness/reason"):
+        for key in ("flatness/verdict", "flatness/reason", "lineage"):
             if key in metrics:
                 row[key] = metrics[key]
         row.update({f"config/{k}": _plain(v) for k, v in (result.config or {}).items()})

@@ -12,6 +12,7 @@ and ``history.parquet`` every logged row of every trial.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -29,6 +30,8 @@ from bilevel_ray.runtime.checkpoint import check_writable
 from bilevel_ray.runtime.flatness_actor import start_judge
 from bilevel_ray.runtime.flatness_watch import watch_settings
 from bilevel_ray.runtime.history import write_parquet
+from bilevel_ray.runtime.lineage import write_best_schedule
+from bilevel_ray.runtime.population import POPULATION_SCHEDULERS, population_scheduler
 from bilevel_ray.runtime.preflight import (
     check_space_values,
     check_spec,
@@ -93,7 +96,7 @@ def run_sweep(
     problem_config: dict[str, Any] | None = None,
     method: str = "pbgd_free",
     search_space: dict[str, Any] | None = None,
-    num_samples: int = 16,
+    num_samples: int = 32,
     steps: int | None = None,
     report_every: int | None = None,
     report_interval_s: float = REPORT_INTERVAL_S,
@@ -109,6 +112,8 @@ def run_sweep(
     name: str = "sweep",
     resume: bool = False,
     seed: int = 0,
+    search_seed: int | None = None,
+    pbt_interval: int | None = None,
     address: str | None = None,
     on_unsuitable: str | None = None,
     diagnose_window: int = 200,
@@ -124,18 +129,23 @@ def run_sweep(
         factory, problem_config: as in ``br.train``; the factory must return ``eval_data``.
         search_space: Tune distributions keyed by solver settings (see
             :mod:`bilevel_ray.runtime.search_space`); default :func:`default_search_space`.
-        num_samples: trials. steps, report_every: per trial (defaults: the problem's steps and
-            steps // 10). report_interval_s: a trial reports to Tune at most this often (and at
+        num_samples: trials (default 32: with 600-step trials, 19,200 trial-steps, under a
+            tenth of the 360-point grid that the default finds within 5% of on
+            ``representation`` and ``regression``, benchmarks/tune_quality.py). steps,
+            report_every: per trial (defaults: the problem's steps and steps // 10).
+            report_interval_s: a trial reports to Tune at most this often (and at
             its end and the scheduler's milestones); its history keeps every logged row.
         scheduler: ``"auto"`` (default: ASHA with random search, every trial to its end with
-            Optuna's TPE, see below), ``"asha"``, ``None`` (FIFO) or a Tune scheduler. Why: a
-            model-based searcher learns from each trial's final score, and an ASHA-stopped
-            trial reports an early, worse one; on ``representation`` (16 trials) TPE with ASHA
-            found 0.018-0.024 held-out loss, TPE alone 0.014-0.033 (benchmarks/tune_quality.py).
+            Optuna's TPE, see below), ``"asha"``, ``"pbt"`` / ``"pb2"`` (population-based
+            training of gamma, lr_y and lr_ratio every ``pbt_interval`` steps, default a tenth
+            of the run; see :mod:`bilevel_ray.runtime.population`), ``None`` (FIFO) or a Tune
+            scheduler. Why every TPE trial runs to its end: a model-based searcher learns
+            from each trial's final score, and an ASHA-stopped trial reports an early, worse
+            one.
         search_alg: ``"auto"`` (default: Optuna's TPE when the optional ``optuna`` package is
             installed, else random), ``None`` (random), ``"optuna"`` (TPE, needs ``optuna``) or
             a Tune searcher. TPE starts with ``num_samples // 2`` random trials (at most 8)
-            and then samples where the good ones were; seeded by ``seed``.
+            and then samples where the good ones were; seeded by ``search_seed``.
         max_concurrent_trials: default: as many as the cluster's CPUs hold.
         num_workers, resources_per_worker, use_gpu: per trial; more than one worker launches a
             Train worker group from the trial.
@@ -148,8 +158,9 @@ def run_sweep(
             actor per sweep, and each trial's verdict is a column of ``trials.parquet``
             (``flatness/verdict``, ``flatness/reason``); a stopped trial's status is
             ``unsuitable``.
-        seed: seeds the searcher and every trial's run (data order, sampling), so that the
-            trials of one sweep differ only in their settings.
+        seed: seeds every trial's run (data order, sampling), so that the trials of one sweep
+            differ only in their settings. search_seed: seeds the searcher (default: ``seed``);
+            vary it alone to see how much the search's own luck matters.
         max_failures: times a trial whose process dies (a killed worker, a lost node) is
             retried from its start (Tune's ``FailureConfig``); a trial whose code raises is
             not retried: it ends with status ``error`` and its reason.
@@ -161,8 +172,10 @@ def run_sweep(
     (:mod:`bilevel_ray.runtime.sweep_folder`).
 
     Returns:
-        :class:`~bilevel_ray.runtime.sweep_outcome.TuneResult`; ``trials.parquet`` and
-        ``history.parquet`` are written to the sweep's folder. Its ``best_config`` is None when
+        :class:`~bilevel_ray.runtime.sweep_outcome.TuneResult`; ``trials.parquet``,
+        ``history.parquet`` and ``best_schedule.json`` (the best trial's settings as schedules,
+        replayable with ``br.solve`` or ``bilevel-ray solve --schedule``) are written to the
+        sweep's folder. Its ``best_config`` is None when
         no trial completed (``failure_summary()`` says why).
     """
     problem_config = dict(problem_config or {})
@@ -189,7 +202,10 @@ def run_sweep(
     name = check_run_name(name)
     if not isinstance(gap_tol, (int, float)) or not gap_tol >= 0:
         raise ConfigError(f"gap_tol={gap_tol!r}: must be a number >= 0")
-    space = default_search_space(method) if search_space is None else dict(search_space)
+    if search_space is None:
+        space = default_search_space(method, base_options)
+    else:
+        space = dict(search_space)
     # The problem's suggested settings fill in what the space does not determine (lr_ratio
     # determines lr_x, a ramp determines gamma); the user's fixed settings are checked as given.
     determined = set(space) | ({"lr_x"} if "lr_ratio" in space else set())
@@ -201,8 +217,26 @@ def run_sweep(
         isinstance(v, Mapping) and "grid_search" in v for v in space.values()
     ):
         search_alg = None  # a grid is Tune's own variant generator's job; TPE cannot take one
-    searcher = search_alg_for(search_alg, num_samples, seed)
-    tune_scheduler, milestones = scheduler_for(scheduler, run, searcher)
+    search_seed = seed if search_seed is None else search_seed
+    check_count(problems, "search_seed", search_seed, 0)
+    if problems:
+        raise ConfigError(problems)
+    population = isinstance(scheduler, str) and scheduler in POPULATION_SCHEDULERS
+    if population:
+        if search_alg not in ("auto", None):
+            raise ConfigError(
+                f"scheduler={scheduler!r} draws its population at random and then evolves it; "
+                f"search_alg={search_alg!r} cannot be combined with it: leave search_alg unset"
+            )
+        searcher, milestones = None, frozenset()
+        tune_scheduler, run = population_scheduler(scheduler, run, space, pbt_interval, num_workers)
+    else:
+        if pbt_interval is not None:
+            raise ConfigError(
+                f"pbt_interval={pbt_interval!r} applies to scheduler='pbt' or 'pb2' only"
+            )
+        searcher = search_alg_for(search_alg, num_samples, search_seed)
+        tune_scheduler, milestones = scheduler_for(scheduler, run, searcher)
     first_step(spec, method, base, space, seed)
     # Resolved here, relative to this process's folder, before Ray can move it (a job's driver
     # connecting with address="auto"): the trials receive the callable itself.
@@ -221,6 +255,8 @@ def run_sweep(
             "steps": run.steps,
             "report_every": run.report_every,
             "seed": seed,
+            "search_seed": search_seed,
+            "pbt_interval": run.checkpoint_every or None,
             "num_workers": num_workers,
             "scheduler": str(scheduler),
             "search_alg": str(search_alg),
@@ -236,6 +272,8 @@ def run_sweep(
     with steady_working_dir(path):  # all of the sweep's paths are absolute by now
         gpus = connect(address)
         trial_cpus = 1.0 if num_workers == 1 else 0.25
+        if population:  # the whole population at once: an exploit needs live rivals
+            trial_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / num_samples)
         worker_cpus = placement.cpus_per_worker if num_workers > 1 else 0.0
         cpus = ray.cluster_resources().get("CPU", 0.0)
         per_trial = trial_cpus + num_workers * worker_cpus
@@ -246,7 +284,7 @@ def run_sweep(
                 "resources_per_worker (e.g. {'CPU': 0.5}) or num_workers"
             )
         if max_concurrent_trials is None:
-            max_concurrent_trials = max(1, int(cpus // per_trial))
+            max_concurrent_trials = max(1, int(cpus // per_trial + 1e-9))
         plan = TrialPlan(
             shipped,
             problem_config,
@@ -286,6 +324,9 @@ def run_sweep(
                     verbose=0,
                     callbacks=[_Progress()] if progress else [],
                     failure_config=ray_tune.FailureConfig(max_failures=max_failures),
+                    # An exploit restores a rival's latest checkpoint, which must still exist
+                    # when the exploiting trial starts: keep a few (Ray warns at 2 or fewer).
+                    checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=4),
                 ),
             )
         grid = tuner.fit()
@@ -294,6 +335,16 @@ def run_sweep(
     write_parquet(trials, path / "trials.parquet")
     write_parquet(history, path / "history.parquet")
     result = outcome(trials, history, path, base, gap_tol)
+    lineage = result.best_metrics.get("lineage") if result.best_config is not None else None
+    if isinstance(lineage, str):
+        sweep = {
+            "problem": _factory_name(factory),
+            "problem_config": problem_config,
+            "method": method,
+            "steps": run.steps,
+            "seed": seed,
+        }
+        write_best_schedule(path, result.best_metrics, json.loads(lineage), sweep)
     took = f"{result.num_trials} trials in {time.perf_counter() - started:.0f} s"
     if result.best_config is None:
         print(f"[tune] {took}; no trial completed", file=sys.stderr, flush=True)

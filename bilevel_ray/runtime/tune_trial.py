@@ -8,12 +8,21 @@ kept in the trial's history file, ``{sweep}/histories/<trial id>.parquet``; Tune
 at the end, at the scheduler's milestones and otherwise at most every ``report_interval_s``.
 A trial whose loss goes non-finite ends with status ``diverged`` and its last finite metrics;
 the sweep goes on.
+
+With ``run.checkpoint_every`` (population-based training) a single-worker trial reports a Tune
+checkpoint every that many steps and at its end: the local runtime's payload plus the trial's
+lineage (:mod:`bilevel_ray.runtime.lineage`). A trial started from a checkpoint (an exploit, or
+a resumed sweep) continues from it with its own settings; its history file keeps every row it
+computed, each with ``restart`` (which run of the trial it was) and ``from_step`` (the step that
+run started from), so the sweep's compute (trial-steps) can be counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +36,10 @@ from bilevel_ray.errors import DivergenceError
 from bilevel_ray.evaluation import evaluate
 from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime import loop
+from bilevel_ray.runtime.checkpoint import load_checkpoint, save_checkpoint
 from bilevel_ray.runtime.flatness_watch import verdict_columns
-from bilevel_ray.runtime.history import write_parquet
+from bilevel_ray.runtime.history import read_rows, write_parquet
+from bilevel_ray.runtime.lineage import extend_lineage
 from bilevel_ray.runtime.local import run_spec_local, solver_config
 from bilevel_ray.runtime.ranking import GAP, METRIC
 from bilevel_ray.runtime.run_spec import Placement, RunSpec, verbose
@@ -37,7 +48,9 @@ from bilevel_ray.runtime.sweep_outcome import HISTORIES, one_line
 from bilevel_ray.runtime.threads import use_cpus
 from bilevel_ray.runtime.worker_job import WorkerJob
 
-__all__ = ["TrialPlan", "run_trial"]
+__all__ = ["TRIAL_CHECKPOINT", "TrialPlan", "run_trial"]
+
+TRIAL_CHECKPOINT = "trial.pt"  # inside each of a trial's Tune checkpoint folders
 
 
 @dataclass(frozen=True)
@@ -82,11 +95,34 @@ def run_trial(point: dict[str, Any], plan: TrialPlan) -> None:
 def _trial_in_process(settings: Any, plan: TrialPlan, trial_id: str, history: Path) -> None:
     use_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
     spec = build_spec(plan.factory, {**plan.problem_config, "device": "cpu"})
-    sink = _TuneSink(spec, plan, trial_id, history)
+    restored = _restored_payload()
+    start = int(restored["state"]["step"]) if restored is not None else 0
+    lineage = restored.get("lineage", []) if restored is not None else []
+    lineage = extend_lineage(lineage, start, trial_id, settings.to_dict(strict=False))
+    sink = _TuneSink(spec, plan, trial_id, history, start, lineage)
     try:
-        run_spec_local(spec, settings, plan.run, judge=_judge(plan), run_id=trial_id, also=sink)
+        run_spec_local(
+            spec,
+            settings,
+            plan.run,
+            judge=_judge(plan),
+            run_id=trial_id,
+            also=sink,
+            restore=restored,
+            on_checkpoint=sink.hold if plan.run.checkpoint_every else None,
+        )
     except DivergenceError as err:
         sink.diverged(err)
+
+
+def _restored_payload() -> dict[str, Any] | None:
+    """The checkpoint Tune starts this trial from (an exploit's donor, or its own after a
+    resume), or None."""
+    checkpoint = ray_tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / TRIAL_CHECKPOINT)
 
 
 def _judge(plan: TrialPlan) -> Any:
@@ -99,13 +135,31 @@ def _judge(plan: TrialPlan) -> Any:
 
 class _TuneSink:
     """Scores every logged row, keeps the trial's history file, and reports to Tune when the
-    :class:`~bilevel_ray.runtime.loop.ReportClock` says so."""
+    :class:`~bilevel_ray.runtime.loop.ReportClock` says so (with the checkpoint, when one is
+    held)."""
 
-    def __init__(self, spec: Any, plan: TrialPlan, trial_id: str, history: Path):
+    def __init__(
+        self,
+        spec: Any,
+        plan: TrialPlan,
+        trial_id: str,
+        history: Path,
+        start: int = 0,
+        lineage: list[dict[str, Any]] | None = None,
+    ):
         self.spec, self.plan, self.trial_id, self.history = spec, plan, trial_id, history
+        self.start, self.lineage = start, lineage or []
         self.clock = loop.ReportClock(plan.run.report_interval_s, plan.milestones)
-        self.rows: list[dict[str, Any]] = []
+        # A trial started again keeps what it computed before (its compute is spent); each of
+        # its runs is numbered (``restart``), so that a plot draws them apart.
+        self.rows: list[dict[str, Any]] = read_rows(history) if start else []
+        self.restart = 1 + max((r.get("restart", 0) for r in self.rows), default=-1)
         self.last: dict[str, Any] = {}
+        self.held: dict[str, Any] | None = None
+
+    def hold(self, payload: dict[str, Any]) -> None:
+        """Keep a checkpoint payload for this step's report (the lineage goes with it)."""
+        self.held = {**payload, "lineage": self.lineage}
 
     def before_step(self, step: int) -> None:
         """Nothing to do before a step."""
@@ -126,13 +180,29 @@ class _TuneSink:
         # A run stopped by the flatness verdict ends on this row, with its status.
         status = active.status if outcome.done else "running"
         self.last = {**_numbers(row), **scores, **verdict_columns(active.verdict)}
-        self.rows.append({"trial_id": self.trial_id, **row, **scores, "status": status})
-        if self.clock.due(outcome):
+        self.last["lineage"] = json.dumps(self.lineage)  # the best one becomes a schedule
+        self.rows.append(
+            {
+                "trial_id": self.trial_id,
+                **row,
+                **scores,
+                "status": status,
+                "from_step": self.start,
+                "restart": self.restart,
+            }
+        )
+        if self.clock.due(outcome) or self.held is not None:
             self.report({**self.last, "status": status})
 
     def report(self, metrics: dict[str, Any]) -> None:
         write_parquet(pa.Table.from_pylist(self.rows), self.history)
-        ray_tune.report(metrics)
+        if self.held is None:
+            ray_tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(self.held, Path(folder) / TRIAL_CHECKPOINT)
+                ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(folder))
+            self.held = None
         self.clock.reported()
 
     def diverged(self, err: DivergenceError) -> None:
