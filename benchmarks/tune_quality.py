@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--gap-tol", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_quality.parquet"))
+    parser.add_argument("--keep", type=Path, help="keep the sweeps' folders here (report.png)")
     args = parser.parse_args()
     grid_points = math.prod(len(v) for v in GRID.values())
     grid_steps = grid_points * args.steps
@@ -115,7 +116,8 @@ def sweep(
     grid_best: float,
     grid_steps: int,
 ) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as storage:
+    with tempfile.TemporaryDirectory() as temporary:
+        storage = args.keep or temporary
         start = time.perf_counter()
         result = br.tune(
             problem,
@@ -123,7 +125,7 @@ def sweep(
             steps=args.steps,
             gap_tol=args.gap_tol,
             storage_path=storage,
-            name=f"{strategy}{seed}",
+            name=f"{problem}-{strategy}{seed}",
             seed=0,
             search_seed=seed,
             progress=False,

@@ -76,7 +76,9 @@ DIAGNOSE_EXAMPLES = """examples:
 
 
 TUNE_EXAMPLES = """examples:
-  bilevel-ray tune representation --samples 16 --max-steps 600 --out runs
+  bilevel-ray tune representation --max-steps 600 --out runs
+  bilevel-ray tune representation --max-steps 600 --scheduler pbt --out runs --name pbt
+  bilevel-ray solve representation --schedule runs/pbt/best_schedule.json
   bilevel-ray tune representation --space 'gamma={"loguniform": [5, 50]}' \\
       --space 'lr_y={"loguniform": [1e-4, 1e-2]}' --set optimizer='"adam"' --out runs
   bilevel-ray tune representation --out runs --resume     # finish an interrupted sweep
@@ -260,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _output_options(tune_cmd)
     tune_cmd.set_defaults(report_every=None)  # a tenth of the steps: the scheduler's rungs
-    tune_cmd.add_argument("--samples", type=int, default=32, help="trials (default 32)")
+    tune_cmd.add_argument("--samples", type=int, default=36, help="trials (default 36)")
     tune_cmd.add_argument(
         "--max-steps",
         type=int,

@@ -338,24 +338,128 @@ class Shared:
 def test_side_by_side_branch_runs_a_fixed_number_of_steps(max_seconds):
     # The branch's length is branch_steps whatever the time budget: a loaded machine gets the
     # same comparison. max_seconds=0 ends the trajectory at warmup_steps, unsettled.
-    gen = torch.Generator().manual_seed(0)
-    upper = (1.0 + torch.randn(400, generator=gen, dtype=torch.float64),)
-    lower = (torch.randn(400, generator=gen, dtype=torch.float64),)
+    upper, lower = _noisy()
     data = br.data.minibatches(upper, lower, 8)
     held = br.data.BilevelBatch(upper, lower)
-    v = diagnose(
-        Shared(),
-        {"x": t64(3.0)},
+    v = _branch_verdict(Shared(), data, held, max_seconds=max_seconds, branch_steps=24)
+    assert v.stats["flatness/branch_steps"] == 24
+    assert "over 24 steps" in v.reason and "paired over 32 parts" in v.reason
+    assert math.isfinite(v.stats["flatness/cost_se"]) and v.stats["flatness/cost_se"] > 0
+
+
+def test_replica_noise_is_the_runs_difference_plus_its_spread():
+    from bilevel_ray.diagnostics.diagnose import replica_noise
+
+    # Two evaluations x 4 parts; the replica is 0.1 lower on average, part gaps 0, 0.2, 0.1, 0.1.
+    free = [[1.0, 1.2, 1.1, 1.1], [1.2, 1.4, 1.3, 1.3]]
+    replica = [[1.0, 1.0, 1.0, 1.0], [1.2, 1.2, 1.2, 1.2]]
+    floor, diff, se = replica_noise(free, replica, 2.0)
+    assert diff == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.02 / 3) / 2)
+    assert floor == pytest.approx(0.1 + 2 * se)
+    # Deterministic data: the replica repeats the run exactly, a floor of 0; no replica ran: 0.
+    assert replica_noise(free, free, 2.0) == (0.0, 0.0, 0.0)
+    assert replica_noise(free, [], 2.0) == (0.0, 0.0, 0.0)
+
+
+def _noisy(n: int = 400, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    upper = (1.0 + torch.randn(n, generator=gen, dtype=F64),)
+    lower = (torch.randn(n, generator=gen, dtype=F64),)
+    return upper, lower
+
+
+def _branch_verdict(problem, data, held, x0=3.0, **options):
+    return diagnose(
+        problem,
+        {"x": t64(x0)},
         {"y": t64(0.0)},
         10.0,
         data=data,
         eval_data=held,
         warmup_steps=2,
         max_steps=2,
-        max_seconds=max_seconds,
-        branch_steps=24,
-        settle=1e-12,  # never settles: the branch decides
+        settle=1e-12,  # never settles: the side-by-side branch decides
+        **options,
     )
-    assert v.stats["flatness/branch_steps"] == 24
-    assert "over 24 steps" in v.reason and "paired over 32 parts" in v.reason
-    assert math.isfinite(v.stats["flatness/cost_se"]) and v.stats["flatness/cost_se"] > 0
+
+
+def test_side_by_side_branch_measures_the_runs_own_noise_with_a_replica():
+    # On minibatches a second PBGD-Free run from the same start on another batch order differs
+    # from the first: a positive floor under the tolerance, named in the reason. Batches of 4
+    # over 200 steps: both runs have settled (their jitter is small) and the replica ends
+    # elsewhere by its batch order alone.
+    upper, lower = _noisy()
+    v = _branch_verdict(
+        Shared(),
+        br.data.minibatches(upper, lower, 4),
+        br.data.BilevelBatch(upper, lower),
+        branch_steps=200,
+    )
+    floor, diff, se = (
+        v.stats[f"flatness/{k}"] for k in ("noise_floor", "replica_gap", "replica_se")
+    )
+    assert math.isfinite(diff) and diff != 0.0 and se > 0
+    assert floor == pytest.approx(abs(diff) + 2.0 * se) and floor > v.stats["flatness/jitter"]
+    assert v.stats["flatness/tolerance"] >= floor
+    assert v.verdict == "suitable"  # f and g share their target: the dropped term costs nothing
+    assert (
+        f"the {floor:.2g} two PBGD-Free runs from the start on different batch orders" in v.reason
+    )
+    assert f"within the {floor:.2g} two PBGD-Free runs differ by" in v.reason
+
+
+def test_deterministic_data_gets_no_replica():
+    from bilevel_ray.data import as_batches
+    from bilevel_ray.diagnostics.diagnose import _Branch, _Progress
+
+    # Full-batch data: a replica would repeat the run exactly (floor 0), so diagnose runs none;
+    # run on purpose, it measures exactly 0.
+    upper, lower = _noisy(64)
+    data, held = br.full_batch(upper, lower), br.data.BilevelBatch(upper, lower)
+    solver = br.SolverConfig(method="pbgd_free", lr_x=0.05, lr_y=0.1, gamma=10.0).build(Shared())
+    state = solver.init({"x": t64(3.0)}, {"y": t64(0.0)})
+    judge = {"rtol": 0.05, "atol": 1e-6, "z": 2.0}
+
+    def branch(replica):
+        b = _Branch(Shared(), solver, 0.05, 0.1, 10.0, "sgd", state, 0, 1.0, held)
+        return b.verdict(as_batches(data, 0), 1, 20, _Progress(False), judge, replica)
+
+    assert branch(as_batches(data, 1)).stats["flatness/replica_gap"] == 0.0
+    assert math.isnan(branch(None).stats["flatness/replica_gap"])
+
+
+class NoisyLipschitz:
+    """The Lipschitz family on minibatches: f = mean((x - 1 + s)^2) / 2 + l y, g = mean((y - x -
+    t)^2) / 2. PBGD-Free heads for x = 1, the bilevel solution is x = 1 - l: a real bias of
+    phi(1) - phi(1 - l) = l^2 / 2 whatever the batch order."""
+
+    def __init__(self, slope: float):
+        self.slope = slope
+
+    def upper_loss(self, x, y, batch):
+        (s,) = batch
+        return 0.5 * ((x["x"] - 1 + s - 1) ** 2).mean() + self.slope * y["y"].sum()
+
+    def lower_loss(self, x, y, batch):
+        (t,) = batch
+        return 0.5 * ((y["y"] - x["x"] - t) ** 2).mean()
+
+
+def test_a_real_bias_beyond_the_replica_floor_stays_unsuitable():
+    # Bias l^2 / 2 = 0.5 against two runs that differ by batch-order noise alone: the floor
+    # must not hide it.
+    upper, lower = _noisy()
+    v = _branch_verdict(
+        NoisyLipschitz(1.0),
+        br.data.minibatches(upper, lower, 8),
+        br.data.BilevelBatch(upper, lower),
+        lr_x=0.05,
+        lr_y=0.2,
+        branch_steps=200,
+    )
+    assert v.verdict == "unsuitable", v.reason
+    assert math.isfinite(v.stats["flatness/replica_gap"])
+    assert v.stats["flatness/noise_floor"] < 0.2 < v.stats["flatness/cost"]
+    assert (
+        v.stats["flatness/cost"] - 2 * v.stats["flatness/cost_se"] > v.stats["flatness/tolerance"]
+    )

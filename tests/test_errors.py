@@ -652,7 +652,7 @@ def test_solver_config_refuses(settings, match):
         (
             {"lr_x": {"kind": "cosine"}},
             r"^lr_x=\{'kind': 'cosine'\}: 'kind' must be one of \['constant', 'inverse_power', "
-            r"'linear'\]",
+            r"'linear', 'piecewise_constant'\]",
         ),
         (
             {"gamma": {"kind": "linear", "init_value": 1.0}},
@@ -950,12 +950,12 @@ S = br.schedules
         (
             lambda: S.to_dict(lambda t: 1.0),
             r"^schedule <function .*>: only built-in schedules \(constant, linear, "
-            r"inverse_power\) and numbers can be serialised",
+            r"inverse_power, piecewise_constant\) and numbers can be serialised",
         ),
         (
             lambda: S.from_dict({"kind": "cosine"}),
             r"^schedule=\{'kind': 'cosine'\}: 'kind' must be one of \['constant', "
-            r"'inverse_power', 'linear'\]",
+            r"'inverse_power', 'linear', 'piecewise_constant'\]",
         ),
         (
             lambda: S.from_dict({"value": 1.0}),

@@ -28,6 +28,17 @@ negative toy from x0 = 100 would allow 551 against its 25):
   unconverged points are never dropped silently), or when C is only a lower bound (the penalty
   objective does not curve up along d as far as probed) that does not exceed tau.
 
+Side-by-side branch (minibatch data, when the price cannot decide or the run is still moving):
+PBGD-Free and alt_pbgd run ``branch_steps`` steps from the same (x, y) on the same batches, and
+the shortfall is their held-out gap (paired over held-out parts, standard error se). The
+precision a run can reach is measured, not assumed: a second PBGD-Free run from the same start
+on another batch order, as many steps long, differs from the first by d ± se_d (held out, over
+the branch's evaluations), and the noise floor |d| + z se_d
+(or the evaluations' jitter, if larger) joins the tolerance. A shortfall within it is no more
+than what two PBGD-Free runs differ by: suitable; one beyond it by z se: unsuitable. A replica
+sees only batch-order noise, so a real bias still shows above it. Deterministic data never
+branches (a replica would repeat the run: floor 0).
+
 Why cost and not the ratio ||d|| / ||kept||: both terms can be tiny (a least-squares f and g
 sharing their target) or the kept term can dwarf d far from the solution (a far start), and the
 ratio then says nothing about the result; C is in the units the user judges the result in, and
@@ -511,7 +522,11 @@ def diagnose(
     batches (a step count, not a time budget), judged on ``eval_data`` (split into 32 strided
     parts: the paired per-part differences give the shortfall's standard error) or on
     held-back batches, averaged over 4 evaluations in the branch's second half, against the
-    tolerance plus the runs' own jitter (the evaluations' spread).
+    tolerance plus the runs' own noise: the larger of the evaluations' jitter and what a second
+    PBGD-Free run from (x0, y0) on another batch order (seed + 7919), as many steps long,
+    differs by, |d| + z se (:func:`replica_noise`; the precision a run can reach). With that
+    floor, a shortfall within the tolerance is suitable, one beyond it by z standard errors
+    unsuitable.
     The tolerance is ``rtol`` of the achievable improvement measured from ``reference`` (an
     upper-level point, default x0: the problem's own start), so that diagnosing from another
     start with the problem's reference gives the same tolerance. x0 and y0 are not modified.
@@ -630,7 +645,18 @@ def diagnose(
             )
             branch.reference = (reference, y0)
             branch.settled, branch.priced = settled, priced_verdict
-            return branch.verdict(stream, batches, branch_steps, report, judge)
+            # A second PBGD-Free run from the same start on another batch order, as far as
+            # this one: what two runs differ by, the precision a run can reach (deterministic
+            # data would repeat the run exactly: skipped).
+            replica = None if fixed else as_batches(data, seed + REPLICA_SEED)
+            if replica is not None:
+                again = solver.init(x0, y0)
+                for m in range(t):
+                    again, _ = solver.step(again, next(replica))
+                    if m % 25 == 0:
+                        report.show(f"step {t}, a second PBGD-Free run, step {m} of {t}")
+                branch.again = again
+            return branch.verdict(stream, batches, branch_steps, report, judge, replica)
 
         if not settled and not fixed:
             # Pricing assumes PBGD-Free's own step has died out (kept ~ 0); a minibatch network
@@ -687,6 +713,24 @@ def diagnose(
 
 PARTS = 32  # the held-out data is split into this many strided parts for the paired spread
 EVALS = 4  # held-out evaluations over the branch's second half, averaged
+REPLICA_SEED = 7919  # offset of the replica's batch-order seed from diagnose's own
+
+
+def replica_noise(
+    free: Sequence[Sequence[float]], replica: Sequence[Sequence[float]], z: float
+) -> tuple[float, float, float]:
+    """What two PBGD-Free runs from the same start, on different batch orders, differ by: the
+    noise floor |d| + z se, with d the time-averaged held-out difference of ``free`` and
+    ``replica`` and se its standard error over the held-out parts (:func:`paired_gap`, values
+    ``[e][k]`` as there), and d and se themselves. No evaluation gives 0 (no replica ran); a
+    non-finite value gives inf; one part (no spread) gives |d|. A shortfall within the floor
+    is one the run's own batch order could produce: within the precision a run can reach."""
+    if not free or not replica:
+        return 0.0, 0.0, 0.0
+    diff, se, _ = paired_gap(free, replica)
+    if not math.isfinite(diff):
+        return math.inf, diff, se
+    return abs(diff) + (z * se if math.isfinite(se) else 0.0), diff, se
 
 
 def paired_gap(free: Sequence[Sequence[float]], alt: Sequence[Sequence[float]]) -> tuple:
@@ -756,6 +800,9 @@ class _Branch:
         ).build(problem)
         # Both branches start afresh (optimizer states too), so neither has a head start.
         self.free = (solver, solver.init(state.x, state.y)._replace(step=state.step))
+        # The replica's own state (diagnose sets a second run's), made before any branch step
+        # (a step may update in place).
+        self.again = solver.init(state.x, state.y)._replace(step=state.step)
         self.alt = (alt, alt.init(state.x, state.y)._replace(step=state.step))
         self.parts = None if held is None else _split(as_batch(held).upper, PARTS)
 
@@ -777,10 +824,21 @@ class _Branch:
         with torch.no_grad():
             return [float(self.problem.upper_loss(x, y, as_batch(b).upper)) for b in held]
 
-    def verdict(self, stream: Any, batches: int, steps: int, report: Any, judge: dict) -> Verdict:
+    def verdict(
+        self,
+        stream: Any,
+        batches: int,
+        steps: int,
+        report: Any,
+        judge: dict,
+        replica: Any = None,
+    ) -> Verdict:
         """``steps`` steps of each; f at both ends evaluated EVALS times over the second half
         (on the held-out data's PARTS parts, or on 2 ``batches`` held-back batches) and
-        :func:`paired_gap`'s shortfall against :func:`tolerance` (plus the runs' jitter)."""
+        :func:`paired_gap`'s shortfall against :func:`tolerance` plus the runs' noise: the
+        larger of their jitter and, with a ``replica`` batch stream (minibatch data), what a
+        second PBGD-Free run (diagnose's: from the same start) on those batches differs by
+        (:func:`replica_noise`)."""
         rtol, atol, z = judge["rtol"], judge["atol"], judge["z"]
         held = [self.eval_data] if self.eval_data is not None else []
         held = held or [next(stream) for _ in range(2 * batches)]
@@ -791,6 +849,7 @@ class _Branch:
         else:
             where = "the held-out data (one part: no spread)"
         (free, a), (alt, c) = self.free, self.alt
+        r = self.again if replica is not None else None  # the replica: PBGD-Free's start
         start = self._upper(a.x, a.y, held)
         ref_x, ref_y = self.reference
         if self.eval_data is None:  # f(reference, y_gamma(reference)) on the held-back batches
@@ -803,26 +862,36 @@ class _Branch:
         at = sorted({steps - (steps // 2) * e // EVALS for e in range(EVALS)} - {0})
         ends_free: list[list[float]] = []
         ends_alt: list[list[float]] = []
+        ends_rep: list[list[float]] = []
         for m in range(1, steps + 1):
             batch = next(stream)
             (a, _), (c, _) = free.step(a, batch), alt.step(c, batch)
+            if r is not None:
+                r, _ = free.step(r, next(replica))
             if m in at:
                 ends_free.append(self._upper(a.x, a.y, held))
                 ends_alt.append(self._upper(c.x, c.y, held))
+                if r is not None:
+                    ends_rep.append(self._upper(r.x, r.y, held))
             if m % 25 == 0:
                 report.show(f"step {self.step}, comparing with alt_pbgd, step {m} of {steps}")
         if not ends_free:  # steps = 0: the start alone
             ends_free, ends_alt = [start], [start]
         gap, se, jitter = paired_gap(ends_free, ends_alt)
+        runs, r_diff, r_se = replica_noise(ends_free, ends_rep, z)
+        noise = max(jitter, runs)
         f_free = statistics.fmean(statistics.fmean(v) for v in ends_free)
         f_alt = statistics.fmean(statistics.fmean(v) for v in ends_alt)
-        tol = tolerance(f_ref, f_free, gap, rtol, atol, jitter)
+        tol = tolerance(f_ref, f_free, gap, rtol, atol, noise)
         f_start = statistics.fmean(start)
         out = {
             "flatness/cost": gap,
             "flatness/cost_se": se,
             "flatness/tolerance": tol,
-            "flatness/noise_floor": jitter,
+            "flatness/noise_floor": noise,
+            "flatness/jitter": jitter,
+            "flatness/replica_gap": r_diff if replica is not None else math.nan,
+            "flatness/replica_se": r_se if replica is not None else math.nan,
             "flatness/upper": f_free,
             "flatness/alt_upper": f_alt,
             "flatness/start_upper": f_ref,
@@ -840,7 +909,12 @@ class _Branch:
         elif math.isnan(se):  # one value: its spread is unknown, so only a clear gap decides
             name = "uncertain"
         else:
-            low, high = gap - z * se, gap + z * se
+            # With a replica the floor already holds the spread of a difference between two
+            # runs (its z se), so the shortfall itself is held to the tolerance: a shortfall
+            # within what two PBGD-Free runs differ by is as good to the run's precision.
+            # (A replica that repeated the run exactly measured no spread: the usual rule.)
+            measured_floor = bool(ends_rep) and runs > 0 and math.isfinite(r_se)
+            low, high = gap - z * se, gap if measured_floor else gap + z * se
             name = "suitable" if high <= tol else "unsuitable" if low > tol else "uncertain"
         confidence = (
             (1.0 if gap <= tol else 0.0)
@@ -855,7 +929,15 @@ class _Branch:
             else f"the price of PBGD-Free's dropped term at step {self.step} could not decide"
         )
         spread = f"{se:.2g}" if math.isfinite(se) else "an unknown spread"
-        jitters = f" plus the runs' own jitter {jitter:.2g}" if jitter > 0 else ""
+        replicated = bool(ends_rep) and runs >= jitter
+        if replicated:
+            r_spread = f" + {z:g} x {r_se:.2g}" if math.isfinite(r_se) else ""
+            jitters = (
+                f" plus the {runs:.2g} two PBGD-Free runs from the start on different batch orders "
+                f"differ by: {abs(r_diff):.2g}{r_spread}"
+            )
+        else:
+            jitters = f" plus the runs' own jitter {jitter:.2g}" if jitter > 0 else ""
         measured = (
             f"{why}, so it was compared with alt_pbgd from there over {steps} steps on the same "
             f"batches: averaged over the last {len(ends_free)} evaluation(s), PBGD-Free ended at "
@@ -864,6 +946,17 @@ class _Branch:
             f"({100 * rtol:g}% of the achievable improvement from f = {f_ref:.4g} at the "
             f"problem's reference point{jitters})"
         )
+        if name == "suitable" and replicated:
+            within = (
+                f"within the {runs:.2g} two PBGD-Free runs differ by"
+                if gap <= runs
+                else f"within the tolerance {tol:.3g}"
+            )
+            reason = (
+                f"{measured}: the shortfall {gap:.3g} is {within} ({100 * confidence:.3g}% "
+                "confidence), as good to the precision a run can reach, so keep pbgd_free."
+            )
+            return Verdict(True, "suitable", reason, out, "keep pbgd_free")
         if name == "suitable":
             reason = f"{measured}, with {100 * confidence:.3g}% confidence, so keep pbgd_free."
             return Verdict(True, "suitable", reason, out, "keep pbgd_free")

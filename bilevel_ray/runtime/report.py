@@ -22,6 +22,7 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.checkpoint import atomic_write, check_output_path
 from bilevel_ray.runtime.lineage import BEST_SCHEDULE
 from bilevel_ray.runtime.report_sweep import (
+    printable,
     read_best_schedule,
     settings_label,
     status_counts,
@@ -140,7 +141,7 @@ def _run_figure(
         if rows:
             values = [r[metric] for r in rows]
             positive = positive and min(values) > 0
-            label = _printable(str(label))  # a trial id is data: no control characters
+            label = printable(str(label))  # a trial id is data: no control characters
             by_time.plot([r["time/elapsed_s"] for r in rows], values, label=label, **style)
             by_step.plot([r["step"] for r in rows], values, label=label, **style)
     for step, method in switches:
@@ -194,7 +195,7 @@ def _rows(path: Path, needs: tuple[str, ...] = ()) -> list[dict[str, Any]]:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
         raise ConfigError(
-            f"{str(path)!r} cannot be read ({_printable(str(err))}): it is corrupted; rerun the "
+            f"{str(path)!r} cannot be read ({printable(str(err))}): it is corrupted; rerun the "
             "command that wrote it"
         ) from None
     missing = [c for c in needs if c not in table.column_names]
@@ -212,14 +213,9 @@ def _rows(path: Path, needs: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     return table.to_pylist()
 
 
-def _printable(text: str) -> str:
-    """``text`` with control characters (a terminal escape in a trial id) shown as '?'."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
 def _format(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else _printable(str(value))
+        return f"{value:.4g}" if isinstance(value, float) else printable(str(value))
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]

@@ -18,7 +18,14 @@ import math
 from collections import Counter
 from typing import Any
 
-__all__ = ["SHOWN", "read_best_schedule", "settings_label", "status_counts", "sweep_figure"]
+__all__ = [
+    "SHOWN",
+    "printable",
+    "read_best_schedule",
+    "settings_label",
+    "status_counts",
+    "sweep_figure",
+]
 
 SHOWN = 8  # trials drawn in colour and named in the legend (the best ones)
 ENDINGS = (("completed", "completed"), ("stopped", "stopped early"), ("diverged", "diverged"))
@@ -44,7 +51,7 @@ def settings_label(trial: dict[str, Any]) -> str:
     parts = [f"{short}={_g(config[key])}" for key, short in names if key in config]
     if "optimizer" in config:
         parts.append(str(config["optimizer"]))
-    return " ".join(parts) or str(trial.get("trial_id"))
+    return printable(" ".join(parts) or str(trial.get("trial_id")))
 
 
 def sweep_figure(
@@ -85,7 +92,9 @@ def sweep_figure(
         axis.set_yscale("log" if positive else "linear")
         axis.grid(alpha=0.3)
     by_step.set_title(f"the {len(shown)} best trials in colour, the others grey", fontsize=9)
-    by_step.legend(fontsize=7, loc="upper right", title="rank: settings", title_fontsize=7)
+    by_step.legend(
+        fontsize=7, loc="upper right", title="rank: settings", title_fontsize=7, framealpha=0.7
+    )
     ended = [t for t in trials if _finite(t.get(metric)) and _finite(t.get(gap))]
     for trial in ended:
         best = trial["trial_id"] in shown
@@ -143,6 +152,11 @@ def _plot_schedules(
     )
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (a terminal escape in a trial id) shown as '?'."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def read_best_schedule(path: Any) -> dict[str, Any] | None:

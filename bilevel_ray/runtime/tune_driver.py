@@ -13,6 +13,7 @@ and ``history.parquet`` every logged row of every trial.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -96,7 +97,7 @@ def run_sweep(
     problem_config: dict[str, Any] | None = None,
     method: str = "pbgd_free",
     search_space: dict[str, Any] | None = None,
-    num_samples: int = 32,
+    num_samples: int = 36,
     steps: int | None = None,
     report_every: int | None = None,
     report_interval_s: float = REPORT_INTERVAL_S,
@@ -129,9 +130,9 @@ def run_sweep(
         factory, problem_config: as in ``br.train``; the factory must return ``eval_data``.
         search_space: Tune distributions keyed by solver settings (see
             :mod:`bilevel_ray.runtime.search_space`); default :func:`default_search_space`.
-        num_samples: trials (default 32: with 600-step trials, 19,200 trial-steps, under a
-            tenth of the 360-point grid that the default finds within 5% of on
-            ``representation`` and ``regression``, benchmarks/tune_quality.py). steps,
+        num_samples: trials (default 36: with 600-step trials, 21,600 trial-steps, a tenth of
+            the 360-point grid whose best the default comes within 5% of on ``representation``
+            and ``regression``, benchmarks/tune_quality.py). steps,
             report_every: per trial (defaults: the problem's steps and steps // 10).
             report_interval_s: a trial reports to Tune at most this often (and at
             its end and the scheduler's milestones); its history keeps every logged row.
@@ -228,6 +229,12 @@ def run_sweep(
                 f"scheduler={scheduler!r} draws its population at random and then evolves it; "
                 f"search_alg={search_alg!r} cannot be combined with it: leave search_alg unset"
             )
+        if max_concurrent_trials not in (None, num_samples):
+            raise ConfigError(
+                f"max_concurrent_trials={max_concurrent_trials}: a population of "
+                f"num_samples={num_samples} trials runs all at once (an exploit needs its "
+                "rivals running); leave max_concurrent_trials unset or lower num_samples"
+            )
         searcher, milestones = None, frozenset()
         tune_scheduler, run = population_scheduler(scheduler, run, space, pbt_interval, num_workers)
     else:
@@ -272,8 +279,11 @@ def run_sweep(
     with steady_working_dir(path):  # all of the sweep's paths are absolute by now
         gpus = connect(address)
         trial_cpus = 1.0 if num_workers == 1 else 0.25
-        if population:  # the whole population at once: an exploit needs live rivals
-            trial_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / num_samples)
+        if population:
+            # The whole population at once: PBT pauses a trial at every interval while another
+            # waits for CPUs. Ray counts resources in 1e-4 units: round down so that all fit.
+            share = ray.cluster_resources().get("CPU", 1.0) / num_samples
+            trial_cpus = min(1.0, max(1e-4, math.floor(share * 1e4) / 1e4))
         worker_cpus = placement.cpus_per_worker if num_workers > 1 else 0.0
         cpus = ray.cluster_resources().get("CPU", 0.0)
         per_trial = trial_cpus + num_workers * worker_cpus
@@ -283,7 +293,9 @@ def run_sweep(
                 f"{trial_cpus:g} for the trial) and the cluster has {cpus:g}: lower "
                 "resources_per_worker (e.g. {'CPU': 0.5}) or num_workers"
             )
-        if max_concurrent_trials is None:
+        if population:
+            max_concurrent_trials = num_samples
+        elif max_concurrent_trials is None:
             max_concurrent_trials = max(1, int(cpus // per_trial + 1e-9))
         plan = TrialPlan(
             shipped,
@@ -325,8 +337,10 @@ def run_sweep(
                     callbacks=[_Progress()] if progress else [],
                     failure_config=ray_tune.FailureConfig(max_failures=max_failures),
                     # An exploit restores a rival's latest checkpoint, which must still exist
-                    # when the exploiting trial starts: keep a few (Ray warns at 2 or fewer).
-                    checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=4),
+                    # when the exploiting trial's process has started: a fast rival had saved 4
+                    # more by then (10 of 36 trials failed on representation), so a population
+                    # keeps every checkpoint. Other sweeps save none.
+                    checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=None),
                 ),
             )
         grid = tuner.fit()
