@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -214,7 +215,10 @@ def test_a_weights_file_that_is_not_only_tensors_is_refused_not_run(tmp_path, ca
     with pytest.raises(br.ConfigError) as raised:
         peft_dpo_sft({**TINY, "model": str(tmp_path), "vocab": 16})
     message = str(raised.value)
-    assert "pytorch_model.bin holds objects other than tensors (it names print)" in message
+    # print, or Ray's safe_print once Ray has patched print in this process.
+    assert re.search(
+        r"pytorch_model\.bin holds objects other than tensors \(it names [\w.]*print\)", message
+    )
     assert "so it was not loaded: unpickling it could run code" in message
     assert "torch.save(model.state_dict(), 'pytorch_model.bin')" in message
     assert "safetensors" in message

@@ -172,14 +172,16 @@ def test_pb2_without_its_packages_says_how_to_get_them(no_ray, tmp_path, monkeyp
 @pytest.mark.ray
 def test_a_pbt_sweep_learns_a_schedule_that_replays_its_trials_exactly(ray_2cpu, tmp_path):
     """Every trial whose state came through exploits is replayed from the sweep's start with
-    its lineage's schedules: the same final x and y (float64), to 1e-6."""
+    its lineage's schedules: the same final x and y (float64), to 1e-6. The trials run long
+    enough (several seconds each) to overlap: a trial that ended is no rival to exploit."""
+    steps = 6000
     result = br.tune(
         "regression",
         num_samples=4,
-        steps=120,
-        report_every=20,
+        steps=steps,
+        report_every=500,
         scheduler="pbt",
-        pbt_interval=40,
+        pbt_interval=1000,
         storage_path=tmp_path,
         name="pbt",
         seed=3,
@@ -201,10 +203,10 @@ def test_a_pbt_sweep_learns_a_schedule_that_replays_its_trials_exactly(ray_2cpu,
             k: br.schedules.from_dict(v) if isinstance(v, dict) else v for k, v in settings.items()
         }
         replay = br.solve(
-            spec.problem, spec.x0, spec.y0, steps=120, seed=3, data=spec.data, **settings
+            spec.problem, spec.x0, spec.y0, steps=steps, seed=3, data=spec.data, **settings
         )
         final = _final_state(folder, trial["trial_id"])
-        assert final["step"] == 120
+        assert final["step"] == steps
         for level, params in (("x", replay.x), ("y", replay.y)):
             for name, value in params.items():
                 assert value.dtype == torch.float64
