@@ -12,6 +12,7 @@ first, so more than that can never fit).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -91,11 +92,9 @@ def finite_problem(
     """One line unless ``value`` is a finite number >= ``low`` that ``float()`` can hold (an
     integer of 400 digits is a Python int, and an OverflowError in ``float()``)."""
     if not isinstance(value, bool) and isinstance(value, (int, float)):
-        try:
+        with contextlib.suppress(OverflowError):  # too large for a float: not finite here
             if math.isfinite(float(value)) and value >= low:
                 return None
-        except OverflowError:
-            pass
     rule = "a finite number" if low == -math.inf else f"a finite number >= {low:g}"
     example = f"e.g. --config {key}={example}"
     return f"problem {problem!r}: {key}={shown(value)}: must be {rule}, {example}"
