@@ -25,6 +25,7 @@ from bilevel_ray.runtime.lineage import (
     read_schedule_file,
     write_best_schedule,
 )
+from bilevel_ray.runtime.ranking import search_score
 
 ROOT = Path(__file__).resolve().parents[1]
 A = {"method": "pbgd_free", "gamma": 10.0, "lr_y": 0.1, "lr_x": 0.01, "optimizer": "adam"}
@@ -214,6 +215,14 @@ def test_a_pbt_sweep_learns_a_schedule_that_replays_its_trials_exactly(ray_2cpu,
     assert exploited, "no trial exploited another: the population did not evolve"
     history = pq.read_table(folder / "history.parquet").to_pylist()
     assert {"from_step", "trial_id"} <= set(history[0])
+    # Each exploit is decided on a checkpoint's report, which carries the gap and the
+    # search/score that the ranking would give it.
+    checkpoints = [r for r in history if r["step"] % 1000 == 0]
+    assert checkpoints
+    for row in checkpoints:
+        assert row["eval/lower_gap"] >= 0
+        expected = search_score(row["eval/upper_loss"], row["eval/lower_gap"], 0.1)
+        assert row["search/score"] == expected
 
 
 def _final_state(folder: Path, trial_id: str) -> dict:

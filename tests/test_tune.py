@@ -19,7 +19,7 @@ import torch
 import bilevel_ray as br
 from bilevel_ray.cli import main
 from bilevel_ray.evaluation import evaluate
-from bilevel_ray.runtime.ranking import rank_trials
+from bilevel_ray.runtime.ranking import FAILED, INFEASIBLE, rank_trials, search_score
 from bilevel_ray.runtime.search_space import (
     check_search_space,
     decode,
@@ -108,6 +108,33 @@ def test_ranking_prefers_low_upper_loss_within_the_gap_tolerance():
     assert [r["trial_id"] for r in rank_trials(rows, gap_tol=1.0)][:2] == ["b", "e"]
 
 
+def test_the_search_score_orders_trials_as_the_ranking_does():
+    rows = [
+        {"trial_id": "a", "eval/upper_loss": 0.5, "eval/lower_gap": 0.01},
+        {"trial_id": "b", "eval/upper_loss": 0.1, "eval/lower_gap": 0.9},
+        {"trial_id": "c", "eval/upper_loss": 0.3, "eval/lower_gap": 0.05},
+        {"trial_id": "d", "status": "diverged", "eval/upper_loss": math.inf},
+        {"trial_id": "e", "eval/upper_loss": 0.2, "eval/lower_gap": 0.5},
+        {"trial_id": "f", "eval/upper_loss": -3.0, "eval/lower_gap": 0.1},
+    ]
+
+    def score(row, tol):
+        return search_score(row["eval/upper_loss"], row.get("eval/lower_gap", math.nan), tol)
+
+    for tol in (0.0, 0.1, 1.0):
+        by_score = [r["trial_id"] for r in sorted(rows, key=lambda r: score(r, tol))]
+        assert by_score == [r["trial_id"] for r in rank_trials(rows, gap_tol=tol)]
+    # Within the tolerance (its bound included) the score is the loss; beyond it, the gap
+    # orders the trials after every feasible one; a loss that is not finite is a failure.
+    assert search_score(-3.0, 0.1, 0.1) == -3.0
+    assert search_score(0.1, 0.9, 0.1) == INFEASIBLE + 0.9
+    assert search_score(1e8, 0.0, 0.1) < search_score(0.0, 1e-6, 0.0) < FAILED
+    assert search_score(math.nan, 0.0, 0.1) == search_score(math.inf, 0.0, 0.1) == FAILED
+    assert search_score(0.1, math.inf, 0.1) == FAILED
+    # A row between reports has no gap yet: its loss is all the search knows.
+    assert search_score(0.7, math.nan, 0.1) == 0.7
+
+
 def test_evaluate_scores_upper_loss_and_lower_gap_on_the_quadratic():
     q = br.problems.QuadraticProblem(seed=0)
     x = {"x": torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)}
@@ -167,6 +194,14 @@ def test_a_sweep_with_diverging_configs_finishes_and_marks_them(ray_2cpu, tmp_pa
     for row in rows:
         by_lr.setdefault(row["config/lr_y"], set()).add(row["status"])
     assert by_lr == {0.1: {"completed"}, 5.0: {"diverged"}}
+    # The searcher saw each trial's search/score: the loss if the gap is in tolerance (or
+    # the worse score if not), and a failure's score for a diverged trial.
+    for row in rows:
+        if row["status"] == "diverged":
+            assert row["search/score"] == FAILED
+        else:
+            expected = search_score(row["eval/upper_loss"], row["eval/lower_gap"], 0.1)
+            assert row["search/score"] == expected < FAILED
     assert result.best_config["lr_y"] == 0.1
     assert (tmp_path / "div" / "trials.parquet").is_file()
     history = pq.read_table(tmp_path / "div" / "history.parquet")
@@ -256,6 +291,8 @@ def test_a_multi_worker_trial_runs_a_train_worker_group(ray_2cpu, tmp_path):
     (trial,) = result.trials.to_pylist()
     assert trial["status"] == "completed" and trial["step"] == 40
     assert math.isfinite(trial["eval/upper_loss"]) and trial["eval/lower_gap"] >= 0
+    expected = search_score(trial["eval/upper_loss"], trial["eval/lower_gap"], 0.1)
+    assert trial["search/score"] == expected
     assert result.history.num_rows == 4
 
 

@@ -2,9 +2,10 @@
 
 The whole population runs at once (``num_samples`` trials sharing the cluster's CPUs; a smaller
 ``max_concurrent_trials`` is refused), each checkpointing every ``interval`` steps. At every
-interval a trial in the worst quarter of the population (by held-out upper loss) *exploits*: it
-continues from the checkpoint of a trial in the best quarter (x, y, optimizer moments, RNG,
-step) with that trial's settings, which it then *explores*: gamma, lr_y and lr_ratio (so lr_x)
+interval a trial in the worst quarter of the population (by ``search/score``: the held-out upper
+loss, any loss with a lower gap beyond ``gap_tol`` counting as worse) *exploits*: it continues
+from the checkpoint of a trial in the best quarter (x, y, optimizer moments, RNG, step) with
+that trial's settings, which it then *explores*: gamma, lr_y and lr_ratio (so lr_x)
 are each multiplied by 0.8 or 1.2, or, with probability 1/4, drawn again from the search space.
 The other settings (optimizer, inner_steps) are inherited, so the checkpoint's optimizer state
 always fits. The best trial's lineage is the schedule it learned

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bilevel_ray.runtime.ranking import GAP, METRIC, rank_trials
+from bilevel_ray.runtime.ranking import GAP, METRIC, SCORE, rank_trials
 from bilevel_ray.runtime.search_space import decode
 
 __all__ = [
@@ -96,6 +96,7 @@ def trials_table(grid: Any) -> pa.Table:
             "wall_s": float(metrics.get("time_total_s", math.nan)),
             METRIC: float(metrics.get(METRIC, math.nan)),
             GAP: float(metrics.get(GAP, math.nan)),
+            SCORE: float(metrics.get(SCORE, math.nan)),
             "step": int(metrics.get("step", 0) or 0),
         }
         for key in ("flatness/verdict", "flatness/reason", "lineage"):

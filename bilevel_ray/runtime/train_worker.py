@@ -23,6 +23,7 @@ metrics and ends (a raised error would make Train restart a run bound to diverge
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tempfile
 import uuid
@@ -55,6 +56,7 @@ from bilevel_ray.runtime.collectives import (
 from bilevel_ray.runtime.flatness_actor import ActorJudge
 from bilevel_ray.runtime.flatness_watch import ActiveSolver, FlatnessWatch, verdict_columns
 from bilevel_ray.runtime.history import HistoryRecorder
+from bilevel_ray.runtime.ranking import FAILED, GAP, METRIC, SCORE, search_score
 from bilevel_ray.runtime.ray_session import quiet_train_worker
 from bilevel_ray.runtime.threads import use_cpus
 from bilevel_ray.runtime.worker_job import WorkerJob
@@ -152,6 +154,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "diverged_at_step": err.step,
             "diverged_metric": err.metric,
         }
+        if job.gap_steps is not None:  # a sweep's trial: its searcher must not see a good score
+            verdict[SCORE] = FAILED
         sink.report(verdict, sink.state or state, save=True, active=active, status="diverged")
 
 
@@ -192,9 +196,15 @@ def _scorer(spec: Any, job: WorkerJob, device: torch.device) -> Any:
             "br.BilevelBatch(upper_heldout, lower_sample)"
         )
     batch = to_device(spec.eval_data, device)
-    return lambda state, final: evaluate(
-        spec.problem, state.x, state.y, batch, gap_steps=job.gap_steps, with_gap=final
-    )
+    tolerance = math.inf if job.gap_tol is None else job.gap_tol
+
+    def scores(state: SolverState, final: bool) -> dict[str, float]:
+        row = evaluate(
+            spec.problem, state.x, state.y, batch, gap_steps=job.gap_steps, with_gap=final
+        )
+        return {**row, SCORE: search_score(row[METRIC], row[GAP], tolerance)}
+
+    return scores
 
 
 def _ray_data_batches(upper_size: int, lower_size: int) -> Any:

@@ -2,12 +2,14 @@
 
 Each trial (:mod:`bilevel_ray.runtime.tune_trial`) runs the solver on the factory's problem
 with one sampled configuration, scores every logged row on held-out upper-level data
-(``eval/upper_loss``; the last adds ``eval/lower_gap``, g(x, y) - min g(x, .)) and reports to
-Tune at the end, at a scheduler's milestones, and otherwise at most every few seconds.
+(``eval/upper_loss``; the rows Tune sees add ``eval/lower_gap``, g(x, y) - min g(x, .)) and
+reports to Tune at the end, at a scheduler's milestones and checkpoints, and otherwise at most
+every few seconds.
 
 Trials are ranked by :func:`bilevel_ray.runtime.ranking.rank_trials` (low held-out upper loss
-among trials whose lower gap is within ``gap_tol``). ``trials.parquet`` has one row per trial
-and ``history.parquet`` every logged row of every trial.
+among trials whose lower gap is within ``gap_tol``); Tune's searcher and scheduler optimise
+``search/score``, the same order in one number (:mod:`bilevel_ray.runtime.ranking`).
+``trials.parquet`` has one row per trial and ``history.parquet`` every logged row of every trial.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ from bilevel_ray.runtime.preflight import (
     describe_space,
     first_step,
 )
-from bilevel_ray.runtime.ranking import GAP, METRIC
+from bilevel_ray.runtime.ranking import GAP, METRIC, SCORE
 from bilevel_ray.runtime.ray_session import connect, steady_working_dir
 from bilevel_ray.runtime.run_spec import (
     REPORT_INTERVAL_S,
@@ -306,6 +309,7 @@ def run_sweep(
             placement,
             bool(gpus) if use_gpu == "auto" else bool(use_gpu),
             gap_steps,
+            gap_tol,
             str(path),
             milestones,
             None if watch is None else start_judge(name),
@@ -323,7 +327,7 @@ def run_sweep(
                 trainable,
                 param_space=space,
                 tune_config=ray_tune.TuneConfig(
-                    metric=METRIC,
+                    metric=SCORE,
                     mode="min",
                     num_samples=num_samples,
                     scheduler=tune_scheduler,
@@ -343,7 +347,11 @@ def run_sweep(
                     checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=None),
                 ),
             )
-        grid = tuner.fit()
+        with warnings.catch_warnings():
+            # Tune's advice to PBT users (reuse_actors with a class Trainable's reset_config)
+            # does not apply to a function trainable: a user cannot act on it.
+            warnings.filterwarnings("ignore", "Consider boosting PBT performance", UserWarning)
+            grid = tuner.fit()
     trials = trials_table(grid)
     history = history_table(path, trials)
     write_parquet(trials, path / "trials.parquet")

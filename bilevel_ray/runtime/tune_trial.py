@@ -3,9 +3,11 @@
 A single-worker trial runs the local runtime in the trial's own process; a multi-worker trial
 launches a Train V2 ``TorchTrainer`` (run name from the trial id, the sweep's storage path) and
 forwards its reports through ``TuneReportCallback``. Every logged row is scored on held-out
-data (``eval/upper_loss``; the last one adds ``eval/lower_gap``, which needs a lower solve) and
-kept in the trial's history file, ``{sweep}/histories/<trial id>.parquet``; Tune sees a report
-at the end, at the scheduler's milestones and otherwise at most every ``report_interval_s``.
+data (``eval/upper_loss``; every row that Tune sees adds ``eval/lower_gap``, which needs a lower
+solve, and the searchers' ``search/score``, :mod:`bilevel_ray.runtime.ranking`) and kept in the
+trial's history file, ``{sweep}/histories/<trial id>.parquet``; Tune sees a report at the end,
+at the scheduler's milestones and checkpoints and otherwise at most every ``report_interval_s``.
+A multi-worker trial measures the gap at its end only.
 A trial whose loss goes non-finite ends with status ``diverged`` and its last finite metrics;
 the sweep goes on.
 
@@ -41,7 +43,7 @@ from bilevel_ray.runtime.flatness_watch import verdict_columns
 from bilevel_ray.runtime.history import read_rows, write_parquet
 from bilevel_ray.runtime.lineage import extend_lineage
 from bilevel_ray.runtime.local import run_spec_local, solver_config
-from bilevel_ray.runtime.ranking import GAP, METRIC
+from bilevel_ray.runtime.ranking import FAILED, GAP, METRIC, SCORE, search_score
 from bilevel_ray.runtime.run_spec import Placement, RunSpec, verbose
 from bilevel_ray.runtime.search_space import decode
 from bilevel_ray.runtime.sweep_outcome import HISTORIES, one_line
@@ -66,6 +68,7 @@ class TrialPlan:
     placement: Placement
     use_gpu: bool
     gap_steps: int
+    gap_tol: float
     sweep_folder: str
     milestones: frozenset[int] = frozenset()
     judge: Any = None
@@ -88,7 +91,13 @@ def run_trial(point: dict[str, Any], plan: TrialPlan) -> None:
             _trial_in_process(settings, plan, trial_id, history)
     except Exception as err:
         ray_tune.report(
-            {"status": "error", "error": one_line(err), METRIC: math.inf, GAP: math.inf}
+            {
+                "status": "error",
+                "error": one_line(err),
+                METRIC: math.inf,
+                GAP: math.inf,
+                SCORE: FAILED,
+            }
         )
 
 
@@ -168,15 +177,18 @@ class _TuneSink:
         row = outcome.row
         if row is None:
             return
-        # The gap (a lower solve) only at the end: the ranking reads the final one.
+        # The gap (a lower solve) only on the rows that Tune sees: the searchers and
+        # schedulers read search/score there, and the ranking reads the final one.
+        due = self.clock.due(outcome) or self.held is not None
         scores = evaluate(
             self.spec.problem,
             state.x,
             state.y,
             self.spec.eval_data,
             gap_steps=self.plan.gap_steps,
-            with_gap=outcome.done,
+            with_gap=due,
         )
+        scores[SCORE] = search_score(scores[METRIC], scores[GAP], self.plan.gap_tol)
         # A run stopped by the flatness verdict ends on this row, with its status.
         status = active.status if outcome.done else "running"
         self.last = {**_numbers(row), **scores, **verdict_columns(active.verdict)}
@@ -191,7 +203,7 @@ class _TuneSink:
                 "restart": self.restart,
             }
         )
-        if self.clock.due(outcome) or self.held is not None:
+        if due:
             self.report({**self.last, "status": status})
 
     def report(self, metrics: dict[str, Any]) -> None:
@@ -209,6 +221,7 @@ class _TuneSink:
         ended = {
             METRIC: math.inf,
             GAP: math.inf,
+            SCORE: FAILED,
             "status": "diverged",
             "diverged_at_step": err.step,
         }
@@ -230,6 +243,7 @@ def _trial_on_worker_group(settings: Any, plan: TrialPlan, trial_id: str, histor
         plan.placement.num_workers,
         plan.use_gpu,
         gap_steps=plan.gap_steps,
+        gap_tol=plan.gap_tol,
         judge=plan.judge,
         run_id=trial_id,
         verbose=verbose(),

@@ -27,6 +27,7 @@ class WorkerJob:
         batch_size: per-rank (upper, lower) rows per step when reading Ray Data, else None.
         fault: test hook ``{"rank", "step", "marker_dir"}``: that rank exits at that step, once.
         gap_steps: a Tune trial's held-out scoring (the lower gap's solve steps), else None.
+        gap_tol: a Tune trial's gap tolerance (its ``search/score``).
         judge, run_id: the flatness judge actor and this run's id in it (with ``run.watch``).
         verbose: show Ray Train's own log lines.
     """
@@ -40,6 +41,7 @@ class WorkerJob:
     batch_size: tuple[int, int] | None = None
     fault: Mapping[str, Any] | None = None
     gap_steps: int | None = None
+    gap_tol: float | None = None
     judge: Any = None
     run_id: str = "run"
     verbose: bool = False
