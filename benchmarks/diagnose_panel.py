@@ -13,7 +13,7 @@ reference point, its canonical start, less the better end) plus 1e-6 plus, on mi
 the precision a run can reach (how far apart phi is at PBGD-Free's ends with seeds 0 and 1,
 whose batch orders differ; diagnose's side-by-side branch measures the same with a replica),
 "worse" otherwise, and a run that diverges is "worse": the rule of diagnose's own tolerance
-(``bilevel_ray.diagnostics.diagnose.tolerance``), the same from every start (the former
+(``bilevel_ray.diagnostics.verdict.tolerance``), the same from every start (the former
 truth, 5% of the improvement from each start, called the negative toy's 25 "as good"
 from x0 = 100, 0.2% of 11025, though PBGD-Free ends at x = 0 where |phi'| = 10 from every
 start). Each
@@ -60,8 +60,8 @@ import torch
 import bilevel_ray as br
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import BilevelBatch, as_batches
-from bilevel_ray.diagnostics.diagnose import tolerance
 from bilevel_ray.diagnostics.responses import minimize
+from bilevel_ray.diagnostics.verdict import tolerance
 from bilevel_ray.problems import BUILTIN_PROBLEMS, NegativeToy, QuadraticProblem
 from bilevel_ray.problems.toys import positive_toy
 
@@ -206,7 +206,7 @@ def truth(case: Case, start: int) -> tuple[str, float, float]:
     within 5% of the achievable improvement, phi at the problem's reference point (its canonical
     start) less the better end, plus 1e-6 and, on minibatch data, what two PBGD-Free runs on
     different batch orders end apart (seeds 0 and 1): the rule diagnose's tolerance uses
-    (bilevel_ray.diagnostics.diagnose.tolerance), the same from every start."""
+    (bilevel_ray.diagnostics.verdict.tolerance), the same from every start."""
     free, alt = final_phi(case, "pbgd_free", start), final_phi(case, "alt_pbgd", start)
     gap = free - alt
     if not math.isfinite(gap):

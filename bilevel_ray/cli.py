@@ -184,6 +184,20 @@ def _parser() -> argparse.ArgumentParser:
         help="also show Ray's own log lines (sets BILEVEL_RAY_VERBOSE=1); also after a command",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (
+        _solve_command,
+        _train_command,
+        _tune_command,
+        _diagnose_command,
+        _compare_command,
+        _report_command,
+    ):
+        add(commands)
+    return parser
+
+
+def _solve_command(commands: Any) -> None:
+    """``solve``: one run in this process (or as a task on a cluster)."""
     solve_cmd = commands.add_parser(
         "solve",
         help="solve a problem in this process (no Ray)",
@@ -205,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
         "--seed given here take precedence",
     )
     solve_cmd.set_defaults(seed=None)  # 0, or the --schedule file's
+
+
+def _train_command(commands: Any) -> None:
+    """``train``: a data-parallel run on a Ray Train worker group."""
     train_cmd = commands.add_parser(
         "train",
         help="run data-parallel on a Ray Train worker group",
@@ -245,6 +263,10 @@ def _parser() -> argparse.ArgumentParser:
         help="CPUs each worker reserves (default 1)",
     )
     train_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+
+
+def _tune_command(commands: Any) -> None:
+    """``tune``: a Ray Tune sweep over gamma and the step sizes."""
     tune_cmd = commands.add_parser(
         "tune",
         help="search gamma and the step sizes with Ray Tune",
@@ -319,6 +341,10 @@ def _parser() -> argparse.ArgumentParser:
         help="continue an interrupted sweep without rerunning finished trials",
     )
     tune_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+
+
+def _diagnose_command(commands: Any) -> None:
+    """``diagnose``: the flatness diagnostic's verdict on a problem."""
     diagnose_cmd = commands.add_parser(
         "diagnose",
         help="is PBGD-Free suitable for a problem? (the flatness diagnostic)",
@@ -345,6 +371,10 @@ def _parser() -> argparse.ArgumentParser:
     diagnose_cmd.add_argument(
         "--address", help="run the diagnostic as a task on this Ray cluster (default: here)"
     )
+
+
+def _compare_command(commands: Any) -> None:
+    """``compare``: every method under one time budget."""
     compare_cmd = commands.add_parser(
         "compare",
         help="every method under one time budget, and which to use (a proof of concept)",
@@ -374,6 +404,10 @@ def _parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--name", default="compare", help="the comparison's folder name")
     compare_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
     _output_options(compare_cmd)
+
+
+def _report_command(commands: Any) -> None:
+    """``report``: the table and plot of a folder's runs."""
     report_cmd = commands.add_parser(
         "report",
         help="table and plot of the runs in a folder",
@@ -384,7 +418,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     report_cmd.add_argument("folder", type=Path, metavar="DIR")
     report_cmd.add_argument("--gap-tol", type=float, default=0.1, help="ranking's gap tolerance")
-    return parser
 
 
 def _options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -299,7 +299,7 @@ def test_the_runs_own_jitter_is_a_floor_under_the_tolerance():
 
 
 def test_paired_gap_spread_is_the_standard_error_of_per_part_differences():
-    from bilevel_ray.diagnostics.diagnose import paired_gap
+    from bilevel_ray.diagnostics.branch import paired_gap
 
     # Two evaluations x 4 parts; the part gaps averaged over evaluations are 0.1, 0.3, 0.2, 0.2.
     free = [[1.1, 1.3, 1.2, 1.2], [1.3, 1.5, 1.4, 1.4]]
@@ -313,7 +313,7 @@ def test_paired_gap_spread_is_the_standard_error_of_per_part_differences():
 
 
 def test_split_cuts_held_out_data_into_strided_parts():
-    from bilevel_ray.diagnostics.diagnose import _split
+    from bilevel_ray.diagnostics.branch import _split
 
     data = (torch.arange(10.0), torch.arange(10.0) * 2)
     parts = _split(data, 3)
@@ -348,7 +348,7 @@ def test_side_by_side_branch_runs_a_fixed_number_of_steps(max_seconds):
 
 
 def test_replica_noise_is_the_runs_difference_plus_its_spread():
-    from bilevel_ray.diagnostics.diagnose import replica_noise
+    from bilevel_ray.diagnostics.branch import replica_noise
 
     # Two evaluations x 4 parts; the replica is 0.1 lower on average, part gaps 0, 0.2, 0.1, 0.1.
     free = [[1.0, 1.2, 1.1, 1.1], [1.2, 1.4, 1.3, 1.3]]
@@ -410,7 +410,8 @@ def test_side_by_side_branch_measures_the_runs_own_noise_with_a_replica():
 
 def test_deterministic_data_gets_no_replica():
     from bilevel_ray.data import as_batches
-    from bilevel_ray.diagnostics.diagnose import _Branch, _Progress
+    from bilevel_ray.diagnostics.branch import Branch
+    from bilevel_ray.diagnostics.diagnose import _Progress
 
     # Full-batch data: a replica would repeat the run exactly (floor 0), so diagnose runs none;
     # run on purpose, it measures exactly 0.
@@ -421,7 +422,7 @@ def test_deterministic_data_gets_no_replica():
     judge = {"rtol": 0.05, "atol": 1e-6, "z": 2.0}
 
     def branch(replica):
-        b = _Branch(Shared(), solver, 0.05, 0.1, 10.0, "sgd", state, 0, 1.0, held)
+        b = Branch(Shared(), solver, 0.05, 0.1, 10.0, "sgd", state, 0, 1.0, held)
         return b.verdict(as_batches(data, 0), 1, 20, _Progress(False), judge, replica)
 
     assert branch(as_batches(data, 1)).stats["flatness/replica_gap"] == 0.0

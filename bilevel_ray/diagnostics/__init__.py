@@ -16,7 +16,7 @@ from bilevel_ray.diagnostics.cost import (
     pooled_cost,
     predicted_cost,
 )
-from bilevel_ray.diagnostics.diagnose import Verdict, decide, decide_problems, diagnose
+from bilevel_ray.diagnostics.diagnose import diagnose
 from bilevel_ray.diagnostics.flatness import (
     DELTA_PAIRS,
     Responses,
@@ -28,6 +28,7 @@ from bilevel_ray.diagnostics.flatness import (
     lower_responses,
     solve_scale,
 )
+from bilevel_ray.diagnostics.verdict import Verdict, decide, decide_problems
 
 __all__ = [
     "DELTA_PAIRS",

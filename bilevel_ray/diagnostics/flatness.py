@@ -34,7 +34,7 @@ The penalty gradient is grad F_gamma(x) = kept + dropped, where
 
 The solves are :mod:`~bilevel_ray.diagnostics.responses`'.
 
-:mod:`bilevel_ray.diagnostics.diagnose` turns these into a verdict.
+:mod:`bilevel_ray.diagnostics.verdict` turns these into a verdict.
 """
 
 from __future__ import annotations

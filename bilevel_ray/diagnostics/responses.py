@@ -33,6 +33,7 @@ __all__ = [
     "minimize",
     "norm",
     "perturbed_objective",
+    "reference_upper",
     "solve_scale",
 ]
 
@@ -206,3 +207,13 @@ def lower_responses(
     )
     worst = max(res_g, res_gamma)
     return Responses(y_g, y_gamma, scale, worst / scale if scale > 0 else worst)
+
+
+def reference_upper(
+    problem: BilevelProblem, x: Params, y: Params, batch: Any, gamma: float, solve: dict
+) -> tuple[float, Params]:
+    """f(x, y_gamma(x)) at the reference point x on this batch (solves warm-started at y, to the
+    trajectory checks' loose tolerance: it only scales the tolerance), and that y_gamma."""
+    r = lower_responses(problem, x, y, batch, gamma, **solve)
+    with torch.no_grad():
+        return float(problem.upper_loss(x, r.y_gamma, as_batch(batch).upper)), r.y_gamma

@@ -3,7 +3,7 @@
 During a warm-up window of W steps the run estimates PBGD-Free's dropped term every ``every``
 steps (:func:`bilevel_ray.diagnostics.flatness.estimate` at the current x, y and batch) and hands
 the estimates to a *judge*; after step W the judge returns a verdict
-(:func:`bilevel_ray.diagnostics.diagnose.decide`) and the run does what the user chose with
+(:func:`bilevel_ray.diagnostics.verdict.decide`) and the run does what the user chose with
 ``on_unsuitable``:
 
 * ``"fallback"``: the same run continues from the current (x, y) with the verdict's fallback
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
-from bilevel_ray.diagnostics.diagnose import Verdict, decide
 from bilevel_ray.diagnostics.flatness import count_problem, estimate, estimate_problems
+from bilevel_ray.diagnostics.verdict import Verdict, decide
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.solvers.base import SolverState
 

@@ -12,8 +12,9 @@ is not, ``FAILED`` for a diverged or failed trial. A searcher shown the bare upp
 low losses reached with y far from argmin g, which the ranking then discards: on
 ``representation`` (NLSY79) 36 TPE trials ended 1.03x-1.08x the 360-point grid's best that way,
 against 1.02x-1.04x when they see this score (``benchmarks/tune_quality.py``). The scores are
-finite (not +inf) because ASHA's rung cutoff is a percentile and PB2 fits a Gaussian process to
-them; an upper loss above ``INFEASIBLE`` would be mis-ordered by the search, not by the ranking.
+finite (not +inf): ASHA's rung cutoff is a percentile, which one infinite score can drag to
+infinity (that rung then stops nothing), and PB2 fits a Gaussian process to their differences.
+An upper loss above ``INFEASIBLE`` would be mis-ordered by the search, not by the ranking.
 """
 
 from __future__ import annotations

@@ -193,26 +193,29 @@ def train(
         placement,
         storage,
         name,
-        address,
-        fault,
-        datasets,
-        batch_size,
+        address=address,
+        fault=fault,
+        datasets=datasets,
+        batch_size=batch_size,
     )
 
 
 def _train_on_group(
-    factory,
-    problem_config,
-    settings,
-    run,
-    placement,
-    storage,
-    name,
-    address,
-    fault,
-    datasets,
-    batch_size,
+    factory: Factory,
+    problem_config: dict[str, Any],
+    settings: SolverConfig,
+    run: RunSpec,
+    placement: Placement,
+    storage: Path | _UriPath,
+    name: str,
+    *,
+    address: str | None,
+    fault: dict[str, int] | None,
+    datasets: dict[str, Any] | None,
+    batch_size: int | tuple[int, int] | None,
 ) -> SolveResult:
+    """``train`` on a Ray Train worker group, its run in ``storage / name``, once ``train`` has
+    checked everything; returns what the group's rank 0 saved last."""
     from bilevel_ray.runtime.ray_session import connect, steady_working_dir
     from bilevel_ray.runtime.worker_group import check_cluster_fits, fit_worker_group
 
