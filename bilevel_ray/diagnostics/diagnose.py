@@ -91,8 +91,8 @@ def diagnose(
     max(||E dropped||, ``settle`` * its largest value), E over batches by the dot product of
     two successive checks' vectors: what is left to move is the dropped term's),
     ``max_steps`` (default 20 * warmup_steps; ``max_seconds`` only caps a far slower run, so
-    a loaded machine gets the same verdict). There it prices the
-    dropped term in units of f (module docstring) on ``batches`` batches of ``data`` (one when
+    a loaded machine gets the same verdict). There it prices the dropped term in units of f
+    (:mod:`~bilevel_ray.diagnostics.verdict`) on ``batches`` batches of ``data`` (one when
     the data is deterministic; at least two, up to 4 * ``batches`` while the verdict is
     uncertain, none more once ``max_seconds`` is spent), measures f where the run started on
     the same batches (its progress) and, for plain SGD on x, its own jitter floor
@@ -105,7 +105,8 @@ def diagnose(
     held-back batches, averaged over 4 evaluations in the branch's second half, against the
     tolerance plus the runs' own noise: the larger of the evaluations' jitter and what a second
     PBGD-Free run from (x0, y0) on another batch order (seed + 7919), as many steps long,
-    differs by, |d| + z se (:func:`replica_noise`; the precision a run can reach). With that
+    differs by, |d| + z se (:func:`~bilevel_ray.diagnostics.branch.replica_noise`; the
+    precision a run can reach). With that
     floor, a shortfall within the tolerance is suitable, one beyond it by z standard errors
     unsuitable.
     The tolerance is ``rtol`` of the achievable improvement measured from ``reference`` (an
@@ -116,7 +117,7 @@ def diagnose(
     The ``solve_*`` options set the lower-level solves of each estimate (L-BFGS by default: it
     converges to ``solve_rtol`` in tens of gradients); ``gamma_factor``, ``directions`` and
     ``delta_pairs`` are :func:`estimate`'s; ``rho_ok``, ``rho_bad``, ``atol``,
-    ``max_residual``, ``rtol`` and ``z`` are :func:`decide`'s.
+    ``max_residual``, ``rtol`` and ``z`` are :func:`~bilevel_ray.diagnostics.verdict.decide`'s.
 
     Raises:
         ConfigError: bad input, before any step runs (every problem found, at once).
