@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bilevel_ray.runtime.report import report
-from bilevel_ray.runtime.report_sweep import settings_label, status_counts
+from bilevel_ray.runtime.report_sweep import kept_settings_note, settings_label, status_counts
 
 
 def _trial(trial_id, status, loss, gap, gamma):
@@ -39,6 +39,20 @@ def test_trials_are_counted_by_how_they_ended():
 def test_a_trial_is_named_by_its_settings_with_lr_x_from_the_ratio():
     label = settings_label(_trial("a", "completed", 1.0, 0.0, 10.0))
     assert label == "γ=10 lr_y=0.01 lr_x=0.005 K=2 adam"
+
+
+def test_a_population_whose_best_trial_never_exploited_says_so():
+    one = json.dumps([{"from_step": 0, "trial_id": "a", "settings": {}}])
+    two = json.dumps(
+        [{"from_step": 0, "trial_id": "a", "settings": {}}, {"from_step": 60, "trial_id": "b"}]
+    )
+    kept = "the best trial kept its first settings (no exploit)"
+    assert kept_settings_note([{"lineage": one}, {"lineage": two}]) == kept
+    # The best trial learned a schedule (the figure draws it), or nobody exploited (no
+    # population), or there is no lineage to read (a sweep from before lineages): nothing.
+    assert kept_settings_note([{"lineage": two}, {"lineage": one}]) == ""
+    assert kept_settings_note([{"lineage": one}, {"lineage": one}]) == ""
+    assert kept_settings_note([{}, {"lineage": "not json"}]) == ""
 
 
 def test_the_report_of_a_population_sweep_counts_the_trials_and_draws_four_panels(tmp_path):

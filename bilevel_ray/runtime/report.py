@@ -22,6 +22,7 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.checkpoint import atomic_write, check_output_path
 from bilevel_ray.runtime.lineage import BEST_SCHEDULE
 from bilevel_ray.runtime.report_sweep import (
+    kept_settings_note,
     printable,
     read_best_schedule,
     settings_label,
@@ -103,6 +104,8 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
         title = f"sweep {folder.name}: {status_counts(trials)}"
         if best.get("status") == "completed" and isinstance(value, float):
             title += f"; best held-out upper loss {value:.4g} ({settings_label(best)})"
+        if note := kept_settings_note(trials):
+            title += f"; {note}"
         schedule = read_best_schedule(folder / BEST_SCHEDULE)
         fig = sweep_figure(plt, trials, curves, gap_tol, title, schedule)
     else:

@@ -8,7 +8,8 @@
   against the step, from its lineage.
 
 The title counts the trials by how they ended (completed, stopped early by the scheduler,
-diverged, failed).
+diverged, failed), and says so when a population's best trial never exploited another (it
+kept its first settings, so there is no schedule to draw).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "SHOWN",
+    "kept_settings_note",
     "printable",
     "read_best_schedule",
     "settings_label",
@@ -39,6 +41,23 @@ def status_counts(trials: list[dict[str, Any]]) -> str:
     if failed:
         parts.append(f"{failed} failed or stopped by the diagnostic")
     return f"{len(trials)} trials: {', '.join(parts)}"
+
+
+def kept_settings_note(trials: list[dict[str, Any]]) -> str:
+    """ "the best trial kept its first settings (no exploit)" where some trial of the sweep
+    (``trials``, best first) exploited another but the best one did not, else ""."""
+    segments = [len(_lineage(t)) for t in trials]
+    if len(segments) < 2 or segments[0] > 1 or max(segments) < 2:
+        return ""
+    return "the best trial kept its first settings (no exploit)"
+
+
+def _lineage(trial: dict[str, Any]) -> list:
+    try:
+        lineage = json.loads(trial.get("lineage") or "[]")
+    except (TypeError, ValueError):
+        return []
+    return lineage if isinstance(lineage, list) else []
 
 
 def settings_label(trial: dict[str, Any]) -> str:
