@@ -198,9 +198,9 @@ def _scorer(spec: Any, job: WorkerJob, device: torch.device) -> Any:
     batch = to_device(spec.eval_data, device)
     tolerance = math.inf if job.gap_tol is None else job.gap_tol
 
-    def scores(state: SolverState, final: bool) -> dict[str, float]:
+    def scores(state: SolverState, with_gap: bool) -> dict[str, float]:
         row = evaluate(
-            spec.problem, state.x, state.y, batch, gap_steps=job.gap_steps, with_gap=final
+            spec.problem, state.x, state.y, batch, gap_steps=job.gap_steps, with_gap=with_gap
         )
         return {**row, SCORE: search_score(row[METRIC], row[GAP], tolerance)}
 
@@ -257,10 +257,12 @@ class _TrainSink:
         if row is None:
             return
         self.state = state
+        due = self.clock.due(outcome)  # a collective: every rank asks at every logged row
         if self.scorer is not None:
-            # In the row itself, so that the history (in the checkpoint) keeps the scores.
-            row.update(self.scorer(state, outcome.done))
-        if not self.clock.due(outcome):
+            # In the row itself, so that the history (in the checkpoint) keeps the scores; the
+            # gap (a lower solve) on the rows Tune sees, where its scheduler reads search/score.
+            row.update(self.scorer(state, due))
+        if not due:
             return
         status = active.status if outcome.done else "running"
         columns = {**row, **verdict_columns(active.verdict), "status": status}

@@ -7,7 +7,6 @@ data (``eval/upper_loss``; every row that Tune sees adds ``eval/lower_gap``, whi
 solve, and the searchers' ``search/score``, :mod:`bilevel_ray.runtime.ranking`) and kept in the
 trial's history file, ``{sweep}/histories/<trial id>.parquet``; Tune sees a report at the end,
 at the scheduler's milestones and checkpoints and otherwise at most every ``report_interval_s``.
-A multi-worker trial measures the gap at its end only.
 A trial whose loss goes non-finite ends with status ``diverged`` and its last finite metrics;
 the sweep goes on.
 
