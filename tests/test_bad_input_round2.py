@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from llama_files import save_code_weights, save_truncated_weights
 from test_bad_input_catalogue import (
     F64,
     Quad,
@@ -278,24 +279,7 @@ def malicious_model(tmp: Path) -> str | None:
     (``print``): torch.load(weights_only=True) refuses it, and it must stay refused."""
     if needs_peft():
         return needs_peft()
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=20,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    folder = tmp / "model"
-    config.save_pretrained(folder)
-
-    class Code:
-        def __reduce__(self):
-            return (print, ("this ran code from the file",))
-
-    torch.save({"model.embed_tokens.weight": Code()}, folder / "pytorch_model.bin")
+    save_code_weights(tmp / "model", "this ran code from the file")
     return None
 
 
@@ -303,10 +287,7 @@ def truncated_model(tmp: Path) -> str | None:
     """tmp/model: a saved config and a pytorch_model.bin cut in half (a copy cut short)."""
     if needs_peft():
         return needs_peft()
-    malicious_model(tmp)
-    weights = tmp / "model" / "pytorch_model.bin"
-    torch.save({"w": torch.zeros(1000)}, weights)
-    weights.write_bytes(weights.read_bytes()[:1000])
+    save_truncated_weights(tmp / "model")
     return None
 
 

@@ -32,17 +32,22 @@ OPTIONS = {"steps": 600, "lr_x": 0.01, "lr_y": 0.2, "gamma": 10.0, "report_every
 START = ({"x": torch.tensor([0.0], dtype=F64)}, {"y": torch.tensor([0.0], dtype=F64)})
 
 
-def test_a_coupling_past_the_window_is_caught_later_and_the_watch_falls_back():
+def _late_coupling_run(on_unsuitable: str, steps: int = OPTIONS["steps"]):
+    """PBGD-Free on LateCoupling from START, watched from a 20-step window on."""
     x0, y0 = START
-    res = br.solve(
+    return br.solve(
         LateCoupling(),
         x0,
         y0,
-        on_unsuitable="fallback",
+        on_unsuitable=on_unsuitable,
         diagnose_window=20,
         diagnose_every=10,
-        **OPTIONS,
+        **{**OPTIONS, "steps": steps},
     )
+
+
+def test_a_coupling_past_the_window_is_caught_later_and_the_watch_falls_back():
+    res = _late_coupling_run("fallback")
     methods = list(zip(res.history["step"].to_pylist(), res.history["method"].to_pylist()))
     switched = min(s for s, m in methods if m == "alt_pbgd")
     # Suitable at the window (x ~ 0.9: no coupling yet); a later check (every 20 steps) finds
@@ -56,33 +61,15 @@ def test_a_coupling_past_the_window_is_caught_later_and_the_watch_falls_back():
 
 def test_without_later_checks_the_window_verdict_stands():
     # The same run judged at step 20 only would have kept PBGD-Free (x far from 2 there).
-    x0, y0 = START
-    res = br.solve(
-        LateCoupling(),
-        x0,
-        y0,
-        on_unsuitable="fallback",
-        diagnose_window=20,
-        diagnose_every=10,
-        **{**OPTIONS, "steps": 40},
-    )
+    res = _late_coupling_run("fallback", steps=40)
     assert res.verdict["verdict"] != "unsuitable" and res.config["method"] == "pbgd_free"
 
 
 def test_the_warning_states_a_tolerance_from_the_runs_start_and_the_step():
-    x0, y0 = START
     with pytest.warns(
         UserWarning, match=r"flatness diagnostic at step \d+: PBGD-Free is biased"
     ) as w:
-        br.solve(
-            LateCoupling(),
-            x0,
-            y0,
-            on_unsuitable="warn",
-            diagnose_window=20,
-            diagnose_every=10,
-            **OPTIONS,
-        )
+        _late_coupling_run("warn")
     text = str(w[0].message)
     # The recheck at step 180 judges its two latest estimates, yet measures the improvement
     # from the run's start (its first estimate's f, -1.63 = f(0, y) with y ~ -1.4 after the

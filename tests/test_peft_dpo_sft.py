@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llama_files import save_code_weights, save_truncated_weights, tiny_llama_config
 
 import bilevel_ray as br
 from bilevel_ray.evaluation import evaluate
@@ -115,15 +116,7 @@ def test_pbgd_free_lowers_both_eval_losses(spec):
 def test_local_checkpoint_is_loaded_and_its_tied_head_untied(tmp_path):
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=20,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     spec = peft_dpo_sft({**TINY, "model": str(tmp_path), "vocab": 20})
@@ -195,23 +188,7 @@ def test_bad_targets_and_unloadable_checkpoint_are_refused(tmp_path):
 def test_a_weights_file_that_is_not_only_tensors_is_refused_not_run(tmp_path, capsys):
     """A pytorch_model.bin that pickles a callable: refused with what it means and the safe
     ways out; never torch's advice to load it with weights_only=False, and nothing in it runs."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=20,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    config.save_pretrained(tmp_path)
-
-    class Code:
-        def __reduce__(self):
-            return (print, ("RAN CODE FROM THE FILE",))
-
-    torch.save({"model.embed_tokens.weight": Code()}, tmp_path / "pytorch_model.bin")
+    save_code_weights(tmp_path, "RAN CODE FROM THE FILE")
     with pytest.raises(br.ConfigError) as raised:
         peft_dpo_sft({**TINY, "model": str(tmp_path), "vocab": 16})
     message = str(raised.value)
@@ -229,19 +206,7 @@ def test_a_weights_file_that_is_not_only_tensors_is_refused_not_run(tmp_path, ca
 
 @needs_peft
 def test_a_truncated_weights_file_is_named_as_damaged(tmp_path):
-    import transformers
-
-    transformers.LlamaConfig(
-        vocab_size=20,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    ).save_pretrained(tmp_path)
-    torch.save({"w": torch.zeros(1000)}, tmp_path / "pytorch_model.bin")
-    data = (tmp_path / "pytorch_model.bin").read_bytes()
-    (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    save_truncated_weights(tmp_path)
     with pytest.raises(
         br.ConfigError,
         match=r"cannot load model='.*': pytorch_model\.bin cannot be read \(.*\); it is truncated "
