@@ -141,6 +141,32 @@ class Branch:
         with torch.no_grad():
             return [float(self.problem.upper_loss(x, y, as_batch(b).upper)) for b in held]
 
+    def _side_by_side(
+        self, states: tuple, stream: Any, replica: Any, steps: int, held: list, report: Any
+    ) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+        """PBGD-Free, alt_pbgd (on ``stream``'s batches) and the replica if any (on
+        ``replica``'s) from ``states`` for ``steps`` steps; f on ``held`` at EVALS steps of the
+        second half, per run (the replica's list is empty without one)."""
+        (free, _), (alt, _) = self.free, self.alt
+        a, c, r = states
+        at = sorted({steps - (steps // 2) * e // EVALS for e in range(EVALS)} - {0})
+        ends_free: list[list[float]] = []
+        ends_alt: list[list[float]] = []
+        ends_rep: list[list[float]] = []
+        for m in range(1, steps + 1):
+            batch = next(stream)
+            (a, _), (c, _) = free.step(a, batch), alt.step(c, batch)
+            if r is not None:
+                r, _ = free.step(r, next(replica))
+            if m in at:
+                ends_free.append(self._upper(a.x, a.y, held))
+                ends_alt.append(self._upper(c.x, c.y, held))
+                if r is not None:
+                    ends_rep.append(self._upper(r.x, r.y, held))
+            if m % 25 == 0:
+                report.show(f"step {self.step}, comparing with alt_pbgd, step {m} of {steps}")
+        return ends_free, ends_alt, ends_rep
+
     def verdict(
         self,
         stream: Any,
@@ -165,7 +191,7 @@ class Branch:
             where = f"the held-out data, paired over {len(self.parts)} parts"
         else:
             where = "the held-out data (one part: no spread)"
-        (free, a), (alt, c) = self.free, self.alt
+        a, c = self.free[1], self.alt[1]
         r = self.again if replica is not None else None  # the replica: PBGD-Free's start
         start = self._upper(a.x, a.y, held)
         ref_x, ref_y = self.reference
@@ -176,22 +202,9 @@ class Branch:
             )
         else:
             f_ref = statistics.fmean(self._upper(ref_x, ref_y, held))
-        at = sorted({steps - (steps // 2) * e // EVALS for e in range(EVALS)} - {0})
-        ends_free: list[list[float]] = []
-        ends_alt: list[list[float]] = []
-        ends_rep: list[list[float]] = []
-        for m in range(1, steps + 1):
-            batch = next(stream)
-            (a, _), (c, _) = free.step(a, batch), alt.step(c, batch)
-            if r is not None:
-                r, _ = free.step(r, next(replica))
-            if m in at:
-                ends_free.append(self._upper(a.x, a.y, held))
-                ends_alt.append(self._upper(c.x, c.y, held))
-                if r is not None:
-                    ends_rep.append(self._upper(r.x, r.y, held))
-            if m % 25 == 0:
-                report.show(f"step {self.step}, comparing with alt_pbgd, step {m} of {steps}")
+        ends_free, ends_alt, ends_rep = self._side_by_side(
+            (a, c, r), stream, replica, steps, held, report
+        )
         if not ends_free:  # steps = 0: the start alone
             ends_free, ends_alt = [start], [start]
         gap, se, jitter = paired_gap(ends_free, ends_alt)

@@ -282,7 +282,7 @@ def diagnose(
                 problem, reference, y_ref, batch, gamma, check
             )
             point["flatness/settled"], point["flatness/settle"] = float(settled), settle
-            point["flatness/settle_ratio"] = signal / max(bias, settle * peak, 1e-300)
+            point["flatness/settle_ratio"] = ratio
             priced.append({**point, "flatness/step": float(t)})
             report.show(f"step {t}, pricing batch {b + 1}")
     priced_verdict = decide_priced(

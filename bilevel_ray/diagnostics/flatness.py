@@ -214,9 +214,11 @@ def estimate(
         raise ConfigError(problems)
     batch = as_batch(batch)
     settings = {"solve_steps": solve_steps, "solve_lr": solve_lr, "optimizer": optimizer}
-    r = responses or lower_responses(problem, x, y, batch, gamma, solve_rtol=solve_rtol, **settings)
-    gamma_hi = gamma_factor * gamma
     losses = level_losses(problem, x, batch)  # y -> f, g at this x: the head alone if it can
+    r = responses or lower_responses(
+        problem, x, y, batch, gamma, solve_rtol=solve_rtol, losses=losses, **settings
+    )
+    gamma_hi = gamma_factor * gamma
     perturbed_hi = perturbed_objective(problem, x, batch, gamma_hi, losses)
     y_hi, _ = minimize(
         perturbed_hi, r.y_gamma, solve_steps, solve_lr, optimizer, solve_rtol * r.scale

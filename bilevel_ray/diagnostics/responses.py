@@ -191,14 +191,16 @@ def lower_responses(
     solve_rtol: float = 1e-6,
     optimizer: str = "adam",
     scale: float | None = None,
+    losses: tuple[Callable, Callable] | None = None,
 ) -> Responses:
     """y_g from up to ``solve_steps`` steps on g(x, .) from y; y_gamma from as many on
     f(x, .)/gamma + g(x, .) from y_g (O(1/gamma) away). Both stop at gradient norm
     ``solve_rtol * scale``; ``scale`` defaults to :func:`solve_scale` at y (a run passes its
     first point's scale at later points, so that a warm start near y_g does not tighten the
-    tolerance). Adam by default: its step length does not depend on g's curvature."""
+    tolerance). Adam by default: its step length does not depend on g's curvature. ``losses``:
+    :func:`level_losses` at this x and batch, where the caller has them already."""
     batch = as_batch(batch)
-    losses = level_losses(problem, x, batch)
+    losses = losses or level_losses(problem, x, batch)
     scale = solve_scale(problem, x, y, batch, gamma, losses) if scale is None else scale
     settings = (solve_steps, solve_lr, optimizer, solve_rtol * scale)
     y_g, res_g = minimize(losses[1], y, *settings)

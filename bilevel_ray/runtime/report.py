@@ -68,13 +68,12 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
         trials = rank_trials(trials, gap_tol)
         verdicts = ("flatness/verdict",) if any("flatness/verdict" in t for t in trials) else ()
         configs = tuple(k for k in trials[0] if k.startswith("config/"))
-        table = _format(trials, COLUMNS + verdicts + configs) + f"\n{status_counts(trials)}"
+        counts = status_counts(trials)
+        table = _format(trials, COLUMNS + verdicts + configs) + f"\n{counts}"
         curves = {
             t["trial_id"]: [r for r in history if r["trial_id"] == t["trial_id"]] for t in trials
         }
         metric = "eval/upper_loss"
-        switches: list[tuple[int, str]] = []
-        runs = list(curves.values())
     else:
         last = history[-1]
         table = _format([last], ("method", "step", "upper/loss", "lower/loss", "time/elapsed_s"))
@@ -101,7 +100,7 @@ def report(folder: str | Path, gap_tol: float = 0.1) -> tuple[str, Path | None, 
         )
     if sweep:
         best, value = trials[0], trials[0].get(metric)
-        title = f"sweep {folder.name}: {status_counts(trials)}"
+        title = f"sweep {folder.name}: {counts}"
         if best.get("status") == "completed" and isinstance(value, float):
             title += f"; best held-out upper loss {value:.4g} ({settings_label(best)})"
         if note := kept_settings_note(trials):

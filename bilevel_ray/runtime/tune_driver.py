@@ -282,13 +282,13 @@ def run_sweep(
     with steady_working_dir(path):  # all of the sweep's paths are absolute by now
         gpus = connect(address)
         trial_cpus = 1.0 if num_workers == 1 else 0.25
+        cpus = ray.cluster_resources().get("CPU", 0.0)
         if population:
             # The whole population at once: PBT pauses a trial at every interval while another
             # waits for CPUs. Ray counts resources in 1e-4 units: round down so that all fit.
-            share = ray.cluster_resources().get("CPU", 1.0) / num_samples
+            share = (cpus or 1.0) / num_samples
             trial_cpus = min(1.0, max(1e-4, math.floor(share * 1e4) / 1e4))
         worker_cpus = placement.cpus_per_worker if num_workers > 1 else 0.0
-        cpus = ray.cluster_resources().get("CPU", 0.0)
         per_trial = trial_cpus + num_workers * worker_cpus
         if per_trial > cpus:
             raise ConfigError(

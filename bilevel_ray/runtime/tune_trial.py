@@ -157,6 +157,7 @@ class _TuneSink:
     ):
         self.spec, self.plan, self.trial_id, self.history = spec, plan, trial_id, history
         self.start, self.lineage = start, lineage or []
+        self.lineage_json = json.dumps(self.lineage)  # fixed for this run of the trial
         self.clock = loop.ReportClock(plan.run.report_interval_s, plan.milestones)
         # A trial started again keeps what it computed before (its compute is spent); each of
         # its runs is numbered (``restart``), so that a plot draws them apart.
@@ -191,7 +192,7 @@ class _TuneSink:
         # A run stopped by the flatness verdict ends on this row, with its status.
         status = active.status if outcome.done else "running"
         self.last = {**_numbers(row), **scores, **verdict_columns(active.verdict)}
-        self.last["lineage"] = json.dumps(self.lineage)  # the best one becomes a schedule
+        self.last["lineage"] = self.lineage_json  # the best one becomes a schedule
         self.rows.append(
             {
                 "trial_id": self.trial_id,
