@@ -46,6 +46,19 @@ def test_stop_ends_the_run_at_the_window_with_status_unsuitable():
     assert set(res.history["method"].to_pylist()) == {"pbgd_free"}
 
 
+def test_a_scheduled_sgd_step_size_is_watched_like_a_constant_one():
+    # Plain SGD's jitter floor reads lr_x at the estimate's step: a schedule (as a sweep's
+    # best_schedule.json replays) is evaluated there, not divided as a number.
+    spec = _negative()
+    options = {**NEGATIVE, "optimizer": "sgd", "diagnose_window": 120}
+    steps = br.schedules.piecewise_constant((100,), (0.01, 0.005))
+    res = br.solve(spec.problem, spec.x0, spec.y0, on_unsuitable="stop", **options)
+    scheduled = br.solve(
+        spec.problem, spec.x0, spec.y0, on_unsuitable="stop", **{**options, "lr_x": steps}
+    )
+    assert res.status == scheduled.status == "unsuitable" and scheduled.state.step == 120
+
+
 def test_warn_warns_with_the_reason_and_keeps_pbgd_free():
     spec = _negative()
     with pytest.warns(UserWarning, match=r"flatness diagnostic at step 200: PBGD-Free is biased"):

@@ -223,14 +223,14 @@ class FlatnessWatch:
         self.settings, self.judge, self.run_id, self.gamma = settings, judge, run_id, gamma
         self._due = set(settings.estimate_steps())
         self._peak = 0.0  # the largest kept term seen: the settled flag's reference
-        self.jitter = 0.0  # lr_x / 4 for plain SGD on x (bind), else 0
+        self.sgd_lr_x: Any = None  # lr_x (a number or a schedule) for plain SGD on x (bind)
 
     def bind(self, solver_settings: Any) -> None:
         """The run's step rule: plain SGD on x jitters lr_x tr(Var kept) / 4 above its end
         point, a floor under any visible gap (as diagnose's)."""
         rule = solver_settings.optimizer
         rule = rule if isinstance(rule, str) else rule[0]
-        self.jitter = solver_settings.lr_x / 4 if rule == "sgd" else 0.0
+        self.sgd_lr_x = solver_settings.lr_x if rule == "sgd" else None
 
     def observe(self, problem: Any, state: SolverState, batch: Any) -> None:
         """Estimate at (x, y) if this step is one of the window's estimate steps or a later
@@ -249,7 +249,9 @@ class FlatnessWatch:
         settled = kept <= SETTLE * max(dropped, SETTLE * self._peak)
         stats["flatness/settled"], stats["flatness/settle"] = float(settled), SETTLE
         stats["flatness/settle_ratio"] = kept / max(dropped, SETTLE * self._peak, 1e-300)
-        stats["flatness/noise_floor"] = self.jitter * kept**2 if settled else 0.0
+        lr_x = self.sgd_lr_x
+        jitter = 0.0 if lr_x is None else float(lr_x(state.step) if callable(lr_x) else lr_x) / 4
+        stats["flatness/noise_floor"] = jitter * kept**2 if settled else 0.0
         self.judge.add(self.run_id, state.step, stats)
 
     def due(self, step: int) -> bool:
