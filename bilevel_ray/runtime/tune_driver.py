@@ -253,27 +253,24 @@ def run_sweep(
     shipped = portable_factory(factory)
     storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
     path = storage / name
-    claim_sweep_folder(
-        path,
-        {
-            "problem": _factory_name(factory),
-            "problem_config": problem_config,
-            "method": method,
-            "search_space": describe_space(space),
-            "fixed": base,
-            "num_samples": num_samples,
-            "steps": run.steps,
-            "report_every": run.report_every,
-            "seed": seed,
-            "search_seed": search_seed,
-            "pbt_interval": run.checkpoint_every or None,
-            "num_workers": num_workers,
-            "scheduler": str(scheduler),
-            "search_alg": str(search_alg),
-            "on_unsuitable": on_unsuitable,
-        },
-        resume,
-    )
+    sweep = {
+        "problem": _factory_name(factory),
+        "problem_config": problem_config,
+        "method": method,
+        "search_space": describe_space(space),
+        "fixed": base,
+        "num_samples": num_samples,
+        "steps": run.steps,
+        "report_every": run.report_every,
+        "seed": seed,
+        "search_seed": search_seed,
+        "pbt_interval": run.checkpoint_every or None,
+        "num_workers": num_workers,
+        "scheduler": str(scheduler),
+        "search_alg": str(search_alg),
+        "on_unsuitable": on_unsuitable,
+    }
+    claim_sweep_folder(path, sweep, resume)
 
     # Save the sweep's state at most every second (Tune's default adapts up to minutes; every
     # step would rewrite the whole state after each event: quadratic in the number of trials),
@@ -359,13 +356,6 @@ def run_sweep(
     result = outcome(trials, history, path, base, gap_tol)
     lineage = result.best_metrics.get("lineage") if result.best_config is not None else None
     if isinstance(lineage, str):
-        sweep = {
-            "problem": _factory_name(factory),
-            "problem_config": problem_config,
-            "method": method,
-            "steps": run.steps,
-            "seed": seed,
-        }
         write_best_schedule(path, result.best_metrics, json.loads(lineage), sweep)
     took = f"{result.num_trials} trials in {time.perf_counter() - started:.0f} s"
     if result.best_config is None:
