@@ -46,7 +46,7 @@ from bilevel_ray.runtime.history import write_parquet
 from bilevel_ray.runtime.lineage import BEST_SCHEDULE, read_schedule_file
 from bilevel_ray.runtime.local import solve
 from bilevel_ray.runtime.run_spec import check_run_name
-from bilevel_ray.runtime.threads import use_process_cpus
+from bilevel_ray.runtime.threads import use_process_cpus, use_work_threads
 
 __all__ = ["main"]
 
@@ -70,7 +70,9 @@ TRAIN_EXAMPLES = """examples:
 DIAGNOSE_EXAMPLES = """examples:
   bilevel-ray diagnose toy-negative                  # unsuitable: exit code 3
   bilevel-ray diagnose toy-positive --gamma 16 --set lr_y=0.01 --set inner_steps=2
-  bilevel-ray diagnose representation --steps 200 --address auto
+  bilevel-ray diagnose representation --steps 1000 --address auto
+  bilevel-ray diagnose regression --predict-only     # only the early price (a prediction)
+  bilevel-ray diagnose --at-end runs/q                # certify a finished pbgd_free run
   bilevel-ray solve toy-negative --on-unsuitable fallback     # switch to alt_pbgd if unsuitable
 """
 
@@ -122,10 +124,14 @@ def _key_values(pairs: Sequence[str], flag: str, strict: bool = False) -> dict[s
     return out
 
 
-def _problem_options(command: argparse.ArgumentParser, set_help: str) -> None:
+def _problem_options(
+    command: argparse.ArgumentParser, set_help: str, optional: bool = False
+) -> None:
     """PROBLEM, its factory's settings (``--config``) and what ``--set`` sets."""
     command.add_argument(
-        "problem", help=f"built-in ({', '.join(BUILTIN_PROBLEMS)}) or file.py:factory"
+        "problem",
+        nargs="?" if optional else None,
+        help=f"built-in ({', '.join(BUILTIN_PROBLEMS)}) or file.py:factory",
     )
     for flag, text in (
         ("--set", set_help),
@@ -148,6 +154,16 @@ def _output_options(command: argparse.ArgumentParser, quiet: bool = True) -> Non
         "--verbose",
         action="store_true",
         help="also show Ray's own log lines (sets BILEVEL_RAY_VERBOSE=1)",
+    )
+
+
+def _threads_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch's CPU threads in this process (default: 1 for a small problem, else every "
+        "CPU this process may use)",
     )
 
 
@@ -207,6 +223,7 @@ def _solve_command(commands: Any) -> None:
     )
     _common(solve_cmd, "write history.parquet, result.pt and run.json to DIR")
     _output_options(solve_cmd)
+    _threads_option(solve_cmd)
     solve_cmd.add_argument(
         "--address", help="run the solve as a task on this Ray cluster (default: here, no Ray)"
     )
@@ -348,24 +365,57 @@ def _diagnose_command(commands: Any) -> None:
     diagnose_cmd = commands.add_parser(
         "diagnose",
         help="is PBGD-Free suitable for a problem? (the flatness diagnostic)",
-        description="Run a short PBGD-Free warm-up from the problem's start point, estimate the "
-        "value-function term PBGD-Free drops (flatness of f in y near the lower solution) and "
-        "print the verdict: suitable (exit 0), unsuitable (exit 3) or uncertain (exit 0).",
+        description="Run PBGD-Free from the problem's start for the run's horizon (--steps, "
+        "default the problem's suggested steps), then certify its end point: PBGD-Free and "
+        "alt_pbgd continue from there on the same batches, and what the correction still gains "
+        "in phi(x) = f(x, y*(x)) on f's rows is judged against 5%% of the achievable improvement "
+        "and the run-to-run noise. Prints the verdict: suitable (exit 0), unsuitable (exit 3) or "
+        "uncertain (exit 0), the held-out comparison on its own line, and the early price's "
+        "prediction. --at-end RUN_DIR certifies a finished run instead.",
         epilog=DIAGNOSE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _problem_options(
         diagnose_cmd,
-        "a warm-up setting (lr_x, lr_y, inner_steps, optimizer) or an option of br.diagnose "
+        "a run setting (lr_x, lr_y, inner_steps, optimizer) or an option of br.diagnose "
         "(solve_steps, rho_ok, ...)",
+        optional=True,
     )
     diagnose_cmd.add_argument(
         "--gamma", type=float, help="the penalty to diagnose at (default: the problem's, or 10)"
     )
-    diagnose_cmd.add_argument("--steps", type=int, default=100, help="warm-up steps (default 100)")
     diagnose_cmd.add_argument(
-        "--every", type=int, default=25, help="estimate every N warm-up steps (default 25)"
+        "--steps",
+        type=int,
+        help="the horizon of the run being judged (default: the problem's suggested steps)",
     )
+    diagnose_cmd.add_argument(
+        "--check-steps",
+        type=int,
+        help="how far both methods continue from PBGD-Free's end (default: a quarter of "
+        "--steps, at least 100)",
+    )
+    diagnose_cmd.add_argument(
+        "--replicas", type=int, help="batch orders of the end check (default 3; 1 on full batches)"
+    )
+    diagnose_cmd.add_argument(
+        "--warmup", type=int, default=100, help="steps before the early price (default 100)"
+    )
+    diagnose_cmd.add_argument(
+        "--every", type=int, default=25, help="settle checks every N steps (default 25)"
+    )
+    diagnose_cmd.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="only the early price (cheap; a prediction, not checked at the run's end)",
+    )
+    diagnose_cmd.add_argument(
+        "--at-end",
+        type=Path,
+        metavar="RUN_DIR",
+        help="certify a finished run (a solve or train --out folder) at its end point",
+    )
+    _threads_option(diagnose_cmd)
     diagnose_cmd.add_argument("--seed", type=int, default=0)
     _output_options(diagnose_cmd)
     diagnose_cmd.add_argument(
@@ -392,7 +442,19 @@ def _compare_command(commands: Any) -> None:
         "--methods", help="comma-separated methods (default: every one that applies)"
     )
     compare_cmd.add_argument(
-        "--budget", type=float, default=60.0, help="wall-clock seconds per run (default 60)"
+        "--budget",
+        type=float,
+        default=60.0,
+        help="wall-clock seconds of each method's own steps per run; scoring and start-up come "
+        "on top and are reported (default 60)",
+    )
+    compare_cmd.add_argument(
+        "--rank-by",
+        choices=("best", "final"),
+        default=None,
+        help="rank each run at its best held-out point (early stopping on a validation half of "
+        "the held-out rows) or at its final point (default: best where the rows split, else "
+        "final)",
     )
     compare_cmd.add_argument("--seeds", type=int, default=3, help="runs per method (default 3)")
     compare_cmd.add_argument(
@@ -454,11 +516,19 @@ def _watch_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"on_unsuitable": args.on_unsuitable, "diagnose_window": args.diagnose_window}
 
 
-def solve_problem(problem: str, problem_config: dict[str, Any], method: str, **options: Any) -> Any:
-    """``br.solve`` on a problem named as on the command line (also run as a Ray task)."""
+def solve_problem(
+    problem: str,
+    problem_config: dict[str, Any],
+    method: str,
+    threads: int | None = None,
+    **options: Any,
+) -> Any:
+    """``br.solve`` on a problem named as on the command line (also run as a Ray task), with
+    torch's threads from the problem's size unless ``threads`` is given."""
     from bilevel_ray.runtime.train import build_spec
 
     spec = build_spec(problem, problem_config)
+    use_work_threads(spec.x0, spec.y0, threads)
     settings = {**SolverConfig.applicable(method, spec.defaults), **options}
     return solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
 
@@ -479,10 +549,16 @@ def _solve(args: argparse.Namespace) -> int:
         from bilevel_ray.runtime.remote import on_cluster
 
         result = on_cluster(
-            args.address, solve_problem, args.problem, problem_config, args.method, **run
+            args.address,
+            solve_problem,
+            args.problem,
+            problem_config,
+            args.method,
+            args.threads,
+            **run,
         )
     else:
-        result = solve_problem(args.problem, problem_config, args.method, **run)
+        result = solve_problem(args.problem, problem_config, args.method, args.threads, **run)
     _show(args, problem_config, result)
     return _status_code(result)
 
@@ -536,9 +612,13 @@ def _status_code(result: Any) -> int:
     return 0
 
 
-# What `diagnose` prints of the settings it ran with: the warm-up's, then the estimator's.
+# What `diagnose` prints of the settings it ran with: the run's, the check's, then the price's.
 DIAGNOSE_SHOWN = (
     "gamma",
+    "steps",
+    "check_steps",
+    "replicas",
+    "threads",
     "warmup_steps",
     "every",
     "lr_x",
@@ -554,33 +634,100 @@ DIAGNOSE_SHOWN = (
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    options = {"warmup_steps": args.steps, "every": args.every, "seed": args.seed}
-    options.update(_key_values(args.set, "--set"))
+    options = _key_values(args.set, "--set")
     if "progress" in options:
         raise ConfigError(
             "--set progress=...: not a setting; progress lines are on by default "
             "(on a terminal), --quiet turns them off"
         )
+    if args.at_end is not None:
+        return _certify(args, options)
+    if args.problem is None:
+        raise _UsageError(
+            "diagnose needs PROBLEM (a built-in name or file.py:factory), or --at-end RUN_DIR "
+            "to certify a finished run"
+        )
+    options.update(
+        {
+            "steps": args.steps,
+            "check_steps": args.check_steps,
+            "replicas": args.replicas,
+            "warmup_steps": args.warmup,
+            "every": args.every,
+            "seed": args.seed,
+            "predict_only": args.predict_only,
+        }
+    )
     options["progress"] = _progress(args)
     problem_config = _key_values(args.config, "--config")
     if args.address is not None:
         from bilevel_ray.runtime.remote import on_cluster
 
         verdict, used = on_cluster(
-            args.address, diagnose_problem, args.problem, problem_config, args.gamma, **options
+            args.address,
+            diagnose_problem,
+            args.problem,
+            problem_config,
+            args.gamma,
+            args.threads,
+            **options,
         )
     else:
-        verdict, used = diagnose_problem(args.problem, problem_config, args.gamma, **options)
-    print(f"{args.problem}: {verdict.verdict}")
-    print(f"  {verdict.reason}")
-    print(f"  recommendation: {verdict.recommendation}")
-    shown = ", ".join(f"{k}={_value(used[k])}" for k in DIAGNOSE_SHOWN if k in used)
-    print(f"  settings: {shown} (change any with --set KEY=VALUE, gamma with --gamma)")
-    for key in ("rho", "dropped", "kept", "alpha_hat", "c_hat", "dropped_slope"):
+        verdict, used = diagnose_problem(
+            args.problem, problem_config, args.gamma, args.threads, **options
+        )
+    _print_verdict(args.problem, verdict, used)
+    for key in ("dropped", "kept", "alpha_hat", "c_hat", "dropped_slope"):
         value = verdict.stats.get(f"flatness/{key}")
         if value is not None and value == value:  # NaN: no usable estimate of it
             print(f"  {key} = {value:.4g}")
     return 3 if verdict.verdict == "unsuitable" else 0
+
+
+def _certify(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``diagnose --at-end RUN_DIR``: the end-of-run certificate of a finished run."""
+    from bilevel_ray.runtime.diagnose_named import certify_run
+
+    given = [
+        flag
+        for flag, value in (
+            ("PROBLEM", args.problem),
+            ("--set", options),
+            ("--config", args.config),
+            ("--predict-only", args.predict_only),
+            ("--steps", args.steps),
+            ("--gamma", args.gamma),
+        )
+        if value
+    ]
+    if given:
+        raise ConfigError(
+            "--at-end certifies a finished run with the problem, data and settings its run.json "
+            "records; it takes --check-steps, --replicas, --threads and --quiet only (drop "
+            + ", ".join(given)
+            + ")"
+        )
+    verdict, used = certify_run(
+        args.at_end,
+        check_steps=args.check_steps,
+        replicas=3 if args.replicas is None else args.replicas,
+        threads=args.threads,
+        progress=_progress(args),
+    )
+    _print_verdict(f"{args.at_end} (run of {used['problem']})", verdict, used)
+    return 3 if verdict.verdict == "unsuitable" else 0
+
+
+def _print_verdict(title: str, verdict: Any, used: dict[str, Any]) -> None:
+    print(f"{title}: {verdict.verdict}")
+    print(f"  {verdict.reason}")
+    if verdict.held_out:
+        print(f"  {verdict.held_out}")
+    if verdict.prediction:
+        print(f"  prediction: {verdict.prediction}")
+    print(f"  recommendation: {verdict.recommendation}")
+    shown = ", ".join(f"{k}={_value(used[k])}" for k in DIAGNOSE_SHOWN if k in used)
+    print(f"  settings: {shown} (change any with --set KEY=VALUE, gamma with --gamma)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -704,6 +851,7 @@ def flatness_note(
 
 def _compare(args: argparse.Namespace) -> int:
     from bilevel_ray.runtime.compare import compare
+    from bilevel_ray.runtime.compare_output import format_table
 
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if args.out is not None:
@@ -718,22 +866,10 @@ def _compare(args: argparse.Namespace) -> int:
         name=args.name,
         address=args.address,
         progress=not args.quiet,
+        rank_by=args.rank_by,
         **_key_values(args.set, "--set"),
     )
-    print(
-        f"{'method':<12} {'phi (median)':>13} {'± std':>9} {'to target s':>12} "
-        f"{'steps/s':>9} {'state MiB':>10} {'peak MB':>8}"
-    )
-    for row in result.table:
-        print(
-            f"{row['method']:<12} {row['final_phi']:>13.6g} {row['final_std']:>9.2g} "
-            f"{row['time_to_target_s']:>12.3g} {row['steps_per_s']:>9.4g} "
-            f"{row['state_bytes'] / 2**20:>10.3g} {row['peak_rss_mb']:>8.0f}"
-        )
-    for run in result.runs.to_pylist():
-        if run["status"] != "completed":
-            print(f"{run['method']:<12} {run['status']}: {run['reason']}")
-    print(f"target: phi <= {result.recommendation.get('target', float('nan')):.6g}")
+    print(format_table(result))
     print()
     print(result.recommendation["text"])
     print(f"  wrote {result.path}/compare.parquet, curves.parquet, compare.json, compare.png")

@@ -225,16 +225,26 @@ def test_without_verbose_the_environment_is_left_alone(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("omp", "expected"), [("1", 1), ("3", 3), ("2,1", 2), (None, len(os.sched_getaffinity(0)))]
+    ("omp", "flag", "expected"),
+    [("1", None, 1), ("3", None, 3), ("2,1", None, 2), (None, None, 1), ("3", "2", 2)],
 )
-def test_torch_threads_follow_omp_num_threads_else_the_cpus_given(omp, expected, monkeypatch):
+def test_torch_threads_follow_the_flag_then_omp_num_threads_else_the_problems_size(
+    omp, flag, expected, monkeypatch
+):
+    # A one-variable toy is a small problem: one thread unless told otherwise.
     if omp is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     torch.set_num_threads(5)
-    assert main(["solve", "toy-negative", "--steps", "10", "--quiet"]) == 0
+    argv = ["solve", "toy-negative", "--steps", "10", "--quiet"]
+    assert main(argv + (["--threads", flag] if flag else [])) == 0
     assert torch.get_num_threads() == expected
+
+
+def test_a_bad_threads_flag_exits_2(capsys):
+    assert main(["solve", "toy-negative", "--steps", "10", "--threads", "0"]) == 2
+    assert "threads=0: must be a whole number in [1, 1024]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("omp", ["two", "0", "-1"])
@@ -298,22 +308,35 @@ def test_switch_step_reads_the_history():
 
 
 def test_diagnose_prints_the_settings_it_ran_with(capsys):
-    argv = ["diagnose", "toy-negative", "--steps", "20", "--every", "10", "--gamma", "12"]
-    assert main([*argv, "--set", "solve_lr=0.1"]) == 3
+    argv = ["diagnose", "toy-negative", "--steps", "300", "--warmup", "20", "--every", "10"]
+    assert main([*argv, "--gamma", "12", "--set", "solve_lr=0.1"]) == 3
     settings = next(
         line for line in capsys.readouterr().out.splitlines() if line.startswith("  settings: ")
     )
-    for shown in ("gamma=12", "warmup_steps=20", "every=10", "solve_lr=0.1", "solve_steps=300"):
+    for shown in (
+        "gamma=12",
+        "steps=300",
+        "check_steps=100",
+        "replicas=3",
+        "threads=1",
+        "warmup_steps=20",
+        "every=10",
+        "solve_lr=0.1",
+        "solve_steps=300",
+    ):
         assert shown in settings
 
 
 def test_uncertain_verdict_names_the_settings_used_and_the_values_to_try(capsys):
-    # Two solve steps cannot converge: the estimates are unusable and the verdict is uncertain.
-    argv = ["diagnose", "toy-negative", "--steps", "10", "--every", "5", "--set", "solve_steps=2"]
+    # Two solve steps cannot converge: the early price's estimates are unusable and its
+    # prediction is uncertain.
+    argv = ["diagnose", "toy-negative", "--warmup", "10", "--every", "5", "--predict-only"]
+    argv += ["--set", "solve_steps=2"]
     assert main(argv) == 0  # uncertain is not unsuitable
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "toy-negative: uncertain"
     reason = lines[1]
+    assert reason.startswith("  prediction (the early price at step")
     tried = [int(v) for v in re.findall(r"solve_steps\s*=\s*(\d+)", reason)]
     assert 2 in tried, f"the reason does not name the solve_steps it used: {reason}"
     assert any(v > 2 for v in tried), f"the reason names no larger solve_steps to try: {reason}"
@@ -348,7 +371,7 @@ def test_diagnose_shows_progress_on_a_terminal_unless_quiet(monkeypatch, capsys)
     assert seen["progress"] is True
     seen.clear()
     assert main([*argv, "--quiet"]) == 3
-    assert seen and "progress" not in seen
+    assert seen["progress"] is False
 
 
 @pytest.mark.parametrize(

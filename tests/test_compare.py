@@ -15,9 +15,15 @@ import bilevel_ray as br
 from bilevel_ray.cli import main
 from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.compare import _method_settings
+from bilevel_ray.runtime.compare_outcome import write_outcome
+from bilevel_ray.runtime.compare_rank import Ranking
 from bilevel_ray.runtime.compare_verdict import method_table, recommend, time_to_target
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
 
 
 def _run(method, seed, phi, steps=100, wall=1.0, state=16):
@@ -46,17 +52,21 @@ def test_time_to_target_is_the_first_time_at_or_below_it():
 
 
 def test_a_biased_pbgd_free_is_not_recommended_and_its_bias_is_stated():
-    # The negative toy's outcome: PBGD-Free ends at phi = -10, a corrected method at -35.
+    # The negative toy's outcome: PBGD-Free ends at phi = -10, a corrected method at -35, from
+    # phi(x0) = 14.
     runs = [_run("pbgd_free", s, -10.0, steps=4000) for s in (0, 1)]
     runs += [_run("alt_pbgd", s, -35.0 + 0.01 * s, steps=600, state=24) for s in (0, 1)]
     curves = {("pbgd_free", s): _curve([(0.5, -10.0)]) for s in (0, 1)}
-    curves |= {("alt_pbgd", s): _curve([(0.3, -20.0), (0.6, -35.0)]) for s in (0, 1)}
-    table, target = method_table(runs, curves)
-    assert [r["method"] for r in table] == ["alt_pbgd", "pbgd_free"]
-    assert target == pytest.approx(-34.995 + 0.05 * 34.995)  # 5% above the best median
-    advice = recommend(table, target, {"verdict": "unsuitable"}, "toy-negative", {})
+    curves |= {("alt_pbgd", s): _curve([(0.3, -20.0), (0.6, -35.0 + 0.01 * s)]) for s in (0, 1)}
+    ranking = method_table(runs, curves, start=14.0, rank_by="final")  # a deterministic toy
+    assert [r["method"] for r in ranking.rows] == ["alt_pbgd", "pbgd_free"]
+    # The target: the best median plus 5% of the improvement from phi(x0) = 14 (the verdict's
+    # tolerance; it was 5% of |phi|, which moves when a constant is added to f).
+    assert ranking.targets["final"] == pytest.approx(-34.995 + 0.05 * (14 + 34.995))
+    advice = recommend(ranking, {"verdict": "unsuitable"}, "toy-negative", {})
     assert advice["method"] == "alt_pbgd"
     assert "PBGD-Free is biased here: it ends at phi = -10, 25 ± " in advice["text"]
+    assert "beyond tau = 2.46 (5% of the improvement from phi(x0) = 14" in advice["text"]
     assert "'unsuitable' on the same start, which agrees" in advice["text"]
     assert "bilevel-ray tune toy-negative --method alt_pbgd" in advice["text"]
 
@@ -66,8 +76,9 @@ def test_an_unbiased_pbgd_free_is_recommended_with_its_speed():
     runs += [_run("alt_pbgd", s, -1.419, steps=400, state=88) for s in (0, 1)]
     curves = {("pbgd_free", s): _curve([(0.05, -1.35), (1.0, -1.419)]) for s in (0, 1)}
     curves |= {("alt_pbgd", s): _curve([(0.2, -1.35), (1.0, -1.419)]) for s in (0, 1)}
-    table, target = method_table(runs, curves)
-    advice = recommend(table, target, {"verdict": "suitable"}, "quadratic", {})
+    advice = recommend(
+        method_table(runs, curves, start=0.0), {"verdict": "suitable"}, "quadratic", {}
+    )
     assert advice["method"] == "pbgd_free"
     assert (
         "it reaches the target in 0.05 s against 0.2 s (4x sooner; 6.5x the steps"
@@ -78,7 +89,7 @@ def test_an_unbiased_pbgd_free_is_recommended_with_its_speed():
 
 
 def test_nothing_completed_says_why():
-    advice = recommend([], math.nan, None, "p", {"pbgd_free": "diverged at step 3"})
+    advice = recommend(Ranking([], {}, math.nan), None, "p", {"pbgd_free": "diverged at step 3"})
     assert advice["method"] is None
     assert advice["text"] == "No method completed a run (pbgd_free: diverged at step 3)."
 
@@ -98,6 +109,7 @@ def test_a_method_that_cannot_apply_is_listed_with_its_reason():
         ({"num_workers": 2}, r"num_workers=2: compare runs each method in one process; scale"),
         ({"methods": ["adam"]}, r"methods=\['adam'\]: choose among pbgd_free, "),
         ({"methods": []}, r"methods=\[\]: choose among"),
+        ({"rank_by": "last"}, r"rank_by='last': choose 'best' \(each run at its best held-out"),
     ],
 )
 def test_bad_input_is_refused_before_anything_runs(kwargs, match, tmp_path):
@@ -132,8 +144,19 @@ def test_the_negative_toy_recommends_a_corrected_method(ray_2cpu, tmp_path, caps
     out = capsys.readouterr().out
     assert code == 0, out
     assert "PBGD-Free is biased here: it ends at phi = -10, 25" in out
-    summary = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    text = (tmp_path / "compare" / "compare.json").read_text()
+    summary = json.loads(text, parse_constant=_refuse)  # strict JSON: no Infinity, no NaN
     assert summary["recommendation"]["method"] == "alt_pbgd"
+    # What reruns it, from its folder: the budget, the seeds, each method's settings, the command.
+    assert summary["budget_s"] == 1.5 and summary["seeds"] == [0, 1]
+    assert summary["settings"]["alt_pbgd"] == {"lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0}
+    assert summary["rerun"]["command"] == (
+        f"bilevel-ray compare toy-negative --methods pbgd_free,alt_pbgd --budget 1.5 --seeds 2 "
+        f"--out {tmp_path} --name compare-rerun"
+    )
+    # The wall time beside the budget: each run's whole time, scoring and start included.
+    assert all(r["run_wall_s"] >= r["wall_s"] >= 1.5 for r in summary["runs"])
+    assert summary["plan"]["took_s"] > 0 and summary["plan"]["total_s"] > 0
     runs = pq.read_table(tmp_path / "compare" / "compare.parquet").to_pylist()
     assert sorted((r["method"], r["seed"]) for r in runs) == [
         ("alt_pbgd", 0),
@@ -215,15 +238,13 @@ def test_a_name_that_is_a_file_is_refused(tmp_path):
 def test_the_outputs_replace_a_planted_link_and_never_write_through_it(tmp_path):
     """compare.json, compare.parquet and curves.parquet are written to a temporary file and
     renamed: a link planted at one (after the folder was checked) is replaced."""
-    from bilevel_ray.runtime.compare import _outcome
-
     folder, target = tmp_path / "c", tmp_path / "target.txt"
     folder.mkdir()
     target.write_text("not yours\n")
     for name in ("compare.json", "compare.parquet", "curves.parquet"):
         (folder / name).symlink_to(target)
     runs = [_run("alt_pbgd", 0, 1.0), _run("pbgd", 0, 2.0)]
-    _outcome(runs, folder, None, "toy-negative", {})
+    write_outcome(runs, folder, None, "toy-negative", {})
     assert target.read_text() == "not yours\n"
     for name in ("compare.json", "compare.parquet", "curves.parquet"):
         assert (folder / name).is_file() and not (folder / name).is_symlink(), name

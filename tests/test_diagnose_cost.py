@@ -96,7 +96,10 @@ def test_negative_toy_is_unsuitable_from_every_start_with_one_tolerance(x0):
     # problem's reference point (its own start x = 2: f(2, y_gamma) = 10 (2 - 1.5) + 4 = 9) the
     # tolerance is 5% of 9 - (f_end - 25) with f_end = 10 (x - 1.5) + x^2 near x = 0, about 2.1
     # to 2.7 (diagnose stops once settled, within 0.5 of x = 0): one verdict, C/tau ~ 10.
-    v = diagnose(NegativeToy(), {"x": t64(x0)}, {"y": t64(0.0)}, 10.0, reference={"x": t64(2.0)})
+    v = diagnose(
+        NegativeToy(), {"x": t64(x0)}, {"y": t64(0.0)}, 10.0, reference={"x": t64(2.0)},
+        predict_only=True,
+    )  # fmt: skip
     assert (v.verdict, v.fallback) == ("unsuitable", "alt_pbgd")
     assert v.stats["flatness/cost"] == pytest.approx(25.0, rel=1e-3)
     assert v.stats["flatness/start_upper"] == pytest.approx(9.0, rel=1e-6)
@@ -105,6 +108,12 @@ def test_negative_toy_is_unsuitable_from_every_start_with_one_tolerance(x0):
     assert 2.0 < v.stats["flatness/tolerance"] < 2.8
     assert "costs about 25" in v.reason
     assert "5% of the achievable improvement from f = 9 at the problem's reference" in v.reason
+    # The certificate at the run's end: the same tolerance from every start, 5% of phi(2) - phi at
+    # the corrected end (about -35).
+    end = diagnose(NegativeToy(), {"x": t64(x0)}, {"y": t64(0.0)}, 10.0, reference={"x": t64(2.0)})
+    assert end.verdict == "unsuitable"
+    assert end.stats["end/phi_start"] == pytest.approx(14.0)
+    assert 2.3 < end.stats["end/tolerance"] < 2.5
 
 
 class Blind:
@@ -230,8 +239,9 @@ def test_decide_judges_where_the_run_is_heading():
 
 
 def test_progress_prints_to_stderr(capsys):
-    diagnose(NegativeToy(), {"x": t64(2.0)}, {"y": t64(0.0)}, warmup_steps=0, progress=True)
-    assert re.search(r"^\[diagnose\] step 0, .*\d s$", capsys.readouterr().err, re.M)
+    diagnose(NegativeToy(), {"x": t64(2.0)}, {"y": t64(0.0)}, steps=300, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"^\[diagnose\] PBGD-Free's run, step 1 of 300, 1 thread, .*\d s$", err, re.M)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +253,10 @@ def test_progress_prints_to_stderr(capsys):
         ({"max_steps": -1}, "max_steps=-1: must be an integer >= 0"),
         ({"progress": "yes"}, "progress='yes': must be True or False"),
         ({"max_seconds": math.inf}, "max_seconds=inf: must be a finite number >= 0"),
+        ({"steps": 0}, "steps=0: must be an integer >= 1"),
+        ({"check_steps": 1}, "check_steps=1: must be an integer >= 2"),
+        ({"replicas": 0}, "replicas=0: must be an integer >= 1"),
+        ({"corrected_inner_steps": 0}, "corrected_inner_steps=0: must be an integer >= 1"),
     ],
 )
 def test_diagnose_refuses_bad_new_options(options, message):
@@ -298,30 +312,6 @@ def test_the_runs_own_jitter_is_a_floor_under_the_tolerance():
     assert v.stats["flatness/tolerance"] == pytest.approx(0.05 + 0.2 + 1e-6)
 
 
-def test_paired_gap_spread_is_the_standard_error_of_per_part_differences():
-    from bilevel_ray.diagnostics.branch import paired_gap
-
-    # Two evaluations x 4 parts; the part gaps averaged over evaluations are 0.1, 0.3, 0.2, 0.2.
-    free = [[1.1, 1.3, 1.2, 1.2], [1.3, 1.5, 1.4, 1.4]]
-    alt = [[1.0, 1.0, 1.0, 1.0], [1.2, 1.2, 1.2, 1.2]]
-    gap, se, jitter = paired_gap(free, alt)
-    assert gap == pytest.approx(0.2)
-    assert se == pytest.approx(math.sqrt(0.02 / 3) / 2)  # stdev(0.1, 0.3, 0.2, 0.2) / sqrt(4)
-    assert jitter == pytest.approx(math.sqrt(0.02))  # both means move by 0.2: variance 0.02
-    # One part: the spread is unknown (NaN), never a falsely exact "± 0".
-    assert math.isnan(paired_gap([[1.2]], [[1.0]])[1])
-
-
-def test_split_cuts_held_out_data_into_strided_parts():
-    from bilevel_ray.diagnostics.branch import _split
-
-    data = (torch.arange(10.0), torch.arange(10.0) * 2)
-    parts = _split(data, 3)
-    assert [p[0].tolist() for p in parts] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    assert _split((torch.arange(10.0), torch.arange(9.0)), 3) is None  # lengths differ
-    assert _split(data, 11) is None and _split(None, 2) is None
-
-
 class Shared:
     """f and g both least squares on their own noisy minibatch targets, y a head on x."""
 
@@ -334,99 +324,11 @@ class Shared:
         return ((y["y"] - 0.5 * x["x"] - t) ** 2).mean()
 
 
-@pytest.mark.parametrize("max_seconds", [0.0, 60.0])
-def test_side_by_side_branch_runs_a_fixed_number_of_steps(max_seconds):
-    # The branch's length is branch_steps whatever the time budget: a loaded machine gets the
-    # same comparison. max_seconds=0 ends the trajectory at warmup_steps, unsettled.
-    upper, lower = _noisy()
-    data = br.data.minibatches(upper, lower, 8)
-    held = br.data.BilevelBatch(upper, lower)
-    v = _branch_verdict(Shared(), data, held, max_seconds=max_seconds, branch_steps=24)
-    assert v.stats["flatness/branch_steps"] == 24
-    assert "over 24 steps" in v.reason and "paired over 32 parts" in v.reason
-    assert math.isfinite(v.stats["flatness/cost_se"]) and v.stats["flatness/cost_se"] > 0
-
-
-def test_replica_noise_is_the_runs_difference_plus_its_spread():
-    from bilevel_ray.diagnostics.branch import replica_noise
-
-    # Two evaluations x 4 parts; the replica is 0.1 lower on average, part gaps 0, 0.2, 0.1, 0.1.
-    free = [[1.0, 1.2, 1.1, 1.1], [1.2, 1.4, 1.3, 1.3]]
-    replica = [[1.0, 1.0, 1.0, 1.0], [1.2, 1.2, 1.2, 1.2]]
-    floor, diff, se = replica_noise(free, replica, 2.0)
-    assert diff == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.02 / 3) / 2)
-    assert floor == pytest.approx(0.1 + 2 * se)
-    # Deterministic data: the replica repeats the run exactly, a floor of 0; no replica ran: 0.
-    assert replica_noise(free, free, 2.0) == (0.0, 0.0, 0.0)
-    assert replica_noise(free, [], 2.0) == (0.0, 0.0, 0.0)
-
-
 def _noisy(n: int = 400, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     upper = (1.0 + torch.randn(n, generator=gen, dtype=F64),)
     lower = (torch.randn(n, generator=gen, dtype=F64),)
     return upper, lower
-
-
-def _branch_verdict(problem, data, held, x0=3.0, **options):
-    return diagnose(
-        problem,
-        {"x": t64(x0)},
-        {"y": t64(0.0)},
-        10.0,
-        data=data,
-        eval_data=held,
-        warmup_steps=2,
-        max_steps=2,
-        settle=1e-12,  # never settles: the side-by-side branch decides
-        **options,
-    )
-
-
-def test_side_by_side_branch_measures_the_runs_own_noise_with_a_replica():
-    # On minibatches a second PBGD-Free run from the same start on another batch order differs
-    # from the first: a positive floor under the tolerance, named in the reason. Batches of 4
-    # over 200 steps: both runs have settled (their jitter is small) and the replica ends
-    # elsewhere by its batch order alone.
-    upper, lower = _noisy()
-    v = _branch_verdict(
-        Shared(),
-        br.data.minibatches(upper, lower, 4),
-        br.data.BilevelBatch(upper, lower),
-        branch_steps=200,
-    )
-    floor, diff, se = (
-        v.stats[f"flatness/{k}"] for k in ("noise_floor", "replica_gap", "replica_se")
-    )
-    assert math.isfinite(diff) and diff != 0.0 and se > 0
-    assert floor == pytest.approx(abs(diff) + 2.0 * se) and floor > v.stats["flatness/jitter"]
-    assert v.stats["flatness/tolerance"] >= floor
-    assert v.verdict == "suitable"  # f and g share their target: the dropped term costs nothing
-    assert (
-        f"the {floor:.2g} two PBGD-Free runs from the start on different batch orders" in v.reason
-    )
-    assert f"within the {floor:.2g} two PBGD-Free runs differ by" in v.reason
-
-
-def test_deterministic_data_gets_no_replica():
-    from bilevel_ray.data import as_batches
-    from bilevel_ray.diagnostics.branch import Branch
-    from bilevel_ray.diagnostics.diagnose import _Progress
-
-    # Full-batch data: a replica would repeat the run exactly (floor 0), so diagnose runs none;
-    # run on purpose, it measures exactly 0.
-    upper, lower = _noisy(64)
-    data, held = br.full_batch(upper, lower), br.data.BilevelBatch(upper, lower)
-    solver = br.SolverConfig(method="pbgd_free", lr_x=0.05, lr_y=0.1, gamma=10.0).build(Shared())
-    state = solver.init({"x": t64(3.0)}, {"y": t64(0.0)})
-    judge = {"rtol": 0.05, "atol": 1e-6, "z": 2.0}
-
-    def branch(replica):
-        b = Branch(Shared(), solver, 0.05, 0.1, 10.0, "sgd", state, 0, 1.0, held)
-        return b.verdict(as_batches(data, 0), 1, 20, _Progress(False), judge, replica)
-
-    assert branch(as_batches(data, 1)).stats["flatness/replica_gap"] == 0.0
-    assert math.isnan(branch(None).stats["flatness/replica_gap"])
 
 
 class NoisyLipschitz:
@@ -446,21 +348,39 @@ class NoisyLipschitz:
         return 0.5 * ((y["y"] - x["x"] - t) ** 2).mean()
 
 
-def test_a_real_bias_beyond_the_replica_floor_stays_unsuitable():
-    # Bias l^2 / 2 = 0.5 against two runs that differ by batch-order noise alone: the floor
-    # must not hide it.
+def _end_verdict(problem, data, held, x0=3.0, **options):
+    return diagnose(
+        problem, {"x": t64(x0)}, {"y": t64(0.0)}, 10.0, data=data, eval_data=held, **options
+    )
+
+
+def test_a_shared_target_on_minibatches_is_certified_suitable_at_the_runs_end():
+    # f and g share their target: continuing with alt_pbgd from PBGD-Free's end gains nothing
+    # beyond the batch noise, and the noise floor is resolved (batches of 32).
     upper, lower = _noisy()
-    v = _branch_verdict(
+    v = _end_verdict(
+        Shared(),
+        br.data.minibatches(upper, lower, 32),
+        br.data.BilevelBatch(upper, lower),
+        steps=400,
+        lr_x=0.05,
+    )
+    assert v.verdict == "suitable", v.reason
+    assert v.stats["end/replicas"] == 3.0 and v.stats["end/se"] > 0
+    assert v.held_out is not None and "held-out rows" in v.held_out
+
+
+def test_a_real_bias_beyond_the_batch_noise_stays_unsuitable():
+    # Bias l^2 / 2 = 0.5 under batch-order noise: the noise floor must not hide it.
+    upper, lower = _noisy()
+    v = _end_verdict(
         NoisyLipschitz(1.0),
         br.data.minibatches(upper, lower, 8),
         br.data.BilevelBatch(upper, lower),
         lr_x=0.05,
         lr_y=0.2,
-        branch_steps=200,
+        steps=400,
     )
     assert v.verdict == "unsuitable", v.reason
-    assert math.isfinite(v.stats["flatness/replica_gap"])
-    assert v.stats["flatness/noise_floor"] < 0.2 < v.stats["flatness/cost"]
-    assert (
-        v.stats["flatness/cost"] - 2 * v.stats["flatness/cost_se"] > v.stats["flatness/tolerance"]
-    )
+    assert v.stats["end/effect"] == pytest.approx(0.5, abs=0.1)
+    assert v.stats["end/effect"] - 2 * v.stats["end/se"] > v.stats["end/tolerance"]

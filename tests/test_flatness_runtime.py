@@ -234,3 +234,52 @@ def test_cli_solve_and_diagnose_run_as_tasks_on_the_cluster_with_address(ray_2cp
     # bad input found on the cluster comes back as the same one-line error
     assert main(["solve", "toy-negative", "--set", "lr_x=-1", "--address", "auto"]) == 2
     assert capsys.readouterr().err.startswith("error: lr_x=-1")
+
+
+class _RecordingJudge(FlatnessJudge):
+    def __init__(self):
+        super().__init__()
+        self.added = []
+
+    def add(self, run_id, step, stats):
+        self.added.append((step, dict(stats)))
+        super().add(run_id, step, stats)
+
+
+def test_the_watch_judges_every_in_window_estimate_from_the_runs_start():
+    # Estimates at 50, 100, 150 and 200 all reach the judge, each carrying f at the run's
+    # first step (x1 = 2 - 0.01 * 4 = 1.96, y_gamma = x1 - 1 - 0.5: f = 10 y_gamma + x1^2).
+    from bilevel_ray.runtime.flatness_watch import watch_settings
+    from bilevel_ray.runtime.local import run_local
+    from bilevel_ray.runtime.run_spec import RunSpec
+
+    spec = _negative()
+    judge = _RecordingJudge()
+    watch = watch_settings("warn", "pbgd_free", 200, 50)
+    run = RunSpec(250, 0, 50, 0, watch=watch)
+    settings = br.SolverConfig(lr_x=0.01, lr_y=0.1, gamma=10.0)
+    with pytest.warns(UserWarning):
+        res = run_local(spec.problem, spec.x0, spec.y0, settings, run, judge=judge)
+    assert [step for step, _ in judge.added[:4]] == [50, 100, 150, 200]
+    x1 = 1.96
+    for _, stats in judge.added:
+        assert stats["flatness/start_upper"] == pytest.approx(10 * (x1 - 1.5) + x1**2, rel=1e-3)
+    assert res.verdict["verdict"] == "unsuitable"
+
+
+def test_a_run_that_stays_with_pbgd_free_is_certified_at_its_end():
+    spec = _negative()
+    with pytest.warns(UserWarning, match=r"flatness certificate at the run's end \(step 3000\)"):
+        res = br.solve(spec.problem, spec.x0, spec.y0, on_unsuitable="warn", **NEGATIVE)
+    stats = res.verdict["stats"]
+    assert res.verdict["verdict"] == "unsuitable" and stats["flatness/decided_at"] == 3000
+    assert stats["end/check_steps"] == 3000 // 40
+    assert stats["end/effect"] > 5 * stats["end/tolerance"]  # 25 short (23.8 in 75 steps), of 49
+
+
+def test_a_flat_run_is_certified_suitable_at_its_end(origin):
+    x0, y0 = origin
+    options = {"steps": 400, "report_every": 50, "lr_x": 0.05, "lr_y": 0.2}
+    res = br.solve(QuadraticProblem(flat=True), x0, y0, on_unsuitable="stop", **options)
+    assert res.status == "completed" and res.verdict["verdict"] == "suitable"
+    assert res.verdict["stats"]["flatness/decided_at"] == 400

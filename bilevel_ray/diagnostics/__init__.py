@@ -1,10 +1,11 @@
 """Does PBGD-Free suit a problem? Flatness estimates at a point, and the verdict they support.
 
-    v = diagnose(problem, x0, y0, gamma=10.0)     # follow PBGD-Free, price its bias, decide
-    v.suitable, v.reason, v.stats, v.recommendation, v.fallback
+    v = diagnose(problem, x0, y0, gamma=10.0, steps=2000)   # run PBGD-Free, certify its end
+    v.suitable, v.reason, v.stats, v.recommendation, v.fallback, v.held_out, v.prediction
 
 A runtime that collects :func:`estimate` dicts during a run calls :func:`decide` on them after
-its warm-up window. Torch only: nothing here imports Ray or the runtimes.
+its warm-up window (a prediction); :func:`end_check` certifies a finished run's end point.
+Torch only: nothing here imports Ray or the runtimes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bilevel_ray.diagnostics.cost import (
     predicted_cost,
 )
 from bilevel_ray.diagnostics.diagnose import diagnose
+from bilevel_ray.diagnostics.end_check import EndCheck, end_check, held_out_line
 from bilevel_ray.diagnostics.flatness import (
     DELTA_PAIRS,
     Responses,
@@ -32,6 +34,7 @@ from bilevel_ray.diagnostics.verdict import Verdict, decide, decide_problems
 
 __all__ = [
     "DELTA_PAIRS",
+    "EndCheck",
     "Responses",
     "Verdict",
     "bias_terms",
@@ -40,9 +43,11 @@ __all__ = [
     "decide_problems",
     "delta_hat",
     "diagnose",
+    "end_check",
     "estimate",
     "estimate_problems",
     "fit_exponent",
+    "held_out_line",
     "lower_responses",
     "penalty_gradient",
     "penalty_value",

@@ -1,11 +1,13 @@
-"""``diagnose``: will PBGD-Free on this problem end as well as a corrected method?
+"""``diagnose``: does dropping the correction cost PBGD-Free the bilevel objective on this problem?
 
-It follows PBGD-Free from (x0, y0) to where it is heading, prices the dropped term there
-(:func:`~bilevel_ray.diagnostics.flatness.estimate`, on several batches) and decides by the
-rule of :mod:`~bilevel_ray.diagnostics.verdict` (which also says why it prices the term in f
-rather than comparing norms). On minibatch data, where the price cannot decide or the run is
-still moving, PBGD-Free and alt_pbgd run side by side instead
-(:mod:`~bilevel_ray.diagnostics.branch`). Deterministic data never branches.
+It runs PBGD-Free from (x0, y0) as ``br.solve`` would (the same batches for the same seed) to
+the run's horizon ``steps``, and judges there (:mod:`~bilevel_ray.diagnostics.end_check`: a
+corrected method continues from PBGD-Free's end and what it still gains in phi(x) = f(x,
+y*(x)) on f's rows is measured against the tolerance and the noise floor). On the way, where the
+run first settles, it prices the dropped term (:mod:`~bilevel_ray.diagnostics.prediction`): a
+cheap first look, reported beside the verdict as a prediction, or returned alone with
+``predict_only=True``. Every decision is bounded by steps and evaluations, not by wall time, so a
+loaded machine gets the same verdict.
 """
 
 from __future__ import annotations
@@ -15,35 +17,36 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import FullBatch, as_batches
-from bilevel_ray.diagnostics.branch import REPLICA_SEED, Branch
-from bilevel_ray.diagnostics.flatness import (
-    DELTA_PAIRS,
-    count_problem,
-    estimate,
-    estimate_problems,
-    lower_grad_x_diff,
-    lower_responses,
+from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_check, held_out_line
+from bilevel_ray.diagnostics.flatness import DELTA_PAIRS, count_problem, estimate_problems
+from bilevel_ray.diagnostics.prediction import (
+    Pricing,
+    Settle,
+    blind_verdict,
+    price,
+    terms,
+    upper_reaches_x,
 )
-from bilevel_ray.diagnostics.responses import Responses, as_batch, reference_upper
 from bilevel_ray.diagnostics.verdict import (
     Verdict,
-    decide_priced,
     decide_problems,
     rtol_problem,
     threshold_problem,
 )
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
-from bilevel_ray.solvers.base import grads_of, identity_reduce
-from bilevel_ray.tree import Params, cuda_devices, vdot
+from bilevel_ray.tree import Params, cuda_devices
 
-__all__ = ["diagnose"]
+__all__ = ["Progress", "diagnose"]
+
+PRICE_SEED = 104729  # the early price's extra batches: another order than the run's own
 
 
 def diagnose(
@@ -55,6 +58,11 @@ def diagnose(
     data: Any = None,
     eval_data: Any = None,
     reference: Params | None = None,
+    steps: int = 2000,
+    check_steps: int | None = None,
+    replicas: int = 3,
+    corrected_inner_steps: int = 5,
+    predict_only: bool = False,
     warmup_steps: int = 100,
     every: int = 25,
     lr_x: float = 0.01,
@@ -63,8 +71,7 @@ def diagnose(
     optimizer: str | tuple[str, str] = "sgd",
     seed: int = 0,
     max_steps: int | None = None,
-    max_seconds: float = 60.0,
-    branch_steps: int = 200,
+    max_seconds: float | None = None,
     settle: float = 0.1,
     batches: int = 4,
     solve_steps: int = 300,
@@ -82,42 +89,30 @@ def diagnose(
     z: float = 2.0,
     progress: bool = False,
 ) -> Verdict:
-    """Will PBGD-Free on ``problem`` end as well as a corrected method, to this precision?
+    """Does PBGD-Free on ``problem`` end as well as a corrected method, to this precision?
 
-    Follows PBGD-Free's own trajectory from (x0, y0) (``lr_x``, ``lr_y``, ``inner_steps``,
-    ``optimizer`` as in ``br.solve``, at this fixed ``gamma``), with a cheap check every
-    ``every`` steps (solves warm-started at the run's current y, to 1e-2 in at most 50 steps),
-    for at least ``warmup_steps`` and until it settles (||E kept|| <= ``settle`` *
-    max(||E dropped||, ``settle`` * its largest value), E over batches by the dot product of
-    two successive checks' vectors: what is left to move is the dropped term's),
-    ``max_steps`` (default 20 * warmup_steps; ``max_seconds`` only caps a far slower run, so
-    a loaded machine gets the same verdict). There it prices the dropped term in units of f
-    (:mod:`~bilevel_ray.diagnostics.verdict`) on ``batches`` batches of ``data`` (one when
-    the data is deterministic; at least two, up to 4 * ``batches`` while the verdict is
-    uncertain, none more once ``max_seconds`` is spent), measures f where the run started on
-    the same batches (its progress) and, for plain SGD on x, its own jitter floor
-    lr_x tr(Var kept) / 4, and applies :func:`decide`. A run that has not settled when the
-    time runs out is judged suitable only if its cost clears the tolerance, else uncertain.
-    On minibatch data, a run still moving at the trajectory's end, or whose price cannot decide
-    (uncertain), is compared with alt_pbgd from there for ``branch_steps`` steps on the same
-    batches (a step count, not a time budget), judged on ``eval_data`` (split into 32 strided
-    parts: the paired per-part differences give the shortfall's standard error) or on
-    held-back batches, averaged over 4 evaluations in the branch's second half, against the
-    tolerance plus the runs' own noise: the larger of the evaluations' jitter and what a second
-    PBGD-Free run from (x0, y0) on another batch order (seed + 7919), as many steps long,
-    differs by, |d| + z se (:func:`~bilevel_ray.diagnostics.branch.replica_noise`; the
-    precision a run can reach). With that
-    floor, a shortfall within the tolerance is suitable, one beyond it by z standard errors
-    unsuitable.
-    The tolerance is ``rtol`` of the achievable improvement measured from ``reference`` (an
-    upper-level point, default x0: the problem's own start), so that diagnosing from another
-    start with the problem's reference gives the same tolerance. x0 and y0 are not modified.
-    ``progress`` prints a line to stderr at once and then every 2 s.
+    Runs PBGD-Free from (x0, y0) for ``steps`` steps (the horizon of the run being judged;
+    ``lr_x``, ``lr_y``, ``inner_steps``, ``optimizer``, ``seed`` and ``data`` as in
+    ``br.solve``, at this fixed ``gamma``) and certifies its end point
+    (:func:`~bilevel_ray.diagnostics.end_check.end_check`): PBGD-Free and alt_pbgd (inner
+    loops of ``corrected_inner_steps``) continue from there for ``check_steps`` steps (default a
+    quarter of ``steps``, at least 100) on ``replicas`` batch orders (one on deterministic data),
+    and what the correction still gains in phi = f(x, y*(x)) on f's rows is judged against
+    ``rtol`` of the achievable improvement from ``reference`` (default x0) and the noise floor
+    (``z`` standard errors). The verdict is that certificate; ``eval_data`` (held-out rows)
+    gives the ``held_out`` line beside it.
 
-    The ``solve_*`` options set the lower-level solves of each estimate (L-BFGS by default: it
-    converges to ``solve_rtol`` in tens of gradients); ``gamma_factor``, ``directions`` and
-    ``delta_pairs`` are :func:`estimate`'s; ``rho_ok``, ``rho_bad``, ``atol``,
-    ``max_residual``, ``rtol`` and ``z`` are :func:`~bilevel_ray.diagnostics.verdict.decide`'s.
+    On the way, once the run settles (checked every ``every`` steps after ``warmup_steps``, at
+    the latest at ``max_steps``, default 20 * warmup_steps), the dropped term is priced on
+    ``batches`` batches (:mod:`~bilevel_ray.diagnostics.prediction`): the ``prediction`` line
+    and the ``flatness/*`` statistics. ``predict_only=True`` returns that prediction alone
+    (cheap, and labelled as a prediction). ``max_seconds`` (default none) caps the wall time:
+    reaching it gives "uncertain (time cap reached at step ...)", never another path to a
+    confident verdict. ``progress`` prints a line to stderr at once and then every 2 s.
+
+    The ``solve_*`` options set the price's lower-level solves (L-BFGS by default);
+    ``gamma_factor``, ``directions`` and ``delta_pairs`` are the estimator's; ``rho_ok``,
+    ``rho_bad``, ``atol`` and ``max_residual`` are the price's decision thresholds.
 
     Raises:
         ConfigError: bad input, before any step runs (every problem found, at once).
@@ -133,213 +128,199 @@ def diagnose(
             )
     reference = x0 if reference is None else reference
     problems: list[str] = []
+    count_problem(problems, "steps", steps, 1)
+    if check_steps is not None:
+        count_problem(problems, "check_steps", check_steps, 2)
+    count_problem(problems, "replicas", replicas, 1)
+    count_problem(problems, "corrected_inner_steps", corrected_inner_steps, 1)
     count_problem(problems, "warmup_steps", warmup_steps, 0)
     count_problem(problems, "every", every, 1)
     count_problem(problems, "seed", seed, 0)
     count_problem(problems, "batches", batches, 1)
-    count_problem(problems, "branch_steps", branch_steps, 0)
     if max_steps is not None:
         count_problem(problems, "max_steps", max_steps, 0)
     threshold_problem(problems, "settle", settle, 0, "e.g. settle=0.1")
-    threshold_problem(problems, "max_seconds", max_seconds, 0, "e.g. max_seconds=20")
-    if not isinstance(progress, bool):
-        problems.append(f"progress={progress!r}: must be True or False")
+    if max_seconds is not None:
+        threshold_problem(problems, "max_seconds", max_seconds, 0, "or None for no time cap")
+    for name, flag in (("progress", progress), ("predict_only", predict_only)):
+        if not isinstance(flag, bool):
+            problems.append(f"{name}={flag!r}: must be True or False")
     solve = {
         "solve_steps": solve_steps,
         "solve_lr": solve_lr,
         "solve_rtol": solve_rtol,
         "optimizer": solve_optimizer,
     }
-    opts = {
-        **solve,
-        "gamma_factor": gamma_factor,
-        "directions": directions,
-        "delta_pairs": delta_pairs,
-    }
+    opts = {**solve, "gamma_factor": gamma_factor, "directions": directions}
+    opts["delta_pairs"] = delta_pairs
     problems += estimate_problems(gamma=gamma, **opts, optimizer_name="solve_optimizer")
     problems += decide_problems(rho_ok, rho_bad, atol, max_residual)
     rtol_problem(problems, rtol)
     threshold_problem(
         problems, "z", z, 0, "the confidence multiplier of the standard error, e.g. 2.0"
     )
+    settings = None
     try:
-        solver = SolverConfig(
+        settings = SolverConfig(
             method="pbgd_free",
             lr_x=lr_x,
             lr_y=lr_y,
             gamma=gamma if isinstance(gamma, (int, float)) else None,
             inner_steps=inner_steps,
             optimizer=optimizer,
-        ).build(problem)
+        )
+        solver = settings.build(problem)
     except ConfigError as err:
         problems += [p for p in err.problems if not p.startswith("gamma=")]
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 
-    last = 20 * warmup_steps if max_steps is None else max(max_steps, warmup_steps)
     # A tolerance below the dtype's rounding cannot be met (float32 networks): solve_rtol is
-    # floored at sqrt(eps) and max_residual at 100 times that (the run watch's 2e-2 in float32);
-    # the verdict's reason names the tolerance used.
+    # floored at sqrt(eps) and max_residual at 100 times that (the run watch's 2e-2 in float32).
     floor = torch.finfo(next(iter(x0.values())).dtype).eps ** 0.5
     solve["solve_rtol"] = opts["solve_rtol"] = max(solve_rtol, floor)
-    max_residual = max(max_residual, 100 * solve["solve_rtol"])
-    # The trajectory's checks only ask whether the run has settled: looser, cheaper solves.
-    check = {
-        **solve,
-        "solve_rtol": max(solve["solve_rtol"], 1e-2),
-        "solve_steps": min(solve["solve_steps"], 50),
-    }
-    # Deterministic data gives the same batch every step: one priced batch says it all.
     fixed = data is None or isinstance(data, FullBatch)
-    report = _Progress(progress)
+    x_rule = optimizer if isinstance(optimizer, str) else optimizer[0]
+    pricing = Pricing(
+        gamma=float(gamma),
+        solve=solve,
+        # The trajectory's settle checks only ask whether the run has settled: looser solves.
+        check={
+            **solve,
+            "solve_rtol": max(solve["solve_rtol"], 1e-2),
+            "solve_steps": min(solve_steps, 50),
+        },
+        estimator=opts,
+        judge={
+            "atol": atol,
+            "max_residual": max(max_residual, 100 * solve["solve_rtol"]),
+            "rtol": rtol,
+            "z": z,
+            "rho_ok": rho_ok,
+            "rho_bad": rho_bad,
+        },
+        batches=batches,
+        fixed=fixed,
+        # Plain SGD on x jitters around its end point by its batch noise: a quadratic loss sits
+        # lr_x tr(Var kept) / 4 above its minimum on average, a floor under any visible gap.
+        jitter=lr_x / 4 if x_rule == "sgd" and not fixed else 0.0,
+        seed=seed,
+    )
+    report = Progress(progress)
+    last = 20 * warmup_steps if max_steps is None else max(max_steps, warmup_steps)
+    last = min(last, steps)
     with torch.random.fork_rng(devices=cuda_devices(x0, y0)):
-        torch.manual_seed(seed)  # a shuffled DataLoader draws from torch's RNG when iterated
+        torch.manual_seed(seed)  # as br.solve: a shuffled DataLoader draws from torch's RNG
         stream = as_batches(data, seed)
         first = next(stream)
         check_losses(problem, x0, y0, first)
-        if not _upper_reaches_x(problem, x0, y0, first):
-            return _blind(x0)
-        state, peak, previous, checks = solver.init(x0, y0), 0.0, None, 0
+        if not upper_reaches_x(problem, x0, y0, first):
+            return blind_verdict()
+        state, watch, predicted = solver.init(x0, y0), Settle(settle), None
         for t, batch in enumerate(itertools.chain([first], stream)):
-            if t % every == 0 or t >= last:
-                kept, dropped, _ = _terms(problem, state.x, state.y, batch, gamma, check)
-                # ||E kept|| and ||E dropped|| from two successive batches (their dot product),
-                # so that a minibatch's own noise does not keep the run from settling.
-                before = previous or (kept, dropped)
-                signal = math.sqrt(max(float(vdot(kept, before[0])), 0.0))
-                bias = math.sqrt(max(float(vdot(dropped, before[1])), 0.0))
-                previous, checks = (kept, dropped), checks + 1
-                peak = max(peak, signal) if math.isfinite(signal) else peak
-                settled = signal <= settle * max(bias, settle * peak)
-                # Steps, not seconds, end the trajectory (a loaded machine gets the same
-                # verdict); max_seconds only caps a run far slower than its steps suggest.
-                late = t >= last or report.elapsed() > max_seconds
-                if t >= warmup_steps and (settled or late) and (checks > 1 or fixed or late):
-                    settled = settled and (checks > 1 or fixed)
-                    break
-                report.show(f"step {t}, check {checks}")
+            if predicted is None and (t % every == 0 or t >= last):
+                kept, dropped, _ = terms(problem, state.x, state.y, batch, gamma, pricing.check)
+                settled = watch.update(kept, dropped)
+                if t >= warmup_steps and ((settled and (watch.checks > 1 or fixed)) or t >= last):
+                    more = None if fixed else as_batches(data, seed + PRICE_SEED)
+                    predicted = price(
+                        problem, state.x, state.y, t, batch, more, pricing, (reference, y0),
+                        watch, settled and (watch.checks > 1 or fixed), report.show,
+                    )  # fmt: skip
+                    predicted = replace(
+                        predicted, stats={**predicted.stats, "flatness/step": float(t)}
+                    )
+                    if predict_only:
+                        return _as_prediction(predicted, t)
+            if t >= steps:
+                break
+            if max_seconds is not None and report.elapsed() > max_seconds:
+                return _time_cap(t, steps, max_seconds, predicted)
             state, _ = solver.step(state, batch)
-        judge = {"atol": atol, "max_residual": max_residual, "rtol": rtol, "z": z}
-        ratio = signal / max(bias, settle * peak, 1e-300)
-
-        def compare(priced_verdict: Verdict | None = None) -> Verdict:
-            # PBGD-Free against alt_pbgd from here, on the same batches, for branch_steps steps.
-            branch = Branch(
-                problem, solver, lr_x, lr_y, gamma, optimizer, state, t, ratio, eval_data
-            )
-            branch.reference = (reference, y0)
-            branch.settled, branch.priced = settled, priced_verdict
-            # A second PBGD-Free run from the same start on another batch order, as far as
-            # this one: what two runs differ by, the precision a run can reach (deterministic
-            # data would repeat the run exactly: skipped).
-            replica = None if fixed else as_batches(data, seed + REPLICA_SEED)
-            if replica is not None:
-                again = solver.init(x0, y0)
-                for m in range(t):
-                    again, _ = solver.step(again, next(replica))
-                    if m % 25 == 0:
-                        report.show(f"step {t}, a second PBGD-Free run, step {m} of {t}")
-                branch.again = again
-            return branch.verdict(stream, batches, branch_steps, report, judge, replica)
-
-        if not settled and not fixed:
-            # Pricing assumes PBGD-Free's own step has died out (kept ~ 0); a minibatch network
-            # that is still moving at the trajectory's end is compared with alt_pbgd instead.
-            return compare()
-        priced, vectors, steps_kept = [], [], []
-        # Plain SGD on x jitters around its end point by its batch noise: a quadratic loss sits
-        # lr_x tr(Var kept) / 4 above its minimum on average, a floor under any visible gap.
-        x_rule = optimizer if isinstance(optimizer, str) else optimizer[0]
-        jitter = lr_x / 4 if x_rule == "sgd" and not fixed else 0.0
-        y_ref = y0
-        for b in range(1 if fixed else 4 * batches):
-            # The end point, priced: on this step's batch, then on fresh ones (two at least, the
-            # fewest that give a noise-free pair; ``batches``, and up to 4 times as many while
-            # the verdict is uncertain, while max_seconds allows).
-            if b >= 2 and report.elapsed() > max_seconds:
-                break
-            interim = (priced, vectors, steps_kept, jitter, judge)
-            if b >= batches and decide_priced(*interim).verdict != "uncertain":
-                break
-            batch = batch if b == 0 else next(stream)
-            r = lower_responses(problem, state.x, state.y, batch, gamma, **solve)
-            diff = lower_grad_x_diff(problem, state.x, r.y_g, r.y_gamma, batch)
-            vectors.append({k: gamma * v for k, v in diff.items()})
-            _, _, (kept,) = grads_of(
-                lambda x_, r=r, batch=batch: (
-                    problem.upper_loss(x_, r.y_gamma, as_batch(batch).upper),
-                    {},
-                ),
-                [state.x],
-                identity_reduce,
-            )
-            steps_kept.append(kept)
-            point = estimate(
-                problem, state.x, state.y, batch, gamma, **opts, seed=seed + b, responses=r
-            )
-            # f at the reference point on the same batch: the achievable improvement, paired.
-            point["flatness/start_upper"], y_ref = reference_upper(
-                problem, reference, y_ref, batch, gamma, check
-            )
-            point["flatness/settled"], point["flatness/settle"] = float(settled), settle
-            point["flatness/settle_ratio"] = ratio
-            priced.append({**point, "flatness/step": float(t)})
-            report.show(f"step {t}, pricing batch {b + 1}")
-    priced_verdict = decide_priced(
-        priced, vectors, steps_kept, jitter, {**judge, "rho_ok": rho_ok, "rho_bad": rho_bad}
+            if (t + 1) % every == 0 and not _finite(state.x):
+                return _diverged(t + 1, lr_x, predicted)
+            report.show(f"PBGD-Free's run, step {t + 1} of {steps}")
+    if not _finite(state.x):
+        return _diverged(steps, lr_x, predicted)
+    check = EndCheck(
+        settings,
+        check_steps=check_steps or check_steps_for(steps),
+        replicas=replicas,
+        corrected_inner_steps=corrected_inner_steps,
+        rtol=rtol,
+        z=z,
+        seed=seed,
     )
-    if priced_verdict.verdict == "uncertain" and not fixed and branch_steps > 0:
-        # The price could not decide (a bound, a spread straddling the tolerance, unconverged
-        # solves): on minibatch data the outcome itself is compared, as the reason advises.
-        return compare(priced_verdict)
-    return priced_verdict
+    certificate = end_check(
+        problem, state.x, state.y, data, check, reference=(reference, y0),
+        eval_data=eval_data, show=report.show, end_step=steps,
+    )  # fmt: skip
+    return _with_prediction(certificate, predicted)
 
 
-def _upper_reaches_x(problem: BilevelProblem, x: Params, y: Params, batch: Any) -> bool:
-    """Whether f(x, y) has a gradient in x at all (autograd reaches some tensor of x)."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
-    with torch.enable_grad():
-        out = problem.upper_loss(leaves, y, as_batch(batch).upper)
-    if not out.requires_grad:
-        return False
-    grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
-    return any(g is not None for g in grads)
+def _finite(x: Params) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in x.values())
 
 
-def _blind(x0: Params) -> Verdict:
-    """The verdict where f does not depend on x directly (it reaches x only through y*(x), as in
-    hyperparameter tuning or data cleaning): PBGD-Free's x step grad_x f is 0."""
+def _prediction_line(predicted: Verdict | None) -> str | None:
+    if predicted is None:
+        return None
+    step = predicted.stats.get("flatness/step", math.nan)
+    where = f"step {step:.0f}" if math.isfinite(step) else "the run's settle point"
+    return f"the early price at {where} predicted {predicted.verdict}: {predicted.reason}"
+
+
+def _as_prediction(predicted: Verdict, step: int) -> Verdict:
+    """The early price returned alone, labelled as what it is."""
     reason = (
-        "upper_loss does not depend on x directly (it reaches x only through the lower-level "
-        "solution, as in hyperparameter tuning, or from .detach()ed copies): PBGD-Free's x "
-        "step grad_x f is 0, so x stays at its start and the dropped term is the whole "
-        "hypergradient; switch to alt_pbgd (or pbgd, implicit_cg)."
+        f"prediction (the early price at step {step}, not checked at the run's end): "
+        f"{predicted.reason}"
     )
-    stats = {"flatness/kept": 0.0, "flatness/points": 0.0}
-    return Verdict(False, "unsuitable", reason, stats, "switch to alt_pbgd", "alt_pbgd")
+    return replace(predicted, reason=reason, prediction=_prediction_line(predicted))
+
+
+def _with_prediction(certificate: Verdict, predicted: Verdict | None) -> Verdict:
+    stats = {**(predicted.stats if predicted is not None else {}), **certificate.stats}
+    return replace(
+        certificate,
+        stats=stats,
+        held_out=held_out_line(certificate.stats),
+        prediction=_prediction_line(predicted),
+    )
+
+
+def _time_cap(step: int, steps: int, cap: float, predicted: Verdict | None) -> Verdict:
+    reason = (
+        f"uncertain (time cap reached at step {step} of {steps}: max_seconds={cap:g}); the "
+        "run's end was not reached, so nothing is certified; raise max_seconds or leave it "
+        "unset (the verdict is bounded by steps)"
+    )
+    stats = {"end/time_capped_at": float(step)}
+    return Verdict(
+        False, "uncertain", reason, stats, "compare with alt_pbgd",
+        prediction=_prediction_line(predicted),
+    )  # fmt: skip
+
+
+def _diverged(step: int, lr_x: float, predicted: Verdict | None) -> Verdict:
+    reason = (
+        f"uncertain: PBGD-Free diverged by step {step} at lr_x={lr_x:g} (x became non-finite), "
+        "so there is no end point to judge; lower lr_x or lr_y and diagnose again"
+    )
+    stats = {"end/diverged_at": float(step)}
+    return Verdict(
+        False, "uncertain", reason, stats, "lower the step sizes",
+        prediction=_prediction_line(predicted),
+    )  # fmt: skip
 
 
 def _shapes(p: Params) -> str:
     return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in p.items()) + "}"
 
 
-def _terms(
-    problem: BilevelProblem, x: Params, y: Params, batch: Any, gamma: float, solve: dict
-) -> tuple[Params, Params, Responses]:
-    """The kept and dropped vectors at (x, y) on this batch (solves warm-started at y), and the
-    responses."""
-    r = lower_responses(problem, x, y, batch, gamma, **solve)
-    batch = as_batch(batch)
-    _, _, (kept,) = grads_of(
-        lambda x_: (problem.upper_loss(x_, r.y_gamma, batch.upper), {}), [x], identity_reduce
-    )
-    diff = lower_grad_x_diff(problem, x, r.y_g, r.y_gamma, batch)
-    return kept, {k: gamma * v for k, v in diff.items()}, r
-
-
-class _Progress:
-    """'[diagnose] <what>, <seconds> s' on stderr: the first at once, then at most every
-    ``interval`` seconds."""
+class Progress:
+    """'[diagnose] <what>, <threads> thread(s), <seconds> s' on stderr: the first at once, then
+    at most every ``interval`` seconds."""
 
     def __init__(self, on: bool, interval: float = 2.0):
         self.on, self.interval = on, interval
@@ -352,4 +333,10 @@ class _Progress:
         now = time.monotonic()
         if self.on and now - self.shown >= self.interval:
             self.shown = now
-            print(f"[diagnose] {what}, {now - self.start:.1f} s", file=sys.stderr, flush=True)
+            threads = torch.get_num_threads()
+            print(
+                f"[diagnose] {what}, {threads} thread{'s' if threads > 1 else ''}, "
+                f"{now - self.start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -70,6 +70,8 @@ class Verdict:
     stats: dict[str, float]
     recommendation: str
     fallback: str | None = None
+    held_out: str | None = None  # the held-out comparison, a line of its own beside the verdict
+    prediction: str | None = None  # the early price's verdict, where one was taken
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values; a non-finite statistic becomes None."""
@@ -79,6 +81,8 @@ class Verdict:
             "reason": self.reason,
             "recommendation": self.recommendation,
             "fallback": self.fallback,
+            "held_out": self.held_out,
+            "prediction": self.prediction,
             "stats": {k: (float(v) if math.isfinite(v) else None) for k, v in self.stats.items()},
         }
 

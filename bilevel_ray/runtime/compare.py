@@ -1,55 +1,51 @@
 """``br.compare``: a proof of concept in one call. Every applicable method runs on the same
-problem, data and seeds under the same wall-clock budget and resources, as Ray Tune trials (a
-cluster runs them side by side; one CPU runs them in turn), beside the flatness verdict on the
-same start; the outcome is a table, curves, a figure and a recommendation
-(:mod:`bilevel_ray.runtime.compare_verdict`).
+problem, data and seeds under the same budget of its own steps' wall time and the same
+resources, as Ray Tune trials (a cluster runs them side by side; one CPU runs them in turn),
+beside the flatness verdict on the same start; the outcome is a table, curves, a figure and a
+recommendation (:mod:`bilevel_ray.runtime.compare_verdict`).
+
+Before anything runs it prints its plan and an estimated wall time
+(:mod:`bilevel_ray.runtime.compare_plan`), then progress lines throughout. The budget is the
+method's own step time (every method is judged on equal time); the scoring of its curve is not
+charged to it, and each run's whole wall time is reported beside the budget (``run_wall_s``).
+Each method is ranked at its best held-out point (early stopping on a validation half of the
+held-out rows, reported on the other half) or at its final point (``rank_by="final"``, the
+default where the held-out rows cannot be split: a best point chosen on the rows it is reported
+on would be the minimum of noisy scores); both are in the table
+(:mod:`bilevel_ray.runtime.compare_rank`). A run whose phi explodes is "diverged".
 
 Files in ``{storage_path}/{name}``: ``compare.parquet`` (one row per method and seed),
-``curves.parquet`` (held-out loss against wall time and step), ``compare.json`` (the per-method
-table, the target and the recommendation) and ``compare.png``.
+``curves.parquet`` (held-out phi against wall time and step), ``compare.json`` (strict JSON:
+the table, the targets, the recommendation, the budget, the seeds, each method's settings and
+what reruns it; :mod:`bilevel_ray.runtime.compare_output`) and ``compare.png``.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import math
-import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray import tune as ray_tune
 
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems import build_spec
-from bilevel_ray.runtime.checkpoint import atomic_write, check_output_folder, check_writable
-from bilevel_ray.runtime.compare_trial import CURVES, ComparePlan, run_compare_trial
-from bilevel_ray.runtime.compare_verdict import method_table, recommend, time_to_target
-from bilevel_ray.runtime.history import write_parquet
+from bilevel_ray.runtime.checkpoint import check_output_folder, check_writable
+from bilevel_ray.runtime.compare_outcome import CompareResult, comparison_meta, write_outcome
+from bilevel_ray.runtime.compare_plan import Heartbeat, estimate_for, plan_line, say
+from bilevel_ray.runtime.compare_progress import RunProgress
+from bilevel_ray.runtime.compare_rank import POINTS
+from bilevel_ray.runtime.compare_trial import ComparePlan, run_compare_trial, start_phi
 from bilevel_ray.runtime.preflight import check_spec, first_step
 from bilevel_ray.runtime.ray_session import connect, steady_working_dir
 from bilevel_ray.runtime.run_spec import check_count, check_run_name
 from bilevel_ray.solvers import SOLVERS
 
 __all__ = ["CompareResult", "compare"]
-
-
-@dataclass
-class CompareResult:
-    """The runs (one row per method and seed), the curves, the per-method table, the
-    recommendation (``recommendation["text"]`` is the paragraph), the flatness verdict on the
-    same start, and the folder."""
-
-    runs: pa.Table
-    curves: pa.Table
-    table: list[dict[str, Any]]
-    recommendation: dict[str, Any]
-    verdict: dict[str, Any] | None
-    path: Path
 
 
 def compare(
@@ -64,27 +60,33 @@ def compare(
     name: str = "compare",
     address: str | None = None,
     gap_steps: int = 50,
+    rank_by: str | None = None,
     progress: bool = True,
     **fixed: Any,
 ) -> CompareResult:
-    """Run ``methods`` (default: every method) for ``budget_s`` seconds each, with ``seeds``
-    seeds each, on the factory's problem, and recommend one.
+    """Run ``methods`` (default: every method) for ``budget_s`` seconds of their own steps
+    each, with ``seeds`` seeds each, on the factory's problem, and recommend one.
 
     Args:
         factory, problem_config: as in ``br.tune``; the factory must return ``eval_data``.
         methods: method names; a method that cannot apply (PBGD-Free where x cannot move, a
             setting it refuses) is in the table with the reason, not run.
-        budget_s: wall-clock seconds per run (the same for every method).
+        budget_s: wall-clock seconds of the method's own steps per run (the same for every
+            method); the scoring comes on top, and each run's whole wall time is reported.
         seeds: runs per method (seeds 0, 1, ...), for the spread of each result.
         num_workers: ranks per run; one (the comparison is a proof of concept: scale the chosen
             method with ``br.train``).
         storage_path, name: the comparison's folder ``{storage_path}/{name}`` (a new one).
         address: a Ray cluster; default: the running one, or a new local one.
         gap_steps: the lower-gap solve of each run's final score.
-        progress: a line on stderr as each run starts and ends.
+        rank_by: "best" (each run at its best held-out point, chosen on the validation rows) or
+            "final" (where the budget ended it); default: "best" where the held-out upper rows
+            split in two, else "final". The table has both.
+        progress: the plan, then lines on stderr as the comparison goes.
         **fixed: solver settings for every method they apply to (the problem's suggestions
             fill in the rest).
     """
+    began = time.monotonic()
     problem_config = dict(problem_config or {})
     problems: list[str] = []
     check_count(problems, "seeds", seeds, 1)
@@ -100,6 +102,11 @@ def compare(
             f"num_workers={num_workers!r}: compare runs each method in one process; scale the "
             "method it recommends with br.train(num_workers=N) (bilevel-ray train --workers N)"
         )
+    if rank_by is not None and rank_by not in POINTS:
+        problems.append(
+            f"rank_by={rank_by!r}: choose 'best' (each run at its best held-out point) or "
+            "'final' (where the budget ended it), or leave it out"
+        )
     methods = list(SOLVERS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in SOLVERS]
     if unknown or not methods:
@@ -109,7 +116,14 @@ def compare(
     name = check_run_name(name)
     spec = build_spec(factory, {**problem_config, "device": "cpu"})
     check_spec(spec, needs_eval=True)
-    settings, failed = _method_settings(spec, methods, fixed)
+    # The plan needs measurements (each method's first step, the scoring's time): on a large
+    # problem they take a while, said every few seconds; on a small one the plan comes first.
+    prepared = time.monotonic()
+    beat = Heartbeat(
+        lambda: f"preparing the plan: {time.monotonic() - prepared:.0f} s", not progress
+    )
+    with beat:
+        settings, failed = _method_settings(spec, methods, fixed)
     storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
     # As solve / train check theirs, before Ray starts: the name, no link out of storage_path,
     # a folder if it exists. Its files need no check of their own: the folder must be new or
@@ -120,7 +134,23 @@ def compare(
             f"{str(folder)!r} already holds a comparison: use a new --name (name=...) or "
             "remove the folder"
         )
-    verdict = _verdict(factory, problem_config) if "pbgd_free" in settings else None
+    with Heartbeat(beat.message, not progress):
+        start, score_s, split = start_phi(spec)
+        estimate = estimate_for(spec, settings, seeds, float(budget_s), gap_steps, score_s, address)
+    ranked = rank_by or ("best" if split else "final")
+    free = "pbgd_free" in settings
+    planned = estimate.to_dict()
+    if progress:
+        say(plan_line(sorted(settings), seeds, estimate, ranked))
+    took = time.monotonic()
+    verdict = _verdict(factory, problem_config, progress) if free else None
+    took = time.monotonic() - took
+    if progress and free:
+        shown = verdict.get("verdict") if verdict else "none"
+        say(
+            f"diagnostic: done in {took:.0f} s ({shown}); the runs: about "
+            f"{estimate.runs_s:.0f} s more (an estimate)"
+        )
     steps = int(spec.defaults.get("steps", 1000))
     plan = ComparePlan(
         _shipped(factory),
@@ -132,12 +162,30 @@ def compare(
         gap_steps=gap_steps,
         folder=str(folder),
     )
-    runs = _run_all(plan, sorted(settings), seeds, storage, name, address, progress)
+    watch = RunProgress(estimate, start, quiet=not progress)
+    runs = _run_all(plan, sorted(settings), seeds, storage, name, address, watch)
     runs += [
         {"method": m, "seed": None, "status": "not applicable", "reason": why}
         for m, why in failed.items()
     ]
-    return _outcome(runs, folder, verdict, _problem_label(factory, problem_config), failed)
+    arguments = {
+        "methods": methods,
+        "budget_s": float(budget_s),
+        "seeds": seeds,
+        "gap_steps": gap_steps,
+        "rank_by": rank_by,
+        "storage_path": str(storage),
+        "name": name,
+    }
+    meta = comparison_meta(factory, problem_config, arguments, fixed, settings, split)
+    meta["plan"] = {**planned, "diagnostic_took_s": took if free else None}
+    label = _problem_label(factory, problem_config)
+    result = write_outcome(
+        runs, folder, verdict, label, failed, start=start, rank_by=ranked, meta=meta, began=began
+    )
+    if progress:
+        say(f"done in {result.plan['took_s']:.0f} s (estimated {planned['total_s']:.0f} s)")
+    return result
 
 
 def _method_settings(
@@ -166,14 +214,23 @@ def _method_settings(
     return settings, failed
 
 
-def _verdict(factory: Any, problem_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The flatness diagnostic on the same start (None, with a note, when it cannot run)."""
+def _verdict(factory: Any, problem_config: dict[str, Any], progress: bool) -> dict[str, Any] | None:
+    """The flatness diagnostic on the same start (None, with a note, when it cannot run), with
+    its own progress lines, or ours every few seconds where br.diagnose has none."""
+    from bilevel_ray.diagnostics import diagnose
     from bilevel_ray.runtime.diagnose_named import diagnose_problem
 
+    own = "progress" in inspect.signature(diagnose).parameters
+    began = time.monotonic()
+    beat = Heartbeat(
+        lambda: f"diagnostic: running, {time.monotonic() - began:.0f} s", own or not progress
+    )
     try:
-        verdict, _ = diagnose_problem(factory, problem_config, None)
-    except ConfigError as err:
-        print(f"[compare] no flatness verdict: {err}", file=sys.stderr, flush=True)
+        with beat:
+            verdict, _ = diagnose_problem(factory, problem_config, None, progress=progress)
+    except Exception as err:  # the verdict is an aside: the comparison goes on without it
+        if progress:
+            say(f"no flatness verdict: {err}")
         return None
     return verdict.to_dict()
 
@@ -190,12 +247,17 @@ def _problem_label(factory: Any, problem_config: dict[str, Any]) -> str:
     return " ".join([label, *(f"--config {k}={v}" for k, v in problem_config.items())])
 
 
-def _run_all(plan, methods, seeds, storage, name, address, progress) -> list[dict[str, Any]]:
+def _run_all(plan, methods, seeds, storage, name, address, watch) -> list[dict[str, Any]]:
     """Every (method, seed) as a Tune trial; their final reports."""
     Path(plan.folder).mkdir(parents=True, exist_ok=True)
     with steady_working_dir(plan.folder):
         connect(address)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if cpus != watch.estimate.concurrent:
+            watch.estimate.concurrent, watch.estimate.ray_start_s = cpus, 0.0
+            if not watch.quiet:
+                left = watch.estimate.runs_s
+                say(f"Ray has {cpus} CPU(s): the runs, about {left:.0f} s (revised estimate)")
         trainable = ray_tune.with_resources(
             ray_tune.with_parameters(run_compare_trial, plan=plan), {"cpu": 1}
         )
@@ -207,13 +269,11 @@ def _run_all(plan, methods, seeds, storage, name, address, progress) -> list[dic
             },
             tune_config=ray_tune.TuneConfig(num_samples=1, max_concurrent_trials=cpus),
             run_config=ray_tune.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                verbose=0,
-                callbacks=[_Progress(len(methods) * seeds)] if progress else [],
+                name=name, storage_path=str(storage), verbose=0, callbacks=[watch]
             ),
         )
-        grid = tuner.fit()
+        with watch.heartbeat:
+            grid = tuner.fit()
     runs = []
     for result in grid:
         metrics = dict(result.metrics or {})
@@ -232,83 +292,12 @@ _RUN_COLUMNS = (
     "reason",
     "steps",
     "wall_s",
+    "run_wall_s",
+    "scoring_s",
     "final_phi",
-    "best_phi",
     "final_upper_loss",
     "lower_gap",
     "state_bytes",
     "peak_rss_mb",
     "rss_growth_mb",
 )
-
-
-class _Progress(ray_tune.Callback):
-    """One line per run as it ends."""
-
-    def __init__(self, total: int):
-        self.total, self.ended = total, 0
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ended += 1
-        m, c = trial.last_result or {}, trial.config
-        shown = (
-            f"final held-out phi {m.get('final_phi', math.nan):.5g} after {m.get('steps')} steps"
-            if m.get("status") == "completed"
-            else f"{m.get('status')}: {m.get('reason')}"
-        )
-        print(
-            f"[compare] {c.get('method')} seed {c.get('seed')}: {shown} "
-            f"({self.ended}/{self.total})",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _outcome(runs, folder, verdict, problem, failed) -> CompareResult:
-    failed = dict(failed)
-    curves_folder = folder / CURVES
-    tables = [pq.read_table(f) for f in sorted(curves_folder.glob("*.parquet"))]
-    tables = [t for t in tables if t.num_rows]
-    curves = pa.concat_tables(tables) if tables else pa.table({"method": pa.array([], pa.string())})
-    by_run: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for row in curves.to_pylist():
-        by_run.setdefault((row["method"], row["seed"]), []).append(row)
-    failed = {
-        **failed,
-        **{
-            r["method"]: r["reason"]
-            for r in runs
-            if r["status"] in ("error", "diverged") and r["method"] not in failed
-        },
-    }
-    table, target = method_table(runs, by_run)
-    for run in runs:
-        if run["status"] == "completed":
-            run["time_to_target_s"] = time_to_target(
-                by_run.get((run["method"], run["seed"]), ()), target
-            )
-        run["target"] = target
-    advice = recommend(table, target, verdict, problem, failed)
-    runs_table = pa.Table.from_pylist(runs)
-    write_parquet(runs_table, folder / "compare.parquet")
-    write_parquet(curves, folder / "curves.parquet")
-    summary = {
-        "problem": problem,
-        "target": target,
-        "methods": table,
-        "failed": failed,
-        "flatness": verdict,
-        "recommendation": advice,
-    }
-    atomic_write(
-        folder / "compare.json",
-        lambda tmp: tmp.write_text(json.dumps(summary, indent=1, default=_json_number)),
-    )
-    from bilevel_ray.runtime.compare_plot import plot_compare
-
-    plot_compare(by_run, target, problem, folder / "compare.png")
-    return CompareResult(runs_table, curves, table, advice, verdict, folder)
-
-
-def _json_number(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)

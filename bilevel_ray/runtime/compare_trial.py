@@ -1,25 +1,32 @@
 """One run of ``br.compare``: one method, one seed, a wall-clock budget (a Tune trial).
 
-The run goes until its budget is spent (or the problem's step count, scaled far up, is
-reached). Logged rows, at most 40 spread over the budget, are scored on held-out data and kept
-as the curve, against the method's time and step:
+The run goes until the budget of its own steps is spent (or the problem's step count, scaled
+far up, is reached); the scoring is not charged to the budget (every run scores the same number
+of points, whatever its speed), and the trial reports the whole run's wall time, scoring and
+start included, beside it (``run_wall_s``, ``scoring_s``). Logged rows, at most 40 spread over
+the budget, are scored on held-out data and kept as the curve, against the method's time and
+step. The held-out upper rows are split in two, strided (rows 0, 2, 4, ... validate; rows 1, 3,
+5, ... test): the validation half chooses a run's best point (early stopping), the test half is
+what the comparison reports (:mod:`bilevel_ray.runtime.compare_rank`). Upper data that cannot
+be split (none, as on a deterministic toy) serves as both.
 
-* ``eval/upper_loss``: f(x, y) at the run's own y;
-* ``eval/phi``: f(x, y_hat(x)), the bilevel objective phi(x) = f(x, y*(x)) with y_hat a tracked
-  approximation of argmin_y g(x, .) on the held-out lower sample (Adam, warm-started from the
-  previous row's, a few steps per row and more at the end). Methods are compared on phi: a
-  penalty method's y sits O(1/gamma) off the lower solution, where f can be lower than any
-  bilevel solution's.
+* ``eval/upper_loss``: f(x, y) at the run's own y, on the test rows;
+* ``eval/phi`` and ``eval/phi_val``: f(x, y_hat(x)) on the test and the validation rows, the
+  bilevel objective phi(x) = f(x, y*(x)) with y_hat a tracked approximation of
+  argmin_y g(x, .) on the held-out lower sample (Adam, warm-started from the previous row's, a
+  few steps per row and more at the end). Methods are compared on phi: a penalty method's y
+  sits O(1/gamma) off the lower solution, where f can be lower than any bilevel solution's.
 
-At the end the trial reports its final and best phi, the final f, the lower-level gap
+At the end the trial reports its final phi, the final f, the lower-level gap
 g(x, y) - g(x, y_hat), the steps it took, its solver state's bytes and its process's peak
-memory. A diverged run, or one whose code raised, reports that with its reason.
+memory. A run that raised DivergenceError, or whose code raised, reports that with its reason.
 """
 
 from __future__ import annotations
 
 import math
 import resource
+import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,12 +48,13 @@ from bilevel_ray.runtime.run_spec import RunSpec
 from bilevel_ray.runtime.sweep_outcome import one_line
 from bilevel_ray.runtime.threads import use_cpus
 
-__all__ = ["CURVES", "ComparePlan", "run_compare_trial"]
+__all__ = ["CURVES", "ComparePlan", "run_compare_trial", "split_rows", "start_phi"]
 
 CURVES = "curves"  # a comparison's folder of per-run curve files
 TRACK_STEPS = 50  # lower steps of y_hat per scored row (warm-started)
 SCORED_POINTS = 40  # a curve's points over the budget: the scoring's cost stays bounded
 TRACK_LR = 1e-2
+START_ROUNDS, START_SECONDS, START_RTOL = 40, 10.0, 1e-4  # phi(x0)'s tracking of y_hat
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
     """A Tune function trainable: ``point`` is ``{"method": ..., "seed": ...}``."""
     method, seed = point["method"], int(point["seed"])
     name = f"{method}-seed{seed}"
+    began = time.perf_counter()
     try:
         use_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
         rss_before = _peak_rss_mb()
@@ -85,7 +94,6 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
             pa.Table.from_pylist(sink.rows), Path(plan.folder) / CURVES / f"{name}.parquet"
         )
         final = sink.rows[-1] if sink.rows else {}
-        phis = [r["eval/phi"] for r in sink.rows if math.isfinite(r["eval/phi"])]
         completed = status == "completed"
         ray_tune.report(
             {
@@ -94,7 +102,6 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
                 "steps": int(final.get("step", 0)),
                 "wall_s": float(final.get("wall_s", math.nan)),
                 "final_phi": float(final.get("eval/phi", math.nan)) if completed else math.nan,
-                "best_phi": min(phis) if phis else math.nan,
                 "final_upper_loss": float(final.get("eval/upper_loss", math.nan))
                 if completed
                 else math.nan,
@@ -102,45 +109,107 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
                 "state_bytes": sink.state_bytes,
                 "peak_rss_mb": _peak_rss_mb(),
                 "rss_growth_mb": _peak_rss_mb() - rss_before,
+                "scoring_s": sink.scoring_s,
+                "run_wall_s": time.perf_counter() - began,
             }
         )
     except Exception as err:  # the run's own code raised: a result, with its reason
         ray_tune.report({"status": "error", "reason": one_line(err)})
 
 
+def split_rows(upper: Any) -> tuple[Any, Any] | None:
+    """``upper`` cut into its validation rows (0, 2, 4, ...) and test rows (1, 3, 5, ...) along
+    the first dimension of every tensor (all of one length, at least 2), or None where it
+    cannot be cut (no tensors, mixed lengths, a scalar)."""
+    leaves: list[torch.Tensor] = []
+
+    def walk(b: Any) -> bool:
+        if isinstance(b, torch.Tensor):
+            leaves.append(b)
+            return b.dim() > 0
+        if isinstance(b, (tuple, list)):
+            return all(walk(v) for v in b)
+        if isinstance(b, dict):
+            return all(walk(v) for v in b.values())
+        return False
+
+    if not walk(upper) or not leaves or len({len(v) for v in leaves}) != 1 or len(leaves[0]) < 2:
+        return None
+
+    def cut(b: Any, k: int) -> Any:
+        if isinstance(b, torch.Tensor):
+            return b[k::2]
+        if isinstance(b, dict):
+            return {n: cut(v, k) for n, v in b.items()}
+        items = [cut(v, k) for v in b]
+        return type(b)(*items) if hasattr(b, "_fields") else type(b)(items)
+
+    return cut(upper, 0), cut(upper, 1)
+
+
 class _LowerSolution:
     """y_hat(x), tracked: Adam on g(x, .) over the held-out lower sample, warm-started from the
     previous call's y_hat (x moves little between logged rows), or from the run's own y when
-    that one has the lower g."""
+    that one has the lower g. f is read on the validation and the test halves of the held-out
+    upper rows (the whole of them, twice, where they cannot be split)."""
 
     def __init__(self, problem: Any, batch: Any):
-        self.problem, self.batch = problem, batch
+        self.problem, self.lower = problem, batch.lower
+        halves = split_rows(batch.upper)
+        self.split = halves is not None
+        self.validate, self.test = halves if halves is not None else (batch.upper, batch.upper)
         self.y: dict[str, torch.Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
     def scores(self, x: Any, y: Any, steps: int) -> dict[str, float]:
-        """phi = f(x, y_hat), f(x, y) and the gap g(x, y) - g(x, y_hat), after ``steps`` more
-        updates of y_hat."""
+        """phi = f(x, y_hat) on the test and validation rows, f(x, y) on the test rows and the
+        gap g(x, y) - g(x, y_hat), after ``steps`` more updates of y_hat."""
         x = {k: v.detach() for k, v in x.items()}
+        lower = self.lower
         with torch.no_grad():
-            restart = self.y is None or float(
-                self.problem.lower_loss(x, y, self.batch.lower)
-            ) < float(self.problem.lower_loss(x, self.y, self.batch.lower))
+            restart = self.y is None or float(self.problem.lower_loss(x, y, lower)) < float(
+                self.problem.lower_loss(x, self.y, lower)
+            )
         if restart:  # the run's own y is nearer the lower solution: start from it
             self.y = {k: v.detach().clone().requires_grad_(True) for k, v in y.items()}
             self.optimizer = torch.optim.Adam(self.y.values(), lr=TRACK_LR)
         for _ in range(steps):
             self.optimizer.zero_grad()
-            self.problem.lower_loss(x, self.y, self.batch.lower).backward()
+            self.problem.lower_loss(x, self.y, lower).backward()
             self.optimizer.step()
         with torch.no_grad():
-            g_run = float(self.problem.lower_loss(x, y, self.batch.lower))
-            g_hat = float(self.problem.lower_loss(x, self.y, self.batch.lower))
+            g_run = float(self.problem.lower_loss(x, y, lower))
+            g_hat = float(self.problem.lower_loss(x, self.y, lower))
+            phi = float(self.problem.upper_loss(x, self.y, self.test))
             return {
-                "eval/phi": float(self.problem.upper_loss(x, self.y, self.batch.upper)),
-                "eval/upper_loss": float(self.problem.upper_loss(x, y, self.batch.upper)),
+                "eval/phi": phi,
+                "eval/phi_val": float(self.problem.upper_loss(x, self.y, self.validate))
+                if self.split
+                else phi,
+                "eval/upper_loss": float(self.problem.upper_loss(x, y, self.test)),
                 "eval/lower_gap": max(g_run - min(g_hat, g_run), 0.0),
             }
+
+
+def start_phi(spec: Any) -> tuple[float, float, bool]:
+    """phi(x0) on the test rows: y_hat tracked from y0 in rounds of TRACK_STEPS until g(x0, .)
+    improves by less than START_RTOL of itself in a round, or after START_ROUNDS rounds or
+    START_SECONDS (a tolerance's scale: it need not be exact); the seconds one scored point
+    (TRACK_STEPS updates and the losses) takes (the rounds' median); whether the rows split."""
+    lower = _LowerSolution(spec.problem, spec.eval_data)
+    x0 = {k: v.detach() for k, v in spec.x0.items()}
+    times, previous, phi = [], math.inf, math.nan
+    with torch.random.fork_rng(devices=[]):
+        while len(times) < START_ROUNDS and sum(times) < START_SECONDS:
+            began = time.perf_counter()
+            phi = lower.scores(x0, spec.y0, TRACK_STEPS)["eval/phi"]
+            times.append(time.perf_counter() - began)
+            with torch.no_grad():
+                g = float(spec.problem.lower_loss(x0, lower.y, lower.lower))
+            if not math.isfinite(g) or previous - g <= START_RTOL * abs(g):
+                break
+            previous = g
+    return phi, statistics.median(times), lower.split
 
 
 class _BudgetSink:
@@ -182,6 +251,7 @@ class _BudgetSink:
                 "step": outcome.row["step"],
                 "wall_s": wall,
                 "eval/phi": scores["eval/phi"],
+                "eval/phi_val": scores["eval/phi_val"],
                 "eval/upper_loss": scores["eval/upper_loss"],
             }
         )

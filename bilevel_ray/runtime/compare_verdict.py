@@ -1,17 +1,19 @@
-"""From a comparison's runs to a recommendation a team can act on (pure; no Ray, no files).
+"""From a comparison's ranking to a recommendation a team can act on (pure; no Ray, no files).
 
-Quality is phi(x) = f(x, y*(x)) on held-out data (``eval/phi``, see
-:mod:`bilevel_ray.runtime.compare_trial`). Per method, over its seeds: the median final phi and
-its spread, the median time to reach a *target* (within 5% of the best method's median final
-phi, a number the table states), steps per second, solver-state bytes and peak memory. Then:
+The ranking (:mod:`bilevel_ray.runtime.compare_rank`) reads each method at its best held-out
+point (early stopping) and at its final point; the recommendation uses ``ranking.rank_by``
+(default "best") and says when the other point ranks the methods otherwise (overfitting):
 
-* the best quality: the lowest median final loss;
+* the best quality: the lowest median phi among the methods none of whose seeds diverged;
 * the soonest to the target, and at what memory;
 * PBGD-Free against the best corrected method: the difference of medians d, with the standard
   error se = sqrt(s_pf^2 / n_pf + s_c^2 / n_c) from the seeds. PBGD-Free is *as good* when
-  d <= max(5% of |L_c|, 2 se): it is then the recommendation (one copy of y, the cheapest
-  step), with its speed stated; otherwise the best corrected method is, with PBGD-Free's bias
-  stated;
+  d <= tau = RTOL * max(phi(x0) - min(phi_pf, phi_c), 0) + Z * se + ATOL: the flatness
+  verdict's tolerance (5% of the achievable improvement from the problem's start, plus the
+  seeds' noise), which does not move when a constant is added to f. It is then the
+  recommendation (one copy of y, the cheapest step), with its speed stated; otherwise the best
+  corrected method is, with PBGD-Free's bias stated;
+* a method with a diverged seed is named and never recommended;
 * whether that agrees with the flatness verdict on the same start;
 * the next command to run.
 """
@@ -19,75 +21,22 @@ phi, a number the table states), steps per second, solver-state bytes and peak m
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["TARGET_SLACK", "method_table", "recommend", "time_to_target"]
+from bilevel_ray.runtime.compare_rank import RTOL, Ranking, method_table, time_to_target, within
 
-TARGET_SLACK = 0.05  # the target: within 5% of the best median final loss
-AS_GOOD = 0.05  # PBGD-Free is as good within 5% of the corrected method's loss (or 2 se)
+__all__ = ["method_table", "recommend", "time_to_target"]
 
-
-def _median(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
+_POINT = {"best": "best held-out point", "final": "final point"}
 
 
-def _std(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.stdev(finite) if len(finite) > 1 else 0.0
-
-
-def time_to_target(curve: Sequence[Mapping[str, Any]], target: float) -> float:
-    """The first (method) time at which a run's phi is at or below ``target`` (inf if
-    never)."""
-    for row in curve:
-        if row["eval/phi"] <= target:
-            return float(row["wall_s"])
-    return math.inf
-
-
-def method_table(
-    runs: Sequence[Mapping[str, Any]], curves: Mapping[tuple[str, int], Sequence[Mapping]]
-) -> tuple[list[dict[str, Any]], float]:
-    """One row per method (medians over its seeds) and the target loss."""
-    ok = [r for r in runs if r["status"] == "completed"]
-    by_method: dict[str, list[Mapping[str, Any]]] = {}
-    for run in ok:
-        by_method.setdefault(run["method"], []).append(run)
-    medians = {m: _median([r["final_phi"] for r in rs]) for m, rs in by_method.items()}
-    finite = [v for v in medians.values() if math.isfinite(v)]
-    best = min(finite) if finite else math.nan
-    target = best + TARGET_SLACK * abs(best) if math.isfinite(best) else math.nan
-    rows = []
-    for method, rs in by_method.items():
-        times = [time_to_target(curves.get((method, r["seed"]), ()), target) for r in rs]
-        rows.append(
-            {
-                "method": method,
-                "seeds": len(rs),
-                "final_phi": medians[method],
-                "final_std": _std([r["final_phi"] for r in rs]),
-                "best_phi": _median([r["best_phi"] for r in rs]),
-                "final_upper_loss": _median([r["final_upper_loss"] for r in rs]),
-                "lower_gap": _median([r["lower_gap"] for r in rs]),
-                "time_to_target_s": statistics.median(times),
-                "steps_per_s": _median([r["steps"] / r["wall_s"] for r in rs if r["wall_s"] > 0]),
-                "state_bytes": _median([float(r["state_bytes"]) for r in rs]),
-                "peak_rss_mb": _median([r["peak_rss_mb"] for r in rs]),
-            }
-        )
-    rows.sort(key=lambda r: (not math.isfinite(r["final_phi"]), r["final_phi"]))
-    return rows, target
-
-
-def _speed(free: Mapping[str, Any], other: Mapping[str, Any]) -> str:
+def _speed(free: Mapping[str, Any], other: Mapping[str, Any], p: str) -> str:
     """PBGD-Free's speed against ``other``: to the target when both reach it, else in steps."""
-    mine, theirs = free["time_to_target_s"], other["time_to_target_s"]
+    mine, theirs = free[f"to_target_{p}_s"], other[f"to_target_{p}_s"]
     steps = f"{free['steps_per_s'] / other['steps_per_s']:.2g}x the steps per second"
     if math.isfinite(mine) and math.isfinite(theirs):
-        ratio = theirs / mine
+        ratio = theirs / mine if mine > 0 else math.inf
         when = f"{ratio:.2g}x sooner" if ratio >= 1 else f"{1 / ratio:.2g}x later"
         return f"it reaches the target in {mine:.3g} s against {theirs:.3g} s ({when}; {steps})"
     if math.isfinite(mine):
@@ -95,63 +44,119 @@ def _speed(free: Mapping[str, Any], other: Mapping[str, Any]) -> str:
     return f"it takes {steps} of {other['method']}"
 
 
+def _decide(ranking: Ranking, p: str) -> tuple[str | None, dict[str, Any] | None, list[str]]:
+    """The method chosen at point ``p``, PBGD-Free's gap to the best corrected method, and the
+    sentences that say why."""
+    key, std = f"phi_{p}", f"std_{p}"
+    rows = sorted(
+        (r for r in ranking.rows if math.isfinite(r[key])), key=lambda r: (r[key], r["method"])
+    )
+    sound = [r for r in rows if not r["diverged"]]
+    sentences = [
+        f"{r['method']} diverged on {r['diverged']} of {r['seeds'] + r['diverged']} seeds: not "
+        "recommended."
+        for r in rows
+        if r["diverged"]
+    ]
+    if not sound:
+        return None, None, [*sentences, "No method completed every seed without diverging."]
+    best, free = sound[0], next((r for r in sound if r["method"] == "pbgd_free"), None)
+    corrected = [r for r in sound if r["method"] != "pbgd_free"]
+    sentences.insert(
+        0,
+        f"Best quality: {best['method']} (median held-out phi = f(x, y*(x)) at the "
+        f"{_POINT[p]} {best[key]:.5g} ± {best[std]:.2g} over {best['seeds']} seeds).",
+    )
+    if free is None or not corrected:
+        return best["method"], None, sentences
+    other = corrected[0]
+    d = free[key] - other[key]
+    se = math.sqrt(free[std] ** 2 / free["seeds"] + other[std] ** 2 / other["seeds"])
+    tau = within(ranking.start, free[key], d, se)
+    gap = {"method": other["method"], "difference": d, "se": se, "tolerance": tau}
+    scale = (
+        f"{RTOL:.0%} of the improvement from phi(x0) = {ranking.start:.5g}"
+        if math.isfinite(ranking.start)
+        else f"{RTOL:.0%} of |phi| (phi(x0) unmeasured)"
+    )
+    if d <= tau:
+        sentences.append(
+            f"PBGD-Free is {'better than' if d < -tau else 'as good as'} the best corrected "
+            f"method {other['method']} (difference {d:+.3g} ± {se:.2g}; as good means within "
+            f"tau = {tau:.3g}: {scale}, plus two standard errors), {_speed(free, other, p)}, "
+            f"with {free['state_bytes'] / 2**20:.3g} MiB of solver state against "
+            f"{other['state_bytes'] / 2**20:.3g} MiB."
+        )
+        return "pbgd_free", gap, sentences
+    where = "it ends at" if p == "final" else "at its best point,"
+    sentences.append(
+        f"PBGD-Free is biased here: {where} phi = {free[key]:.5g}, {d:.3g} ± {se:.2g} worse "
+        f"than {other['method']}, beyond tau = {tau:.3g} ({scale}, plus two standard errors)."
+    )
+    return other["method"], gap, sentences
+
+
+def _overfitting(ranking: Ranking, chosen: str | None, other_choice: str | None) -> list[str]:
+    """What the two points say together: the ranking at each when they differ, the methods
+    whose held-out phi rises after their best point, and a choice that would change."""
+    p = ranking.rank_by
+    q = "final" if p == "best" else "best"
+    out = []
+    if ranking.order[p] != ranking.order[q]:
+        out.append(
+            f"The ranking changes between the best held-out and the final points (best: "
+            f"{', '.join(ranking.order['best'])}; final: {', '.join(ranking.order['final'])}): "
+            f"ranked here at the {_POINT[p]}."
+        )
+    rising = [r for r in ranking.rows if r["overfits"]]
+    if rising:
+        out.append(
+            "Overfitting: the held-out phi rises after its best point for "
+            + ", ".join(
+                f"{r['method']} ({r['phi_best']:.4g} at {r['best_at_s']:.3g} s, "
+                f"{r['phi_final']:.4g} at the end)"
+                for r in rising
+            )
+            + "; stop early (at the best point) or regularise the upper level."
+        )
+    if other_choice != chosen:
+        out.append(f"Judged at the {_POINT[q]}, the recommendation would be {other_choice}.")
+    return out
+
+
 def recommend(
-    table: Sequence[Mapping[str, Any]],
-    target: float,
+    ranking: Ranking,
     verdict: Mapping[str, Any] | None,
     problem: str,
     failed: Mapping[str, str],
 ) -> dict[str, Any]:
     """The recommendation as plain values, with ``text``: one paragraph."""
+    table, p = ranking.rows, ranking.rank_by
     if not table:
         reasons = "; ".join(f"{m}: {why}" for m, why in failed.items()) or "no run completed"
         return {"method": None, "text": f"No method completed a run ({reasons})."}
-    best = table[0]
-    soonest = min(table, key=lambda r: r["time_to_target_s"])
-    by_name = {r["method"]: r for r in table}
-    corrected = [r for r in table if r["method"] != "pbgd_free"]
-    free = by_name.get("pbgd_free")
-    sentences = [
-        f"Best quality: {best['method']} (median final held-out phi = f(x, y*(x)) of "
-        f"{best['final_phi']:.5g} ± {best['final_std']:.2g} over {best['seeds']} seeds).",
-    ]
-    if math.isfinite(soonest["time_to_target_s"]):
-        sentences.append(
-            f"Soonest to the target ({target:.5g}, within {TARGET_SLACK:.0%} of the best): "
-            f"{soonest['method']} in {soonest['time_to_target_s']:.3g} s, with "
+    chosen, gap, sentences = _decide(ranking, p)
+    other_choice, _, _ = _decide(ranking, "final" if p == "best" else "best")
+    target = ranking.targets[p]
+    sound = [r for r in table if not r["diverged"]]
+    soonest = min(sound or table, key=lambda r: r[f"to_target_{p}_s"])
+    if math.isfinite(soonest[f"to_target_{p}_s"]):
+        sentences.insert(
+            1,
+            f"Soonest to the target ({target:.5g} at the {_POINT[p]}, within tau of the best): "
+            f"{soonest['method']} in {soonest[f'to_target_{p}_s']:.3g} s, with "
             f"{soonest['state_bytes'] / 2**20:.3g} MiB of solver state and "
-            f"{soonest['peak_rss_mb']:.0f} MB peak memory."
+            f"{soonest['peak_rss_mb']:.0f} MB peak memory.",
         )
-    chosen, gap = best["method"], None
-    if free is not None and corrected:
-        other = corrected[0]
-        d = free["final_phi"] - other["final_phi"]
-        se = math.sqrt(
-            free["final_std"] ** 2 / free["seeds"] + other["final_std"] ** 2 / other["seeds"]
-        )
-        margin = max(AS_GOOD * abs(other["final_phi"]), 2 * se)
-        gap = {"method": other["method"], "difference": d, "se": se, "margin": margin}
-        if d <= margin:
-            chosen = "pbgd_free"
-            sentences.append(
-                f"PBGD-Free is {'better than' if d < -margin else 'as good as'} the best "
-                "corrected "
-                f"method {other['method']} (difference {d:+.3g} ± {se:.2g}; as good means "
-                f"within {margin:.3g}), {_speed(free, other)}, with "
-                f"{free['state_bytes'] / 2**20:.3g} MiB of solver state against "
-                f"{other['state_bytes'] / 2**20:.3g} MiB."
-            )
-        else:
-            chosen = other["method"]
-            sentences.append(
-                f"PBGD-Free is biased here: it ends at phi = {free['final_phi']:.5g}, "
-                f"{d:.3g} ± {se:.2g} worse than {other['method']} "
-                f"({d / abs(other['final_phi']):.1%}), beyond the {margin:.3g} that seeds "
-                "and a 5% tolerance explain."
-            )
-    elif free is None and "pbgd_free" in failed:
-        sentences.append(f"PBGD-Free did not run: {failed['pbgd_free']}.")
-    if verdict is not None and free is not None:
+    free = next((r for r in table if r["method"] == "pbgd_free"), None)
+    if free is None and "pbgd_free" in failed:
+        sentences.append(f"PBGD-Free is not recommended ({failed['pbgd_free']}).")
+    ranked = {r["method"] for r in table}
+    unranked = [f"{m} ({why})" for m, why in failed.items() if m not in ranked | {"pbgd_free"}]
+    if unranked:
+        sentences.append(f"Not ranked: {'; '.join(unranked)}.")
+    sentences += _overfitting(ranking, chosen, other_choice)
+    if verdict is not None and free is not None and chosen is not None:
         agrees = (verdict.get("verdict") == "suitable") == (chosen == "pbgd_free")
         if verdict.get("verdict") == "uncertain":
             sentences.append("The flatness diagnostic was uncertain on this start.")
@@ -160,17 +165,21 @@ def recommend(
                 f"The flatness diagnostic said '{verdict.get('verdict')}' on the same start, "
                 + ("which agrees." if agrees else "which this measurement contradicts.")
             )
-    flag = "" if chosen == "pbgd_free" else f" --method {chosen}"
-    sentences.append(
-        f"Next: bilevel-ray tune {problem}{flag} (search its step sizes"
-        f"{' and gamma' if chosen != 'bome' and chosen != 'implicit_cg' else ''}), then "
-        f"bilevel-ray train {problem}{flag} --workers N."
-    )
+    if chosen is not None:
+        flag = "" if chosen == "pbgd_free" else f" --method {chosen}"
+        sentences.append(
+            f"Next: bilevel-ray tune {problem}{flag} (search its step sizes"
+            f"{' and gamma' if chosen not in ('bome', 'implicit_cg') else ''}), then "
+            f"bilevel-ray train {problem}{flag} --workers N."
+        )
     return {
         "method": chosen,
-        "best_quality": best["method"],
+        "ranked_at": p,
+        "method_at_other_point": other_choice,
+        "best_quality": sound[0]["method"] if sound else None,
         "soonest": soonest["method"],
         "target": target,
+        "targets": dict(ranking.targets),
         "pbgd_free_vs_corrected": gap,
         "text": " ".join(sentences),
     }

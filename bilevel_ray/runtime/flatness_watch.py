@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
+from bilevel_ray.diagnostics.end_check import EndCheck, end_check
 from bilevel_ray.diagnostics.flatness import count_problem, estimate, estimate_problems
+from bilevel_ray.diagnostics.responses import reference_upper
 from bilevel_ray.diagnostics.verdict import Verdict, decide
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.solvers.base import SolverState
@@ -46,6 +48,7 @@ __all__ = [
     "FlatnessWarning",
     "FlatnessWatch",
     "WatchSettings",
+    "end_of_run_check",
     "fallback_config",
     "switch_solver",
     "verdict_columns",
@@ -85,6 +88,7 @@ class WatchSettings:
     every: int = 50
     estimator: Mapping[str, Any] = field(default_factory=dict)
     recheck_every: int | None = None  # after the window; None: every W steps
+    end_check: bool = True  # certify the end point of a run that stayed with PBGD-Free
 
     def estimate_steps(self) -> list[int]:
         """Steps completed at which an estimate is taken: every, 2 every, ..., and W."""
@@ -155,9 +159,10 @@ class FlatnessJudge:
         self._decide_options = {**RUN_DECIDE_OPTIONS, **(decide_options or {})}
 
     def add(self, run_id: str, step: int, stats: Mapping[str, float]) -> None:
-        """Keep one estimate; the run's first estimate's f is its reference point (where the
-        achievable improvement is measured from: the run's start), carried by every later one as
-        ``start_upper``, so that a recheck on late estimates alone keeps the same tolerance."""
+        """Keep one estimate. Its ``start_upper`` (f at the run's start, which the watch
+        measures) is the reference point the achievable improvement is measured from; an
+        estimate without one gets the run's first estimate's f, so that a recheck on late
+        estimates alone keeps the same tolerance."""
         points = self._stats.setdefault(run_id, [])
         upper = stats.get("flatness/upper", math.nan)
         if not points and isinstance(upper, (int, float)):
@@ -224,6 +229,7 @@ class FlatnessWatch:
         self._due = set(settings.estimate_steps())
         self._peak = 0.0  # the largest kept term seen: the settled flag's reference
         self.sgd_lr_x: Any = None  # lr_x (a number or a schedule) for plain SGD on x (bind)
+        self.start_upper: float | None = None  # f at the run's first step (start)
 
     def bind(self, solver_settings: Any) -> None:
         """The run's step rule: plain SGD on x jitters lr_x tr(Var kept) / 4 above its end
@@ -231,6 +237,14 @@ class FlatnessWatch:
         rule = solver_settings.optimizer
         rule = rule if isinstance(rule, str) else rule[0]
         self.sgd_lr_x = solver_settings.lr_x if rule == "sgd" else None
+
+    def start(self, problem: Any, state: SolverState, batch: Any) -> None:
+        """f(x, y_gamma(x)) at the run's first watched step: the reference every estimate
+        carries, so the tolerance is 5% of the improvement from the run's start, whichever
+        estimate the judge decides on (a later estimate's own f would collapse it)."""
+        gamma = float(self.gamma(state.step) if callable(self.gamma) else self.gamma)
+        solve = {"solve_steps": 50, "solve_lr": 0.05, "solve_rtol": 1e-2, "optimizer": "lbfgs"}
+        self.start_upper, _ = reference_upper(problem, state.x, state.y, batch, gamma, solve)
 
     def observe(self, problem: Any, state: SolverState, batch: Any) -> None:
         """Estimate at (x, y) if this step is one of the window's estimate steps or a later
@@ -252,6 +266,8 @@ class FlatnessWatch:
         lr_x = self.sgd_lr_x
         jitter = 0.0 if lr_x is None else float(lr_x(state.step) if callable(lr_x) else lr_x) / 4
         stats["flatness/noise_floor"] = jitter * kept**2 if settled else 0.0
+        if self.start_upper is not None:
+            stats["flatness/start_upper"] = self.start_upper
         self.judge.add(self.run_id, state.step, stats)
 
     def due(self, step: int) -> bool:
@@ -287,6 +303,35 @@ class FlatnessWatch:
             )
             return None
         return self.settings.on_unsuitable
+
+
+def end_of_run_check(
+    active: ActiveSolver,
+    state: SolverState,
+    data: Any,
+    steps: int,
+    seed: int,
+    start: tuple[Any, Any],
+) -> Verdict | None:
+    """The end-of-run certificate (:mod:`~bilevel_ray.diagnostics.end_check`) of a run that
+    stayed with PBGD-Free to its last step, at a cost kept small against the run: one batch
+    order and M = max(20, steps / 40) continuation steps of each method (about a sixth of the
+    run's time with alt_pbgd's K = 5). None where it does not apply."""
+    watch = active.watch
+    if (
+        watch is None
+        or not watch.settings.end_check
+        or active.settings.method != "pbgd_free"
+        or active.status != "completed"
+        or state.step != steps
+    ):
+        return None
+    check = EndCheck(active.settings, check_steps=max(20, steps // 40), replicas=1, seed=seed)
+    verdict = end_check(
+        active.problem, state.x, state.y, data, check, reference=start, end_step=steps
+    )
+    active.certify(verdict, steps)
+    return verdict
 
 
 def switch_solver(
@@ -330,10 +375,15 @@ class ActiveSolver:
     def after_step(self, state: SolverState, batch: Any) -> tuple[SolverState, str | None]:
         """Feed the watch; at the end of its window, act on the verdict. Returns the state and
         the action taken (None, "fallback" or "stop")."""
-        if self.watch is None or not self.watch.due(state.step):
+        if self.watch is None:
+            return state, None
+        if self.leader and self.watch.start_upper is None and self.settings.method == "pbgd_free":
+            self.watch.start(self.problem, state, batch)
+        if not self.watch.due(state.step):
             return state, None
         window = self.watch.decides_at(state.step)
-        if not window and (
+        in_window = state.step < self.watch.settings.window
+        if state.step > self.watch.settings.window and (
             self.settings.method != "pbgd_free"
             or self.verdict is None
             or self.verdict["verdict"] == "unsuitable"
@@ -341,6 +391,8 @@ class ActiveSolver:
             return state, None  # later checks only while PBGD-Free runs and was not yet acted on
         if self.leader:
             self.watch.observe(self.problem, state, batch)
+        if in_window:
+            return state, None  # an in-window estimate: the judge decides on all of them at W
         if window:
             self.verdict = self.share(self.watch.verdict() if self.leader else None)
         else:
@@ -356,6 +408,25 @@ class ActiveSolver:
                 self.settings, self.verdict["fallback"], self.problem, state, self.grad_reduce
             )
         return state, action
+
+    def certify(self, verdict: Verdict, step: int) -> None:
+        """The end-of-run certificate replaces the early verdict (it measures the outcome the
+        early one predicted) and is acted on as the user chose: "warn" warns, "stop" marks the
+        run ``unsuitable``; "fallback" cannot switch a run that has ended, so it warns too and
+        the recommendation names the method to rerun with."""
+        self.verdict = verdict.to_dict()
+        self.verdict["stats"]["flatness/decided_at"] = float(step)
+        if verdict.verdict != "unsuitable" or self.watch is None:
+            return
+        if self.watch.settings.on_unsuitable == "stop":
+            self.status = "unsuitable"
+        elif self.leader:
+            warnings.warn_explicit(
+                f"flatness certificate at the run's end (step {step}): {verdict.reason}",
+                FlatnessWarning,
+                filename="bilevel_ray",
+                lineno=0,
+            )
 
     def saved(self) -> dict[str, Any]:
         """What a checkpoint keeps of the diagnostic (plain values)."""

@@ -40,6 +40,7 @@ from bilevel_ray.runtime.flatness_watch import (
     ActiveSolver,
     FlatnessJudge,
     FlatnessWatch,
+    end_of_run_check,
     watch_settings,
 )
 from bilevel_ray.runtime.history import HistoryRecorder, write_parquet
@@ -254,6 +255,8 @@ def run_local(
         sink = _FileSink(checkpoint_path, config, spec.seed, recorder, also, on_checkpoint)
         try:
             state = loop.run(active, state, batches, spec, recorder, sink, spec.progress)
+            # The watch's early verdict was a prediction: the run's end point is certified.
+            end_of_run_check(active, state, data, spec.steps, spec.seed, (x0, y0))
         except LossReturnError as err:
             raise err.at_step(sink.step) from None
         finally:

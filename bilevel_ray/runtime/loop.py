@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import torch
+
 from bilevel_ray.runtime.flatness_watch import ActiveSolver
 from bilevel_ray.runtime.history import HistoryRecorder
 from bilevel_ray.runtime.run_spec import RunSpec
@@ -149,7 +151,9 @@ def progress_line(row: dict[str, Any], steps: int) -> str:
         for k in ("upper/loss", "lower/loss", "penalty/gamma")
         if row[k] == row[k]  # skip NaN: the method has no such quantity
     )
+    threads = torch.get_num_threads()  # the count behind the step time, shown beside it
     return (
         f"[{row['method']}] step {row['step']}/{steps} {shown} "
-        f"({1e3 * row['time/step_s']:.2f} ms/step, {row['time/elapsed_s']:.1f} s)"
+        f"({1e3 * row['time/step_s']:.2f} ms/step, {threads} thread{'s' if threads > 1 else ''}, "
+        f"{row['time/elapsed_s']:.1f} s)"
     )

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 
 from bilevel_ray.errors import ConfigError
 
-__all__ = ["process_cpus", "threads_for_cpus", "use_cpus", "use_process_cpus"]
+__all__ = [
+    "process_cpus",
+    "threads_for_cpus",
+    "threads_for_work",
+    "use_cpus",
+    "use_process_cpus",
+    "use_work_threads",
+]
 
 
 def threads_for_cpus(cpus: float) -> int:
@@ -52,3 +60,32 @@ def process_cpus() -> int:
 def use_process_cpus() -> int:
     """Set torch's threads for work in this process to :func:`process_cpus`."""
     return use_cpus(process_cpus())
+
+
+# Below this many parameters (x and y together) a step is a few small kernels, and a second
+# thread costs more in hand-offs than it saves: measured by benchmarks/threads.py (see there).
+SMALL_PROBLEM_PARAMETERS = 100_000
+
+
+def threads_for_work(parameters: int, cpus: int) -> int:
+    """Torch threads for an in-process run of a problem with ``parameters`` parameters on
+    ``cpus`` CPUs: one for a small problem, all of them otherwise."""
+    return 1 if parameters < SMALL_PROBLEM_PARAMETERS else max(1, cpus)
+
+
+def use_work_threads(x0: Any, y0: Any, threads: int | None = None) -> int:
+    """Set torch's threads for in-process work on the problem starting at (x0, y0):
+    ``threads`` when given (``--threads N``), else ``OMP_NUM_THREADS`` when set (the user's
+    own count), else :func:`threads_for_work` of its size and :func:`process_cpus`. Returns the
+    count."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024:
+            raise ConfigError(
+                f"threads={threads!r}: must be a whole number in [1, 1024] (torch's CPU threads "
+                "for this process), e.g. --threads 1"
+            )
+        return use_cpus(threads)
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return use_process_cpus()
+    size = sum(v.numel() for part in (x0, y0) for v in part.values())
+    return use_cpus(threads_for_work(size, process_cpus()))
