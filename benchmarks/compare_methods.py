@@ -74,7 +74,7 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.evaluation import evaluate
 from bilevel_ray.problem import check_losses, check_params, check_problem
 from bilevel_ray.problems import BUILTIN_PROBLEMS, heldout_accuracy
-from bilevel_ray.runtime.checkpoint import tensor_bytes
+from bilevel_ray.runtime.local.checkpoint import tensor_bytes
 
 PROBLEMS = {"representation": "test MSE", "hyperclean": "test CE"}
 METHODS = list(br.SOLVERS)

@@ -6,7 +6,7 @@ own inner steps), through the user-facing command instead of a hand-driven loop.
 from that benchmark, so its figures are not the same numbers:
 
 * quality is phi = f(x, y*(x)) on the held-out rows (f at a tracked solution of the lower level,
-  see ``bilevel_ray/runtime/compare_trial.py``), where compare_methods scores f(x, y) at the
+  see ``bilevel_ray/runtime/compare/trial.py``), where compare_methods scores f(x, y) at the
   run's own y;
 * runs are Tune trials side by side (two at a time on 2 CPUs), each with its own wall-clock
   budget of the method's steps (scoring excluded), not subprocesses one after another;

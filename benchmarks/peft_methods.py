@@ -51,7 +51,7 @@ import bilevel_ray as br
 from bilevel_ray.data import as_batches
 from bilevel_ray.evaluation import evaluate
 from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
-from bilevel_ray.runtime.checkpoint import tensor_bytes
+from bilevel_ray.runtime.local.checkpoint import tensor_bytes
 
 METHODS = {"pbgd_free": {"inner_steps": 1}, "pbgd": {"inner_steps": 5}, "bome": {}}
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # of the budget, where the eval losses are recorded

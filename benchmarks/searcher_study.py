@@ -101,7 +101,7 @@ def sweep(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from ray.tune.search.optuna import OptunaSearch
 
-    from bilevel_ray.runtime.search_space import default_search_space
+    from bilevel_ray.runtime.tune.space import default_search_space
 
     torch.set_num_threads(1)  # two sweeps share the 2 cores
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -129,7 +129,7 @@ def sweep(job: dict[str, Any]) -> dict[str, Any]:
 def _sampler(searcher: str, seed: int, trials: int) -> Any:
     import optuna
 
-    from bilevel_ray.runtime.search_strategy import tpe_sampler
+    from bilevel_ray.runtime.tune.strategy import tpe_sampler
 
     if searcher == "random":
         return optuna.samplers.RandomSampler(seed=seed)

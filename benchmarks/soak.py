@@ -64,7 +64,7 @@ class MemoryLog:
 def hook_trial_events(log: MemoryLog, quiet: bool) -> None:
     """Record each ended trial through br.tune's progress callback (the one Tune callback a
     sweep has); with ``quiet`` its per-trial lines are not printed."""
-    from bilevel_ray.runtime import tune_driver
+    from bilevel_ray.runtime.tune import driver as tune_driver
 
     progress = tune_driver._Progress
     complete, error = progress.on_trial_complete, progress.on_trial_error

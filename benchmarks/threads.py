@@ -3,7 +3,7 @@
 PBGD-Free steps (Adam, gamma 10) on MLP feature extractors under a linear head, as
 ``examples/sklearn_nets.py`` builds them, from a few thousand to a few million parameters, at
 batch sizes 32 and 256, timed side by side with 1 and with 2 (or ``--threads``) torch threads in
-one run. Prints ms per step at each count and the ratio; ``bilevel_ray.runtime.threads``'s
+one run. Prints ms per step at each count and the ratio; ``bilevel_ray.runtime.local.threads``'s
 ``SMALL_PROBLEM_PARAMETERS`` is set from where the ratio first favours more threads. Run it on
 an idle machine and under load (e.g. ``stress --cpu 4`` beside it) to see both.
 

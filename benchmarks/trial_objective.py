@@ -48,9 +48,9 @@ def objective(point: dict[str, Any], problem: str, steps: int, gap_tol: float) -
     from bilevel_ray.errors import DivergenceError
     from bilevel_ray.evaluation import evaluate
     from bilevel_ray.problems import build_spec
-    from bilevel_ray.runtime.local import run_local, solver_config
-    from bilevel_ray.runtime.run_spec import RunSpec
-    from bilevel_ray.runtime.search_space import decode
+    from bilevel_ray.runtime.local.run_spec import RunSpec
+    from bilevel_ray.runtime.local.solve import run_local, solver_config
+    from bilevel_ray.runtime.tune.space import decode
 
     torch.set_num_threads(1)  # two trials share the 2 cores
     spec = build_spec(problem, {**problem_config(problem), "device": "cpu"})

@@ -22,9 +22,9 @@ from bilevel_ray.problem import (
     module_problem,
     split_module_problem,
 )
-from bilevel_ray.runtime.local import SolveResult, solve
-from bilevel_ray.runtime.sweep import compare, tune
-from bilevel_ray.runtime.train import train
+from bilevel_ray.runtime.entry import compare, tune
+from bilevel_ray.runtime.local.solve import SolveResult, solve
+from bilevel_ray.runtime.train.driver import train
 from bilevel_ray.solvers import SOLVERS, SolverState, state_from_dict, state_to_dict
 from bilevel_ray.tables import table_minibatches
 from bilevel_ray.tree import Params

@@ -35,18 +35,18 @@ import torch
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problems import BUILTIN_PROBLEMS
-from bilevel_ray.runtime.checkpoint import (
+from bilevel_ray.runtime.local.checkpoint import (
     atomic_write,
     check_inside,
     check_output_path,
     check_writable,
 )
-from bilevel_ray.runtime.diagnose_named import diagnose_problem
-from bilevel_ray.runtime.history import write_parquet
-from bilevel_ray.runtime.lineage import BEST_SCHEDULE, read_schedule_file
-from bilevel_ray.runtime.local import solve
-from bilevel_ray.runtime.run_spec import check_run_name
-from bilevel_ray.runtime.threads import use_process_cpus, use_work_threads
+from bilevel_ray.runtime.local.diagnose_named import diagnose_problem
+from bilevel_ray.runtime.local.history import write_parquet
+from bilevel_ray.runtime.local.run_spec import check_run_name
+from bilevel_ray.runtime.local.solve import solve
+from bilevel_ray.runtime.local.threads import use_process_cpus, use_work_threads
+from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE, read_schedule_file
 
 __all__ = ["main"]
 
@@ -525,7 +525,7 @@ def solve_problem(
 ) -> Any:
     """``br.solve`` on a problem named as on the command line (also run as a Ray task), with
     torch's threads from the problem's size unless ``threads`` is given."""
-    from bilevel_ray.runtime.train import build_spec
+    from bilevel_ray.runtime.train.driver import build_spec
 
     spec = build_spec(problem, problem_config)
     use_work_threads(spec.x0, spec.y0, threads)
@@ -546,7 +546,7 @@ def _solve(args: argparse.Namespace) -> int:
         **settings,
     )
     if args.address is not None:
-        from bilevel_ray.runtime.remote import on_cluster
+        from bilevel_ray.runtime.cluster.remote import on_cluster
 
         result = on_cluster(
             args.address,
@@ -661,7 +661,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     options["progress"] = _progress(args)
     problem_config = _key_values(args.config, "--config")
     if args.address is not None:
-        from bilevel_ray.runtime.remote import on_cluster
+        from bilevel_ray.runtime.cluster.remote import on_cluster
 
         verdict, used = on_cluster(
             args.address,
@@ -686,7 +686,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 def _certify(args: argparse.Namespace, options: dict[str, Any]) -> int:
     """``diagnose --at-end RUN_DIR``: the end-of-run certificate of a finished run."""
-    from bilevel_ray.runtime.diagnose_named import certify_run
+    from bilevel_ray.runtime.local.diagnose_named import certify_run
 
     given = [
         flag
@@ -731,7 +731,7 @@ def _print_verdict(title: str, verdict: Any, used: dict[str, Any]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bilevel_ray.runtime.train import default_run_name, train
+    from bilevel_ray.runtime.train.driver import default_run_name, train
 
     problem_config, options = _options(args)  # br.train applies the problem's defaults
     name = args.name or default_run_name(args.method)
@@ -768,8 +768,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from bilevel_ray.runtime.search_space import space_from_json
-    from bilevel_ray.runtime.tune_driver import run_sweep
+    from bilevel_ray.runtime.tune.driver import run_sweep
+    from bilevel_ray.runtime.tune.space import space_from_json
 
     settings = _key_values(args.set, "--set")
     problem_config = _key_values(args.config, "--config")
@@ -850,8 +850,8 @@ def flatness_note(
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bilevel_ray.runtime.compare import compare
-    from bilevel_ray.runtime.compare_output import format_table
+    from bilevel_ray.runtime.compare.driver import compare
+    from bilevel_ray.runtime.compare.output import format_table
 
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if args.out is not None:
@@ -877,7 +877,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bilevel_ray.runtime.report import report
+    from bilevel_ray.runtime.report.folder import report
 
     table, plot, note = report(args.folder, args.gap_tol)
     print(table)

@@ -53,9 +53,9 @@ class RayStarted(AssertionError):
 def no_ray(monkeypatch):
     """Connecting to Ray or starting a worker group fails the test; returns the error class
     (``pytest.raises(no_ray)`` where reaching Ray is the expected end)."""
-    import bilevel_ray.runtime.ray_session as ray_session
-    import bilevel_ray.runtime.tune_driver as tune_driver
-    import bilevel_ray.runtime.worker_group as worker_group
+    import bilevel_ray.runtime.cluster.session as ray_session
+    import bilevel_ray.runtime.train.group as worker_group
+    import bilevel_ray.runtime.tune.driver as tune_driver
 
     def refuse(*args, **kwargs):
         raise RayStarted("the input reached Ray before it was refused")

@@ -49,8 +49,8 @@ from test_bad_input_catalogue import (
 
 import bilevel_ray as br
 from bilevel_ray.cli import main
-from bilevel_ray.runtime import checkpoint as checkpoint_module
-from bilevel_ray.runtime.history import HISTORY_SCHEMA
+from bilevel_ray.runtime.local import checkpoint as checkpoint_module
+from bilevel_ray.runtime.local.history import HISTORY_SCHEMA
 
 LONG = "n" * 300  # one path component longer than 255 bytes
 CKPT = "ck/c.pt"  # the checkpoint the resume cases start from, in the case's folder
@@ -1284,7 +1284,7 @@ CASES = [
 @pytest.fixture
 def no_compare_ray(no_ray, monkeypatch):
     """conftest's ``no_ray``, and compare's own reference to ``connect`` refused too."""
-    from bilevel_ray.runtime import compare
+    from bilevel_ray.runtime.compare import driver as compare
 
     def refuse(*args, **kwargs):
         raise no_ray("the input reached Ray before it was refused")

@@ -365,7 +365,7 @@ def test_diagnose_shows_progress_on_a_terminal_unless_quiet(monkeypatch, capsys)
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("bilevel_ray.runtime.diagnose_named.diagnose", spy)
+    monkeypatch.setattr("bilevel_ray.runtime.local.diagnose_named.diagnose", spy)
     argv = ["diagnose", "toy-negative", "--steps", "10", "--every", "5"]
     assert main(argv) == 3
     assert seen["progress"] is True

@@ -14,10 +14,10 @@ import pytest
 import bilevel_ray as br
 from bilevel_ray.cli import main
 from bilevel_ray.problems import build_spec
-from bilevel_ray.runtime.compare import _method_settings
-from bilevel_ray.runtime.compare_outcome import write_outcome
-from bilevel_ray.runtime.compare_rank import Ranking
-from bilevel_ray.runtime.compare_verdict import method_table, recommend, time_to_target
+from bilevel_ray.runtime.compare.driver import _method_settings
+from bilevel_ray.runtime.compare.outcome import write_outcome
+from bilevel_ray.runtime.compare.rank import Ranking
+from bilevel_ray.runtime.compare.verdict import method_table, recommend, time_to_target
 
 ROOT = Path(__file__).resolve().parents[1]
 

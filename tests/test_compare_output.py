@@ -11,14 +11,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-import bilevel_ray.runtime.compare_plan as compare_plan
+import bilevel_ray.runtime.compare.plan as compare_plan
 from bilevel_ray.problems import build_spec
-from bilevel_ray.runtime.compare_output import format_table, manifest, strict, strict_json
-from bilevel_ray.runtime.compare_plan import Estimate, Heartbeat, plan_line
-from bilevel_ray.runtime.compare_plot import draw_compare
-from bilevel_ray.runtime.compare_rank import method_table
-from bilevel_ray.runtime.compare_trial import split_rows, start_phi
-from bilevel_ray.runtime.compare_verdict import recommend
+from bilevel_ray.runtime.compare.output import format_table, manifest, strict, strict_json
+from bilevel_ray.runtime.compare.plan import Estimate, Heartbeat, plan_line
+from bilevel_ray.runtime.compare.plot import draw_compare
+from bilevel_ray.runtime.compare.rank import method_table
+from bilevel_ray.runtime.compare.trial import split_rows, start_phi
+from bilevel_ray.runtime.compare.verdict import recommend
 
 
 def _curve(points):
@@ -147,7 +147,7 @@ def test_the_heartbeat_speaks_every_few_seconds_and_not_when_quiet(monkeypatch, 
 
 
 def test_a_run_end_line_says_diverged_when_phi_explodes(capsys):
-    from bilevel_ray.runtime.compare_progress import RunProgress
+    from bilevel_ray.runtime.compare.progress import RunProgress
 
     watch = RunProgress(Estimate.of(2, 1, 1.0, 0.01, 50, False, None), start=1.0)
     trial = SimpleNamespace(

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import bilevel_ray as br
-import bilevel_ray.runtime.compare as compare_module
-from bilevel_ray.runtime.compare_outcome import write_outcome
-from bilevel_ray.runtime.compare_rank import best_row, divergence, method_table, time_to_target
-from bilevel_ray.runtime.compare_trial import CURVES
-from bilevel_ray.runtime.compare_verdict import recommend
+import bilevel_ray.runtime.compare.driver as compare_module
+from bilevel_ray.runtime.compare.outcome import write_outcome
+from bilevel_ray.runtime.compare.rank import best_row, divergence, method_table, time_to_target
+from bilevel_ray.runtime.compare.trial import CURVES
+from bilevel_ray.runtime.compare.verdict import recommend
 
 
 def _refuse(constant):

@@ -19,7 +19,7 @@ import bilevel_ray as br
 from bilevel_ray.diagnostics.end_check import EndCheck, _decide, end_check, held_out_line
 from bilevel_ray.diagnostics.objective import Objective
 from bilevel_ray.problems.toys import NegativeToy
-from bilevel_ray.runtime.threads import threads_for_work, use_work_threads
+from bilevel_ray.runtime.local.threads import threads_for_work, use_work_threads
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 import bilevel_ray as br
-import bilevel_ray.runtime.local as local_runtime
-import bilevel_ray.runtime.worker_group as worker_group
+import bilevel_ray.runtime.local.solve as local_runtime
+import bilevel_ray.runtime.train.group as worker_group
 from bilevel_ray.data import BilevelBatch, as_batches
 from bilevel_ray.linear_solve import solve_cg
 from bilevel_ray.problem import factory_config
-from bilevel_ray.runtime.checkpoint import CHECKPOINT_KEYS, check_writable, previous_path
+from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_KEYS, check_writable, previous_path
 from bilevel_ray.tables import read_table, table_to_tensors
 
 F64 = torch.float64
@@ -112,7 +112,7 @@ def test_valid_call_runs():
     assert args["problem"].calls["upper"] > 1 and args["problem"].calls["lower"] > 1
 
 
-# --- br.solve: run settings (runtime/local.py) -------------------------------------------------
+# --- br.solve: run settings (runtime/local/solve.py) -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -1492,7 +1492,7 @@ def test_state_from_dict_refuses(d, match):
         br.state_from_dict(d)
 
 
-# --- resuming from a checkpoint (runtime/checkpoint.py, runtime/local.py) ----------------------
+# --- resuming from a checkpoint (runtime/local/checkpoint.py, runtime/local/solve.py) ----------------------
 
 
 def _checkpointed_run(path: Path, **overrides):
@@ -1594,7 +1594,7 @@ def test_resume_with_same_seed_works(tmp_path):
     assert result.state.step == 4 and result.history["step"].to_pylist() == [1, 2, 3, 4]
 
 
-# --- br.train: validation before any worker starts (runtime/train.py) -------------------------
+# --- br.train: validation before any worker starts (runtime/train/driver.py) -------------------------
 
 
 class RayStarted(AssertionError):
@@ -1608,9 +1608,9 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise RayStarted("br.train tried to start Ray")
 
-    fake = types.ModuleType("bilevel_ray.runtime.ray_session")
+    fake = types.ModuleType("bilevel_ray.runtime.cluster.session")
     fake.connect = refuse
-    monkeypatch.setitem(sys.modules, "bilevel_ray.runtime.ray_session", fake)
+    monkeypatch.setitem(sys.modules, "bilevel_ray.runtime.cluster.session", fake)
     monkeypatch.setattr(worker_group, "fit_worker_group", refuse)
 
 
@@ -1741,7 +1741,7 @@ def test_train_runs_one_worker_in_process(tmp_path, no_ray):
     assert resumed.history["step"].to_pylist() == [1, 2, 3, 4, 5]
 
 
-# --- DivergenceError (runtime/history.py) ------------------------------------------------------
+# --- DivergenceError (runtime/local/history.py) ------------------------------------------------------
 
 
 def _negative_toy():

@@ -10,7 +10,7 @@ import torch
 import bilevel_ray as br
 from bilevel_ray.cli import main
 from bilevel_ray.problems import BUILTIN_PROBLEMS, QuadraticProblem
-from bilevel_ray.runtime.flatness_watch import FlatnessJudge, fallback_config
+from bilevel_ray.runtime.local.watch import FlatnessJudge, fallback_config
 
 NEGATIVE = {"steps": 3000, "lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0, "report_every": 50}
 
@@ -249,9 +249,9 @@ class _RecordingJudge(FlatnessJudge):
 def test_the_watch_judges_every_in_window_estimate_from_the_runs_start():
     # Estimates at 50, 100, 150 and 200 all reach the judge, each carrying f at the run's
     # first step (x1 = 2 - 0.01 * 4 = 1.96, y_gamma = x1 - 1 - 0.5: f = 10 y_gamma + x1^2).
-    from bilevel_ray.runtime.flatness_watch import watch_settings
-    from bilevel_ray.runtime.local import run_local
-    from bilevel_ray.runtime.run_spec import RunSpec
+    from bilevel_ray.runtime.local.run_spec import RunSpec
+    from bilevel_ray.runtime.local.solve import run_local
+    from bilevel_ray.runtime.local.watch import watch_settings
 
     spec = _negative()
     judge = _RecordingJudge()

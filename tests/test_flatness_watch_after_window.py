@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bilevel_ray as br
-from bilevel_ray.runtime.flatness_watch import FlatnessJudge, watch_settings
+from bilevel_ray.runtime.local.watch import FlatnessJudge, watch_settings
 
 F64 = torch.float64
 

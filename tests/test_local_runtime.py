@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bilevel_ray as br
-from bilevel_ray.runtime.history import HISTORY_SCHEMA
+from bilevel_ray.runtime.local.history import HISTORY_SCHEMA
 
 
 def _negative():

@@ -12,8 +12,8 @@ import pytest
 
 import bilevel_ray as br
 from bilevel_ray.cli import main
-from bilevel_ray.runtime.preflight import check_space_values, describe_space, space_values
-from bilevel_ray.runtime.sweep_folder import SWEEP_FILE, claim_sweep_folder
+from bilevel_ray.runtime.tune.folder import SWEEP_FILE, claim_sweep_folder
+from bilevel_ray.runtime.tune.preflight import check_space_values, describe_space, space_values
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "my_problem.py"

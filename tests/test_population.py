@@ -18,14 +18,14 @@ import torch
 import bilevel_ray as br
 from bilevel_ray.cli import main
 from bilevel_ray.problems import build_spec
-from bilevel_ray.runtime.checkpoint import load_checkpoint
-from bilevel_ray.runtime.lineage import (
+from bilevel_ray.runtime.local.checkpoint import load_checkpoint
+from bilevel_ray.runtime.local.ranking import search_score
+from bilevel_ray.runtime.tune.lineage import (
     extend_lineage,
     lineage_schedule,
     read_schedule_file,
     write_best_schedule,
 )
-from bilevel_ray.runtime.ranking import search_score
 
 ROOT = Path(__file__).resolve().parents[1]
 A = {"method": "pbgd_free", "gamma": 10.0, "lr_y": 0.1, "lr_x": 0.01, "optimizer": "adam"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bilevel_ray as br
-from bilevel_ray.runtime.checkpoint import CHECKPOINT_FILE, previous_path
+from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_FILE, previous_path
 
 
 def _run(quadratic, origin, steps, **extra):

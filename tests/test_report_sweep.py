@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bilevel_ray.runtime.report import report
-from bilevel_ray.runtime.report_sweep import kept_settings_note, settings_label, status_counts
+from bilevel_ray.runtime.report.folder import report
+from bilevel_ray.runtime.report.sweep import kept_settings_note, settings_label, status_counts
 
 
 def _trial(trial_id, status, loss, gap, gamma):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import bilevel_ray as br
-from bilevel_ray.runtime import loop
-from bilevel_ray.runtime.flatness_watch import watch_settings
-from bilevel_ray.runtime.local import run_local, solver_config
-from bilevel_ray.runtime.run_spec import Placement, RunSpec
-from bilevel_ray.runtime.threads import threads_for_cpus, use_cpus
-from bilevel_ray.runtime.worker_job import WorkerJob
+from bilevel_ray.runtime.local import loop
+from bilevel_ray.runtime.local.run_spec import Placement, RunSpec
+from bilevel_ray.runtime.local.solve import run_local, solver_config
+from bilevel_ray.runtime.local.threads import threads_for_cpus, use_cpus
+from bilevel_ray.runtime.local.watch import watch_settings
+from bilevel_ray.runtime.train.job import WorkerJob
 
 
 def test_run_spec_round_trips_through_a_dict_with_its_watch():
@@ -137,7 +137,7 @@ def test_threads_follow_the_cpus_given():
 
 
 def test_a_failed_attempts_checkpoint_folders_are_pruned_to_the_newest_two(tmp_path):
-    from bilevel_ray.runtime.checkpoint import (
+    from bilevel_ray.runtime.local.checkpoint import (
         CHECKPOINT_FILE,
         group_checkpoint_name,
         group_checkpoints,

@@ -117,7 +117,7 @@ def test_train_checks_the_shards_before_starting_workers(tmp_path):
 
 
 def test_file_factories_are_shipped_by_value(tmp_path):
-    from bilevel_ray.runtime.train import portable_factory
+    from bilevel_ray.runtime.train.driver import portable_factory
 
     source = tmp_path / "my_problem.py"
     source.write_text(
@@ -130,7 +130,7 @@ def test_file_factories_are_shipped_by_value(tmp_path):
 
 
 def test_a_run_resumes_only_in_the_runtime_it_started_in(tmp_path):
-    from bilevel_ray.runtime.train import _check_run_folder
+    from bilevel_ray.runtime.train.driver import _check_run_folder
 
     (tmp_path / "run" / "checkpoint_step_000000010").mkdir(parents=True)
     with pytest.raises(br.ConfigError, match="was started with a worker group"):

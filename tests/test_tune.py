@@ -19,8 +19,8 @@ import torch
 import bilevel_ray as br
 from bilevel_ray.cli import main
 from bilevel_ray.evaluation import evaluate
-from bilevel_ray.runtime.ranking import FAILED, INFEASIBLE, rank_trials, search_score
-from bilevel_ray.runtime.search_space import (
+from bilevel_ray.runtime.local.ranking import FAILED, INFEASIBLE, rank_trials, search_score
+from bilevel_ray.runtime.tune.space import (
     check_search_space,
     decode,
     default_search_space,

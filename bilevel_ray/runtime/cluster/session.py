@@ -1,0 +1,106 @@
+"""Connecting to Ray (the cluster at ``address``, the one already running, or a local one), and
+keeping Ray's own log lines out of a user's terminal unless ``BILEVEL_RAY_VERBOSE=1``
+(``--verbose`` on the command line)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.run_spec import verbose
+
+__all__ = ["connect", "quiet_train_worker", "steady_working_dir"]
+
+
+def connect(address: str | None = None) -> int:
+    """Make sure this process is connected to Ray; returns the number of GPUs in the cluster.
+
+    A local Ray starts on the loopback address and without the dashboard: nothing of it is
+    reachable from another machine.
+    Unless verbose, it logs errors only: Train's placement-group cleaner polls the state API,
+    which runs in the dashboard, and warns every few seconds that it cannot; a run's own
+    progress and warnings are not Ray log records and still show.
+    """
+    # Train V2 is the default from Ray 2.51; say so explicitly for 2.43-2.50.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Train otherwise writes a worker's print() both to its log and to the console: each
+    # progress line would show twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    quiet = not verbose()
+    if quiet:
+        # Tune's newer console output prints a box of the experiment's settings and a
+        # TensorBoard hint around every fit, whatever its verbosity; sweeps print their own lines.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        if quiet:
+            logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices on the driver
+        try:
+            ray.init(
+                address=address,
+                # A local Ray serves this machine only: it binds to the loopback address.
+                _node_ip_address="127.0.0.1" if address is None else None,
+                include_dashboard=False if address is None else None,
+                log_to_driver=True,
+                logging_config=ray.LoggingConfig(log_level="ERROR") if quiet else None,
+            )
+        except ConnectionError as err:
+            raise connect_error(address, err) from None
+    if quiet and len(ray.nodes()) == 1:
+        # One node has nothing to be preempted from (if it goes, the cluster goes), and the
+        # watcher actor logs an error at every group start (its arguments sit in the object
+        # store). Train reads this when a group starts.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return _gpus()
+
+
+def connect_error(address: str | None, err: BaseException) -> ConfigError:
+    """The message for a cluster that cannot be reached, naming where the address came from:
+    without ``address`` Ray reads ``RAY_ADDRESS`` from the environment."""
+    from_env = os.environ.get("RAY_ADDRESS") if address is None else None
+    if from_env:
+        return ConfigError(
+            f"RAY_ADDRESS={from_env!r} (from the environment): cannot connect to a Ray cluster "
+            f"({err}); start it with 'ray start --head' or 'ray up cluster.yaml', or unset "
+            "RAY_ADDRESS for a local Ray"
+        )
+    return ConfigError(
+        f"address={address!r}: cannot connect to a Ray cluster ({err}); start one with "
+        "'ray start --head' or 'ray up cluster.yaml', or omit --address for a local one"
+    )
+
+
+def _gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def quiet_train_worker() -> None:
+    """In a Train worker: drop Train's per-report INFO line ("Reporting training result ...",
+    a dict of every metric per rank per report); its logger is named after its file."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Train version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+@contextmanager
+def steady_working_dir(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Work in ``folder`` (absolute, and every path of the run resolved) while Ray runs, then
+    return. A driver started by ``ray job submit --working-dir`` runs in Ray's unpacked copy of
+    that folder, and Ray deletes the copy while the job's trials and workers come and go: Tune
+    and Train resolve paths against the working directory and would fail mid-run."""
+    try:
+        before = os.getcwd()
+    except FileNotFoundError:
+        before = None
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        if before is not None and os.path.isdir(before):
+            os.chdir(before)

@@ -1,0 +1,191 @@
+"""``br.diagnose`` on a problem named as on the command line (a built-in, ``file.py:factory``
+or ``package.module:factory``), with the problem's own suggested settings: what ``bilevel-ray
+diagnose`` and ``bilevel-ray compare`` run; and the end-of-run certificate of a finished run's
+folder (``bilevel-ray diagnose --at-end RUN_DIR``). No Ray."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import stat
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bilevel_ray.config import SolverConfig
+from bilevel_ray.diagnostics.diagnose import Progress, diagnose
+from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_check, held_out_line
+from bilevel_ray.diagnostics.verdict import Verdict
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime.local.threads import use_work_threads
+
+__all__ = ["certify_run", "diagnose_problem"]
+
+DEFAULT_HORIZON = 2000  # a factory that suggests no steps is judged at br.diagnose's default
+
+
+def diagnose_problem(
+    problem: str,
+    problem_config: dict[str, Any],
+    gamma: float | None,
+    threads: int | None = None,
+    **options: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """``br.diagnose`` on a problem named as on the command line, with the problem's suggested
+    settings (its step sizes, optimizer, gamma and steps: the horizon judged) unless given.
+    Returns the verdict and the settings it ran with (every option of ``br.diagnose``,
+    defaults included). ``threads``: torch's threads (default: from the problem's size,
+    :func:`~bilevel_ray.runtime.local.threads.use_work_threads`)."""
+    progress = bool(options.pop("progress", False))
+    allowed = [
+        p.name
+        for p in inspect.signature(diagnose).parameters.values()
+        if p.kind == p.KEYWORD_ONLY and p.name != "progress"
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown}; br.diagnose takes: {', '.join(allowed)} (and --gamma)"
+        )
+    spec = build_spec(problem, problem_config)
+    used_threads = use_work_threads(spec.x0, spec.y0, threads)
+    suggested = SolverConfig.applicable("pbgd_free", spec.defaults)
+    run = {
+        k: v
+        for k, v in suggested.items()
+        if k in ("lr_x", "lr_y", "inner_steps", "optimizer") and isinstance(v, (int, float, str))
+    }
+    steps = spec.defaults.get("steps", DEFAULT_HORIZON)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        run["steps"] = steps
+    gamma = gamma if gamma is not None else suggested.get("gamma", 10.0)
+    chosen = {**run, **{k: v for k, v in options.items() if v is not None}}
+    if spec.eval_data is not None:
+        chosen.setdefault("eval_data", spec.eval_data)  # the held-out line beside the verdict
+    verdict = diagnose(
+        spec.problem, spec.x0, spec.y0, gamma, data=spec.data, progress=progress, **chosen
+    )
+    parameters = inspect.signature(diagnose).parameters
+    used: dict[str, Any] = {"gamma": gamma, "threads": used_threads}
+    used.update({k: p.default for k in allowed if (p := parameters[k]).default is not p.empty})
+    used.update(chosen)
+    used.pop("eval_data", None)
+    if used.get("check_steps") is None and isinstance(used.get("steps"), int):
+        used["check_steps"] = check_steps_for(used["steps"])
+    return verdict, used
+
+
+def certify_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    check_steps: int | None = None,
+    replicas: int = 3,
+    threads: int | None = None,
+    progress: bool = False,
+) -> tuple[Verdict, dict[str, Any]]:
+    """The end-of-run certificate (:mod:`~bilevel_ray.diagnostics.end_check`) of a finished
+    PBGD-Free run's folder (``solve`` or ``train`` with ``--out``: its ``run.json`` and
+    ``result.pt``), on the problem and data the run named. Returns the verdict and the
+    settings it ran with."""
+    folder = Path(run_dir)
+    record = _read_run(folder)
+    method = record.get("method")
+    if method != "pbgd_free" or record.get("switched_at_step") is not None:
+        raise ConfigError(
+            f"--at-end {str(folder)!r}: the run's method is {method!r}"
+            + (
+                f" (it switched at step {record['switched_at_step']})"
+                if record.get("switched_at_step") is not None
+                else ""
+            )
+            + "; the certificate judges a PBGD-Free run's end point: give a pbgd_free run's folder"
+        )
+    spec = build_spec(str(record["problem"]), dict(record.get("problem_config") or {}))
+    x, y = _read_result(folder, spec)
+    settings = SolverConfig.from_dict(record.get("settings") or {})
+    steps = int(record.get("steps") or 0)
+    used_threads = use_work_threads(spec.x0, spec.y0, threads)
+    check = EndCheck(
+        settings,
+        check_steps=check_steps or check_steps_for(max(steps, 1)),
+        replicas=replicas,
+        seed=int(record.get("seed") or 0),
+    )
+    report = Progress(progress)
+    verdict = end_check(
+        spec.problem, x, y, spec.data, check, reference=(spec.x0, spec.y0),
+        eval_data=spec.eval_data, show=report.show, end_step=steps,
+    )  # fmt: skip
+    verdict = replace(verdict, held_out=held_out_line(verdict.stats))
+    used = {
+        "problem": record["problem"],
+        "steps": steps,
+        "check_steps": check.check_steps,
+        "replicas": replicas,
+        "threads": used_threads,
+        **{k: v for k, v in settings.to_dict(strict=False).items() if v is not None},
+    }
+    return verdict, used
+
+
+def _read_run(folder: Path) -> dict[str, Any]:
+    path = folder / "run.json"
+    if not folder.is_dir():
+        raise ConfigError(
+            f"--at-end {str(folder)!r}: not a folder; give the --out folder of a finished run"
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"--at-end {str(folder)!r} holds no run.json: give the folder a finished `solve` "
+            "or `train` wrote with --out"
+        )
+    if path.stat().st_size > 1 << 20:
+        raise ConfigError(f"{str(path)!r} is over 1 MiB: not a run record bilevel_ray wrote")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({err}); rerun the run") from None
+    if not isinstance(record, dict) or "problem" not in record or "settings" not in record:
+        raise ConfigError(
+            f"{str(path)!r} is not a run record (it needs 'problem', 'settings', 'method'); "
+            "give the folder a finished `solve` or `train` wrote with --out"
+        )
+    return record
+
+
+def _read_result(folder: Path, spec: Any) -> tuple[dict, dict]:
+    path = folder / "result.pt"
+    if not path.exists() or not stat.S_ISREG(path.stat().st_mode):
+        raise ConfigError(
+            f"--at-end {str(folder)!r}: result.pt is missing or not a regular file; the run did "
+            "not finish: resume it, then certify"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a bad file; report them all alike
+        raise ConfigError(
+            f"{str(path)!r} cannot be read ({type(err).__name__}): truncated, corrupted or not "
+            "written by bilevel_ray"
+        ) from None
+    ok = isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("x", "y"))
+    for level, start in (("x", spec.x0), ("y", spec.y0)):
+        got = saved.get(level) if ok else None
+        shapes = ok and set(got) == set(start)
+        if not shapes or any(got[k].shape != v.shape for k, v in start.items()):
+            raise ConfigError(
+                f"{str(path)!r}: its {level} does not match the problem's ({level} names and "
+                "shapes differ): the run folder and its run.json disagree"
+            )
+    device = next(iter(spec.x0.values())).device
+    dtype = next(iter(spec.x0.values())).dtype
+    x = {k: v.to(device, dtype) for k, v in saved["x"].items()}
+    y = {k: v.to(device, dtype) for k, v in saved["y"].items()}
+    values = [v for v in (*x.values(), *y.values()) if v.numel()]
+    if not all(math.isfinite(float(v.abs().max())) for v in values):
+        raise ConfigError(f"{str(path)!r} holds non-finite values: the run diverged")
+    return x, y

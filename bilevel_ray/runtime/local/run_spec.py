@@ -1,0 +1,179 @@
+"""The run's settings, typed: :class:`RunSpec` (what the step loop does) and :class:`Placement`
+(where it runs). Every entry point (``br.solve``, ``br.train``, ``br.tune``) builds them once,
+validated, and passes them on; a Ray worker or trial receives them as ``to_dict()`` and rebuilds
+them with ``from_dict``. A new run setting is one field here plus its use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.watch import WatchSettings
+
+__all__ = [
+    "REPORT_INTERVAL_S",
+    "VERBOSE_ENV",
+    "Placement",
+    "RunSpec",
+    "check_count",
+    "check_run_name",
+    "verbose",
+]
+
+# Train and Tune see a report at most this often (plus one at every checkpoint and at the end):
+# a ray.train.report is a barrier over the worker group and costs about 2 s on a small machine,
+# so one per logged row would cost a 3 ms-per-step run 20x its steps.
+REPORT_INTERVAL_S = 5.0
+# Ray's own log lines (Train's, Tune's, the cluster's) show only with BILEVEL_RAY_VERBOSE=1
+# (``--verbose`` on the command line); a run's progress and the library's warnings always do.
+VERBOSE_ENV = "BILEVEL_RAY_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def check_count(problems: list[str], name: str, value: Any, minimum: int) -> None:
+    """Add a problem unless ``value`` is an integer >= ``minimum`` and below 2**63 (torch and
+    Arrow hold 64-bit integers: a larger one would overflow deep inside a run)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        problems.append(f"{name}={value!r}: must be an integer >= {minimum}")
+    elif value >= 2**63:
+        problems.append(f"{name}={value}: must be below 2**63 (a 64-bit integer)")
+
+
+def check_run_name(name: Any) -> str:
+    """A run or sweep name is one folder inside the storage path: no separators, no '..'
+    (a name like '../x' or '/x' would put the run, and its files, outside it)."""
+    from pathlib import Path
+
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ConfigError(
+            f"name={name!r}: must be a plain folder name (no '/' or '..'), e.g. name='run1'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the step loop does.
+
+    Attributes:
+        steps: total iterations (a resumed run continues up to this count).
+        seed: seeds torch's RNG for the run and the minibatch sampler.
+        report_every: log a history row (and check for divergence) every this many steps.
+        checkpoint_every: save every K steps (0: only at the end, when there is a checkpoint).
+        report_interval_s: Train and Tune receive a report at most this often (besides every
+            checkpoint and the end); the history keeps every logged row regardless.
+        progress: a progress line on stderr at most every 2 s.
+        watch: the flatness diagnostic's settings, or None.
+    """
+
+    steps: int
+    seed: int = 0
+    report_every: int = 10
+    checkpoint_every: int = 0
+    report_interval_s: float = REPORT_INTERVAL_S
+    progress: bool = False
+    watch: WatchSettings | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.watch, Mapping):
+            object.__setattr__(self, "watch", WatchSettings(**self.watch))
+        problems: list[str] = []
+        check_count(problems, "steps", self.steps, 1)
+        check_count(problems, "seed", self.seed, 0)
+        check_count(problems, "report_every", self.report_every, 1)
+        check_count(problems, "checkpoint_every", self.checkpoint_every, 0)
+        interval = self.report_interval_s
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or not (interval >= 0 and math.isfinite(interval))
+        ):
+            problems.append(
+                f"report_interval_s={interval!r}: must be a finite number of seconds >= 0"
+            )
+        if not problems and self.checkpoint_every % self.report_every:
+            problems.append(
+                f"checkpoint_every={self.checkpoint_every} must be a multiple of report_every="
+                f"{self.report_every}: a checkpoint carries the history up to a logged row"
+            )
+        if self.watch is not None and not problems and self.watch.window > self.steps:
+            problems.append(
+                f"diagnose_window={self.watch.window} is longer than the run (steps="
+                f"{self.steps}): the verdict would never come; use a window of at most the "
+                "run's steps"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.watch is not None:
+            d["watch"] = {**d["watch"], "estimator": dict(self.watch.estimator)}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's workers go.
+
+    Attributes:
+        num_workers: data-parallel ranks.
+        use_gpu: ``"auto"`` (GPUs whenever the cluster has them), True or False.
+        resources_per_worker: e.g. ``{"CPU": 1}`` (Train's default) or ``{"CPU": 0.5}``.
+        max_failures: worker-group restarts (``br.train``) or trial retries (``br.tune``).
+    """
+
+    num_workers: int = 1
+    use_gpu: bool | str = "auto"
+    resources_per_worker: Mapping[str, float] | None = None
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        check_count(problems, "num_workers", self.num_workers, 1)
+        check_count(problems, "max_failures", self.max_failures, 0)
+        if not (self.use_gpu == "auto" or isinstance(self.use_gpu, bool)):
+            problems.append(f"use_gpu={self.use_gpu!r}: must be 'auto', True or False")
+        resources = self.resources_per_worker
+        if resources is not None and (
+            not isinstance(resources, Mapping)
+            or not all(
+                isinstance(k, str)
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and 0 < v < float("inf")
+                for k, v in resources.items()
+            )
+        ):
+            problems.append(
+                f"resources_per_worker={resources!r}: must map resource names to numbers > 0, "
+                "e.g. {'CPU': 1} or {'CPU': 0.5}"
+            )
+        if problems:
+            raise ConfigError(problems)
+        if resources is not None:
+            object.__setattr__(self, "resources_per_worker", dict(resources))
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return float((self.resources_per_worker or {}).get("CPU", 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Placement:
+        return cls(**d)

@@ -1,0 +1,313 @@
+"""The local runtime: ``br.solve`` runs a solver in this process, with no Ray.
+
+Everything is validated before step 0 (settings, x0 / y0, data, one evaluation of each loss).
+The steps are :func:`bilevel_ray.runtime.local.loop.run`'s; this module's sink writes the files. With
+``checkpoint_path`` the state, the RNG, the history so far and the settings are saved every
+``checkpoint_every`` steps, and ``resume=True`` continues from there with the same batches and
+the same result as an uninterrupted run. A non-finite loss stops the run with
+:class:`~bilevel_ray.errors.DivergenceError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from bilevel_ray.config import SolverConfig
+from bilevel_ray.data import as_batches
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
+from bilevel_ray.runtime.local import loop
+from bilevel_ray.runtime.local.checkpoint import (
+    check_distinct,
+    check_free_space,
+    check_output_path,
+    check_resume_shapes,
+    check_writable,
+    checkpoint_payload,
+    history_bytes,
+    load_resume,
+    save_checkpoint,
+    tensor_bytes,
+)
+from bilevel_ray.runtime.local.history import HistoryRecorder, write_parquet
+from bilevel_ray.runtime.local.run_spec import RunSpec
+from bilevel_ray.runtime.local.watch import (
+    ActiveSolver,
+    FlatnessJudge,
+    FlatnessWatch,
+    end_of_run_check,
+    watch_settings,
+)
+from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
+from bilevel_ray.solvers.compute import LossReturnError
+from bilevel_ray.tree import Params, cuda_devices, to_device
+
+__all__ = ["SolveResult", "run_local", "run_spec_local", "solve", "solver_config"]
+
+RUN_SETTINGS = (
+    "steps, data, seed, report_every, history_path, checkpoint_path, checkpoint_every, resume, "
+    "progress, grad_reduce, on_unsuitable, diagnose_window, diagnose_every, diagnose_options"
+)
+
+
+@dataclass
+class SolveResult:
+    """Final iterates, the logged history (``HISTORY_SCHEMA``), the solver state and settings;
+    with a flatness diagnostic, its verdict and the run's status (``"completed"``, or
+    ``"unsuitable"`` when ``on_unsuitable="stop"`` ended it). ``config["method"]`` is the
+    method in force at the end (the fallback's, after a switch)."""
+
+    x: Params
+    y: Params
+    history: pa.Table
+    state: SolverState
+    config: dict[str, Any]
+    verdict: dict[str, Any] | None = None
+    status: str = "completed"
+
+
+def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
+    """A SolverConfig from keywords, refusing unknown ones by name."""
+    allowed = {f.name for f in fields(SolverConfig)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown keyword(s) {unknown}; solver settings are: {', '.join(sorted(allowed))}; "
+            f"run settings are: {RUN_SETTINGS}"
+        )
+    for key, value in options.items():
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            # Python holds it; float() and torch do not (an OverflowError deep in the setup).
+            digits = len(str(abs(value)))
+            shown = repr(value) if digits <= 30 else f"<an integer of {digits} digits>"
+            raise ConfigError(
+                f"{key}={shown}: too large; must be below 2**63 (for a rate or a penalty, give a "
+                "float such as 1e3)"
+            )
+    return SolverConfig(method=method, **options)
+
+
+def solve(
+    problem: BilevelProblem,
+    x0: Params,
+    y0: Params,
+    *,
+    method: str = "pbgd_free",
+    steps: int = 1000,
+    data: Any = None,
+    seed: int = 0,
+    report_every: int = 10,
+    history_path: str | os.PathLike[str] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+    grad_reduce: GradReduce | None = None,
+    on_unsuitable: str | None = None,
+    diagnose_window: int = 200,
+    diagnose_every: int = 50,
+    diagnose_options: dict[str, Any] | None = None,
+    **solver_options: Any,
+) -> SolveResult:
+    """Solve ``min_x f(x, y*(x))`` from ``(x0, y0)`` with ``method``, in this process.
+
+    Args:
+        problem: an object with ``upper_loss(x, y, batch)`` and ``lower_loss(x, y, batch)``.
+        x0, y0: initial upper / lower variables (dicts of floating tensors; copied, not modified).
+        method: ``pbgd_free`` (default), ``pbgd``, ``alt_pbgd``, ``f2sa``, ``bome``,
+            ``implicit_cg``.
+        steps: total iterations (a resumed run continues up to this count).
+        data: ``None``, ``br.full_batch(...)``, ``br.minibatches(...)`` or a pair of batch
+            sources; see :mod:`bilevel_ray.data`.
+        seed: seeds torch's RNG for the run (restored afterwards) and the minibatch sampler.
+        report_every: log a history row (and check for divergence) every this many steps.
+        history_path: also write the history to this Parquet file.
+        checkpoint_path, checkpoint_every, resume: save every K steps; continue a saved run.
+        progress: print one line per logged row (at most every 2 s) to stderr.
+        grad_reduce: the gradient reduction (identity here; the Ray runtime injects its own).
+        on_unsuitable: ``None`` (no flatness diagnostic), or what to do when the diagnostic
+            finds PBGD-Free unsuitable after ``diagnose_window`` steps: ``"fallback"`` (continue
+            with ``alt_pbgd`` from the current x, y), ``"stop"`` or ``"warn"``; see
+            :mod:`bilevel_ray.runtime.local.watch`.
+        diagnose_window, diagnose_every, diagnose_options: the warm-up window W, the interval
+            of its estimates, and options of :func:`bilevel_ray.diagnostics.flatness.estimate`.
+        **solver_options: the :class:`~bilevel_ray.config.SolverConfig` fields (``lr_x``,
+            ``lr_y``, ``gamma``, ``inner_steps``, ``optimizer``, ...).
+
+    Raises:
+        ConfigError: bad input, before any step runs.
+        DivergenceError: a loss became NaN or infinite (names the step).
+    """
+    config = solver_config(method, solver_options)
+    watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
+    spec = RunSpec(steps, seed, report_every, checkpoint_every, progress=progress, watch=watch)
+    return run_local(
+        problem,
+        x0,
+        y0,
+        config,
+        spec,
+        data=data,
+        history_path=history_path,
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        grad_reduce=grad_reduce,
+        judge=FlatnessJudge(),
+        run_id="run",
+    )
+
+
+def run_local(
+    problem: BilevelProblem,
+    x0: Params,
+    y0: Params,
+    config: SolverConfig,
+    spec: RunSpec,
+    *,
+    data: Any = None,
+    history_path: str | os.PathLike[str] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    grad_reduce: GradReduce | None = None,
+    judge: Any = None,
+    run_id: str = "run",
+    also: loop.Sink | None = None,
+    restore: dict[str, Any] | None = None,
+    on_checkpoint: Any = None,
+) -> SolveResult:
+    """:func:`solve` with its settings already built (also the one-worker path of ``train`` and
+    a sweep's trials). ``judge`` receives the flatness watch's estimates (when ``spec.watch``);
+    ``also`` is a further sink that sees every step after this one's files (a Tune trial's
+    reports).
+
+    A sweep's trial keeps its checkpoints itself: ``on_checkpoint(payload)`` receives each one
+    (every ``spec.checkpoint_every`` steps and at the end), and ``restore`` is a payload to
+    continue from. Unlike ``resume``, ``restore`` may come with other solver settings: a
+    population-based exploit continues another trial's state with perturbed settings."""
+    if resume and checkpoint_path is None:
+        raise ConfigError("resume=True needs checkpoint_path: pass checkpoint_path='run/ckpt.pt'")
+    if spec.checkpoint_every and checkpoint_path is None and on_checkpoint is None:
+        raise ConfigError(
+            f"checkpoint_every={spec.checkpoint_every} needs checkpoint_path: pass "
+            "checkpoint_path='run/ckpt.pt'"
+        )
+    for what, path in (("history_path", history_path), ("checkpoint_path", checkpoint_path)):
+        if path is not None:  # a bad path fails now, not after the run (or at its first save)
+            path = check_output_path(path, what)
+            check_writable(path.parent, what)
+    check_distinct({"history_path": history_path, "checkpoint_path": checkpoint_path})
+    if checkpoint_path is not None:
+        config.to_dict()  # a checkpoint stores the settings: refuse unserialisable ones now
+    check_problem(problem)
+    check_params(x0, y0)
+    solver = config.build(problem, grad_reduce)
+
+    saved = load_resume(checkpoint_path, config.to_dict(), spec.seed) if resume else restore
+    if saved is not None:
+        check_resume_shapes(checkpoint_path, saved, x0, y0, spec.steps)
+    watch = None
+    if spec.watch is not None:
+        watch = FlatnessWatch(spec.watch, judge or FlatnessJudge(), run_id, config.option("gamma"))
+    active = ActiveSolver(config, solver, problem, grad_reduce, watch)
+    if saved is not None:
+        # Checkpoints are read onto the CPU; the run continues where x0 lives.
+        state = to_device(state_from_dict(saved["state"]), next(iter(x0.values())).device)
+        active.restore(saved.get("flatness"))
+        recorder = HistoryRecorder(
+            active.settings.method, spec.report_every, saved["history"], saved["elapsed_s"]
+        )
+    else:
+        state = solver.init(x0, y0)
+        recorder = HistoryRecorder(config.method, spec.report_every)
+    rows = history_bytes(spec.steps, spec.report_every)
+    if checkpoint_path is not None:
+        # The new file, its temporary copy while written, and the previous one, each with the
+        # history so far; and the history file when it shares the disk.
+        check_free_space(
+            Path(checkpoint_path).parent, 3 * (tensor_bytes(state) + rows), "checkpoint_path"
+        )
+    if history_path is not None:
+        check_free_space(Path(history_path).parent, 2 * rows, "history_path")
+
+    # The seeded RNG covers the data stream too (a shuffled DataLoader draws when iterated).
+    with torch.random.fork_rng(devices=cuda_devices(x0, y0)):
+        # A resumed stream first skips the batches it used, drawing from the seeded RNG as the
+        # first run did (a shuffled DataLoader draws when it starts an epoch); then the RNG
+        # continues from the checkpoint.
+        torch.manual_seed(spec.seed)
+        device = next(iter(x0.values())).device
+        batches = (to_device(b, device) for b in as_batches(data, spec.seed, state.step))
+        if saved is not None:
+            torch.set_rng_state(saved["rng"])
+        else:
+            first = next(batches)
+            check_losses(
+                problem, state.x, state.y, first, upper_needs_x=config.method == "pbgd_free"
+            )
+            batches = itertools.chain([first], batches)
+        sink = _FileSink(checkpoint_path, config, spec.seed, recorder, also, on_checkpoint)
+        try:
+            state = loop.run(active, state, batches, spec, recorder, sink, spec.progress)
+            # The watch's early verdict was a prediction: the run's end point is certified.
+            end_of_run_check(active, state, data, spec.steps, spec.seed, (x0, y0))
+        except LossReturnError as err:
+            raise err.at_step(sink.step) from None
+        finally:
+            if history_path is not None:
+                write_parquet(recorder.table(), history_path)
+    return SolveResult(
+        state.x,
+        state.y,
+        recorder.table(),
+        state,
+        active.settings.to_dict(strict=False),
+        active.verdict,
+        active.status,
+    )
+
+
+def run_spec_local(spec: Any, config: SolverConfig, run: RunSpec, **options: Any) -> SolveResult:
+    """:func:`run_local` on a factory's ``ProblemSpec`` (its problem, start point and data)."""
+    return run_local(spec.problem, spec.x0, spec.y0, config, run, data=spec.data, **options)
+
+
+class _FileSink:
+    """The local run's outputs: a checkpoint file every K steps and at the end (the history is
+    the recorder's), then whatever the caller's own sink does."""
+
+    def __init__(
+        self,
+        path: Any,
+        config: SolverConfig,
+        seed: int,
+        recorder: Any,
+        also: Any,
+        on_checkpoint: Any = None,
+    ):
+        self.path, self.config, self.seed = path, config, seed
+        self.recorder, self.also, self.on_checkpoint = recorder, also, on_checkpoint
+        self.step = 0  # the step running now (0-based), named by a loss's wrong return
+
+    def before_step(self, step: int) -> None:
+        self.step = step
+        if self.also is not None:
+            self.also.before_step(step)
+
+    def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> bool | None:
+        if outcome.checkpoint and (self.path is not None or self.on_checkpoint is not None):
+            payload = checkpoint_payload(
+                state, self.recorder, self.config, self.seed, active.saved()
+            )
+            if self.path is not None:
+                save_checkpoint(payload, self.path, keep_previous=True)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(payload)
+            self.recorder.restart_window()  # a save is not a step's cost
+        return self.also.after_step(outcome, state, active) if self.also is not None else None

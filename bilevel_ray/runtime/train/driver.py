@@ -1,0 +1,373 @@
+"""``br.train``: a bilevel run as a Ray Train worker group (data-parallel, CPU or GPU).
+
+The problem comes from a *factory*: a picklable callable, a ``"file.py:factory"`` /
+``"package.module:factory"`` string or a built-in name, which every worker calls with the plain
+``problem_config`` dict (plus ``"device"``) to build the problem, x0, y0 and the data, so nothing
+large crosses the network. The solver keywords are those of ``br.solve``.
+
+One worker with nothing that needs Ray (``max_failures=0``, no GPU requested, no fault hook) runs
+in this process through the local runtime, with the same checkpoints, resume and result: a Train
+worker group costs tens of seconds to start on a small machine and buys nothing for one CPU rank.
+Ray is imported only when a worker group is started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from bilevel_ray.config import SolverConfig
+from bilevel_ray.data import as_batches
+from bilevel_ray.errors import ConfigError, DivergenceError
+from bilevel_ray.problem import ProblemSpec
+from bilevel_ray.problems import build_spec, load_factory
+from bilevel_ray.runtime.local.checkpoint import (
+    LOCAL_CHECKPOINT,
+    check_free_space,
+    check_inside,
+    check_output_path,
+    check_writable,
+    group_checkpoints,
+    load_latest,
+    same_settings,
+    tensor_bytes,
+)
+from bilevel_ray.runtime.local.history import HISTORY_SCHEMA
+from bilevel_ray.runtime.local.run_spec import (
+    REPORT_INTERVAL_S,
+    Placement,
+    RunSpec,
+    check_run_name,
+    verbose,
+)
+from bilevel_ray.runtime.local.solve import SolveResult, run_spec_local, solver_config
+from bilevel_ray.runtime.local.spec_check import check_spec
+from bilevel_ray.runtime.local.watch import FlatnessJudge, watch_settings
+from bilevel_ray.runtime.train.job import WorkerJob
+from bilevel_ray.solvers.base import state_from_dict
+
+__all__ = ["build_spec", "check_run_name", "default_run_name", "portable_factory", "train"]
+
+Factory = Callable[[dict[str, Any]], ProblemSpec] | str
+
+
+def train(
+    factory: Factory,
+    *,
+    problem_config: dict[str, Any] | None = None,
+    method: str = "pbgd_free",
+    steps: int | None = None,
+    num_workers: int = 1,
+    use_gpu: bool | str = "auto",
+    resources_per_worker: dict[str, float] | None = None,
+    checkpoint_every: int = 0,
+    storage_path: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    max_failures: int = 0,
+    seed: int = 0,
+    report_every: int = 10,
+    report_interval_s: float = REPORT_INTERVAL_S,
+    address: str | None = None,
+    fault: dict[str, int] | None = None,
+    progress: bool = False,
+    datasets: dict[str, Any] | None = None,
+    batch_size: int | tuple[int, int] | None = None,
+    in_process: bool | str = "auto",
+    on_unsuitable: str | None = None,
+    diagnose_window: int = 200,
+    diagnose_every: int = 50,
+    diagnose_options: dict[str, Any] | None = None,
+    **solver_options: Any,
+) -> SolveResult:
+    """Run ``method`` on the factory's problem with ``num_workers`` data-parallel workers.
+
+    Args:
+        factory: builds ``br.ProblemSpec(problem, x0, y0, data, defaults)`` from a config dict.
+        problem_config: the factory's settings (plain, picklable values).
+        method, steps, seed, report_every, **solver_options: as in ``br.solve``; ``steps`` and
+            the solver settings default to the problem's ``defaults``.
+        num_workers: data-parallel ranks. With ``br.minibatches`` data each rank takes
+            ``batch_size`` samples per step (global batch ``num_workers * batch_size``); full-batch
+            data is split into equal slices. The averaged gradient equals the one-worker
+            gradient when each loss is a *mean* over its batch (a ``.sum()`` loss would be
+            scaled by 1 / num_workers).
+        use_gpu: ``"auto"`` (GPUs whenever the cluster has them), True or False.
+        resources_per_worker: e.g. ``{"CPU": 1}`` (Train's default) or ``{"CPU": 0.5}``.
+        checkpoint_every: checkpoint every K steps (the final step always is).
+        storage_path, name: the run lives in ``{storage_path}/{name}`` (default storage
+            ``~/ray_results``); running again with the same pair resumes the run.
+        max_failures: worker-group restarts allowed (Train's ``FailureConfig``).
+        report_interval_s: the worker group reports to Train at most this often (and at every
+            checkpoint and the end); a report is a barrier that costs seconds. The history
+            keeps every ``report_every`` row regardless.
+        address: a Ray cluster to connect to; default: the running one, or a new local one.
+        fault: test hook ``{"rank": r, "step": k}``: rank r exits at step k, once per run.
+        progress: a progress line at most every 2 s (rank 0's, on a worker group).
+        datasets, batch_size: Ray Data instead of the factory's data:
+            ``{"upper": ds, "lower": ds}`` (e.g. ``ray.data.read_parquet(...)``), split across
+            the workers, ``batch_size`` rows per worker and step (one size or (upper, lower)),
+            restarted each epoch; each level's loss receives ``{"column": Tensor}`` batches. A
+            resumed run continues with fresh epochs (streams have no exact position to restore).
+        in_process: ``"auto"`` runs one worker in this process when nothing needs Ray (no
+            failures to survive, no GPU requested, no Ray Data, no fault hook); False always
+            starts a worker group (to measure the group itself).
+        on_unsuitable, diagnose_window, diagnose_every, diagnose_options: the flatness
+            diagnostic, as in ``br.solve``; on a worker group rank 0's estimates go to the run's
+            named judge actor (``bilevel_ray.flatness.<name>``, ``num_cpus=0``).
+
+    Returns:
+        A :class:`~bilevel_ray.runtime.local.solve.SolveResult`, as ``br.solve`` returns.
+
+    Raises:
+        ConfigError: bad input, before any worker starts.
+        DivergenceError: the run's losses became non-finite (all ranks stop together).
+    """
+    problem_config = dict(problem_config or {})
+    # The factory as the workers will call it (with a device), so that a factory that fails
+    # there fails here first.
+    spec = build_spec(factory, {**problem_config, "device": "cpu"})
+    defaults = SolverConfig.applicable(method, spec.defaults)
+    default_steps = defaults.pop("steps", 1000)
+    settings = solver_config(method, {**defaults, **solver_options})
+    settings.to_dict()  # workers rebuild the settings from a dict: refuse unserialisable ones now
+    check_spec(spec, needs_eval=False)
+    watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
+    run = RunSpec(
+        default_steps if steps is None else steps,
+        seed,
+        report_every,
+        checkpoint_every,
+        report_interval_s,
+        progress,
+        watch,
+    )
+    placement = Placement(num_workers, use_gpu, resources_per_worker, max_failures)
+    if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
+        raise ConfigError(f"fault={fault!r}: must be a dict {{'rank': r, 'step': k}}")
+    if datasets is not None:
+        _check_datasets(datasets, batch_size, spec.data)
+    elif batch_size is not None:
+        raise ConfigError("batch_size is for datasets=...; the factory's data sets its own size")
+    else:
+        next(as_batches(spec.data, seed, 0, num_workers - 1, num_workers))  # shardable?
+    if in_process not in ("auto", False):
+        raise ConfigError(f"in_process={in_process!r}: must be 'auto' or False")
+    # A fresh run gets a unique name; pass name= (the same one) to resume a run.
+    name = check_run_name(name or default_run_name(method))
+    check_output_path(name, "name", is_file=False)
+    storage = _storage(storage_path)
+
+    if not isinstance(storage, _UriPath):
+        # A planted link at {storage}/{name} must not carry the run's files elsewhere.
+        check_inside(storage / name, storage, "name")
+        # Train keeps two checkpoints and writes a third; a state is about x and y plus an
+        # optimizer's two moments.
+        check_free_space(storage, 9 * tensor_bytes((spec.x0, spec.y0)), "storage_path")
+    gpu_here = use_gpu == "auto" and torch.cuda.is_available()
+    uri = isinstance(storage, _UriPath)  # remote storage: Train writes it, not this process
+    needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
+    if num_workers == 1 and not needs_ray and in_process == "auto":
+        _check_run_folder(storage / name, in_process=True)
+        return run_spec_local(
+            spec,
+            settings,
+            run,
+            checkpoint_path=storage / name / LOCAL_CHECKPOINT,
+            resume=True,
+            judge=FlatnessJudge(),
+            run_id=name,
+        )
+    return _train_on_group(
+        factory,
+        problem_config,
+        settings,
+        run,
+        placement,
+        storage,
+        name,
+        address=address,
+        fault=fault,
+        datasets=datasets,
+        batch_size=batch_size,
+    )
+
+
+def _train_on_group(
+    factory: Factory,
+    problem_config: dict[str, Any],
+    settings: SolverConfig,
+    run: RunSpec,
+    placement: Placement,
+    storage: Path | _UriPath,
+    name: str,
+    *,
+    address: str | None,
+    fault: dict[str, int] | None,
+    datasets: dict[str, Any] | None,
+    batch_size: int | tuple[int, int] | None,
+) -> SolveResult:
+    """``train`` on a Ray Train worker group, its run in ``storage / name``, once ``train`` has
+    checked everything; returns what the group's rank 0 saved last."""
+    from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
+    from bilevel_ray.runtime.train.group import check_cluster_fits, fit_worker_group
+
+    _check_run_folder(storage / name, False, settings, run.seed, placement.num_workers)
+    # Resolved before connecting: a job's driver may not stay in the folder the path is
+    # relative to.
+    shipped = portable_factory(factory)
+    # A remote storage URI leaves the working directory as it is (nothing local to stand in).
+    here = storage if isinstance(storage, Path) else Path.cwd()
+    with steady_working_dir(here):
+        gpus = connect(address)
+        on_gpu = bool(gpus) if placement.use_gpu == "auto" else placement.use_gpu
+        if address is None:
+            check_cluster_fits(placement, on_gpu, datasets is not None)
+        judge = None
+        if run.watch is not None:
+            from bilevel_ray.runtime.train.judge_actor import start_judge
+
+            judge = start_judge(name)
+        job = WorkerJob(
+            shipped,
+            problem_config,
+            settings.to_dict(),
+            run,
+            placement.num_workers,
+            on_gpu,
+            batch_size=_pair(batch_size) if datasets is not None else None,
+            fault=None if fault is None else {**fault, "marker_dir": str(storage / name)},
+            judge=judge,
+            run_id=name,
+            verbose=verbose(),
+        )
+        metrics, payload = fit_worker_group(job, placement, storage, name, datasets)
+    if metrics.get("status") == "diverged":
+        last = {k: v for k, v in metrics.items() if k == "step" or "/" in k}
+        raise DivergenceError(metrics["diverged_at_step"], metrics["diverged_metric"], last)
+    state = state_from_dict(payload["state"])
+    history = pa.Table.from_pylist(payload["history"], schema=HISTORY_SCHEMA)
+    flatness = payload.get("flatness") or {}
+    return SolveResult(
+        state.x,
+        state.y,
+        history,
+        state,
+        flatness.get("settings", payload["config"]),  # the settings in force at the end
+        flatness.get("verdict"),
+        flatness.get("status", "completed"),
+    )
+
+
+def default_run_name(method: str) -> str:
+    return f"bilevel_ray-{method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _storage(storage_path: Any) -> Any:
+    """A local folder (created and proved writable now) or a URI such as ``s3://bucket/runs``,
+    which Ray Train writes through pyarrow's file systems (needed across nodes)."""
+    if isinstance(storage_path, str) and "://" in storage_path:
+        return _UriPath(storage_path)
+    return check_writable(storage_path or Path.home() / "ray_results", "storage_path")
+
+
+class _UriPath(str):
+    """A storage URI that joins like a Path (``uri / name``) but is never made local."""
+
+    def __truediv__(self, other: str) -> _UriPath:
+        return _UriPath(f"{self.rstrip('/')}/{other}")
+
+    def exists(self) -> bool:  # nothing local to inspect: Train reads the URI itself
+        return False
+
+
+def portable_factory(factory: Any) -> Any:
+    """What the workers receive: a ``file.py:factory`` string becomes the callable itself,
+    shipped by value (workers run elsewhere and cannot find the file); other strings (built-in
+    names, ``package.module:factory``) and callables go as they are."""
+    if not isinstance(factory, str) or ".py:" not in factory:
+        return factory
+    from ray import cloudpickle
+
+    resolved = load_factory(factory)
+    cloudpickle.register_pickle_by_value(sys.modules[resolved.__module__])
+    return resolved
+
+
+def _check_run_folder(
+    folder: Any, in_process: bool, settings: Any = None, seed: int = 0, num_workers: int = 1
+) -> None:
+    """A run resumes only as it was started: same runtime, settings, seed and workers."""
+    if not isinstance(folder, Path) or not folder.exists():
+        return
+    local = (folder / LOCAL_CHECKPOINT).exists()
+    group = group_checkpoints(folder)
+    if (in_process and group) or (not in_process and local):
+        kind = "a worker group" if group else "one in-process worker"
+        raise ConfigError(
+            f"run {str(folder)!r} was started with {kind}; resume it the same way, or use a new "
+            "name"
+        )
+    if in_process or not group:
+        return
+    saved = load_latest(group[-1], group[:-1])
+    if saved.get("status") == "diverged":
+        raise ConfigError(
+            f"run {str(folder)!r} diverged; its last state is not finite: use a new name"
+        )
+    mismatched = [
+        what
+        for what, ok in (
+            ("solver settings", same_settings(saved["config"], settings.to_dict())),
+            ("seed", saved["seed"] == seed),
+            ("num_workers", saved.get("num_workers", num_workers) == num_workers),
+        )
+        if not ok
+    ]
+    if mismatched:
+        raise ConfigError(
+            f"run {str(folder)!r} was started with other {', '.join(mismatched)}; resume it "
+            "with the same ones, or use a new name"
+        )
+
+
+def _pair(batch_size: Any) -> tuple[int, int]:
+    if isinstance(batch_size, (tuple, list)):
+        return tuple(batch_size)
+    return batch_size, batch_size
+
+
+def _check_datasets(datasets: Any, batch_size: Any, factory_data: Any) -> None:
+    if not isinstance(datasets, dict) or set(datasets) != {"upper", "lower"}:
+        got = sorted(datasets) if isinstance(datasets, dict) else type(datasets).__name__
+        raise ConfigError(
+            f"datasets must be {{'upper': ray.data.Dataset, 'lower': ray.data.Dataset}}, got {got}"
+        )
+    sizes = _pair(batch_size) if isinstance(batch_size, (int, tuple, list)) else ()
+    if len(sizes) != 2 or any(
+        isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes
+    ):
+        raise ConfigError(
+            f"batch_size={batch_size!r}: datasets need a per-worker batch size >= 1 (one integer "
+            "or a pair (upper, lower))"
+        )
+    if factory_data is not None:
+        raise ConfigError(
+            "the factory returned data and datasets=... was given too: use one source of data "
+            "(return data=None from the factory)"
+        )
+    from ray.data import Dataset
+
+    wrong = {k: type(v).__name__ for k, v in datasets.items() if not isinstance(v, Dataset)}
+    if wrong:
+        raise ConfigError(
+            f"datasets values must be ray.data.Dataset (e.g. ray.data.read_parquet(path)); got "
+            f"{wrong}"
+        )

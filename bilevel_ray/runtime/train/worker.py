@@ -1,0 +1,301 @@
+"""The Ray Train worker: one data-parallel rank of a bilevel run.
+
+Every rank builds the problem from the :class:`~bilevel_ray.runtime.train.job.WorkerJob` (the
+problem factory runs on the worker), draws its share of each step's data, and runs the shared
+step loop (:func:`bilevel_ray.runtime.local.loop.run`) with an all-reduce mean as the gradient
+reduction (one coalesced collective per level per gradient evaluation). Logged rows are
+averaged over ranks. ``ray.train.report`` (a barrier over the group, seconds on a small machine)
+is called at every checkpoint, at the end, and otherwise at most every ``report_interval_s``;
+every checkpoint carries the whole history, so no logged row is lost. At a checkpoint rank 0
+attaches the solver state (x, y, optimizer states, value-function copies, multipliers, step),
+the RNG state, the history so far and the settings, in the format of the local runtime. A
+restarted worker group resumes from ``ray.train.get_checkpoint()`` and draws exactly the
+batches it had not yet used.
+
+With a flatness diagnostic rank 0 sends its estimates during the warm-up window to the run's
+judge actor and broadcasts the verdict, so that every rank switches to the fallback solver, or
+stops, at the same step (:class:`~bilevel_ray.runtime.local.watch.ActiveSolver`).
+
+A diverged run is a result, not a crash: it reports ``status="diverged"`` with its last finite
+metrics and ends (a raised error would make Train restart a run bound to diverge again).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from bilevel_ray.config import SolverConfig
+from bilevel_ray.data import BilevelBatch, FullBatch, as_batches
+from bilevel_ray.errors import ConfigError, DivergenceError
+from bilevel_ray.problem import check_losses
+from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime.cluster.session import quiet_train_worker
+from bilevel_ray.runtime.local import loop
+from bilevel_ray.runtime.local.checkpoint import (
+    CHECKPOINT_FILE,
+    checkpoint_payload,
+    group_checkpoint_name,
+    group_checkpoints,
+    load_latest,
+    save_checkpoint,
+)
+from bilevel_ray.runtime.local.history import HistoryRecorder
+from bilevel_ray.runtime.local.ranking import FAILED, GAP, METRIC, SCORE, search_score
+from bilevel_ray.runtime.local.threads import use_cpus
+from bilevel_ray.runtime.local.watch import ActiveSolver, FlatnessWatch, verdict_columns
+from bilevel_ray.runtime.train.collectives import (
+    allreduce_mean,
+    allreduce_mean_tensor,
+    broadcast_from_rank0,
+)
+from bilevel_ray.runtime.train.job import WorkerJob
+from bilevel_ray.runtime.train.judge_actor import ActorJudge
+from bilevel_ray.solvers.base import SolverState, state_from_dict
+from bilevel_ray.tree import to_device
+
+__all__ = ["FAULT_MARKER", "train_loop_per_worker"]
+
+FAULT_MARKER = ".bilevel_ray_fault_injected"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train's per-worker function; ``config`` is ``WorkerJob.to_dict()``."""
+    job = WorkerJob.from_dict(config)
+    if not job.verbose:
+        quiet_train_worker()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    use_cpus(cpus)
+
+    spec_run = job.run
+    torch.manual_seed(spec_run.seed)  # before the factory: a random initialisation is the same
+    spec = build_spec(job.factory, {**job.problem_config, "device": str(device)})
+    settings = SolverConfig.from_dict(job.solver)
+    grad_reduce = allreduce_mean if world > 1 else None
+    solver = settings.build(spec.problem, grad_reduce=grad_reduce)
+
+    def reduce_values(values: torch.Tensor) -> torch.Tensor:
+        return allreduce_mean_tensor(values.to(device)).cpu() if world > 1 else values
+
+    checkpoint = ray.train.get_checkpoint()
+    saved = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            saved = load_latest(Path(folder) / CHECKPOINT_FILE, _older(checkpoint.path))
+        state = state_from_dict(to_device(saved["state"], device))
+        recorder = HistoryRecorder(
+            settings.method,
+            spec_run.report_every,
+            saved["history"],
+            saved["elapsed_s"],
+            reduce_values,
+        )
+    else:
+        state = solver.init(to_device(spec.x0, device), to_device(spec.y0, device))
+        if world > 1:
+            # Every rank must start from rank 0's point, as DDP does: a factory that initialises
+            # without a fixed seed would otherwise give each rank its own model.
+            broadcast_from_rank0(state.x)
+            broadcast_from_rank0(state.y)
+        torch.manual_seed(spec_run.seed)
+        recorder = HistoryRecorder(
+            settings.method, spec_run.report_every, reduce_values=reduce_values
+        )
+
+    data = spec.data
+    if isinstance(data, FullBatch):  # moved to the device once, not at every step
+        data = FullBatch(to_device(data.upper, device), to_device(data.lower, device))
+    if job.batch_size is not None:
+        source = _ray_data_batches(*job.batch_size)
+    else:
+        source = as_batches(data, spec_run.seed, state.step, rank, world)
+    if saved is not None:
+        torch.set_rng_state(saved["rng"])  # after skipping the used batches (see local.py)
+    batches = (to_device(b, device) for b in source)
+    if state.step == 0:
+        first = next(batches)
+        check_losses(
+            spec.problem, state.x, state.y, first, upper_needs_x=settings.method == "pbgd_free"
+        )
+        batches = itertools.chain([first], batches)
+    active = _active_solver(job, rank, world, settings, solver, spec.problem, grad_reduce)
+    if saved is not None:
+        active.restore(saved.get("flatness"))
+        recorder.method = active.settings.method
+
+    def agree(due: bool) -> bool:
+        """Report when any rank's clock says so: every rank reports at the same steps."""
+        if world == 1:
+            return due
+        flag = torch.tensor([1.0 if due else 0.0], device=device)
+        return bool(allreduce_mean_tensor(flag).item() > 0)
+
+    sink = _TrainSink(job, rank, recorder, _scorer(spec, job, device), agree)
+    try:
+        loop.run(active, state, batches, spec_run, recorder, sink, rank == 0 and spec_run.progress)
+    except DivergenceError as err:
+        # Train V2 keeps only metrics reported with a checkpoint, so the verdict carries one;
+        # the run's last good state is the checkpoint before it.
+        verdict = {
+            **err.last_finite,
+            "status": "diverged",
+            "diverged_at_step": err.step,
+            "diverged_metric": err.metric,
+        }
+        if job.gap_steps is not None:  # a sweep's trial: its searcher must not see a good score
+            verdict[SCORE] = FAILED
+        sink.report(verdict, sink.state or state, save=True, active=active, status="diverged")
+
+
+def _active_solver(job, rank, world, settings, solver, problem, grad_reduce) -> ActiveSolver:
+    """The solver in force, with the run's flatness watch when one was asked for."""
+    if job.run.watch is None:
+        return ActiveSolver(settings, solver, problem, grad_reduce, None)
+    watch = FlatnessWatch(
+        job.run.watch, ActorJudge(job.judge), job.run_id, settings.option("gamma")
+    )
+
+    def share(verdict: Any) -> Any:
+        box = [verdict]
+        if world > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return ActiveSolver(settings, solver, problem, grad_reduce, watch, rank == 0, share)
+
+
+def _older(path: str) -> list[Path]:
+    """The run's checkpoint files before ``path`` (oldest first), the fallbacks should the
+    latest be damaged. Only on a local or mounted storage path: an object store is not listed."""
+    here = Path(path)
+    return [p for p in group_checkpoints(here.parent) if p.parent.name < here.name]
+
+
+def _scorer(spec: Any, job: WorkerJob, device: torch.device) -> Any:
+    """Held-out scores for a sweep's trial (every rank computes the same numbers on the same
+    data); None outside a sweep."""
+    if job.gap_steps is None:
+        return None
+    from bilevel_ray.evaluation import evaluate
+
+    if spec.eval_data is None:
+        raise ConfigError(
+            "a sweep scores trials on held-out data: the factory must return eval_data="
+            "br.BilevelBatch(upper_heldout, lower_sample)"
+        )
+    batch = to_device(spec.eval_data, device)
+    tolerance = math.inf if job.gap_tol is None else job.gap_tol
+
+    def scores(state: SolverState, with_gap: bool) -> dict[str, float]:
+        row = evaluate(
+            spec.problem, state.x, state.y, batch, gap_steps=job.gap_steps, with_gap=with_gap
+        )
+        return {**row, SCORE: search_score(row[METRIC], row[GAP], tolerance)}
+
+    return scores
+
+
+def _ray_data_batches(upper_size: int, lower_size: int) -> Any:
+    """This rank's shards of the "upper" and "lower" Ray datasets, batch after batch, each shard
+    restarted when it runs out, so that every rank takes the same number of steps."""
+
+    def cycle(name: str, size: int) -> Any:
+        shard = ray.train.get_dataset_shard(name)
+        while True:
+            empty = True
+            for batch in shard.iter_torch_batches(batch_size=size, drop_last=True):
+                empty = False
+                yield batch
+            if empty:
+                raise ConfigError(
+                    f"the {name!r} dataset's shard holds fewer than {size} rows: use a smaller "
+                    "batch_size or fewer workers"
+                )
+
+    pairs = zip(cycle("upper", upper_size), cycle("lower", lower_size))
+    return (BilevelBatch(u, v) for u, v in pairs)
+
+
+class _TrainSink:
+    """A rank's reports: held-out scores on every logged row (a sweep's trial), and
+    ``ray.train.report`` when the :class:`~bilevel_ray.runtime.local.loop.ReportClock` says so."""
+
+    def __init__(self, job: WorkerJob, rank: int, recorder: HistoryRecorder, scorer, agree):
+        self.job, self.rank, self.recorder, self.scorer = job, rank, recorder, scorer
+        self.clock = loop.ReportClock(job.run.report_interval_s, agree=agree)
+        self.attempt = uuid.uuid4().hex[:6]
+        self.state: SolverState | None = None  # the last state a row was logged at
+
+    def before_step(self, step: int) -> None:
+        """Test hook: rank ``fault["rank"]`` dies at step ``fault["step"]``, once per run (a
+        marker file in the run folder remembers that it happened, so the restarted group goes
+        on)."""
+        fault = self.job.fault
+        if not fault or self.rank != fault["rank"] or step != fault["step"]:
+            return
+        marker = Path(fault["marker_dir"]) / FAULT_MARKER
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"rank {self.rank} killed at step {step}\n")
+        os._exit(1)
+
+    def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> None:
+        row = outcome.row
+        if row is None:
+            return
+        self.state = state
+        due = self.clock.due(outcome)  # a collective: every rank asks at every logged row
+        if self.scorer is not None:
+            # In the row itself, so that the history (in the checkpoint) keeps the scores; the
+            # gap (a lower solve) on the rows Tune sees, where its scheduler reads search/score.
+            row.update(self.scorer(state, due))
+        if not due:
+            return
+        status = active.status if outcome.done else "running"
+        columns = {**row, **verdict_columns(active.verdict), "status": status}
+        self.report(columns, state, outcome.checkpoint, active, status)
+
+    def report(
+        self,
+        row: dict[str, Any],
+        state: SolverState,
+        save: bool,
+        active: Any,
+        status: str = "running",
+    ) -> None:
+        """``ray.train.report`` on every rank (a barrier); rank 0 attaches the checkpoint. A
+        diverged run's checkpoint says so: resuming it is refused (its state is not finite)."""
+        self.clock.reported()
+        if not save or self.rank != 0:
+            ray.train.report(row)
+        else:
+            payload = checkpoint_payload(
+                state,
+                self.recorder,
+                active.initial_settings,
+                self.job.run.seed,
+                active.saved(),
+                status=status,
+                num_workers=self.job.num_workers,
+            )
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(payload, Path(folder) / CHECKPOINT_FILE)
+                ray.train.report(
+                    row,
+                    checkpoint=ray.train.Checkpoint.from_directory(folder),
+                    checkpoint_dir_name=group_checkpoint_name(state.step, self.attempt),
+                )
+        self.recorder.restart_window()  # a report is a barrier: not a step's cost

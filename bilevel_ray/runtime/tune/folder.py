@@ -1,0 +1,65 @@
+"""One folder, one sweep: a sweep's folder remembers the settings it was started with
+(``sweep.json``), and another sweep run into it, or a ``resume`` with other settings, is
+refused with the differences named (Tune would otherwise reuse the old trials, or mix them with
+the new ones, and the tables would describe neither sweep).
+
+The folder is checked as ``solve`` / ``train`` check theirs, before Ray starts: a name with a
+NUL byte, too long or not UTF-8, a link out of the storage folder, a folder or FIFO where a
+table goes are refused (the sweep would otherwise run, then fail to write its results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.checkpoint import atomic_write, check_output_folder
+
+__all__ = ["SWEEP_FILE", "SWEEP_FILES", "claim_sweep_folder"]
+
+SWEEP_FILE = "sweep.json"
+SWEEP_FILES = (SWEEP_FILE, "trials.parquet", "history.parquet")  # each written atomically
+
+
+def claim_sweep_folder(path: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Refuse ``path`` when it holds another sweep, or this one without ``resume``; otherwise
+    record ``settings`` as the folder's sweep. ``path`` is ``{storage_path}/{name}``."""
+    check_output_folder(path.parent, path.name, "name", SWEEP_FILES, "sweep file")
+    settings = json.loads(json.dumps(settings, default=repr))  # as the file will read back
+    file = path / SWEEP_FILE
+    if file.is_file():
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise ConfigError(
+                f"sweep folder {str(path)!r}: {SWEEP_FILE} cannot be read; delete the folder "
+                "or choose a new --name"
+            )
+        differences = [
+            f"{key}: {saved.get(key)!r} then, {settings.get(key)!r} now"
+            for key in sorted(set(saved) | set(settings))
+            if saved.get(key) != settings.get(key)
+        ]
+        if differences:
+            verb = "resume" if resume else "run"
+            raise ConfigError(
+                f"sweep folder {str(path)!r} holds a sweep with other settings ("
+                + "; ".join(differences)
+                + f"): cannot {verb} this sweep there; use a new --name (name=...), or resume "
+                "the old sweep with its own settings"
+            )
+        if not resume:
+            raise ConfigError(
+                f"sweep folder {str(path)!r} already holds this sweep: pass --resume "
+                "(resume=True) to continue it, or a new --name (name=...) to start afresh"
+            )
+        return
+    if not resume and (path / "trials.parquet").exists():
+        raise ConfigError(
+            f"sweep folder {str(path)!r} holds an earlier sweep's results: pass --resume "
+            "(resume=True) to continue it, or a new --name (name=...)"
+        )
+    atomic_write(file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1, default=repr)))

@@ -1,0 +1,136 @@
+"""A trial's lineage, and the schedule it becomes (``best_schedule.json``).
+
+Population-based training changes a trial's settings as it runs: at an exploit the trial takes
+a better trial's checkpoint (its x, y, optimizer moments, RNG and step t) and continues from
+step t with that trial's settings, perturbed. Its lineage is the list of segments that led to
+its final state, each ``{"from_step": t_i, "trial_id": ..., "settings": {...}}``: the settings
+in force on steps ``t_i <= t < t_(i+1)``. The checkpoint carries the lineage, so an exploit
+inherits the donor's segments and appends its own.
+
+A lineage becomes one solver setting per key: constant where the key never changed, else a
+:class:`~bilevel_ray.schedules.piecewise_constant` over the segments::
+
+    gamma_t = gamma_i   for t_i <= t < t_(i+1)
+
+Running ``br.solve`` with those settings, the sweep's seed and steps, from the problem's start
+point, replays the trial: the same batches, the same steps, the same final x and y.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bilevel_ray import schedules
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.checkpoint import atomic_write
+
+__all__ = [
+    "BEST_SCHEDULE",
+    "extend_lineage",
+    "lineage_schedule",
+    "read_schedule_file",
+    "write_best_schedule",
+]
+
+BEST_SCHEDULE = "best_schedule.json"
+FORMAT = "bilevel_ray.best_schedule/1"
+
+
+def extend_lineage(
+    lineage: list[dict[str, Any]], step: int, trial_id: str, settings: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The lineage of a trial that continues from ``step`` with ``settings`` (plain dicts, as
+    ``SolverConfig.to_dict()``): a segment is added only where the settings change."""
+    settings = dict(settings)
+    if lineage and lineage[-1]["settings"] == settings:
+        return list(lineage)
+    # A segment that ran no step (two exploits at one step) leaves no trace in the run.
+    kept = [s for s in lineage if s["from_step"] < step]
+    return [*kept, {"from_step": int(step), "trial_id": trial_id, "settings": settings}]
+
+
+def lineage_schedule(lineage: list[dict[str, Any]]) -> dict[str, Any]:
+    """The solver settings that replay ``lineage`` (JSON-able; schedules as dicts): a setting
+    that changed across segments becomes a ``piecewise_constant`` schedule."""
+    if not lineage:
+        raise ConfigError("an empty lineage has no settings to replay")
+    final = dict(lineage[-1]["settings"])
+    boundaries = [int(s["from_step"]) for s in lineage[1:]]
+    for key in final:
+        values = [s["settings"].get(key) for s in lineage]
+        if all(v == values[0] for v in values):
+            continue
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConfigError(
+                f"setting {key!r} changed along the lineage ({values}) but is not a number: only "
+                "numeric settings can become a schedule (population-based training perturbs "
+                "gamma, lr_x and lr_y)"
+            )
+        schedule = schedules.piecewise_constant(tuple(boundaries), tuple(map(float, values)))
+        final[key] = schedules.to_dict(schedule)
+    return final
+
+
+def write_best_schedule(
+    folder: str | os.PathLike[str],
+    trial: Mapping[str, Any],
+    lineage: list[dict[str, Any]],
+    sweep: Mapping[str, Any],
+) -> Path:
+    """``folder/best_schedule.json``: the best trial's settings as schedules, the run that
+    replays it (problem, its config, method, steps, seed) and the lineage itself."""
+    settings = lineage_schedule(lineage)
+    method = settings.pop("method", sweep["method"])
+    document = {
+        "format": FORMAT,
+        "trial_id": trial.get("trial_id"),
+        "eval/upper_loss": _finite_or_none(trial.get("eval/upper_loss")),
+        "eval/lower_gap": _finite_or_none(trial.get("eval/lower_gap")),
+        "problem": sweep["problem"],
+        "problem_config": sweep["problem_config"],
+        "method": method,
+        "steps": sweep["steps"],
+        "seed": sweep["seed"],
+        "settings": settings,
+        "lineage": lineage,
+    }
+    text = json.dumps(document, indent=2, default=str)
+    return atomic_write(Path(folder) / BEST_SCHEDULE, lambda tmp: tmp.write_text(text))
+
+
+def read_schedule_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``best_schedule.json``, checked: its settings are rebuilt into schedules (a bad one is
+    a ConfigError naming the file), ready for ``br.solve(..., **doc["settings"])``."""
+    where = f"schedule file {str(path)!r}"
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{where} cannot be read ({err.__class__.__name__}: {err}); give the "
+            f"{BEST_SCHEDULE} a sweep wrote"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{where} is not JSON ({err}); give the {BEST_SCHEDULE} a sweep wrote"
+        ) from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ConfigError(
+            f"{where} is not a {BEST_SCHEDULE} (no 'format': {FORMAT!r}); give the file a "
+            "sweep wrote into its folder"
+        )
+    missing = [k for k in ("method", "steps", "seed", "settings") if k not in document]
+    if missing or not isinstance(document["settings"], dict):
+        raise ConfigError(f"{where} lacks {missing or ['settings']}; write it again with a sweep")
+    settings = {}
+    for key, value in document["settings"].items():
+        settings[key] = schedules.from_dict(value, name=key) if isinstance(value, dict) else value
+    return {**document, "settings": settings}
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
