@@ -5,61 +5,63 @@ Solve ``min_x f(x, y*(x))`` with ``y*(x) in argmin_y g(x, y)``::
     import bilevel_ray as br
     res = br.solve(problem, x0, y0, method="pbgd_free", steps=3000, lr_x=0.01, lr_y=0.1, gamma=10.0)
 
-Importing this package does not import Ray; the Ray runtimes load it when they are used.
+The names below load on first use (PEP 562): ``import bilevel_ray`` imports neither torch nor
+Ray, so that ``bilevel-ray --help`` answers at once; ``br.train`` loads Ray Train's room,
+``br.tune`` and ``br.compare`` load Ray Tune when they are first touched.
 """
 
 from __future__ import annotations
 
-from bilevel_ray import problems, schedules
-from bilevel_ray.config import SolverConfig
-from bilevel_ray.data import BilevelBatch, full_batch, minibatches
-from bilevel_ray.diagnostics import Verdict, diagnose
-from bilevel_ray.errors import BilevelRayError, ConfigError, DivergenceError
-from bilevel_ray.problem import (
-    BilevelProblem,
-    FeatureProblem,
-    ProblemSpec,
-    module_problem,
-    split_module_problem,
-)
-from bilevel_ray.runtime.entry import compare, tune
-from bilevel_ray.runtime.local.solve import SolveResult, solve
-from bilevel_ray.runtime.train.driver import train
-from bilevel_ray.solvers import SOLVERS, SolverState, state_from_dict, state_to_dict
-from bilevel_ray.tables import table_minibatches
-from bilevel_ray.tree import Params
-from bilevel_ray.updates import adam, sgd
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SOLVERS",
-    "BilevelBatch",
-    "BilevelProblem",
-    "BilevelRayError",
-    "ConfigError",
-    "DivergenceError",
-    "FeatureProblem",
-    "Params",
-    "ProblemSpec",
-    "SolveResult",
-    "SolverConfig",
-    "SolverState",
-    "Verdict",
-    "adam",
-    "compare",
-    "diagnose",
-    "full_batch",
-    "minibatches",
-    "module_problem",
-    "problems",
-    "schedules",
-    "sgd",
-    "solve",
-    "split_module_problem",
-    "state_from_dict",
-    "state_to_dict",
-    "table_minibatches",
-    "train",
-    "tune",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "SOLVERS": "bilevel_ray.solvers",
+    "SolverState": "bilevel_ray.solvers",
+    "state_from_dict": "bilevel_ray.solvers",
+    "state_to_dict": "bilevel_ray.solvers",
+    "BilevelBatch": "bilevel_ray.data",
+    "full_batch": "bilevel_ray.data",
+    "minibatches": "bilevel_ray.data",
+    "BilevelProblem": "bilevel_ray.problem",
+    "FeatureProblem": "bilevel_ray.problem",
+    "ProblemSpec": "bilevel_ray.problem",
+    "module_problem": "bilevel_ray.problem",
+    "split_module_problem": "bilevel_ray.problem",
+    "BilevelRayError": "bilevel_ray.errors",
+    "ConfigError": "bilevel_ray.errors",
+    "DivergenceError": "bilevel_ray.errors",
+    "SolverConfig": "bilevel_ray.config",
+    "Verdict": "bilevel_ray.diagnostics",
+    "diagnose": "bilevel_ray.diagnostics",
+    "SolveResult": "bilevel_ray.runtime.local.solve",
+    "solve": "bilevel_ray.runtime.local.solve",
+    "train": "bilevel_ray.runtime.train.driver",
+    "tune": "bilevel_ray.runtime.tune.driver",
+    "compare": "bilevel_ray.runtime.compare.driver",
+    "table_minibatches": "bilevel_ray.tables",
+    "Params": "bilevel_ray.tree",
+    "adam": "bilevel_ray.updates",
+    "sgd": "bilevel_ray.updates",
+}
+_SUBMODULES = ("problems", "schedules")
+_SOURCE_NAMES = {"tune": "run_sweep"}  # defined under another name
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"bilevel_ray.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bilevel_ray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), _SOURCE_NAMES.get(name, name))
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

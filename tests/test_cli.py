@@ -265,7 +265,7 @@ def test_a_bad_omp_num_threads_exits_2(omp, monkeypatch, capsys):
 def test_progress_lines_only_on_a_terminal_and_without_quiet(
     terminal, quiet, shown, monkeypatch, capsys
 ):
-    monkeypatch.setattr("bilevel_ray.cli._stderr_is_terminal", lambda: terminal)
+    monkeypatch.setattr("bilevel_ray.cli.common.stderr_is_terminal", lambda: terminal)
     argv = ["solve", "toy-negative", "--steps", "300", *(["--quiet"] if quiet else [])]
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -299,7 +299,7 @@ def test_summary_without_a_switch_says_nothing_of_one(capsys):
 
 
 def test_switch_step_reads_the_history():
-    from bilevel_ray.cli import switch_step
+    from bilevel_ray.cli.common import switch_step
 
     rows = [{"step": s, "method": m} for s, m in ((100, "a"), (200, "a"), (300, "b"))]
     assert switch_step(rows, "a") == 200
@@ -357,7 +357,7 @@ def test_diagnose_shows_progress_on_a_terminal_unless_quiet(monkeypatch, capsys)
     real = diagnostics.diagnose
     if "progress" not in inspect.signature(real).parameters:
         pytest.skip("this br.diagnose has no progress lines")
-    monkeypatch.setattr("bilevel_ray.cli._stderr_is_terminal", lambda: True)
+    monkeypatch.setattr("bilevel_ray.cli.common.stderr_is_terminal", lambda: True)
     seen: dict = {}
 
     @functools.wraps(real)  # the CLI reads the signature: keep the real one
@@ -401,7 +401,7 @@ def test_diagnose_shows_progress_on_a_terminal_unless_quiet(monkeypatch, capsys)
     ],
 )
 def test_tune_says_what_unsuitable_trials_mean_for_the_best_config(on_unsuitable, best, expected):
-    from bilevel_ray.cli import flatness_note
+    from bilevel_ray.cli.tune import flatness_note
 
     trials = [{"flatness/verdict": v} for v in ("unsuitable", "unsuitable", "suitable", None)]
     assert flatness_note(trials, {"flatness/verdict": best}, on_unsuitable) == expected
@@ -455,3 +455,25 @@ def test_report_of_a_fallback_run_shows_both_methods_and_the_switch(tmp_path, mo
     # f = 10y + x^2 goes negative: a log axis would show nothing, so the axis is linear
     assert by_step.get_yscale() == "linear" and by_time.get_yscale() == "linear"
     assert saved["figure"]._suptitle is None  # 30 rows: no "few rows" note
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["solve"], ["train"], ["tune"], ["diagnose"], ["compare"], ["report"]]
+)
+def test_help_answers_without_importing_torch_or_ray(command):
+    # Every --help is parsed before any heavy import: it answers at once on a loaded machine.
+    code = (
+        "import sys\nfrom bilevel_ray.cli import main\n"
+        f"try:\n    main({[*command, '--help']!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'ray' in sys.modules, file=sys.stderr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "usage: bilevel-ray" in out.stdout
+    assert out.stderr.strip().splitlines()[-1] == "False False"
+
+
+def test_the_help_texts_built_in_names_are_the_registrys():
+    from bilevel_ray.cli.common import BUILTIN_NAMES
+    from bilevel_ray.problems import BUILTIN_PROBLEMS
+
+    assert list(BUILTIN_NAMES) == list(BUILTIN_PROBLEMS)

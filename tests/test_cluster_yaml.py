@@ -178,7 +178,7 @@ def test_documented_commands_exist():
     """The commands in the header comment: Ray subcommands and options, and bilevel-ray flags."""
     from ray.scripts.scripts import cli
 
-    from bilevel_ray.cli import _parser
+    from bilevel_ray.cli import parser as _parser
 
     text = CLUSTER_YAML.read_text()
     header = text[: text.index("\ncluster_name:")]

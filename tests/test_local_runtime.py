@@ -170,3 +170,29 @@ def test_import_does_not_load_ray():
     code = "import sys, bilevel_ray; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_solve_takes_a_factorys_problem_spec_whole():
+    # The spec's start point, data and suggested settings (its steps included), the call's
+    # keywords over them: the same run as unpacking the spec by hand.
+    spec = br.problems.BUILTIN_PROBLEMS["toy-negative"]({})
+    whole = br.solve(spec, steps=50)
+    by_hand = br.solve(spec.problem, spec.x0, spec.y0, steps=50, **{
+        k: v for k, v in spec.defaults.items() if k != "steps"})  # fmt: skip
+    assert torch.equal(whole.x["x"], by_hand.x["x"]) and whole.state.step == 50
+    assert br.solve(spec, lr_x=0.02, steps=10).config["lr_x"] == 0.02
+    assert br.solve(spec).state.step == spec.defaults["steps"]
+    with pytest.raises(br.ConfigError, match=r"takes x0 and y0 from the ProblemSpec"):
+        br.solve(spec, spec.x0, spec.y0)
+    with pytest.raises(br.ConfigError, match=r"solve needs x0 and y0"):
+        br.solve(spec.problem)
+
+
+def test_every_public_function_shows_its_own_arguments_in_help():
+    import inspect
+
+    for name in ("solve", "train", "tune", "compare", "diagnose"):
+        function = getattr(br, name)
+        parameters = inspect.signature(function).parameters
+        assert len(parameters) > 3, name  # not a (factory, **kwargs) stub
+        assert function.__doc__ and len(function.__doc__.splitlines()) > 5, name

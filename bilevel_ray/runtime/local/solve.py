@@ -1,8 +1,8 @@
 """The local runtime: ``br.solve`` runs a solver in this process, with no Ray.
 
 Everything is validated before step 0 (settings, x0 / y0, data, one evaluation of each loss).
-The steps are :func:`bilevel_ray.runtime.local.loop.run`'s; this module's sink writes the files. With
-``checkpoint_path`` the state, the RNG, the history so far and the settings are saved every
+The steps are :func:`bilevel_ray.runtime.local.loop.run`'s; this module's sink writes the files.
+With ``checkpoint_path`` the state, the RNG, the history so far and the settings are saved every
 ``checkpoint_every`` steps, and ``resume=True`` continues from there with the same batches and
 the same result as an uninterrupted run. A non-finite loss stops the run with
 :class:`~bilevel_ray.errors.DivergenceError`.
@@ -22,7 +22,13 @@ import torch
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
+from bilevel_ray.problem import (
+    BilevelProblem,
+    ProblemSpec,
+    check_losses,
+    check_params,
+    check_problem,
+)
 from bilevel_ray.runtime.local import loop
 from bilevel_ray.runtime.local.checkpoint import (
     check_distinct,
@@ -95,12 +101,12 @@ def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
 
 
 def solve(
-    problem: BilevelProblem,
-    x0: Params,
-    y0: Params,
+    problem: BilevelProblem | ProblemSpec,
+    x0: Params | None = None,
+    y0: Params | None = None,
     *,
     method: str = "pbgd_free",
-    steps: int = 1000,
+    steps: int | None = None,
     data: Any = None,
     seed: int = 0,
     report_every: int = 10,
@@ -119,11 +125,16 @@ def solve(
     """Solve ``min_x f(x, y*(x))`` from ``(x0, y0)`` with ``method``, in this process.
 
     Args:
-        problem: an object with ``upper_loss(x, y, batch)`` and ``lower_loss(x, y, batch)``.
-        x0, y0: initial upper / lower variables (dicts of floating tensors; copied, not modified).
+        problem: an object with ``upper_loss(x, y, batch)`` and ``lower_loss(x, y, batch)``;
+            or a whole ``br.ProblemSpec`` (what a factory returns): its problem, start point and
+            data, and its suggested settings (``defaults``, ``steps`` included) under the
+            keywords given here.
+        x0, y0: initial upper / lower variables (dicts of floating tensors; copied, not
+            modified); taken from the spec when ``problem`` is one.
         method: ``pbgd_free`` (default), ``pbgd``, ``alt_pbgd``, ``f2sa``, ``bome``,
             ``implicit_cg``.
-        steps: total iterations (a resumed run continues up to this count).
+        steps: total iterations (a resumed run continues up to this count); default 1000, or
+            the spec's suggested steps.
         data: ``None``, ``br.full_batch(...)``, ``br.minibatches(...)`` or a pair of batch
             sources; see :mod:`bilevel_ray.data`.
         seed: seeds torch's RNG for the run (restored afterwards) and the minibatch sampler.
@@ -145,6 +156,16 @@ def solve(
         ConfigError: bad input, before any step runs.
         DivergenceError: a loss became NaN or infinite (names the step).
     """
+    if isinstance(problem, ProblemSpec):
+        problem, x0, y0, data, solver_options, steps = _from_spec(
+            problem, x0, y0, data, method, solver_options, steps
+        )
+    if x0 is None or y0 is None:
+        raise ConfigError(
+            "solve needs x0 and y0 (dicts of tensors), or a br.ProblemSpec as its first argument "
+            "(what a factory returns): br.solve(spec) or br.solve(problem, x0, y0)"
+        )
+    steps = 1000 if steps is None else steps
     config = solver_config(method, solver_options)
     watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
     spec = RunSpec(steps, seed, report_every, checkpoint_every, progress=progress, watch=watch)
@@ -161,6 +182,34 @@ def solve(
         grad_reduce=grad_reduce,
         judge=FlatnessJudge(),
         run_id="run",
+    )
+
+
+def _from_spec(
+    spec: ProblemSpec,
+    x0: Params | None,
+    y0: Params | None,
+    data: Any,
+    method: str,
+    options: dict[str, Any],
+    steps: int | None,
+) -> tuple[BilevelProblem, Params, Params, Any, dict[str, Any], int | None]:
+    """A spec taken whole: its parts where the call gives none, its suggested settings that
+    apply to ``method`` under the call's own."""
+    if x0 is not None or y0 is not None:
+        raise ConfigError(
+            "br.solve(spec, ...) takes x0 and y0 from the ProblemSpec: pass neither, or pass "
+            "spec.problem with your own x0 and y0"
+        )
+    suggested = dict(SolverConfig.applicable(method, spec.defaults))
+    suggested_steps = suggested.pop("steps", None)
+    return (
+        spec.problem,
+        spec.x0,
+        spec.y0,
+        spec.data if data is None else data,
+        {**suggested, **options},
+        steps if steps is not None else suggested_steps,
     )
 
 

@@ -2,13 +2,13 @@
 
 A single-worker trial runs the local runtime in the trial's own process; a multi-worker trial
 launches a Train V2 ``TorchTrainer`` (run name from the trial id, the sweep's storage path) and
-forwards its reports through ``TuneReportCallback``. Every logged row is scored on held-out
-data (``eval/upper_loss``; every row that Tune sees adds ``eval/lower_gap``, which needs a lower
-solve, and the searchers' ``search/score``, :mod:`bilevel_ray.runtime.local.ranking`) and kept in the
-trial's history file, ``{sweep}/histories/<trial id>.parquet``; Tune sees a report at the end,
-at the scheduler's milestones and checkpoints and otherwise at most every ``report_interval_s``.
-A trial whose loss goes non-finite ends with status ``diverged`` and its last finite metrics;
-the sweep goes on.
+forwards its reports through ``TuneReportCallback``. Every logged row is scored on held-out data
+(``eval/upper_loss``; every row that Tune sees adds ``eval/lower_gap``, which needs a lower
+solve, and the searchers' ``search/score``, :mod:`bilevel_ray.runtime.local.ranking`) and kept
+in the trial's history file, ``{sweep}/histories/<trial id>.parquet``; Tune sees a report at the
+end, at the scheduler's milestones and checkpoints and otherwise at most every
+``report_interval_s``. A trial whose loss goes non-finite ends with status ``diverged`` and its
+last finite metrics; the sweep goes on.
 
 With ``run.checkpoint_every`` (population-based training) a single-worker trial reports a Tune
 checkpoint every that many steps and at its end: the local runtime's payload plus the trial's

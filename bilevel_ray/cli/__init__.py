@@ -1,0 +1,80 @@
+"""The ``bilevel-ray`` command.
+
+    bilevel-ray solve PROBLEM [--method M] [--steps N] [--set KEY=VALUE ...] [--out DIR]
+    bilevel-ray train PROBLEM --workers N [--gpu auto|yes|no] [--checkpoint-every K] [--out DIR]
+    bilevel-ray tune PROBLEM [--samples N] [--max-steps N] [--out DIR]
+    bilevel-ray diagnose PROBLEM [--gamma G]
+    bilevel-ray compare PROBLEM [--methods M,M,...] [--budget SECONDS] [--seeds N] [--out DIR]
+    bilevel-ray report DIR
+
+PROBLEM is a built-in name (see ``--help``) or ``path/to/file.py:factory`` /
+``package.module:factory``. ``--address`` runs a command on a Ray cluster (``report`` reads files
+and needs no Ray). Exit codes: 0 success; 2 bad usage or bad input (one message on stderr, no
+traceback); 3 ``diagnose`` (or a run with ``--on-unsuitable stop``) found the problem unsuitable
+for PBGD-Free; 1 anything else (a diverged run included).
+
+Progress lines go to stderr every few seconds when stderr is a terminal (``--quiet`` silences
+them); ``--verbose`` also shows Ray's own log lines (it sets ``BILEVEL_RAY_VERBOSE=1``). torch's
+thread count for work in this process is ``OMP_NUM_THREADS`` when set, else the CPUs this process
+may use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from bilevel_ray.cli import compare, diagnose, report, solve, train, tune
+from bilevel_ray.cli.common import Parser, UsageError
+from bilevel_ray.cli.solve import EXAMPLES
+from bilevel_ray.errors import ConfigError, DivergenceError
+
+__all__ = ["main", "parser"]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole command line: one sub-command per module of this package."""
+    top = Parser(
+        prog="bilevel-ray",
+        description="Single-loop bilevel optimization (PBGD-Free) and its baselines.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument(
+        "--verbose",
+        dest="verbose_all",
+        action="store_true",
+        help="also show Ray's own log lines (sets BILEVEL_RAY_VERBOSE=1); also after a command",
+    )
+    commands = top.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in (solve, train, tune, diagnose, compare, report):
+        command.add_parser(commands)  # one module per command: its flags, its run
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+        if args.verbose_all or getattr(args, "verbose", False):
+            os.environ["BILEVEL_RAY_VERBOSE"] = "1"  # read when Ray starts: before any Ray work
+        if args.command != "report":
+            from bilevel_ray.runtime.local.threads import use_process_cpus
+
+            use_process_cpus()
+        commands = {
+            "solve": solve,
+            "train": train,
+            "tune": tune,
+            "diagnose": diagnose,
+            "report": report,
+            "compare": compare,
+        }
+        return commands[args.command].run(args)
+    except (UsageError, ConfigError) as err:
+        print(f"error: {err}" if isinstance(err, ConfigError) else str(err), file=sys.stderr)
+        return 2
+    except DivergenceError as err:
+        print(f"diverged: {err}", file=sys.stderr)
+        return 1

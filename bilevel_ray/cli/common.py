@@ -1,0 +1,236 @@
+"""What the commands share: the one-line usage error, KEY=VALUE options, the option groups,
+progress on a terminal, and a run's printed result and files. Nothing here imports torch or Ray
+at import time (``bilevel-ray --help`` answers at once); the helpers that need them import them
+when called."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bilevel_ray.errors import ConfigError
+
+# The built-in problems' names, for the help text without importing them (and torch):
+# tests/test_cli.py checks them against bilevel_ray.problems.BUILTIN_PROBLEMS.
+BUILTIN_NAMES = (
+    "toy-negative",
+    "toy-positive",
+    "quadratic",
+    "regression",
+    "representation",
+    "hyperclean",
+    "peft-dpo-sft",
+)
+
+
+class UsageError(Exception):
+    """Bad command-line usage: reported in one line with exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage and exits 2; keep it one line
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def key_values(pairs: Sequence[str], flag: str, strict: bool = False) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as JSON (numbers, lists, dicts, quoted strings) and taken
+    as a plain string when it is not JSON, unless ``strict`` (then it must be JSON)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} gamma=20")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError as err:
+            if strict:
+                raise ConfigError(
+                    f"{flag} {key}={raw!r}: not valid JSON ({err.msg}); e.g. "
+                    f"""{flag} {key}='{{"loguniform": [1, 100]}}'"""
+                ) from None
+            out[key] = raw
+    return out
+
+
+def problem_options(
+    command: argparse.ArgumentParser, set_help: str, optional: bool = False
+) -> None:
+    """PROBLEM, its factory's settings (``--config``) and what ``--set`` sets."""
+    command.add_argument(
+        "problem",
+        nargs="?" if optional else None,
+        help=f"built-in ({', '.join(BUILTIN_NAMES)}) or file.py:factory",
+    )
+    for flag, text in (
+        ("--set", set_help),
+        ("--config", "a setting of the problem factory (e.g. seed=3, dtype=float32)"),
+    ):
+        command.add_argument(
+            flag, action="append", default=[], metavar="KEY=VALUE", help=f"{text}; repeatable"
+        )
+
+
+def output_options(command: argparse.ArgumentParser, quiet: bool = True) -> None:
+    """``--verbose`` (Ray's own log lines) and, where a command has progress lines, ``--quiet``."""
+    if quiet:
+        command.add_argument(
+            "--quiet",
+            action="store_true",
+            help="no progress lines (they go to stderr only when it is a terminal)",
+        )
+    command.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own log lines (sets BILEVEL_RAY_VERBOSE=1)",
+    )
+
+
+def threads_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch's CPU threads in this process (default: 1 for a small problem, else every "
+        "CPU this process may use)",
+    )
+
+
+def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
+    """The options ``solve``, ``train`` and ``tune`` share."""
+    problem_options(command, "a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...)")
+    command.add_argument("--method", default="pbgd_free", help="solver (default: pbgd_free)")
+    command.add_argument("--steps", type=int, help="iterations (default: the problem's own)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--report-every", type=int, default=100, help="log every N steps")
+    command.add_argument("--out", type=Path, metavar="DIR", help=out_help)
+    command.add_argument(
+        "--on-unsuitable",
+        choices=("fallback", "stop", "warn"),
+        help="run the flatness diagnostic during the first --diagnose-window steps and, if "
+        "PBGD-Free is unsuitable, switch to alt_pbgd (fallback), stop, or warn",
+    )
+    command.add_argument(
+        "--diagnose-window", type=int, default=200, metavar="W", help="warm-up window (steps)"
+    )
+
+
+def read_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The factory config and the user's solver options (``--set``, ``--steps``)."""
+    from bilevel_ray.runtime.local.checkpoint import check_output_path, check_writable
+
+    settings = key_values(args.set, "--set")
+    problem_config = key_values(args.config, "--config")
+    reserved = sorted(set(settings) & {"steps", "seed", "method", "report_every", "data"})
+    if reserved:
+        raise ConfigError(
+            f"--set {reserved[0]}=...: a run setting, not a solver setting; use --"
+            f"{reserved[0].replace('_', '-')} instead"
+        )
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    if args.out is not None:
+        check_output_path(args.out, "--out", is_file=False)
+        check_writable(args.out, "--out")
+        if args.command == "solve":
+            check_run_files(args.out)
+    return problem_config, settings
+
+
+RUN_FILES = ("history.parquet", "result.pt", "run.json")
+
+
+def check_run_files(folder: Path) -> None:
+    """Before the run: every file it will write into ``folder`` can be written there (not a
+    folder, FIFO or device in its place); a link there is replaced, never written through."""
+    from bilevel_ray.runtime.local.checkpoint import check_output_path
+
+    for name in RUN_FILES:
+        check_output_path(Path(folder) / name, "--out file")
+
+
+def watch_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"on_unsuitable": args.on_unsuitable, "diagnose_window": args.diagnose_window}
+
+
+def shown_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress lines on stderr: unless --quiet, and only when stderr is a terminal (a log file
+    or a pipe gets the results only)."""
+    return not getattr(args, "quiet", False) and stderr_is_terminal()
+
+
+def status_code(result: Any) -> int:
+    """3 when the flatness diagnostic stopped the run, else 0."""
+    if result.verdict is not None:
+        print(f"  flatness: {result.verdict['verdict']}: {result.verdict['reason']}")
+    if result.status == "unsuitable":
+        print("  stopped: PBGD-Free is unsuitable here (--on-unsuitable stop)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def switch_step(history: list[dict[str, Any]], method: str) -> int | None:
+    """The step after which a run that started with ``method`` continued with another one (the
+    last row logged with ``method`` is the switch's), or None when it never switched."""
+    for before, row in itertools.pairwise(history):
+        if before.get("method") == method and row.get("method") != method:
+            return int(before["step"])
+    return None
+
+
+def show_result(args: argparse.Namespace, problem_config: dict[str, Any], result: Any) -> None:
+    """Print the final losses and iterates; with --out, write the run's files."""
+    import torch
+
+    from bilevel_ray.runtime.local.checkpoint import atomic_write
+    from bilevel_ray.runtime.local.history import write_parquet
+
+    rows = result.history.to_pylist()
+    last = rows[-1]
+    used = last.get("method") or result.config.get("method", args.method)
+    print(f"{used} on {args.problem}: {last['step']} steps, {last['time/elapsed_s']:.2f} s")
+    switched = switch_step(rows, args.method) if used != args.method else None
+    if switched is not None:
+        print(
+            f"  switched from {args.method} to {used} at step {switched} (--on-unsuitable "
+            f"{args.on_unsuitable}: the flatness diagnostic found {args.method} unsuitable)"
+        )
+    for key in ("upper/loss", "lower/loss"):
+        print(f"  {key} = {last[key]:.6g}")
+    for level, params in (("x", result.x), ("y", result.y)):
+        for name, value in params.items():
+            shown = value.flatten()[:6].tolist()
+            more = " ..." if value.numel() > 6 else ""
+            print(f"  {level}[{name}] = {[round(v, 6) for v in shown]}{more}")
+    if args.out is not None:
+        write_parquet(result.history, args.out / "history.parquet")
+        params = {"x": result.x, "y": result.y}
+        atomic_write(args.out / "result.pt", lambda tmp: torch.save(params, tmp))
+        run = {
+            "command": args.command,
+            "problem": args.problem,
+            "problem_config": problem_config,
+            "seed": args.seed,
+            "steps": result.state.step,
+            "method": used,
+            "switched_at_step": switched,
+            "settings": result.config,
+        }
+        text = json.dumps(run, indent=2, default=str) + "\n"
+        atomic_write(args.out / "run.json", lambda tmp: tmp.write_text(text))
+        print(f"  wrote {args.out}/history.parquet, result.pt, run.json")

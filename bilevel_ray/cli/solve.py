@@ -1,0 +1,127 @@
+"""``bilevel-ray solve``: one run in this process (or as a task on a cluster with ``--address``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bilevel_ray.cli.common import (
+    output_options,
+    progress_enabled,
+    read_options,
+    run_options,
+    show_result,
+    status_code,
+    threads_option,
+    watch_options,
+)
+from bilevel_ray.errors import ConfigError
+
+EXAMPLES = """examples:
+  bilevel-ray solve toy-negative
+  bilevel-ray solve toy-negative --method alt_pbgd --set inner_steps=10 --out runs/alt
+  bilevel-ray solve quadratic --steps 500 --set gamma=40 --set optimizer='"adam"'
+  bilevel-ray solve my_problem.py:make --config n=5000 --set 'lr_x={"kind": "linear",
+      "init_value": 0.1, "end_value": 0.01, "transition_steps": 1000}'
+"""
+
+
+def add_parser(commands: Any) -> None:
+    """``solve``: one run in this process (or as a task on a cluster)."""
+    solve_cmd = commands.add_parser(
+        "solve",
+        help="solve a problem in this process (no Ray)",
+        description="Solve min_x f(x, y*(x)) in this process and print the result.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run_options(solve_cmd, "write history.parquet, result.pt and run.json to DIR")
+    output_options(solve_cmd)
+    threads_option(solve_cmd)
+    solve_cmd.add_argument(
+        "--address", help="run the solve as a task on this Ray cluster (default: here, no Ray)"
+    )
+    solve_cmd.add_argument(
+        "--schedule",
+        type=Path,
+        metavar="FILE",
+        help="replay a sweep's best_schedule.json: its method, steps, seed, problem config and "
+        "settings (gamma, lr_x, lr_y as learned schedules); --set, --config, --steps and "
+        "--seed given here take precedence",
+    )
+    solve_cmd.set_defaults(seed=None)  # 0, or the --schedule file's
+
+
+def solve_problem(
+    problem: str,
+    problem_config: dict[str, Any],
+    method: str,
+    threads: int | None = None,
+    **options: Any,
+) -> Any:
+    """``br.solve`` on a problem named as on the command line (also run as a Ray task), with
+    torch's threads from the problem's size unless ``threads`` is given."""
+    from bilevel_ray.config import SolverConfig
+    from bilevel_ray.runtime.local.solve import solve
+    from bilevel_ray.runtime.local.threads import use_work_threads
+    from bilevel_ray.runtime.train.driver import build_spec
+
+    spec = build_spec(problem, problem_config)
+    use_work_threads(spec.x0, spec.y0, threads)
+    settings = {**SolverConfig.applicable(method, spec.defaults), **options}
+    return solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    problem_config, settings = read_options(args)
+    if args.schedule is not None:
+        problem_config, settings = _replay(args, problem_config, settings)
+    args.seed = 0 if args.seed is None else args.seed
+    run = dict(
+        seed=args.seed,
+        report_every=args.report_every,
+        progress=progress_enabled(args),
+        **watch_options(args),
+        **settings,
+    )
+    if args.address is not None:
+        from bilevel_ray.runtime.cluster.remote import on_cluster
+
+        result = on_cluster(
+            args.address,
+            solve_problem,
+            args.problem,
+            problem_config,
+            args.method,
+            args.threads,
+            **run,
+        )
+    else:
+        result = solve_problem(args.problem, problem_config, args.method, args.threads, **run)
+    show_result(args, problem_config, result)
+    return status_code(result)
+
+
+def _replay(
+    args: argparse.Namespace, problem_config: dict[str, Any], settings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run a ``best_schedule.json`` describes, under what the command line sets."""
+    from bilevel_ray.runtime.tune.lineage import read_schedule_file
+
+    schedule = read_schedule_file(args.schedule)
+    learned_on = str(schedule.get("problem"))
+    if learned_on != args.problem and ":" not in learned_on + args.problem:
+        raise ConfigError(
+            f"--schedule {str(args.schedule)!r} was learned on {learned_on!r}, not "
+            f"{args.problem!r}: run bilevel-ray solve {learned_on} --schedule {args.schedule}"
+        )
+    if args.method not in ("pbgd_free", schedule["method"]):
+        raise ConfigError(
+            f"--method {args.method}: --schedule {str(args.schedule)!r} holds settings of "
+            f"{schedule['method']}; leave --method out"
+        )
+    args.method = schedule["method"]
+    args.seed = schedule["seed"] if args.seed is None else args.seed
+    settings = {"steps": schedule["steps"], **schedule["settings"], **settings}
+    return {**schedule.get("problem_config", {}), **problem_config}, settings
