@@ -1412,7 +1412,7 @@ def test_an_unreachable_ray_address_from_the_environment_is_named(monkeypatch):
     """Without --address Ray reads RAY_ADDRESS: the message names it, not 'address=None'."""
     import ray
 
-    from bilevel_ray.runtime import ray_session
+    from bilevel_ray.runtime.cluster import session as ray_session
 
     monkeypatch.setattr(os, "environ", {**os.environ, "RAY_ADDRESS": "10.255.0.1:6379"})
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -34,7 +34,8 @@ import bilevel_ray.runtime.train.group as worker_group
 from bilevel_ray.data import BilevelBatch, as_batches
 from bilevel_ray.linear_solve import solve_cg
 from bilevel_ray.problem import factory_config
-from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_KEYS, check_writable, previous_path
+from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_KEYS
+from bilevel_ray.runtime.local.output_files import check_writable, previous_path
 from bilevel_ray.tables import read_table, table_to_tensors
 
 F64 = torch.float64

@@ -10,7 +10,8 @@ import torch
 import bilevel_ray as br
 from bilevel_ray.cli import main
 from bilevel_ray.problems import BUILTIN_PROBLEMS, QuadraticProblem
-from bilevel_ray.runtime.local.watch import FlatnessJudge, fallback_config
+from bilevel_ray.runtime.local.active_solver import fallback_config
+from bilevel_ray.runtime.local.judge import FlatnessJudge
 
 NEGATIVE = {"steps": 3000, "lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0, "report_every": 50}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import bilevel_ray as br
-from bilevel_ray.runtime.local.watch import FlatnessJudge, watch_settings
+from bilevel_ray.runtime.local.judge import FlatnessJudge
+from bilevel_ray.runtime.local.watch import watch_settings
 
 F64 = torch.float64
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import bilevel_ray as br
-from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_FILE, previous_path
+from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_FILE
+from bilevel_ray.runtime.local.output_files import previous_path
 
 
 def _run(quadratic, origin, steps, **extra):
@@ -42,7 +43,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_last_one_in_place(tmp_path, monkeypatch):
-    from bilevel_ray.runtime import checkpoint
+    from bilevel_ray.runtime.local import checkpoint
 
     ckpt = tmp_path / "ckpt.pt"
     checkpoint.save_checkpoint({"step": 1}, ckpt, keep_previous=True)
@@ -143,7 +144,7 @@ def test_a_full_disk_is_refused_before_the_run_starts(
 ):
     import shutil
 
-    from bilevel_ray.runtime import checkpoint
+    from bilevel_ray.runtime.local import checkpoint
 
     full = shutil._ntuple_diskusage(total=10**9, used=10**9 - 100, free=100)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: full)

@@ -121,7 +121,7 @@ def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
 
 def read_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """The factory config and the user's solver options (``--set``, ``--steps``)."""
-    from bilevel_ray.runtime.local.checkpoint import check_output_path, check_writable
+    from bilevel_ray.runtime.local.output_files import check_output_path, check_writable
 
     settings = key_values(args.set, "--set")
     problem_config = key_values(args.config, "--config")
@@ -147,7 +147,7 @@ RUN_FILES = ("history.parquet", "result.pt", "run.json")
 def check_run_files(folder: Path) -> None:
     """Before the run: every file it will write into ``folder`` can be written there (not a
     folder, FIFO or device in its place); a link there is replaced, never written through."""
-    from bilevel_ray.runtime.local.checkpoint import check_output_path
+    from bilevel_ray.runtime.local.output_files import check_output_path
 
     for name in RUN_FILES:
         check_output_path(Path(folder) / name, "--out file")
@@ -197,8 +197,8 @@ def show_result(args: argparse.Namespace, problem_config: dict[str, Any], result
     """Print the final losses and iterates; with --out, write the run's files."""
     import torch
 
-    from bilevel_ray.runtime.local.checkpoint import atomic_write
     from bilevel_ray.runtime.local.history import write_parquet
+    from bilevel_ray.runtime.local.output_files import atomic_write
 
     rows = result.history.to_pylist()
     last = rows[-1]

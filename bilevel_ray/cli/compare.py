@@ -61,7 +61,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from bilevel_ray.runtime.compare.driver import compare
     from bilevel_ray.runtime.compare.output import format_table
-    from bilevel_ray.runtime.local.checkpoint import check_writable
+    from bilevel_ray.runtime.local.output_files import check_writable
 
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if args.out is not None:

@@ -69,7 +69,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bilevel_ray.runtime.local.checkpoint import check_inside, check_output_path
+    from bilevel_ray.runtime.local.output_files import check_inside, check_output_path
     from bilevel_ray.runtime.local.run_spec import check_run_name
     from bilevel_ray.runtime.train.driver import default_run_name, train
 

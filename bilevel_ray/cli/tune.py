@@ -104,7 +104,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bilevel_ray.runtime.local.checkpoint import check_writable
+    from bilevel_ray.runtime.local.output_files import check_writable
     from bilevel_ray.runtime.tune.driver import run_sweep
     from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE
     from bilevel_ray.runtime.tune.space import space_from_json

@@ -30,7 +30,8 @@ from bilevel_ray.diagnostics.flatness import (
     lower_responses,
     solve_scale,
 )
-from bilevel_ray.diagnostics.verdict import Verdict, decide, decide_problems
+from bilevel_ray.diagnostics.price_rule import decide
+from bilevel_ray.diagnostics.verdict import Verdict, decide_problems
 
 __all__ = [
     "DELTA_PAIRS",

@@ -12,10 +12,6 @@ loaded machine gets the same verdict.
 
 from __future__ import annotations
 
-import itertools
-import math
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -23,16 +19,16 @@ from typing import Any
 import torch
 
 from bilevel_ray.config import SolverConfig
-from bilevel_ray.data import FullBatch, as_batches
+from bilevel_ray.data import FullBatch
 from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_check, held_out_line
-from bilevel_ray.diagnostics.flatness import DELTA_PAIRS, count_problem, estimate_problems
-from bilevel_ray.diagnostics.prediction import (
-    Pricing,
-    Settle,
-    blind_verdict,
-    price,
-    terms,
-    upper_reaches_x,
+from bilevel_ray.diagnostics.flatness import DELTA_PAIRS, estimate_problems
+from bilevel_ray.diagnostics.trajectory import (
+    Horizon,
+    Progress,
+    count_problems,
+    follow,
+    prediction_line,
+    pricing_for,
 )
 from bilevel_ray.diagnostics.verdict import (
     Verdict,
@@ -41,12 +37,10 @@ from bilevel_ray.diagnostics.verdict import (
     threshold_problem,
 )
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problem import BilevelProblem, check_losses, check_params, check_problem
-from bilevel_ray.tree import Params, cuda_devices
+from bilevel_ray.problem import BilevelProblem, check_params, check_problem
+from bilevel_ray.tree import Params
 
-__all__ = ["Progress", "diagnose"]
-
-PRICE_SEED = 104729  # the early price's extra batches: another order than the run's own
+__all__ = ["Progress", "diagnose"]  # Progress: the progress line other diagnostics share
 
 
 def diagnose(
@@ -127,24 +121,21 @@ def diagnose(
                 f"own start); got {_shapes(reference)} for x0's {_shapes(x0)}"
             )
     reference = x0 if reference is None else reference
-    problems: list[str] = []
-    count_problem(problems, "steps", steps, 1)
-    if check_steps is not None:
-        count_problem(problems, "check_steps", check_steps, 2)
-    count_problem(problems, "replicas", replicas, 1)
-    count_problem(problems, "corrected_inner_steps", corrected_inner_steps, 1)
-    count_problem(problems, "warmup_steps", warmup_steps, 0)
-    count_problem(problems, "every", every, 1)
-    count_problem(problems, "seed", seed, 0)
-    count_problem(problems, "batches", batches, 1)
-    if max_steps is not None:
-        count_problem(problems, "max_steps", max_steps, 0)
-    threshold_problem(problems, "settle", settle, 0, "e.g. settle=0.1")
-    if max_seconds is not None:
-        threshold_problem(problems, "max_seconds", max_seconds, 0, "or None for no time cap")
-    for name, flag in (("progress", progress), ("predict_only", predict_only)):
-        if not isinstance(flag, bool):
-            problems.append(f"{name}={flag!r}: must be True or False")
+    problems = count_problems(
+        steps=steps,
+        check_steps=check_steps,
+        replicas=replicas,
+        corrected_inner_steps=corrected_inner_steps,
+        warmup_steps=warmup_steps,
+        every=every,
+        seed=seed,
+        batches=batches,
+        max_steps=max_steps,
+        settle=settle,
+        max_seconds=max_seconds,
+        progress=progress,
+        predict_only=predict_only,
+    )
     solve = {
         "solve_steps": solve_steps,
         "solve_lr": solve_lr,
@@ -180,68 +171,21 @@ def diagnose(
     floor = torch.finfo(next(iter(x0.values())).dtype).eps ** 0.5
     solve["solve_rtol"] = opts["solve_rtol"] = max(solve_rtol, floor)
     fixed = data is None or isinstance(data, FullBatch)
-    x_rule = optimizer if isinstance(optimizer, str) else optimizer[0]
-    pricing = Pricing(
-        gamma=float(gamma),
-        solve=solve,
-        # The trajectory's settle checks only ask whether the run has settled: looser solves.
-        check={
-            **solve,
-            "solve_rtol": max(solve["solve_rtol"], 1e-2),
-            "solve_steps": min(solve_steps, 50),
-        },
-        estimator=opts,
-        judge={
-            "atol": atol,
-            "max_residual": max(max_residual, 100 * solve["solve_rtol"]),
-            "rtol": rtol,
-            "z": z,
-            "rho_ok": rho_ok,
-            "rho_bad": rho_bad,
-        },
-        batches=batches,
-        fixed=fixed,
-        # Plain SGD on x jitters around its end point by its batch noise: a quadratic loss sits
-        # lr_x tr(Var kept) / 4 above its minimum on average, a floor under any visible gap.
-        jitter=lr_x / 4 if x_rule == "sgd" and not fixed else 0.0,
-        seed=seed,
-    )
+    pricing = pricing_for(
+        float(gamma), solve, opts, fixed, lr_x, optimizer, seed, batches,
+        {"atol": atol, "max_residual": max_residual, "rtol": rtol, "z": z, "rho_ok": rho_ok,
+         "rho_bad": rho_bad},
+    )  # fmt: skip
     report = Progress(progress)
     last = 20 * warmup_steps if max_steps is None else max(max_steps, warmup_steps)
-    last = min(last, steps)
-    with torch.random.fork_rng(devices=cuda_devices(x0, y0)):
-        torch.manual_seed(seed)  # as br.solve: a shuffled DataLoader draws from torch's RNG
-        stream = as_batches(data, seed)
-        first = next(stream)
-        check_losses(problem, x0, y0, first)
-        if not upper_reaches_x(problem, x0, y0, first):
-            return blind_verdict()
-        state, watch, predicted = solver.init(x0, y0), Settle(settle), None
-        for t, batch in enumerate(itertools.chain([first], stream)):
-            if predicted is None and (t % every == 0 or t >= last):
-                kept, dropped, _ = terms(problem, state.x, state.y, batch, gamma, pricing.check)
-                settled = watch.update(kept, dropped)
-                if t >= warmup_steps and ((settled and (watch.checks > 1 or fixed)) or t >= last):
-                    more = None if fixed else as_batches(data, seed + PRICE_SEED)
-                    predicted = price(
-                        problem, state.x, state.y, t, batch, more, pricing, (reference, y0),
-                        watch, settled and (watch.checks > 1 or fixed), report.show,
-                    )  # fmt: skip
-                    predicted = replace(
-                        predicted, stats={**predicted.stats, "flatness/step": float(t)}
-                    )
-                    if predict_only:
-                        return _as_prediction(predicted, t)
-            if t >= steps:
-                break
-            if max_seconds is not None and report.elapsed() > max_seconds:
-                return _time_cap(t, steps, max_seconds, predicted)
-            state, _ = solver.step(state, batch)
-            if (t + 1) % every == 0 and not _finite(state.x):
-                return _diverged(t + 1, lr_x, predicted)
-            report.show(f"PBGD-Free's run, step {t + 1} of {steps}")
-    if not _finite(state.x):
-        return _diverged(steps, lr_x, predicted)
+    followed = follow(
+        problem, solver, x0, y0, data, pricing, (reference, y0), report,
+        Horizon(steps, min(last, steps), warmup_steps, every, settle, max_seconds, lr_x),
+        predict_only,
+    )  # fmt: skip
+    if isinstance(followed, Verdict):
+        return followed
+    state, predicted = followed
     check = EndCheck(
         settings,
         check_steps=check_steps or check_steps_for(steps),
@@ -258,85 +202,15 @@ def diagnose(
     return _with_prediction(certificate, predicted)
 
 
-def _finite(x: Params) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in x.values())
-
-
-def _prediction_line(predicted: Verdict | None) -> str | None:
-    if predicted is None:
-        return None
-    step = predicted.stats.get("flatness/step", math.nan)
-    where = f"step {step:.0f}" if math.isfinite(step) else "the run's settle point"
-    return f"the early price at {where} predicted {predicted.verdict}: {predicted.reason}"
-
-
-def _as_prediction(predicted: Verdict, step: int) -> Verdict:
-    """The early price returned alone, labelled as what it is."""
-    reason = (
-        f"prediction (the early price at step {step}, not checked at the run's end): "
-        f"{predicted.reason}"
-    )
-    return replace(predicted, reason=reason, prediction=_prediction_line(predicted))
-
-
 def _with_prediction(certificate: Verdict, predicted: Verdict | None) -> Verdict:
     stats = {**(predicted.stats if predicted is not None else {}), **certificate.stats}
     return replace(
         certificate,
         stats=stats,
         held_out=held_out_line(certificate.stats),
-        prediction=_prediction_line(predicted),
+        prediction=prediction_line(predicted),
     )
-
-
-def _time_cap(step: int, steps: int, cap: float, predicted: Verdict | None) -> Verdict:
-    reason = (
-        f"uncertain (time cap reached at step {step} of {steps}: max_seconds={cap:g}); the "
-        "run's end was not reached, so nothing is certified; raise max_seconds or leave it "
-        "unset (the verdict is bounded by steps)"
-    )
-    stats = {"end/time_capped_at": float(step)}
-    return Verdict(
-        False, "uncertain", reason, stats, "compare with alt_pbgd",
-        prediction=_prediction_line(predicted),
-    )  # fmt: skip
-
-
-def _diverged(step: int, lr_x: float, predicted: Verdict | None) -> Verdict:
-    reason = (
-        f"uncertain: PBGD-Free diverged by step {step} at lr_x={lr_x:g} (x became non-finite), "
-        "so there is no end point to judge; lower lr_x or lr_y and diagnose again"
-    )
-    stats = {"end/diverged_at": float(step)}
-    return Verdict(
-        False, "uncertain", reason, stats, "lower the step sizes",
-        prediction=_prediction_line(predicted),
-    )  # fmt: skip
 
 
 def _shapes(p: Params) -> str:
     return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in p.items()) + "}"
-
-
-class Progress:
-    """'[diagnose] <what>, <threads> thread(s), <seconds> s' on stderr: the first at once, then
-    at most every ``interval`` seconds."""
-
-    def __init__(self, on: bool, interval: float = 2.0):
-        self.on, self.interval = on, interval
-        self.start, self.shown = time.monotonic(), -math.inf  # the first line at once
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    def show(self, what: str) -> None:
-        now = time.monotonic()
-        if self.on and now - self.shown >= self.interval:
-            self.shown = now
-            threads = torch.get_num_threads()
-            print(
-                f"[diagnose] {what}, {threads} thread{'s' if threads > 1 else ''}, "
-                f"{now - self.start:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )

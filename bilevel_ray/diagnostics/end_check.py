@@ -186,49 +186,9 @@ def _decide(
         )
         advice = f"compare with {name} at lower step sizes"
         return Verdict(False, "uncertain", reason, stats, advice)
-    corr_means, corr_sds, growths, free_means, free_sds, held_free, held_corr = (
-        [] for _ in range(7)
-    )
-    for free, corr in runs:
-        corr_late = [p["phi"] for p in corr[late]]
-        free_late = [p["phi"] for p in free[late]]
-        corr_means.append(statistics.fmean(corr_late))
-        free_means.append(statistics.fmean(free_late))
-        corr_sds.append(statistics.stdev(corr_late) if len(corr_late) > 1 else 0.0)
-        free_sds.append(statistics.stdev(free_late) if len(free_late) > 1 else 0.0)
-        growths.append(corr[0]["phi"] - corr_means[-1])
-        held_free.append(statistics.fmean(p["held"] for p in free[late]))
-        held_corr.append(statistics.fmean(p["held"] for p in corr[late]))
-    phi_corr, phi_free = statistics.fmean(corr_means), statistics.fmean(free_means)
-    effect = at_end["phi"] - phi_corr
-    growth = max(statistics.fmean(growths), 0.0)
-    # The corrected end's uncertainty: its spread over batch orders (or, from one order, its
-    # jitter over the late points); PBGD-Free's end is one point of a run that jitters as its
-    # own continuation's late points do.
-    if len(corr_means) > 1:
-        se_corr = statistics.stdev(corr_means) / math.sqrt(len(corr_means))
-    else:
-        se_corr = corr_sds[0] / math.sqrt(max(len(runs[0][1][late]), 1))
-    jitter = statistics.fmean(free_sds)
-    se = max(math.hypot(se_corr, jitter), objective.rounding(at_end["phi"]))
-    best = min(phi_corr, phi_free, at_end["phi"])
-    tau = tolerance(start["phi"], at_end["phi"], at_end["phi"] - best, check.rtol, check.atol)
-    stats.update(
-        {
-            "end/effect": effect,
-            "end/se": se,
-            "end/spread": se_corr,
-            "end/jitter": jitter,
-            "end/growth": growth,
-            "end/free_gain": at_end["phi"] - phi_free,
-            "end/tolerance": tau,
-            "end/phi_free": phi_free,
-            "end/phi_corrected": phi_corr,
-            "end/held_free": statistics.fmean(held_free),
-            "end/held_corrected": statistics.fmean(held_corr),
-            "end/held_spread": _spread(held_free, held_corr),
-        }
-    )
+    stats.update(_measure(runs, late, at_end, start, objective, check))
+    effect, se, growth, tau = (stats[f"end/{k}"] for k in ("effect", "se", "growth", "tolerance"))
+    phi_corr, phi_free = stats["end/phi_corrected"], stats["end/phi_free"]
     z = check.z
     measured = (
         f"from {where}, {name} and PBGD-Free continued {check.check_steps} steps on the same "
@@ -261,6 +221,57 @@ def _decide(
         why = f"{name} was still gaining at the check's end ({growth:.3g} in its second half)"
     reason = f"uncertain: {measured}; {why}; {cure}"
     return Verdict(False, "uncertain", reason, stats, f"compare with {name}", name)
+
+
+def _measure(
+    runs: list[tuple[list, list]],
+    late: slice,
+    at_end: dict[str, float],
+    start: dict[str, float],
+    objective: Objective,
+    check: EndCheck,
+) -> dict[str, float]:
+    """The effect, its standard error, the corrected method's late growth, the tolerance, the
+    ends of both continuations and the held-out values (module docstring)."""
+    corr_means, corr_sds, growths, free_means, free_sds, held_free, held_corr = (
+        [] for _ in range(7)
+    )
+    for free, corr in runs:
+        corr_late = [p["phi"] for p in corr[late]]
+        free_late = [p["phi"] for p in free[late]]
+        corr_means.append(statistics.fmean(corr_late))
+        free_means.append(statistics.fmean(free_late))
+        corr_sds.append(statistics.stdev(corr_late) if len(corr_late) > 1 else 0.0)
+        free_sds.append(statistics.stdev(free_late) if len(free_late) > 1 else 0.0)
+        growths.append(corr[0]["phi"] - corr_means[-1])
+        held_free.append(statistics.fmean(p["held"] for p in free[late]))
+        held_corr.append(statistics.fmean(p["held"] for p in corr[late]))
+    phi_corr, phi_free = statistics.fmean(corr_means), statistics.fmean(free_means)
+    # The corrected end's uncertainty: its spread over batch orders (or, from one order, its
+    # jitter over the late points); PBGD-Free's end is one point of a run that jitters as its
+    # own continuation's late points do.
+    if len(corr_means) > 1:
+        se_corr = statistics.stdev(corr_means) / math.sqrt(len(corr_means))
+    else:
+        se_corr = corr_sds[0] / math.sqrt(max(len(runs[0][1][late]), 1))
+    jitter = statistics.fmean(free_sds)
+    best = min(phi_corr, phi_free, at_end["phi"])
+    return {
+        "end/effect": at_end["phi"] - phi_corr,
+        "end/se": max(math.hypot(se_corr, jitter), objective.rounding(at_end["phi"])),
+        "end/spread": se_corr,
+        "end/jitter": jitter,
+        "end/growth": max(statistics.fmean(growths), 0.0),
+        "end/free_gain": at_end["phi"] - phi_free,
+        "end/tolerance": tolerance(
+            start["phi"], at_end["phi"], at_end["phi"] - best, check.rtol, check.atol
+        ),
+        "end/phi_free": phi_free,
+        "end/phi_corrected": phi_corr,
+        "end/held_free": statistics.fmean(held_free),
+        "end/held_corrected": statistics.fmean(held_corr),
+        "end/held_spread": _spread(held_free, held_corr),
+    }
 
 
 def _spread(*groups: list[float]) -> float:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from bilevel_ray.diagnostics.flatness import estimate, lower_grad_x_diff, lower_responses
+from bilevel_ray.diagnostics.price_rule import decide_priced
 from bilevel_ray.diagnostics.responses import Responses, as_batch, reference_upper
-from bilevel_ray.diagnostics.verdict import Verdict, decide_priced
+from bilevel_ray.diagnostics.verdict import Verdict
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import grads_of, identity_reduce
 from bilevel_ray.tree import Params, cuda_devices, vdot

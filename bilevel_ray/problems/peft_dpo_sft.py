@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from bilevel_ray.data import BilevelBatch, minibatches
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problem import ProblemSpec, factory_config, module_problem
+from bilevel_ray.module_problems import module_problem
+from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.problems.limits import (
     MAX_SEED,
     SEED_RANGE,

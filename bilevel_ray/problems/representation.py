@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from bilevel_ray.data import BilevelBatch, minibatches
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problem import ProblemSpec, factory_config, split_module_problem
+from bilevel_ray.module_problems import split_module_problem
+from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.problems.limits import MAX_SEED, SEED_RANGE, Limit, check_limits, memory_problem
 
 __all__ = ["FEATURES", "LIMITS", "load_nlsy", "representation", "synthetic_nlsy"]

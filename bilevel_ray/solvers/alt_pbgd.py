@@ -16,21 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule, positive_value
-from bilevel_ray.solvers.base import (
-    BilevelSolver,
-    GradReduce,
-    Metrics,
-    SolverState,
-    gamma_setting,
-    identity_reduce,
-    steps_setting,
-)
-from bilevel_ray.solvers.compute import Compute
+from bilevel_ray.solvers.base import Metrics, SolverState, gamma_setting, steps_setting
+from bilevel_ray.solvers.factory import DEFAULT, Plan, Setup, solver_factory
 from bilevel_ray.solvers.penalty import alternating_penalty_step
-from bilevel_ray.tree import Params
-from bilevel_ray.updates import UpdateRule
 
 __all__ = ["SETTINGS", "alt_pbgd"]
 
@@ -38,32 +27,14 @@ __all__ = ["SETTINGS", "alt_pbgd"]
 SETTINGS = {"gamma": gamma_setting(), "inner_steps": steps_setting(5)}
 
 
-def alt_pbgd(
-    problem: BilevelProblem,
-    *,
-    update_x: UpdateRule,
-    update_y: UpdateRule,
-    gamma: ScalarOrSchedule,
-    inner_steps: int = SETTINGS["inner_steps"].default,
-    grad_reduce: GradReduce | None = None,
-    precision: str = "fp32",
-    grad_accumulation: int = 1,
-    in_place: bool = False,
-) -> BilevelSolver:
+@solver_factory(SETTINGS)
+def alt_pbgd(s: Setup, *, gamma: ScalarOrSchedule, inner_steps: int = DEFAULT) -> Plan:
     """Build ALT-PBGD; ``inner_steps`` is the length K of each of the two inner loops."""
-    gamma_t = SETTINGS["gamma"].check(gamma)
-    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
-    compute = Compute(
-        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
-    )
-
-    def init(x0: Params, y0: Params) -> SolverState:
-        return compute.init(x0, y0, update_x, update_y, copies=("y_g",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
-        gamma = positive_value("gamma", gamma_t, state.step)
-        ev = compute.at(state.x, batch, state.extra)
-        metrics = alternating_penalty_step(ev, state, gamma, update_x, update_y, inner_steps)
-        return state._replace(step=state.step + 1), {**metrics, "penalty/gamma": gamma}
+        gamma_t = positive_value("gamma", gamma, state.step)
+        ev = s.compute.at(state.x, batch, state.extra)
+        metrics = alternating_penalty_step(ev, state, gamma_t, s.update_x, s.update_y, inner_steps)
+        return state._replace(step=state.step + 1), {**metrics, "penalty/gamma": gamma_t}
 
-    return BilevelSolver("alt_pbgd", init, step)
+    return Plan(step, copies=("y_g",))

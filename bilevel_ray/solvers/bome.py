@@ -19,21 +19,11 @@ from typing import Any
 
 import torch
 
-from bilevel_ray.problem import BilevelProblem
-from bilevel_ray.solvers.base import (
-    BilevelSolver,
-    GradReduce,
-    Metrics,
-    Setting,
-    SolverState,
-    check_number,
-    identity_reduce,
-    steps_setting,
-)
-from bilevel_ray.solvers.compute import Compute, Losses
+from bilevel_ray.solvers.base import Metrics, Setting, SolverState, check_number, steps_setting
+from bilevel_ray.solvers.compute import Losses
+from bilevel_ray.solvers.factory import DEFAULT, Plan, Setup, solver_factory
 from bilevel_ray.solvers.penalty import value_function_steps
 from bilevel_ray.tree import Params, vdot
-from bilevel_ray.updates import UpdateRule
 
 __all__ = ["SETTINGS", "bome"]
 
@@ -46,32 +36,14 @@ SETTINGS = {
 }
 
 
-def bome(
-    problem: BilevelProblem,
-    *,
-    update_x: UpdateRule,
-    update_y: UpdateRule,
-    bome_eta: float = SETTINGS["bome_eta"].default,
-    inner_steps: int = SETTINGS["inner_steps"].default,
-    grad_reduce: GradReduce | None = None,
-    precision: str = "fp32",
-    grad_accumulation: int = 1,
-    in_place: bool = False,
-) -> BilevelSolver:
+@solver_factory(SETTINGS)
+def bome(s: Setup, *, bome_eta: float = DEFAULT, inner_steps: int = DEFAULT) -> Plan:
     """Build BOME; ``inner_steps`` is T, the lower-level steps for y_hat per iteration."""
-    bome_eta = SETTINGS["bome_eta"].check(bome_eta)
-    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
-    compute = Compute(
-        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
-    )
-
-    def init(x0: Params, y0: Params) -> SolverState:
-        return compute.init(x0, y0, update_x, update_y, copies=("y_hat",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y, y_hat = state.step, state.x, state.y, state.extra["y_hat"]
-        ev = compute.at(x, batch, state.extra)
-        aux = value_function_steps(ev, y_hat, update_y, state.opt["y_hat"], t, inner_steps)
+        ev = s.compute.at(x, batch, state.extra)
+        aux = value_function_steps(ev, y_hat, s.update_y, state.opt["y_hat"], t, inner_steps)
         f, _, (fx, fy) = ev.grads(lambda L, x_, y_: (L.upper(x_, y_), {}), [ev.x, y])
 
         def gap(L: Losses, x_: Params, y_: Params) -> tuple[Any, Metrics]:
@@ -87,12 +59,12 @@ def bome(
         # grad f + lam grad q, in place on the fresh gradient dicts (lam moved to each tensor's
         # device: a CUDA 0-d tensor cannot scale a CPU tensor).
         step_x, step_y = _add_scaled_(fx, qx, lam), _add_scaled_(fy, qy, lam)
-        update_x.apply(x, step_x, state.opt["x"], t)
-        update_y.apply(y, step_y, state.opt["y"], t)
+        s.update_x.apply(x, step_x, state.opt["x"], t)
+        s.update_y.apply(y, step_y, state.opt["y"], t)
         metrics = {"upper/loss": f, **gap_aux, **aux, "penalty/multiplier": lam}
         return state._replace(step=t + 1), metrics
 
-    return BilevelSolver("bome", init, step)
+    return Plan(step, copies=("y_hat",))
 
 
 def _add_scaled_(a: Params, b: Params, scale: torch.Tensor) -> Params:

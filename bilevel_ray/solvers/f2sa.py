@@ -21,26 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problem import BilevelProblem
-from bilevel_ray.schedules import (
-    ScalarOrSchedule,
-    checked_value,
-    nonnegative_schedule,
-)
-from bilevel_ray.solvers.base import (
-    BilevelSolver,
-    GradReduce,
-    Metrics,
-    Setting,
-    SolverState,
-    gamma_setting,
-    identity_reduce,
-    steps_setting,
-)
-from bilevel_ray.solvers.compute import Compute
+from bilevel_ray.schedules import ScalarOrSchedule, checked_value, nonnegative_schedule
+from bilevel_ray.solvers.base import Metrics, Setting, SolverState, gamma_setting, steps_setting
+from bilevel_ray.solvers.factory import DEFAULT, Plan, Setup, solver_factory
 from bilevel_ray.solvers.penalty import alternating_penalty_step
-from bilevel_ray.tree import Params
-from bilevel_ray.updates import UpdateRule
 
 __all__ = ["SETTINGS", "f2sa"]
 
@@ -54,42 +38,33 @@ SETTINGS = {
 }
 
 
-def f2sa(
-    problem: BilevelProblem,
-    *,
-    update_x: UpdateRule,
-    update_y: UpdateRule,
-    gamma: float,
-    multiplier_growth: ScalarOrSchedule = SETTINGS["multiplier_growth"].default,
-    inner_steps: int = SETTINGS["inner_steps"].default,
-    grad_reduce: GradReduce | None = None,
-    precision: str = "fp32",
-    grad_accumulation: int = 1,
-    in_place: bool = False,
-) -> BilevelSolver:
-    """Build F2SA; ``gamma`` is the initial multiplier lam_0, ``multiplier_growth`` is delta_t."""
+def _initial_multiplier(gamma: Any) -> float:
+    """lam_0: gamma, which for f2sa must be a number (and pass gamma's own check)."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise ConfigError(
             f"gamma={gamma!r}: for f2sa gamma is the initial multiplier lam_0 and must be a "
             "number; schedule its growth with multiplier_growth"
         )
-    lam0 = SETTINGS["gamma"].check(gamma)(0)
-    growth = SETTINGS["multiplier_growth"].check(multiplier_growth)
-    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
-    compute = Compute(
-        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
-    )
+    return SETTINGS["gamma"].check(gamma)(0)
 
-    def init(x0: Params, y0: Params) -> SolverState:
-        return compute.init(x0, y0, update_x, update_y, copies=("y_g",), multiplier=lam0)
+
+@solver_factory(SETTINGS, gamma=_initial_multiplier)
+def f2sa(
+    s: Setup,
+    *,
+    gamma: float,
+    multiplier_growth: ScalarOrSchedule = DEFAULT,
+    inner_steps: int = DEFAULT,
+) -> Plan:
+    """Build F2SA; ``gamma`` is the initial multiplier lam_0, ``multiplier_growth`` is delta_t."""
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         lam = state.extra["multiplier"]
-        ev = compute.at(state.x, batch, state.extra)
-        metrics = alternating_penalty_step(ev, state, lam, update_x, update_y, inner_steps)
+        ev = s.compute.at(state.x, batch, state.extra)
+        metrics = alternating_penalty_step(ev, state, lam, s.update_x, s.update_y, inner_steps)
         state.extra["multiplier"] = lam + checked_value(
-            "multiplier_growth", growth, state.step, strict=False
+            "multiplier_growth", multiplier_growth, state.step, strict=False
         )
         return state._replace(step=state.step + 1), {**metrics, "penalty/gamma": lam}
 
-    return BilevelSolver("f2sa", init, step)
+    return Plan(step, copies=("y_g",), numbers={"multiplier": gamma})

@@ -26,7 +26,6 @@ import torch
 from bilevel_ray.linear_solve import solve_cg
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import (
-    BilevelSolver,
     GradReduce,
     Metrics,
     Setting,
@@ -36,10 +35,10 @@ from bilevel_ray.solvers.base import (
     steps_setting,
 )
 from bilevel_ray.solvers.compute import Compute, StepEval
+from bilevel_ray.solvers.factory import DEFAULT, Plan, Setup, solver_factory
 from bilevel_ray.solvers.penalty import value_function_steps
 from bilevel_ray.solvers.precision import autocast
 from bilevel_ray.tree import Params, leaves, sub
-from bilevel_ray.updates import UpdateRule
 
 __all__ = ["SETTINGS", "implicit_cg", "implicit_hypergradient"]
 
@@ -127,38 +126,20 @@ def implicit_hypergradient(
     return hypergrad, {"upper/loss": f, "lower/loss": g_total}
 
 
+@solver_factory(SETTINGS)
 def implicit_cg(
-    problem: BilevelProblem,
-    *,
-    update_x: UpdateRule,
-    update_y: UpdateRule,
-    inner_steps: int = SETTINGS["inner_steps"].default,
-    cg_steps: int = SETTINGS["cg_steps"].default,
-    cg_ridge: float = SETTINGS["cg_ridge"].default,
-    grad_reduce: GradReduce | None = None,
-    precision: str = "fp32",
-    grad_accumulation: int = 1,
-    in_place: bool = False,
-) -> BilevelSolver:
+    s: Setup, *, inner_steps: int = DEFAULT, cg_steps: int = DEFAULT, cg_ridge: float = DEFAULT
+) -> Plan:
     """Build AID-CG; ``inner_steps`` lower steps on y, then ``cg_steps`` CG iterations."""
-    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
-    cg_steps = SETTINGS["cg_steps"].check(cg_steps)
-    cg_ridge = SETTINGS["cg_ridge"].check(cg_ridge)
-    compute = Compute(
-        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
-    )
-
-    def init(x0: Params, y0: Params) -> SolverState:
-        return compute.init(x0, y0, update_x, update_y)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y = state.step, state.x, state.y
-        ev = compute.at(x, batch, state.extra)
-        value_function_steps(ev, y, update_y, state.opt["y"], t, inner_steps)
+        ev = s.compute.at(x, batch, state.extra)
+        value_function_steps(ev, y, s.update_y, state.opt["y"], t, inner_steps)
         hypergrad, metrics = implicit_hypergradient(
-            problem, x, y, batch, cg_steps=cg_steps, cg_ridge=cg_ridge, ev=ev
+            s.compute.problem, x, y, batch, cg_steps=cg_steps, cg_ridge=cg_ridge, ev=ev
         )
-        update_x.apply(x, hypergrad, state.opt["x"], t)
+        s.update_x.apply(x, hypergrad, state.opt["x"], t)
         return state._replace(step=t + 1), metrics
 
-    return BilevelSolver("implicit_cg", init, step)
+    return Plan(step)

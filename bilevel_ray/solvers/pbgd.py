@@ -19,21 +19,10 @@ from typing import Any
 
 import torch
 
-from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule, positive_value
-from bilevel_ray.solvers.base import (
-    BilevelSolver,
-    GradReduce,
-    Metrics,
-    SolverState,
-    gamma_setting,
-    identity_reduce,
-    steps_setting,
-)
-from bilevel_ray.solvers.compute import Compute
+from bilevel_ray.solvers.base import Metrics, SolverState, gamma_setting, steps_setting
+from bilevel_ray.solvers.factory import DEFAULT, Plan, Setup, solver_factory
 from bilevel_ray.solvers.penalty import penalty_objective, value_function_steps
-from bilevel_ray.tree import Params
-from bilevel_ray.updates import UpdateRule
 
 __all__ = ["SETTINGS", "pbgd"]
 
@@ -41,39 +30,21 @@ __all__ = ["SETTINGS", "pbgd"]
 SETTINGS = {"gamma": gamma_setting(), "inner_steps": steps_setting(5)}
 
 
-def pbgd(
-    problem: BilevelProblem,
-    *,
-    update_x: UpdateRule,
-    update_y: UpdateRule,
-    gamma: ScalarOrSchedule,
-    inner_steps: int = SETTINGS["inner_steps"].default,
-    grad_reduce: GradReduce | None = None,
-    precision: str = "fp32",
-    grad_accumulation: int = 1,
-    in_place: bool = False,
-) -> BilevelSolver:
+@solver_factory(SETTINGS)
+def pbgd(s: Setup, *, gamma: ScalarOrSchedule, inner_steps: int = DEFAULT) -> Plan:
     """Build V-PBGD; ``inner_steps`` is K_g, the value-function steps per joint step."""
-    gamma_t = SETTINGS["gamma"].check(gamma)
-    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
-    compute = Compute(
-        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
-    )
-
-    def init(x0: Params, y0: Params) -> SolverState:
-        return compute.init(x0, y0, update_x, update_y, copies=("y_g",))
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y, y_g = state.step, state.x, state.y, state.extra["y_g"]
-        gamma = positive_value("gamma", gamma_t, t)
-        ev = compute.at(x, batch, state.extra)
-        aux = value_function_steps(ev, y_g, update_y, state.opt["y_g"], t, inner_steps)
+        gamma_t = positive_value("gamma", gamma, t)
+        ev = s.compute.at(x, batch, state.extra)
+        aux = value_function_steps(ev, y_g, s.update_y, state.opt["y_g"], t, inner_steps)
         _, metrics, (grad_x, grad_y) = ev.grads(
-            lambda L, x_, y_: penalty_objective(L, x_, y_, y_g, gamma), [ev.x, y]
+            lambda L, x_, y_: penalty_objective(L, x_, y_, y_g, gamma_t), [ev.x, y]
         )
-        torch._foreach_mul_(list(grad_y.values()), 1.0 / gamma)  # fresh tensors: scale in place
-        update_x.apply(x, grad_x, state.opt["x"], t)
-        update_y.apply(y, grad_y, state.opt["y"], t)
-        return state._replace(step=t + 1), {**metrics, **aux, "penalty/gamma": gamma}
+        torch._foreach_mul_(list(grad_y.values()), 1.0 / gamma_t)  # fresh tensors: scale in place
+        s.update_x.apply(x, grad_x, state.opt["x"], t)
+        s.update_y.apply(y, grad_y, state.opt["y"], t)
+        return state._replace(step=t + 1), {**metrics, **aux, "penalty/gamma": gamma_t}
 
-    return BilevelSolver("pbgd", init, step)
+    return Plan(step, copies=("y_g",))

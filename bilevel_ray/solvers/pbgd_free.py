@@ -21,20 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.schedules import ScalarOrSchedule, positive_value
-from bilevel_ray.solvers.base import (
-    BilevelSolver,
-    GradReduce,
-    Metrics,
-    SolverState,
-    gamma_setting,
-    identity_reduce,
-    steps_setting,
-)
-from bilevel_ray.solvers.compute import Compute, Losses
+from bilevel_ray.solvers.base import Metrics, SolverState, gamma_setting, steps_setting
+from bilevel_ray.solvers.compute import Losses
+from bilevel_ray.solvers.factory import DEFAULT, Plan, Setup, solver_factory
 from bilevel_ray.tree import Params
-from bilevel_ray.updates import UpdateRule
 
 __all__ = ["SETTINGS", "pbgd_free"]
 
@@ -42,42 +33,24 @@ __all__ = ["SETTINGS", "pbgd_free"]
 SETTINGS = {"gamma": gamma_setting(), "inner_steps": steps_setting(1)}
 
 
-def pbgd_free(
-    problem: BilevelProblem,
-    *,
-    update_x: UpdateRule,
-    update_y: UpdateRule,
-    gamma: ScalarOrSchedule,
-    inner_steps: int = SETTINGS["inner_steps"].default,
-    grad_reduce: GradReduce | None = None,
-    precision: str = "fp32",
-    grad_accumulation: int = 1,
-    in_place: bool = False,
-) -> BilevelSolver:
+@solver_factory(SETTINGS)
+def pbgd_free(s: Setup, *, gamma: ScalarOrSchedule, inner_steps: int = DEFAULT) -> Plan:
     """Build PBGD-Free; ``inner_steps`` is K, the number of y updates per x update;
     ``precision`` and ``grad_accumulation`` as in :mod:`bilevel_ray.solvers.compute`."""
-    gamma_t = SETTINGS["gamma"].check(gamma)
-    inner_steps = SETTINGS["inner_steps"].check(inner_steps)
-    compute = Compute(
-        problem, grad_reduce or identity_reduce, precision, grad_accumulation, in_place
-    )
-
-    def init(x0: Params, y0: Params) -> SolverState:
-        return compute.init(x0, y0, update_x, update_y)
 
     def step(state: SolverState, batch: Any) -> tuple[SolverState, Metrics]:
         t, x, y = state.step, state.x, state.y
-        gamma = positive_value("gamma", gamma_t, t)
+        gamma_t = positive_value("gamma", gamma, t)
         # Only f is differentiated in x: the lower level's features need no graph.
-        ev = compute.at(x, batch, state.extra, attach=("upper",))
+        ev = s.compute.at(x, batch, state.extra, attach=("upper",))
 
         def perturbed_lower(L: Losses, y_: Params) -> tuple[Any, Metrics]:
             g = L.lower(ev.x, y_)
-            return L.upper(ev.x, y_) / gamma + g, {"lower/loss": g.detach()}
+            return L.upper(ev.x, y_) / gamma_t + g, {"lower/loss": g.detach()}
 
-        aux = ev.descend(perturbed_lower, y, update_y, state.opt["y"], t, inner_steps)
+        aux = ev.descend(perturbed_lower, y, s.update_y, state.opt["y"], t, inner_steps)
         f, _, (grad_x,) = ev.grads(lambda L, x_: (L.upper(x_, y), {}), [ev.x])
-        update_x.apply(x, grad_x, state.opt["x"], t)
-        return state._replace(step=t + 1), {"upper/loss": f, **aux, "penalty/gamma": gamma}
+        s.update_x.apply(x, grad_x, state.opt["x"], t)
+        return state._replace(step=t + 1), {"upper/loss": f, **aux, "penalty/gamma": gamma_t}
 
-    return BilevelSolver("pbgd_free", init, step)
+    return Plan(step)

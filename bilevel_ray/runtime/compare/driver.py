@@ -40,7 +40,7 @@ from bilevel_ray.runtime.compare.plan import Heartbeat, estimate_for, plan_line,
 from bilevel_ray.runtime.compare.progress import RunProgress
 from bilevel_ray.runtime.compare.rank import POINTS
 from bilevel_ray.runtime.compare.trial import ComparePlan, run_compare_trial, start_phi
-from bilevel_ray.runtime.local.checkpoint import check_output_folder, check_writable
+from bilevel_ray.runtime.local.output_files import check_output_folder, check_writable
 from bilevel_ray.runtime.local.run_spec import check_count, check_run_name
 from bilevel_ray.runtime.local.spec_check import check_spec
 from bilevel_ray.runtime.tune.preflight import first_step

@@ -29,8 +29,8 @@ from bilevel_ray.runtime.compare.rank import (
 )
 from bilevel_ray.runtime.compare.trial import CURVES, SCORED_POINTS, TRACK_STEPS
 from bilevel_ray.runtime.compare.verdict import recommend
-from bilevel_ray.runtime.local.checkpoint import atomic_write
 from bilevel_ray.runtime.local.history import write_parquet
+from bilevel_ray.runtime.local.output_files import atomic_write
 
 __all__ = ["CompareResult", "comparison_meta", "write_outcome"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.runtime.compare.rank import best_row
-from bilevel_ray.runtime.local.checkpoint import atomic_write
+from bilevel_ray.runtime.local.output_files import atomic_write
 
 __all__ = ["draw_compare", "plot_compare"]
 

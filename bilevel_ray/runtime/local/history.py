@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bilevel_ray.errors import DivergenceError
-from bilevel_ray.runtime.local.checkpoint import atomic_write
+from bilevel_ray.runtime.local.output_files import atomic_write
 
 __all__ = ["HISTORY_SCHEMA", "LOSS_KEYS", "METRIC_KEYS", "HistoryRecorder", "write_parquet"]
 

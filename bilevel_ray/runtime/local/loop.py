@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 import torch
 
+from bilevel_ray.runtime.local.active_solver import ActiveSolver
 from bilevel_ray.runtime.local.history import HistoryRecorder
 from bilevel_ray.runtime.local.run_spec import RunSpec
-from bilevel_ray.runtime.local.watch import ActiveSolver
 from bilevel_ray.solvers.base import SolverState
 
 __all__ = [

@@ -30,12 +30,9 @@ from bilevel_ray.problem import (
     check_problem,
 )
 from bilevel_ray.runtime.local import loop
+from bilevel_ray.runtime.local.active_solver import ActiveSolver, end_of_run_check
 from bilevel_ray.runtime.local.checkpoint import (
-    check_distinct,
-    check_free_space,
-    check_output_path,
     check_resume_shapes,
-    check_writable,
     checkpoint_payload,
     history_bytes,
     load_resume,
@@ -43,14 +40,15 @@ from bilevel_ray.runtime.local.checkpoint import (
     tensor_bytes,
 )
 from bilevel_ray.runtime.local.history import HistoryRecorder, write_parquet
-from bilevel_ray.runtime.local.run_spec import RunSpec
-from bilevel_ray.runtime.local.watch import (
-    ActiveSolver,
-    FlatnessJudge,
-    FlatnessWatch,
-    end_of_run_check,
-    watch_settings,
+from bilevel_ray.runtime.local.judge import FlatnessJudge
+from bilevel_ray.runtime.local.output_files import (
+    check_distinct,
+    check_free_space,
+    check_output_path,
+    check_writable,
 )
+from bilevel_ray.runtime.local.run_spec import RunSpec
+from bilevel_ray.runtime.local.watch import FlatnessWatch, watch_settings
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
 from bilevel_ray.solvers.compute import LossReturnError
 from bilevel_ray.tree import Params, cuda_devices, to_device

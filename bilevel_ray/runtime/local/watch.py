@@ -1,57 +1,44 @@
-"""Watching a PBGD-Free run for flatness, and acting on the verdict.
+"""Watching a PBGD-Free run for flatness: the early price during a warm-up window.
 
 During a warm-up window of W steps the run estimates PBGD-Free's dropped term every ``every``
 steps (:func:`bilevel_ray.diagnostics.flatness.estimate` at the current x, y and batch) and hands
-the estimates to a *judge*; after step W the judge returns a verdict
-(:func:`bilevel_ray.diagnostics.verdict.decide`) and the run does what the user chose with
-``on_unsuitable``:
+every estimate to a *judge* (:mod:`bilevel_ray.runtime.local.judge`), which decides at step W
+on all of them (:func:`bilevel_ray.diagnostics.price_rule.decide`). The run then does what the
+user chose with ``on_unsuitable`` (:mod:`bilevel_ray.runtime.local.active_solver`):
 
 * ``"fallback"``: the same run continues from the current (x, y) with the verdict's fallback
-  solver (``alt_pbgd``, which keeps the value-function term PBGD-Free drops); the history's
-  ``method`` column shows from which row on;
+  solver (``alt_pbgd``); the history's ``method`` column shows from which row on;
 * ``"stop"``: the run ends at step W with status ``unsuitable``;
 * ``"warn"``: a warning, and the run goes on unchanged.
 
-After the window the watch checks again every ``recheck_every`` steps (W by default: one estimate
-per W steps, a quarter of the window's cost), so that a coupling that switches on only where the
-window did not reach is still caught, and acts the same way the first time a later check finds
-PBGD-Free unsuitable. Each estimate carries diagnose's settled flag (PBGD-Free's own direction
-at most 10% of the dropped term) and, for plain SGD on x, its jitter floor lr_x ||kept||^2 / 4;
-the tolerance is 5% of the achievable improvement from the run's start (f at its first
-estimate, which every later check keeps) plus that floor. The judge is
-a :class:`FlatnessJudge` in this process for ``br.solve``, and the same class inside a named Ray
-actor for ``br.train`` and ``br.tune`` (:mod:`bilevel_ray.runtime.train.judge_actor`).
+After the window the watch checks again every ``recheck_every`` steps (W by default), so that a
+coupling that switches on only where the window did not reach is still caught. Each estimate
+carries diagnose's settled flag (PBGD-Free's own direction at most 10% of the dropped term), for
+plain SGD on x its jitter floor lr_x ||kept||^2 / 4, and f at the run's first step (measured
+once by the watch): the tolerance is 5% of the achievable improvement from the run's start,
+whichever estimates the judge decides on. This early verdict is a prediction; a run that stays
+with PBGD-Free is certified at its end (:func:`~bilevel_ray.runtime.local.active_solver.
+end_of_run_check`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
-from bilevel_ray.diagnostics.end_check import EndCheck, end_check
 from bilevel_ray.diagnostics.flatness import count_problem, estimate, estimate_problems
 from bilevel_ray.diagnostics.responses import reference_upper
-from bilevel_ray.diagnostics.verdict import Verdict, decide
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.solvers.base import SolverState
 
 __all__ = [
     "ON_UNSUITABLE",
-    "ActiveSolver",
-    "FlatnessJudge",
     "FlatnessWarning",
     "FlatnessWatch",
     "WatchSettings",
-    "end_of_run_check",
-    "fallback_config",
-    "switch_solver",
-    "verdict_columns",
     "watch_settings",
 ]
 
@@ -69,7 +56,6 @@ RUN_ESTIMATOR_OPTIONS: dict[str, Any] = {
     "optimizer": "lbfgs",
     "solve_rtol": 1e-2,
 }
-RUN_DECIDE_OPTIONS: dict[str, Any] = {"max_residual": 2e-2}
 SETTLE = 0.1  # diagnose's settle: kept <= SETTLE max(dropped, SETTLE peak kept)
 # The keyword options of estimate() and their defaults ("responses" is the runtime's own).
 ESTIMATOR_OPTIONS = {
@@ -147,73 +133,6 @@ def watch_settings(
 
 class FlatnessWarning(UserWarning):
     """The diagnostic found PBGD-Free unsuitable and ``on_unsuitable="warn"`` keeps going."""
-
-
-class FlatnessJudge:
-    """Collects estimates per run id and, once asked, decides (the verdict is then fixed)."""
-
-    def __init__(self, decide_options: Mapping[str, Any] | None = None):
-        self._stats: dict[str, list[dict[str, float]]] = {}
-        self._reference: dict[str, float] = {}  # f at each run's first estimate
-        self._verdicts: dict[str, dict[str, Any]] = {}
-        self._decide_options = {**RUN_DECIDE_OPTIONS, **(decide_options or {})}
-
-    def add(self, run_id: str, step: int, stats: Mapping[str, float]) -> None:
-        """Keep one estimate. Its ``start_upper`` (f at the run's start, which the watch
-        measures) is the reference point the achievable improvement is measured from; an
-        estimate without one gets the run's first estimate's f, so that a recheck on late
-        estimates alone keeps the same tolerance."""
-        points = self._stats.setdefault(run_id, [])
-        upper = stats.get("flatness/upper", math.nan)
-        if not points and isinstance(upper, (int, float)):
-            self._reference[run_id] = float(upper)
-        reference = {"flatness/start_upper": self._reference.get(run_id, math.nan)}
-        points.append({**reference, **stats, "step": float(step)})
-
-    def verdict(self, run_id: str) -> dict[str, Any]:
-        """The run's verdict as plain values (``Verdict.to_dict()``), decided on first call."""
-        if run_id not in self._verdicts:
-            stats = self._stats.get(run_id)
-            if stats:
-                verdict = decide(stats, **self._decide_options)
-            else:  # e.g. a judge actor restarted after its estimates were sent
-                reason = f"no flatness estimate of run {run_id!r} reached the judge"
-                verdict = Verdict(False, "uncertain", reason, {}, "compare with alt_pbgd")
-            self._verdicts[run_id] = verdict.to_dict()
-        return self._verdicts[run_id]
-
-    def recheck(self, run_id: str, since: int) -> dict[str, Any]:
-        """A later verdict on the estimates taken after step ``since`` (the window's end): it
-        replaces the run's verdict only when it finds PBGD-Free unsuitable (a verdict acted on
-        stays); returns the run's verdict either way."""
-        current = self.verdict(run_id)
-        later = [p for p in self._stats.get(run_id, []) if p["step"] > since]
-        if current["verdict"] != "unsuitable" and later:
-            # The latest two estimates: where the run is now, not where it was at W.
-            fresh = decide(later[-2:], **self._decide_options).to_dict()
-            if fresh["verdict"] == "unsuitable":
-                fresh["stats"]["flatness/decided_at"] = later[-1]["step"]
-                self._verdicts[run_id] = fresh
-        return self._verdicts[run_id]
-
-    def verdicts(self) -> dict[str, dict[str, Any]]:
-        return dict(self._verdicts)
-
-
-def verdict_columns(verdict: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A verdict, once given, as report columns (a sweep's trials.parquet keeps them)."""
-    if verdict is None:
-        return {}
-    return {"flatness/verdict": verdict["verdict"], "flatness/reason": verdict["reason"]}
-
-
-def fallback_config(settings: SolverConfig, method: str) -> SolverConfig:
-    """``settings`` for ``method``: step sizes, optimizer and gamma kept; the knobs of the old
-    method that the new one lacks dropped; the new method's own knobs at their defaults."""
-    knobs = {name: None for knobs in METHOD_OPTIONS.values() for name in knobs}
-    if "gamma" in METHOD_OPTIONS[method]:
-        knobs["gamma"] = settings.gamma
-    return dataclasses.replace(settings, method=method, **knobs)
 
 
 class FlatnessWatch:
@@ -303,145 +222,3 @@ class FlatnessWatch:
             )
             return None
         return self.settings.on_unsuitable
-
-
-def end_of_run_check(
-    active: ActiveSolver,
-    state: SolverState,
-    data: Any,
-    steps: int,
-    seed: int,
-    start: tuple[Any, Any],
-) -> Verdict | None:
-    """The end-of-run certificate (:mod:`~bilevel_ray.diagnostics.end_check`) of a run that
-    stayed with PBGD-Free to its last step, at a cost kept small against the run: one batch
-    order and M = max(20, steps / 40) continuation steps of each method (about a sixth of the
-    run's time with alt_pbgd's K = 5). None where it does not apply."""
-    watch = active.watch
-    if (
-        watch is None
-        or not watch.settings.end_check
-        or active.settings.method != "pbgd_free"
-        or active.status != "completed"
-        or state.step != steps
-    ):
-        return None
-    check = EndCheck(active.settings, check_steps=max(20, steps // 40), replicas=1, seed=seed)
-    verdict = end_check(
-        active.problem, state.x, state.y, data, check, reference=start, end_step=steps
-    )
-    active.certify(verdict, steps)
-    return verdict
-
-
-def switch_solver(
-    settings: SolverConfig, method: str, problem: Any, state: SolverState, grad_reduce: Any
-) -> tuple[SolverConfig, Any, SolverState]:
-    """The fallback's settings, solver and state, continuing from ``state``'s (x, y) and step
-    (the fallback's optimizer states start afresh)."""
-    new_settings = fallback_config(settings, method)
-    solver = new_settings.build(problem, grad_reduce)
-    return new_settings, solver, solver.init(state.x, state.y)._replace(step=state.step)
-
-
-class ActiveSolver:
-    """The solver in force (PBGD-Free, or its fallback after a flatness verdict), its settings,
-    and the diagnostic's outcome, for one rank of a run.
-
-    With several data-parallel ranks only the leader (rank 0) estimates and asks the judge;
-    ``share(verdict)`` hands the leader's verdict to every rank (a broadcast), so that all of
-    them switch or stop at the same step.
-    """
-
-    def __init__(
-        self,
-        settings: SolverConfig,
-        solver: Any,
-        problem: Any,
-        grad_reduce: Any,
-        watch: FlatnessWatch | None,
-        leader: bool = True,
-        share: Any = None,
-    ):
-        self.settings, self.solver, self.problem = settings, solver, problem
-        self.initial_settings = settings  # what the run was started with (its checkpoints')
-        self.grad_reduce, self.watch, self.leader = grad_reduce, watch, leader
-        self.share = share or (lambda verdict: verdict)
-        self.verdict: dict[str, Any] | None = None
-        self.status = "completed"
-        if watch is not None:
-            watch.bind(settings)
-
-    def after_step(self, state: SolverState, batch: Any) -> tuple[SolverState, str | None]:
-        """Feed the watch; at the end of its window, act on the verdict. Returns the state and
-        the action taken (None, "fallback" or "stop")."""
-        if self.watch is None:
-            return state, None
-        if self.leader and self.watch.start_upper is None and self.settings.method == "pbgd_free":
-            self.watch.start(self.problem, state, batch)
-        if not self.watch.due(state.step):
-            return state, None
-        window = self.watch.decides_at(state.step)
-        in_window = state.step < self.watch.settings.window
-        if state.step > self.watch.settings.window and (
-            self.settings.method != "pbgd_free"
-            or self.verdict is None
-            or self.verdict["verdict"] == "unsuitable"
-        ):
-            return state, None  # later checks only while PBGD-Free runs and was not yet acted on
-        if self.leader:
-            self.watch.observe(self.problem, state, batch)
-        if in_window:
-            return state, None  # an in-window estimate: the judge decides on all of them at W
-        if window:
-            self.verdict = self.share(self.watch.verdict() if self.leader else None)
-        else:
-            later = self.share(self.watch.recheck() if self.leader else None)
-            if later["verdict"] != "unsuitable":
-                return state, None
-            self.verdict = later
-        action = self.watch.action(self.verdict, warn=self.leader, step=state.step)
-        if action == "stop":
-            self.status = "unsuitable"
-        elif action == "fallback":
-            self.settings, self.solver, state = switch_solver(
-                self.settings, self.verdict["fallback"], self.problem, state, self.grad_reduce
-            )
-        return state, action
-
-    def certify(self, verdict: Verdict, step: int) -> None:
-        """The end-of-run certificate replaces the early verdict (it measures the outcome the
-        early one predicted) and is acted on as the user chose: "warn" warns, "stop" marks the
-        run ``unsuitable``; "fallback" cannot switch a run that has ended, so it warns too and
-        the recommendation names the method to rerun with."""
-        self.verdict = verdict.to_dict()
-        self.verdict["stats"]["flatness/decided_at"] = float(step)
-        if verdict.verdict != "unsuitable" or self.watch is None:
-            return
-        if self.watch.settings.on_unsuitable == "stop":
-            self.status = "unsuitable"
-        elif self.leader:
-            warnings.warn_explicit(
-                f"flatness certificate at the run's end (step {step}): {verdict.reason}",
-                FlatnessWarning,
-                filename="bilevel_ray",
-                lineno=0,
-            )
-
-    def saved(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the diagnostic (plain values)."""
-        return {
-            "method": self.settings.method,
-            "settings": self.settings.to_dict(strict=False),  # in force: the fallback's
-            "verdict": self.verdict,
-            "status": self.status,
-        }
-
-    def restore(self, saved: Mapping[str, Any] | None) -> None:
-        """Continue a resumed run with the solver it had switched to."""
-        if not saved:
-            return
-        self.verdict, self.status = saved["verdict"], saved["status"]
-        if saved["method"] != self.settings.method:
-            self.settings = fallback_config(self.settings, saved["method"])
-            self.solver = self.settings.build(self.problem, self.grad_reduce)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.local.checkpoint import atomic_write, check_output_path
+from bilevel_ray.runtime.local.output_files import atomic_write, check_output_path
 from bilevel_ray.runtime.report.sweep import (
     kept_settings_note,
     printable,

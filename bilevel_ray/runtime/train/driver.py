@@ -31,16 +31,19 @@ from bilevel_ray.problem import ProblemSpec
 from bilevel_ray.problems import build_spec, load_factory
 from bilevel_ray.runtime.local.checkpoint import (
     LOCAL_CHECKPOINT,
-    check_free_space,
-    check_inside,
-    check_output_path,
-    check_writable,
     group_checkpoints,
     load_latest,
     same_settings,
     tensor_bytes,
 )
 from bilevel_ray.runtime.local.history import HISTORY_SCHEMA
+from bilevel_ray.runtime.local.judge import FlatnessJudge
+from bilevel_ray.runtime.local.output_files import (
+    check_free_space,
+    check_inside,
+    check_output_path,
+    check_writable,
+)
 from bilevel_ray.runtime.local.run_spec import (
     REPORT_INTERVAL_S,
     Placement,
@@ -50,7 +53,7 @@ from bilevel_ray.runtime.local.run_spec import (
 )
 from bilevel_ray.runtime.local.solve import SolveResult, run_spec_local, solver_config
 from bilevel_ray.runtime.local.spec_check import check_spec
-from bilevel_ray.runtime.local.watch import FlatnessJudge, watch_settings
+from bilevel_ray.runtime.local.watch import watch_settings
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.solvers.base import state_from_dict
 
@@ -150,27 +153,11 @@ def train(
         watch,
     )
     placement = Placement(num_workers, use_gpu, resources_per_worker, max_failures)
-    if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
-        raise ConfigError(f"fault={fault!r}: must be a dict {{'rank': r, 'step': k}}")
-    if datasets is not None:
-        _check_datasets(datasets, batch_size, spec.data)
-    elif batch_size is not None:
-        raise ConfigError("batch_size is for datasets=...; the factory's data sets its own size")
-    else:
-        next(as_batches(spec.data, seed, 0, num_workers - 1, num_workers))  # shardable?
-    if in_process not in ("auto", False):
-        raise ConfigError(f"in_process={in_process!r}: must be 'auto' or False")
+    _check_hooks(fault, datasets, batch_size, in_process, spec, run, num_workers)
     # A fresh run gets a unique name; pass name= (the same one) to resume a run.
     name = check_run_name(name or default_run_name(method))
     check_output_path(name, "name", is_file=False)
-    storage = _storage(storage_path)
-
-    if not isinstance(storage, _UriPath):
-        # A planted link at {storage}/{name} must not carry the run's files elsewhere.
-        check_inside(storage / name, storage, "name")
-        # Train keeps two checkpoints and writes a third; a state is about x and y plus an
-        # optimizer's two moments.
-        check_free_space(storage, 9 * tensor_bytes((spec.x0, spec.y0)), "storage_path")
+    storage = _run_storage(storage_path, name, spec)
     gpu_here = use_gpu == "auto" and torch.cuda.is_available()
     uri = isinstance(storage, _UriPath)  # remote storage: Train writes it, not this process
     needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
@@ -198,6 +185,41 @@ def train(
         datasets=datasets,
         batch_size=batch_size,
     )
+
+
+def _check_hooks(
+    fault: Any,
+    datasets: Any,
+    batch_size: Any,
+    in_process: Any,
+    spec: Any,
+    run: RunSpec,
+    num_workers: int,
+) -> None:
+    """The test hook, the Ray Data inputs and the in-process switch; the factory's data must
+    shard over ``num_workers`` ranks (its last rank's first batch is drawn once)."""
+    if fault is not None and (not isinstance(fault, dict) or set(fault) != {"rank", "step"}):
+        raise ConfigError(f"fault={fault!r}: must be a dict {{'rank': r, 'step': k}}")
+    if datasets is not None:
+        _check_datasets(datasets, batch_size, spec.data)
+    elif batch_size is not None:
+        raise ConfigError("batch_size is for datasets=...; the factory's data sets its own size")
+    else:
+        next(as_batches(spec.data, run.seed, 0, num_workers - 1, num_workers))  # shardable?
+    if in_process not in ("auto", False):
+        raise ConfigError(f"in_process={in_process!r}: must be 'auto' or False")
+
+
+def _run_storage(storage_path: Any, name: str, spec: Any) -> Any:
+    """The storage the run's folder ``name`` lives in, checked where it is local."""
+    storage = _storage(storage_path)
+    if not isinstance(storage, _UriPath):
+        # A planted link at {storage}/{name} must not carry the run's files elsewhere.
+        check_inside(storage / name, storage, "name")
+        # Train keeps two checkpoints and writes a third; a state is about x and y plus an
+        # optimizer's two moments.
+        check_free_space(storage, 9 * tensor_bytes((spec.x0, spec.y0)), "storage_path")
+    return storage
 
 
 def _train_on_group(

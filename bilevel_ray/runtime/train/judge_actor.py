@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from bilevel_ray.runtime.local.watch import FlatnessJudge
+from bilevel_ray.runtime.local.judge import FlatnessJudge
 
 __all__ = ["ActorJudge", "actor_name", "start_judge"]
 

@@ -14,7 +14,7 @@ batches it had not yet used.
 
 With a flatness diagnostic rank 0 sends its estimates during the warm-up window to the run's
 judge actor and broadcasts the verdict, so that every rank switches to the fallback solver, or
-stops, at the same step (:class:`~bilevel_ray.runtime.local.watch.ActiveSolver`).
+stops, at the same step (:class:`~bilevel_ray.runtime.local.active_solver.ActiveSolver`).
 
 A diverged run is a result, not a crash: it reports ``status="diverged"`` with its last finite
 metrics and ends (a raised error would make Train restart a run bound to diverge again).
@@ -41,6 +41,7 @@ from bilevel_ray.problem import check_losses
 from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.cluster.session import quiet_train_worker
 from bilevel_ray.runtime.local import loop
+from bilevel_ray.runtime.local.active_solver import ActiveSolver
 from bilevel_ray.runtime.local.checkpoint import (
     CHECKPOINT_FILE,
     checkpoint_payload,
@@ -50,9 +51,10 @@ from bilevel_ray.runtime.local.checkpoint import (
     save_checkpoint,
 )
 from bilevel_ray.runtime.local.history import HistoryRecorder
+from bilevel_ray.runtime.local.judge import verdict_columns
 from bilevel_ray.runtime.local.ranking import FAILED, GAP, METRIC, SCORE, search_score
 from bilevel_ray.runtime.local.threads import use_cpus
-from bilevel_ray.runtime.local.watch import ActiveSolver, FlatnessWatch, verdict_columns
+from bilevel_ray.runtime.local.watch import FlatnessWatch
 from bilevel_ray.runtime.train.collectives import (
     allreduce_mean,
     allreduce_mean_tensor,

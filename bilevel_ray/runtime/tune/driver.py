@@ -20,42 +20,21 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune as ray_tune
 
-from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
-from bilevel_ray.runtime.local.checkpoint import check_writable
 from bilevel_ray.runtime.local.history import write_parquet
 from bilevel_ray.runtime.local.ranking import GAP, METRIC, SCORE
-from bilevel_ray.runtime.local.run_spec import (
-    REPORT_INTERVAL_S,
-    Placement,
-    RunSpec,
-    check_count,
-    check_run_name,
-)
-from bilevel_ray.runtime.local.watch import watch_settings
-from bilevel_ray.runtime.train.driver import portable_factory
+from bilevel_ray.runtime.local.run_spec import REPORT_INTERVAL_S
 from bilevel_ray.runtime.train.judge_actor import start_judge
 from bilevel_ray.runtime.tune.folder import claim_sweep_folder
 from bilevel_ray.runtime.tune.lineage import write_best_schedule
 from bilevel_ray.runtime.tune.outcome import TuneResult, history_table, outcome, trials_table
-from bilevel_ray.runtime.tune.population import POPULATION_SCHEDULERS, population_scheduler
-from bilevel_ray.runtime.tune.preflight import (
-    check_space_values,
-    check_spec,
-    describe_space,
-    first_step,
-)
-from bilevel_ray.runtime.tune.space import check_search_space, default_search_space
-from bilevel_ray.runtime.tune.strategy import scheduler_for, search_alg_for
+from bilevel_ray.runtime.tune.plan import SweepPlan, plan_sweep
 from bilevel_ray.runtime.tune.trial import TrialPlan, run_trial
 
 __all__ = ["TuneResult", "run_sweep"]
@@ -182,181 +161,133 @@ def run_sweep(
         sweep's folder. Its ``best_config`` is None when
         no trial completed (``failure_summary()`` says why).
     """
-    problem_config = dict(problem_config or {})
-    spec = build_spec(factory, {**problem_config, "device": "cpu"})
-    check_spec(spec, needs_eval=True)
-    defaults = SolverConfig.applicable(method, spec.defaults)
-    default_steps = defaults.pop("steps", 1000)
-    steps = default_steps if steps is None else steps
-    problems: list[str] = []
-    check_count(problems, "num_samples", num_samples, 1)
-    check_count(problems, "gap_steps", gap_steps, 1)
-    check_count(problems, "steps", steps, 1)
-    if problems:
-        raise ConfigError(problems)
-    watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
-    run = RunSpec(
-        steps,
-        seed,
-        report_every or max(steps // 10, 1),
+    plan = plan_sweep(
+        factory,
+        problem_config=problem_config,
+        method=method,
+        search_space=search_space,
+        num_samples=num_samples,
+        steps=steps,
+        report_every=report_every,
         report_interval_s=report_interval_s,
-        watch=watch,
+        scheduler=scheduler,
+        search_alg=search_alg,
+        max_concurrent_trials=max_concurrent_trials,
+        placement=(num_workers, use_gpu, resources_per_worker, max_failures),
+        gap=(gap_tol, gap_steps),
+        storage_path=storage_path,
+        name=name,
+        seeds=(seed, search_seed),
+        pbt_interval=pbt_interval,
+        watch=(on_unsuitable, diagnose_window, diagnose_every, diagnose_options),
+        base_options=base_options,
     )
-    placement = Placement(num_workers, use_gpu, resources_per_worker, max_failures)
-    name = check_run_name(name)
-    if not isinstance(gap_tol, (int, float)) or not gap_tol >= 0:
-        raise ConfigError(f"gap_tol={gap_tol!r}: must be a number >= 0")
-    if search_space is None:
-        space = default_search_space(method, base_options)
-    else:
-        space = dict(search_space)
-    # The problem's suggested settings fill in what the space does not determine (lr_ratio
-    # determines lr_x, a ramp determines gamma); the user's fixed settings are checked as given.
-    determined = set(space) | ({"lr_x"} if "lr_ratio" in space else set())
-    determined |= {"gamma"} if "gamma_init" in space else set()
-    base = {**{k: v for k, v in defaults.items() if k not in determined}, **base_options}
-    check_search_space(space, method, base)
-    check_space_values(space, method, base)
-    if search_alg == "auto" and any(
-        isinstance(v, Mapping) and "grid_search" in v for v in space.values()
-    ):
-        search_alg = None  # a grid is Tune's own variant generator's job; TPE cannot take one
-    search_seed = seed if search_seed is None else search_seed
-    check_count(problems, "search_seed", search_seed, 0)
-    if problems:
-        raise ConfigError(problems)
-    population = isinstance(scheduler, str) and scheduler in POPULATION_SCHEDULERS
-    if population:
-        if search_alg not in ("auto", None):
-            raise ConfigError(
-                f"scheduler={scheduler!r} draws its population at random and then evolves it; "
-                f"search_alg={search_alg!r} cannot be combined with it: leave search_alg unset"
-            )
-        if max_concurrent_trials not in (None, num_samples):
-            raise ConfigError(
-                f"max_concurrent_trials={max_concurrent_trials}: a population of "
-                f"num_samples={num_samples} trials runs all at once (an exploit needs its "
-                "rivals running); leave max_concurrent_trials unset or lower num_samples"
-            )
-        searcher, milestones = None, frozenset()
-        tune_scheduler, run = population_scheduler(scheduler, run, space, pbt_interval, num_workers)
-    else:
-        if pbt_interval is not None:
-            raise ConfigError(
-                f"pbt_interval={pbt_interval!r} applies to scheduler='pbt' or 'pb2' only"
-            )
-        searcher = search_alg_for(search_alg, num_samples, search_seed)
-        tune_scheduler, milestones = scheduler_for(scheduler, run, searcher)
-    first_step(spec, method, base, space, seed)
-    # Resolved here, relative to this process's folder, before Ray can move it (a job's driver
-    # connecting with address="auto"): the trials receive the callable itself.
-    shipped = portable_factory(factory)
-    storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
-    path = storage / name
-    sweep = {
-        "problem": _factory_name(factory),
-        "problem_config": problem_config,
-        "method": method,
-        "search_space": describe_space(space),
-        "fixed": base,
-        "num_samples": num_samples,
-        "steps": run.steps,
-        "report_every": run.report_every,
-        "seed": seed,
-        "search_seed": search_seed,
-        "pbt_interval": run.checkpoint_every or None,
-        "num_workers": num_workers,
-        "scheduler": str(scheduler),
-        "search_alg": str(search_alg),
-        "on_unsuitable": on_unsuitable,
-    }
-    claim_sweep_folder(path, sweep, resume)
-
+    claim_sweep_folder(plan.path, plan.record, resume)
     # Save the sweep's state at most every second (Tune's default adapts up to minutes; every
     # step would rewrite the whole state after each event: quadratic in the number of trials),
     # so a killed driver loses little more than the trials that were running.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    with steady_working_dir(path):  # all of the sweep's paths are absolute by now
+    started = time.perf_counter()
+    with steady_working_dir(plan.path):  # all of the sweep's paths are absolute by now
         gpus = connect(address)
-        trial_cpus = 1.0 if num_workers == 1 else 0.25
-        cpus = ray.cluster_resources().get("CPU", 0.0)
-        if population:
-            # The whole population at once: PBT pauses a trial at every interval while another
-            # waits for CPUs. Ray counts resources in 1e-4 units: round down so that all fit.
-            share = (cpus or 1.0) / num_samples
-            trial_cpus = min(1.0, max(1e-4, math.floor(share * 1e4) / 1e4))
-        worker_cpus = placement.cpus_per_worker if num_workers > 1 else 0.0
-        per_trial = trial_cpus + num_workers * worker_cpus
-        if per_trial > cpus:
-            raise ConfigError(
-                f"one trial needs {per_trial:g} CPUs ({num_workers} workers x {worker_cpus:g} + "
-                f"{trial_cpus:g} for the trial) and the cluster has {cpus:g}: lower "
-                "resources_per_worker (e.g. {'CPU': 0.5}) or num_workers"
-            )
-        if population:
-            max_concurrent_trials = num_samples
-        elif max_concurrent_trials is None:
-            max_concurrent_trials = max(1, int(cpus // per_trial + 1e-9))
-        plan = TrialPlan(
-            shipped,
-            problem_config,
-            method,
-            base,
-            run,
-            placement,
-            bool(gpus) if use_gpu == "auto" else bool(use_gpu),
-            gap_steps,
-            gap_tol,
-            str(path),
-            milestones,
-            None if watch is None else start_judge(name),
+        trial_cpus, concurrent = _place(plan, ray.cluster_resources().get("CPU", 0.0))
+        grid = _execute(plan, trial_cpus, concurrent, bool(gpus), resume, progress)
+    return _write(plan, grid, started)
+
+
+def _place(plan: SweepPlan, cpus: float) -> tuple[float, int]:
+    """The CPUs of one trial's own process and how many trials run at once on ``cpus``."""
+    workers = plan.placement.num_workers
+    trial_cpus = 1.0 if workers == 1 else 0.25
+    if plan.population:
+        # The whole population at once: PBT pauses a trial at every interval while another
+        # waits for CPUs. Ray counts resources in 1e-4 units: round down so that all fit.
+        share = (cpus or 1.0) / plan.num_samples
+        trial_cpus = min(1.0, max(1e-4, math.floor(share * 1e4) / 1e4))
+    worker_cpus = plan.placement.cpus_per_worker if workers > 1 else 0.0
+    per_trial = trial_cpus + workers * worker_cpus
+    if per_trial > cpus:
+        raise ConfigError(
+            f"one trial needs {per_trial:g} CPUs ({workers} workers x {worker_cpus:g} + "
+            f"{trial_cpus:g} for the trial) and the cluster has {cpus:g}: lower "
+            "resources_per_worker (e.g. {'CPU': 0.5}) or num_workers"
         )
-        trainable = ray_tune.with_resources(
-            ray_tune.with_parameters(run_trial, plan=plan), {"cpu": trial_cpus}
+    if plan.population:
+        return trial_cpus, plan.num_samples
+    if plan.max_concurrent_trials is not None:
+        return trial_cpus, plan.max_concurrent_trials
+    return trial_cpus, max(1, int(cpus // per_trial + 1e-9))
+
+
+def _execute(
+    plan: SweepPlan, trial_cpus: float, concurrent: int, gpus: bool, resume: bool, progress: bool
+) -> Any:
+    """Tune's run of the trials (a new Tuner, or the interrupted one restored): its result grid."""
+    use_gpu = plan.placement.use_gpu
+    trial_plan = TrialPlan(
+        plan.factory,
+        plan.problem_config,
+        plan.method,
+        plan.base,
+        plan.run,
+        plan.placement,
+        gpus if use_gpu == "auto" else bool(use_gpu),
+        plan.gap_steps,
+        plan.gap_tol,
+        str(plan.path),
+        plan.milestones,
+        None if plan.run.watch is None else start_judge(plan.path.name),
+    )
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, plan=trial_plan), {"cpu": trial_cpus}
+    )
+    if resume and ray_tune.Tuner.can_restore(str(plan.path)):
+        tuner = ray_tune.Tuner.restore(
+            str(plan.path), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-        started = time.perf_counter()
-        if resume and ray_tune.Tuner.can_restore(str(path)):
-            tuner = ray_tune.Tuner.restore(
-                str(path), trainable=trainable, resume_unfinished=True, resume_errored=True
-            )
-        else:
-            tuner = ray_tune.Tuner(
-                trainable,
-                param_space=space,
-                tune_config=ray_tune.TuneConfig(
-                    metric=SCORE,
-                    mode="min",
-                    num_samples=num_samples,
-                    scheduler=tune_scheduler,
-                    search_alg=searcher,
-                    max_concurrent_trials=max_concurrent_trials,
-                ),
-                run_config=ray_tune.RunConfig(
-                    name=name,
-                    storage_path=str(storage),
-                    verbose=0,
-                    callbacks=[_Progress()] if progress else [],
-                    failure_config=ray_tune.FailureConfig(max_failures=max_failures),
-                    # An exploit restores a rival's latest checkpoint, which must still exist
-                    # when the exploiting trial's process has started: a fast rival had saved 4
-                    # more by then (10 of 36 trials failed on representation), so a population
-                    # keeps every checkpoint. Other sweeps save none.
-                    checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=None),
-                ),
-            )
-        with warnings.catch_warnings():
-            # Tune's advice to PBT users (reuse_actors with a class Trainable's reset_config)
-            # does not apply to a function trainable: a user cannot act on it.
-            warnings.filterwarnings("ignore", "Consider boosting PBT performance", UserWarning)
-            grid = tuner.fit()
+    else:
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=plan.space,
+            tune_config=ray_tune.TuneConfig(
+                metric=SCORE,
+                mode="min",
+                num_samples=plan.num_samples,
+                scheduler=plan.tune_scheduler,
+                search_alg=plan.searcher,
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=ray_tune.RunConfig(
+                name=plan.path.name,
+                storage_path=str(plan.path.parent),
+                verbose=0,
+                callbacks=[_Progress()] if progress else [],
+                failure_config=ray_tune.FailureConfig(max_failures=plan.placement.max_failures),
+                # An exploit restores a rival's latest checkpoint, which must still exist when
+                # the exploiting trial's process has started: a fast rival had saved 4 more by
+                # then (10 of 36 trials failed on representation), so a population keeps every
+                # checkpoint. Other sweeps save none.
+                checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=None),
+            ),
+        )
+    with warnings.catch_warnings():
+        # Tune's advice to PBT users (reuse_actors with a class Trainable's reset_config)
+        # does not apply to a function trainable: a user cannot act on it.
+        warnings.filterwarnings("ignore", "Consider boosting PBT performance", UserWarning)
+        return tuner.fit()
+
+
+def _write(plan: SweepPlan, grid: Any, started: float) -> TuneResult:
+    """The sweep's files (trials, history, the best schedule) and its closing lines."""
+    path = plan.path
     trials = trials_table(grid)
     history = history_table(path, trials)
     write_parquet(trials, path / "trials.parquet")
     write_parquet(history, path / "history.parquet")
-    result = outcome(trials, history, path, base, gap_tol)
+    result = outcome(trials, history, path, plan.base, plan.gap_tol)
     lineage = result.best_metrics.get("lineage") if result.best_config is not None else None
     if isinstance(lineage, str):
-        write_best_schedule(path, result.best_metrics, json.loads(lineage), sweep)
+        write_best_schedule(path, result.best_metrics, json.loads(lineage), plan.record)
     took = f"{result.num_trials} trials in {time.perf_counter() - started:.0f} s"
     if result.best_config is None:
         print(f"[tune] {took}; no trial completed", file=sys.stderr, flush=True)
@@ -370,14 +301,3 @@ def run_sweep(
     if result.failure_summary() is not None:
         print(f"[tune] {result.failure_summary()}", file=sys.stderr, flush=True)
     return result
-
-
-def _factory_name(factory: Any) -> str:
-    """How a sweep folder remembers its problem: a built-in or module name as given, a file by
-    its absolute path, a callable by its module and name."""
-    if isinstance(factory, str):
-        where, sep, attr = factory.rpartition(":")
-        if sep and where.endswith(".py"):
-            return f"{Path(where).resolve()}:{attr}"
-        return factory
-    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', factory)}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.local.checkpoint import atomic_write, check_output_folder
+from bilevel_ray.runtime.local.output_files import atomic_write, check_output_folder
 
 __all__ = ["SWEEP_FILE", "SWEEP_FILES", "claim_sweep_folder"]
 

@@ -39,11 +39,11 @@ from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.local import loop
 from bilevel_ray.runtime.local.checkpoint import load_checkpoint, save_checkpoint
 from bilevel_ray.runtime.local.history import read_rows, write_parquet
+from bilevel_ray.runtime.local.judge import verdict_columns
 from bilevel_ray.runtime.local.ranking import FAILED, GAP, METRIC, SCORE, search_score
 from bilevel_ray.runtime.local.run_spec import Placement, RunSpec, verbose
 from bilevel_ray.runtime.local.solve import run_spec_local, solver_config
 from bilevel_ray.runtime.local.threads import use_cpus
-from bilevel_ray.runtime.local.watch import verdict_columns
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.runtime.tune.lineage import extend_lineage
 from bilevel_ray.runtime.tune.outcome import HISTORIES, one_line
