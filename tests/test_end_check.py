@@ -259,7 +259,7 @@ def test_cli_certifies_a_finished_run_folder_at_its_end(tmp_path, capsys):
                 '{"problem": "toy-negative", "settings": {}, "method": "pbgd_free"}'
             ),
             [],
-            "result.pt is missing",
+            "result.pt' cannot be read (No such file or directory)",
         ),
         (lambda d: None, ["--steps", "10"], "--at-end certifies a finished run"),
         (lambda d: None, ["toy-negative"], "drop PROBLEM"),

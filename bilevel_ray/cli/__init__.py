@@ -22,16 +22,32 @@ may use.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from bilevel_ray.cli import compare, diagnose, report, solve, train, tune
 from bilevel_ray.cli.common import Parser, UsageError
 from bilevel_ray.cli.solve import EXAMPLES
 from bilevel_ray.errors import ConfigError, DivergenceError
 
-__all__ = ["main", "parser"]
+__all__ = ["COMMANDS", "main", "parser"]
+
+
+def _commands() -> dict[str, Any]:
+    """Every module of this package with ``add_parser`` and ``run`` is a command of its name, in
+    its ``ORDER``: a new command is one new file here."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "add_parser") and hasattr(module, "run"):
+            found.append((getattr(module, "ORDER", 99), info.name, module))
+    return {name: module for _, name, module in sorted(found)}
+
+
+COMMANDS = _commands()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,8 +65,8 @@ def parser() -> argparse.ArgumentParser:
         help="also show Ray's own log lines (sets BILEVEL_RAY_VERBOSE=1); also after a command",
     )
     commands = top.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (solve, train, tune, diagnose, compare, report):
-        command.add_parser(commands)  # one module per command: its flags, its run
+    for command in COMMANDS.values():
+        command.add_parser(commands)
     return top
 
 
@@ -63,15 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bilevel_ray.runtime.local.threads import use_process_cpus
 
             use_process_cpus()
-        commands = {
-            "solve": solve,
-            "train": train,
-            "tune": tune,
-            "diagnose": diagnose,
-            "report": report,
-            "compare": compare,
-        }
-        return commands[args.command].run(args)
+        return COMMANDS[args.command].run(args)
     except (UsageError, ConfigError) as err:
         print(f"error: {err}" if isinstance(err, ConfigError) else str(err), file=sys.stderr)
         return 2

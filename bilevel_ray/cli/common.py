@@ -14,18 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.registry import BUILTIN_FACTORIES
+from bilevel_ray.runtime.local.run_spec import RUN_OPTIONS
 
-# The built-in problems' names, for the help text without importing them (and torch):
-# tests/test_cli.py checks them against bilevel_ray.problems.BUILTIN_PROBLEMS.
-BUILTIN_NAMES = (
-    "toy-negative",
-    "toy-positive",
-    "quadratic",
-    "regression",
-    "representation",
-    "hyperclean",
-    "peft-dpo-sft",
-)
+# The built-in problems' names, for the help text without importing them (and torch).
+BUILTIN_NAMES = tuple(BUILTIN_FACTORIES)
 
 
 class UsageError(Exception):
@@ -55,6 +48,20 @@ def key_values(pairs: Sequence[str], flag: str, strict: bool = False) -> dict[st
                 ) from None
             out[key] = raw
     return out
+
+
+def new_command(
+    commands: Any, name: str, help: str, description: str, examples: str | None = None
+) -> argparse.ArgumentParser:
+    """The sub-command ``name``: its one-line ``help``, its ``description`` and its
+    ``examples`` (printed as written, after the options)."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def problem_options(
@@ -100,23 +107,37 @@ def threads_option(command: argparse.ArgumentParser) -> None:
     )
 
 
-def run_options(command: argparse.ArgumentParser, out_help: str) -> None:
-    """The options ``solve``, ``train`` and ``tune`` share."""
+def run_options(
+    command: argparse.ArgumentParser, out_help: str, exclude: tuple[str, ...] = ()
+) -> None:
+    """The options ``solve``, ``train`` and ``tune`` share: the problem, the method, the steps,
+    the output folder, and a flag for each run setting declared in
+    :data:`~bilevel_ray.runtime.local.run_spec.RUN_OPTIONS` (but ``exclude``)."""
     problem_options(command, "a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...)")
     command.add_argument("--method", default="pbgd_free", help="solver (default: pbgd_free)")
     command.add_argument("--steps", type=int, help="iterations (default: the problem's own)")
-    command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--report-every", type=int, default=100, help="log every N steps")
     command.add_argument("--out", type=Path, metavar="DIR", help=out_help)
-    command.add_argument(
-        "--on-unsuitable",
-        choices=("fallback", "stop", "warn"),
-        help="run the flatness diagnostic during the first --diagnose-window steps and, if "
-        "PBGD-Free is unsuitable, switch to alt_pbgd (fallback), stop, or warn",
-    )
-    command.add_argument(
-        "--diagnose-window", type=int, default=200, metavar="W", help="warm-up window (steps)"
-    )
+    for name, option in RUN_OPTIONS.items():
+        if not option.flag or name in exclude:
+            continue
+        default = option.default if option.cli_default is None else option.cli_default
+        command.add_argument(
+            "--" + name.replace("_", "-"),
+            type=None if option.choices else type(default) if default is not None else str,
+            choices=option.choices,
+            default=default,
+            metavar=None if option.choices else "S" if isinstance(default, float) else "N",
+            help=f"{option.help} (default: {default})",
+        )
+
+
+def run_flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run settings the command line set (or defaulted), by their keyword names."""
+    return {
+        name: getattr(args, name)
+        for name, option in RUN_OPTIONS.items()
+        if option.flag and hasattr(args, name)
+    }
 
 
 def read_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -151,10 +172,6 @@ def check_run_files(folder: Path) -> None:
 
     for name in RUN_FILES:
         check_output_path(Path(folder) / name, "--out file")
-
-
-def watch_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"on_unsuitable": args.on_unsuitable, "diagnose_window": args.diagnose_window}
 
 
 def shown_value(value: Any) -> str:

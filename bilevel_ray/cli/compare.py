@@ -6,25 +6,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bilevel_ray.cli.common import (
-    key_values,
-    output_options,
-    problem_options,
+from bilevel_ray.cli import common
+
+ORDER = 5  # its place in ``bilevel-ray --help``
+
+
+HELP = "every method under one time budget, and which to use (a proof of concept)"
+
+DESCRIPTION = (
+    "Run every applicable method (or --methods) on the problem for --budget "
+    "seconds each, --seeds times, as Ray Tune trials, beside the flatness diagnostic on the "
+    "same start; print a table and a recommendation; write compare.parquet, curves.parquet, "
+    "compare.json and compare.png to DIR/NAME. Quality is phi = f(x, y*(x)) on the "
+    "problem's held-out data."
 )
 
 
 def add_parser(commands: Any) -> None:
     """``compare``: every method under one time budget."""
-    compare_cmd = commands.add_parser(
-        "compare",
-        help="every method under one time budget, and which to use (a proof of concept)",
-        description="Run every applicable method (or --methods) on the problem for --budget "
-        "seconds each, --seeds times, as Ray Tune trials, beside the flatness diagnostic on the "
-        "same start; print a table and a recommendation; write compare.parquet, curves.parquet, "
-        "compare.json and compare.png to DIR/NAME. Quality is phi = f(x, y*(x)) on the "
-        "problem's held-out data.",
-    )
-    problem_options(
+    compare_cmd = common.new_command(commands, "compare", HELP, DESCRIPTION)
+    common.problem_options(
         compare_cmd,
         "a solver setting for every method it applies to (lr_x, lr_y, gamma, optimizer, ...)",
     )
@@ -55,7 +56,7 @@ def add_parser(commands: Any) -> None:
     )
     compare_cmd.add_argument("--name", default="compare", help="the comparison's folder name")
     compare_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
-    output_options(compare_cmd)
+    common.output_options(compare_cmd)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out, "--out")
     result = compare(
         args.problem,
-        problem_config=key_values(args.config, "--config"),
+        problem_config=common.key_values(args.config, "--config"),
         methods=methods,
         budget_s=args.budget,
         seeds=args.seeds,
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
         progress=not args.quiet,
         rank_by=args.rank_by,
-        **key_values(args.set, "--set"),
+        **common.key_values(args.set, "--set"),
     )
     print(format_table(result))
     print()

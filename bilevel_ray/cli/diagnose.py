@@ -7,16 +7,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bilevel_ray.cli.common import (
-    UsageError,
-    key_values,
-    output_options,
-    problem_options,
-    progress_enabled,
-    shown_value,
-    threads_option,
-)
+from bilevel_ray.cli import common
 from bilevel_ray.errors import ConfigError
+
+ORDER = 4  # its place in ``bilevel-ray --help``
+
 
 DIAGNOSE_EXAMPLES = """examples:
   bilevel-ray diagnose toy-negative                  # unsuitable: exit code 3
@@ -28,22 +23,23 @@ DIAGNOSE_EXAMPLES = """examples:
 """
 
 
+HELP = "is PBGD-Free suitable for a problem? (the flatness diagnostic)"
+
+DESCRIPTION = (
+    "Run PBGD-Free from the problem's start for the run's horizon (--steps, "
+    "default the problem's suggested steps), then certify its end point: PBGD-Free and "
+    "alt_pbgd continue from there on the same batches, and what the correction still gains "
+    "in phi(x) = f(x, y*(x)) on f's rows is judged against 5% of the achievable improvement "
+    "and the run-to-run noise. Prints the verdict: suitable (exit 0), unsuitable (exit 3) or "
+    "uncertain (exit 0), the held-out comparison on its own line, and the early price's "
+    "prediction. --at-end RUN_DIR certifies a finished run instead."
+)
+
+
 def add_parser(commands: Any) -> None:
     """``diagnose``: the flatness diagnostic's verdict on a problem."""
-    diagnose_cmd = commands.add_parser(
-        "diagnose",
-        help="is PBGD-Free suitable for a problem? (the flatness diagnostic)",
-        description="Run PBGD-Free from the problem's start for the run's horizon (--steps, "
-        "default the problem's suggested steps), then certify its end point: PBGD-Free and "
-        "alt_pbgd continue from there on the same batches, and what the correction still gains "
-        "in phi(x) = f(x, y*(x)) on f's rows is judged against 5%% of the achievable improvement "
-        "and the run-to-run noise. Prints the verdict: suitable (exit 0), unsuitable (exit 3) or "
-        "uncertain (exit 0), the held-out comparison on its own line, and the early price's "
-        "prediction. --at-end RUN_DIR certifies a finished run instead.",
-        epilog=DIAGNOSE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    problem_options(
+    diagnose_cmd = common.new_command(commands, "diagnose", HELP, DESCRIPTION, DIAGNOSE_EXAMPLES)
+    common.problem_options(
         diagnose_cmd,
         "a run setting (lr_x, lr_y, inner_steps, optimizer) or an option of br.diagnose "
         "(solve_steps, rho_ok, ...)",
@@ -83,9 +79,9 @@ def add_parser(commands: Any) -> None:
         metavar="RUN_DIR",
         help="certify a finished run (a solve or train --out folder) at its end point",
     )
-    threads_option(diagnose_cmd)
+    common.threads_option(diagnose_cmd)
     diagnose_cmd.add_argument("--seed", type=int, default=0)
-    output_options(diagnose_cmd)
+    common.output_options(diagnose_cmd)
     diagnose_cmd.add_argument(
         "--address", help="run the diagnostic as a task on this Ray cluster (default: here)"
     )
@@ -113,7 +109,7 @@ DIAGNOSE_SHOWN = (
 
 
 def run(args: argparse.Namespace) -> int:
-    options = key_values(args.set, "--set")
+    options = common.key_values(args.set, "--set")
     if "progress" in options:
         raise ConfigError(
             "--set progress=...: not a setting; progress lines are on by default "
@@ -122,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.at_end is not None:
         return _certify(args, options)
     if args.problem is None:
-        raise UsageError(
+        raise common.UsageError(
             "diagnose needs PROBLEM (a built-in name or file.py:factory), or --at-end RUN_DIR "
             "to certify a finished run"
         )
@@ -137,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
             "predict_only": args.predict_only,
         }
     )
-    options["progress"] = progress_enabled(args)
+    options["progress"] = common.progress_enabled(args)
     from bilevel_ray.runtime.local.diagnose_named import diagnose_problem
 
-    problem_config = key_values(args.config, "--config")
+    problem_config = common.key_values(args.config, "--config")
     if args.address is not None:
         from bilevel_ray.runtime.cluster.remote import on_cluster
 
@@ -193,7 +189,7 @@ def _certify(args: argparse.Namespace, options: dict[str, Any]) -> int:
         check_steps=args.check_steps,
         replicas=3 if args.replicas is None else args.replicas,
         threads=args.threads,
-        progress=progress_enabled(args),
+        progress=common.progress_enabled(args),
     )
     _print_verdict(f"{args.at_end} (run of {used['problem']})", verdict, used)
     return 3 if verdict.verdict == "unsuitable" else 0
@@ -207,5 +203,5 @@ def _print_verdict(title: str, verdict: Any, used: dict[str, Any]) -> None:
     if verdict.prediction:
         print(f"  prediction: {verdict.prediction}")
     print(f"  recommendation: {verdict.recommendation}")
-    shown = ", ".join(f"{k}={shown_value(used[k])}" for k in DIAGNOSE_SHOWN if k in used)
+    shown = ", ".join(f"{k}={common.shown_value(used[k])}" for k in DIAGNOSE_SHOWN if k in used)
     print(f"  settings: {shown} (change any with --set KEY=VALUE, gamma with --gamma)")

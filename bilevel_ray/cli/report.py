@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bilevel_ray.cli import common
+
+ORDER = 6  # its place in ``bilevel-ray --help``
+
+
 REPORT_EXAMPLES = """examples:
   bilevel-ray tune representation --out runs && bilevel-ray report runs/sweep
   bilevel-ray solve toy-negative --out runs/neg && bilevel-ray report runs/neg
@@ -14,16 +19,17 @@ REPORT_EXAMPLES = """examples:
 """
 
 
+HELP = "table and plot of the runs in a folder"
+
+DESCRIPTION = (
+    "Print a table of the runs in DIR (a tune sweep's folder, or a solve / "
+    "train --out folder) and write DIR/report.png (needs matplotlib)."
+)
+
+
 def add_parser(commands: Any) -> None:
     """``report``: the table and plot of a folder's runs."""
-    report_cmd = commands.add_parser(
-        "report",
-        help="table and plot of the runs in a folder",
-        description="Print a table of the runs in DIR (a tune sweep's folder, or a solve / "
-        "train --out folder) and write DIR/report.png (needs matplotlib).",
-        epilog=REPORT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    report_cmd = common.new_command(commands, "report", HELP, DESCRIPTION, REPORT_EXAMPLES)
     report_cmd.add_argument("folder", type=Path, metavar="DIR")
     report_cmd.add_argument("--gap-tol", type=float, default=0.1, help="ranking's gap tolerance")
 

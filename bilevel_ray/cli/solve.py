@@ -6,17 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bilevel_ray.cli.common import (
-    output_options,
-    progress_enabled,
-    read_options,
-    run_options,
-    show_result,
-    status_code,
-    threads_option,
-    watch_options,
-)
+from bilevel_ray.cli import common
 from bilevel_ray.errors import ConfigError
+
+ORDER = 1  # its place in ``bilevel-ray --help``
+
 
 EXAMPLES = """examples:
   bilevel-ray solve toy-negative
@@ -27,18 +21,21 @@ EXAMPLES = """examples:
 """
 
 
+HELP = "solve a problem in this process (no Ray)"
+
+DESCRIPTION = "Solve min_x f(x, y*(x)) in this process and print the result."
+
+
 def add_parser(commands: Any) -> None:
     """``solve``: one run in this process (or as a task on a cluster)."""
-    solve_cmd = commands.add_parser(
-        "solve",
-        help="solve a problem in this process (no Ray)",
-        description="Solve min_x f(x, y*(x)) in this process and print the result.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    solve_cmd = common.new_command(commands, "solve", HELP, DESCRIPTION, EXAMPLES)
+    common.run_options(
+        solve_cmd,
+        "write history.parquet, result.pt and run.json to DIR",
+        exclude=("checkpoint_every", "report_interval_s"),  # in process: no reports, no resume
     )
-    run_options(solve_cmd, "write history.parquet, result.pt and run.json to DIR")
-    output_options(solve_cmd)
-    threads_option(solve_cmd)
+    common.output_options(solve_cmd)
+    common.threads_option(solve_cmd)
     solve_cmd.add_argument(
         "--address", help="run the solve as a task on this Ray cluster (default: here, no Ray)"
     )
@@ -74,15 +71,13 @@ def solve_problem(
 
 
 def run(args: argparse.Namespace) -> int:
-    problem_config, settings = read_options(args)
+    problem_config, settings = common.read_options(args)
     if args.schedule is not None:
         problem_config, settings = _replay(args, problem_config, settings)
     args.seed = 0 if args.seed is None else args.seed
     run = dict(
-        seed=args.seed,
-        report_every=args.report_every,
-        progress=progress_enabled(args),
-        **watch_options(args),
+        progress=common.progress_enabled(args),
+        **common.run_flag_values(args),  # args.seed: 0, or the --schedule file's
         **settings,
     )
     if args.address is not None:
@@ -99,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         result = solve_problem(args.problem, problem_config, args.method, args.threads, **run)
-    show_result(args, problem_config, result)
-    return status_code(result)
+    common.show_result(args, problem_config, result)
+    return common.status_code(result)
 
 
 def _replay(

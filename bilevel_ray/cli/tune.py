@@ -7,12 +7,10 @@ import json
 import sys
 from typing import Any
 
-from bilevel_ray.cli.common import (
-    key_values,
-    output_options,
-    run_options,
-    watch_options,
-)
+from bilevel_ray.cli import common
+
+ORDER = 3  # its place in ``bilevel-ray --help``
+
 
 TUNE_EXAMPLES = """examples:
   bilevel-ray tune representation --max-steps 600 --out runs
@@ -25,24 +23,26 @@ TUNE_EXAMPLES = """examples:
 """
 
 
+HELP = "search gamma and the step sizes with Ray Tune"
+
+DESCRIPTION = (
+    "Search the penalty schedule and step sizes with Ray Tune (Optuna's TPE when "
+    "optuna is installed, else random search with ASHA): each trial is scored on held-out "
+    "data (upper loss, lower-level gap); "
+    "writes DIR/NAME/trials.parquet and history.parquet and prints the best config."
+)
+
+
 def add_parser(commands: Any) -> None:
     """``tune``: a Ray Tune sweep over gamma and the step sizes."""
-    tune_cmd = commands.add_parser(
-        "tune",
-        help="search gamma and the step sizes with Ray Tune",
-        description="Search the penalty schedule and step sizes with Ray Tune (Optuna's TPE when "
-        "optuna is installed, else random search with ASHA): each trial is scored on held-out "
-        "data (upper loss, lower-level gap); "
-        "writes DIR/NAME/trials.parquet and history.parquet and prints the best config.",
-        epilog=TUNE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    run_options(
+    tune_cmd = common.new_command(commands, "tune", HELP, DESCRIPTION, TUNE_EXAMPLES)
+    common.run_options(
         tune_cmd,
         "write the sweep (trials.parquet, history.parquet, Tune's state) to DIR/NAME "
         "(default: ~/ray_results/NAME); bilevel-ray report DIR/NAME shows it",
+        exclude=("checkpoint_every",),  # a population checkpoints every --pbt-interval
     )
-    output_options(tune_cmd)
+    common.output_options(tune_cmd)
     tune_cmd.set_defaults(report_every=None)  # a tenth of the steps: the scheduler's rungs
     tune_cmd.add_argument("--samples", type=int, default=36, help="trials (default 36)")
     tune_cmd.add_argument(
@@ -109,9 +109,13 @@ def run(args: argparse.Namespace) -> int:
     from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE
     from bilevel_ray.runtime.tune.space import space_from_json
 
-    settings = key_values(args.set, "--set")
-    problem_config = key_values(args.config, "--config")
-    space = space_from_json(key_values(args.space, "--space", strict=True)) if args.space else None
+    settings = common.key_values(args.set, "--set")
+    problem_config = common.key_values(args.config, "--config")
+    space = (
+        space_from_json(common.key_values(args.space, "--space", strict=True))
+        if args.space
+        else None
+    )
     if args.out is not None:
         check_writable(args.out, "--out")
     result = run_sweep(
@@ -121,7 +125,6 @@ def run(args: argparse.Namespace) -> int:
         search_space=space,
         num_samples=args.samples,
         steps=args.max_steps if args.max_steps is not None else args.steps,
-        report_every=args.report_every,
         num_workers=args.workers,
         gap_tol=args.gap_tol,
         search_alg=None if args.search_alg == "random" else args.search_alg,
@@ -129,13 +132,12 @@ def run(args: argparse.Namespace) -> int:
         storage_path=args.out,
         name=args.name,
         resume=args.resume,
-        seed=args.seed,
         search_seed=args.search_seed,
         pbt_interval=args.pbt_interval,
         address=args.address,
         max_failures=args.max_failures,
         progress=not args.quiet,
-        **watch_options(args),
+        **common.run_flag_values(args),
         **settings,
     )
     failures = result.failure_summary()

@@ -191,7 +191,7 @@ def _as_prediction(predicted: Verdict, step: int) -> Verdict:
         f"prediction (the early price at step {step}, not checked at the run's end): "
         f"{predicted.reason}"
     )
-    return replace(predicted, reason=reason, prediction=prediction_line(predicted))
+    return replace(predicted, reason=reason, prediction=None)  # the reason is the prediction
 
 
 def _time_cap(step: int, steps: int, cap: float, predicted: Verdict | None) -> Verdict:
@@ -200,11 +200,9 @@ def _time_cap(step: int, steps: int, cap: float, predicted: Verdict | None) -> V
         "run's end was not reached, so nothing is certified; raise max_seconds or leave it "
         "unset (the verdict is bounded by steps)"
     )
-    stats = {"end/time_capped_at": float(step)}
-    return Verdict(
-        False, "uncertain", reason, stats, "compare with alt_pbgd",
-        prediction=prediction_line(predicted),
-    )  # fmt: skip
+    return _unjudged(
+        reason, {"end/time_capped_at": float(step)}, "compare with alt_pbgd", predicted
+    )
 
 
 def _diverged(step: int, lr_x: float, predicted: Verdict | None) -> Verdict:
@@ -212,11 +210,13 @@ def _diverged(step: int, lr_x: float, predicted: Verdict | None) -> Verdict:
         f"uncertain: PBGD-Free diverged by step {step} at lr_x={lr_x:g} (x became non-finite), "
         "so there is no end point to judge; lower lr_x or lr_y and diagnose again"
     )
-    stats = {"end/diverged_at": float(step)}
-    return Verdict(
-        False, "uncertain", reason, stats, "lower the step sizes",
-        prediction=prediction_line(predicted),
-    )  # fmt: skip
+    return _unjudged(reason, {"end/diverged_at": float(step)}, "lower the step sizes", predicted)
+
+
+def _unjudged(reason: str, stats: dict, advice: str, predicted: Verdict | None) -> Verdict:
+    """ "uncertain" where the run's end cannot be judged, with the prediction where one was made."""
+    line = prediction_line(predicted)
+    return Verdict(False, "uncertain", reason, stats, advice, prediction=line)
 
 
 class Progress:

@@ -28,6 +28,7 @@ from bilevel_ray.problems.quadratic import QuadraticProblem, quadratic
 from bilevel_ray.problems.regression import LinearRepresentation, make_regression_data, regression
 from bilevel_ray.problems.representation import representation
 from bilevel_ray.problems.toys import NegativeToy, PositiveToy, negative_toy, positive_toy
+from bilevel_ray.registry import BUILTIN_FACTORIES
 
 __all__ = [
     "BUILTIN_PROBLEMS",
@@ -40,20 +41,23 @@ __all__ = [
     "cleaning_scores",
     "fit_classifier",
     "heldout_accuracy",
+    "hyperclean",
     "load_factory",
     "make_regression_data",
+    "negative_toy",
+    "peft_dpo_sft",
+    "positive_toy",
+    "quadratic",
+    "regression",
+    "representation",
 ]
 
 ProblemFactory = Callable[[dict[str, Any]], ProblemSpec]
 
+# The factories of bilevel_ray.registry's names (registered there, torch-free, for the CLI).
 BUILTIN_PROBLEMS: dict[str, ProblemFactory] = {
-    "toy-negative": negative_toy,
-    "toy-positive": positive_toy,
-    "quadratic": quadratic,
-    "regression": regression,
-    "representation": representation,
-    "hyperclean": hyperclean,
-    "peft-dpo-sft": peft_dpo_sft,
+    name: getattr(importlib.import_module(ref.partition(":")[0]), ref.partition(":")[2])
+    for name, ref in BUILTIN_FACTORIES.items()
 }
 
 

@@ -1,9 +1,4 @@
 """Runtimes, one room each: ``local`` (the in-process run, no Ray), ``cluster`` (reaching Ray),
-``train`` (Ray Train), ``tune`` (Ray Tune), ``compare`` and ``report``. Only the local room is
-imported here; the Ray rooms load on use."""
-
-from __future__ import annotations
-
-from bilevel_ray.runtime.local.solve import SolveResult, solve
-
-__all__ = ["SolveResult", "solve"]
+``train`` (Ray Train), ``tune`` (Ray Tune), ``compare`` and ``report``. Nothing is imported
+here: a room loads when it is used (the command line reads the run settings' declarations,
+:mod:`bilevel_ray.runtime.local.run_spec`, without torch)."""

@@ -37,6 +37,7 @@ __all__ = [
     "load_latest",
     "load_resume",
     "prune_group_checkpoints",
+    "read_tensor_file",
     "same_settings",
     "save_checkpoint",
     "tensor_bytes",
@@ -207,26 +208,38 @@ def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dic
         ) from None
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint; a truncated, corrupted or foreign file is a clear ConfigError."""
+def read_tensor_file(
+    path: str | os.PathLike[str], what: str, irregular: str, unreadable: str
+) -> Any:
+    """``torch.load(path, weights_only=True)`` (no code runs from the file); a missing path, one
+    that is not a regular file (a FIFO would block the read forever) and a truncated, corrupted
+    or foreign file are ConfigErrors naming ``what`` and the fix (``irregular``,
+    ``unreadable``)."""
     try:
         mode = os.stat(path).st_mode
     except OSError as err:
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({err.strerror})") from None
+        raise ConfigError(f"{what} {str(path)!r} cannot be read ({err.strerror})") from None
     if not stat.S_ISREG(mode):
-        # A FIFO would block the read forever; a folder or a device is no checkpoint either.
         raise ConfigError(
-            f"checkpoint {str(path)!r} is not a regular file (a folder, FIFO or device): "
-            "remove it or give another checkpoint_path"
+            f"{what} {str(path)!r} is not a regular file (a folder, FIFO or device): {irregular}"
         )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a bad file; report them all alike
         # torch's own text may advise weights_only=False, which would run code from the file.
         raise ConfigError(
-            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}): it is truncated, "
-            "corrupted or not a bilevel_ray checkpoint. Delete it to start afresh."
+            f"{what} {str(path)!r} cannot be read ({type(err).__name__}): {unreadable}"
         ) from None
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint; a truncated, corrupted or foreign file is a clear ConfigError."""
+    payload = read_tensor_file(
+        path,
+        "checkpoint",
+        "remove it or give another checkpoint_path",
+        "it is truncated, corrupted or not a bilevel_ray checkpoint. Delete it to start afresh.",
+    )
     missing = sorted(set(CHECKPOINT_KEYS) - set(payload)) if isinstance(payload, dict) else None
     if missing is None or missing:
         raise ConfigError(

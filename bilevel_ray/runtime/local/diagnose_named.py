@@ -9,12 +9,9 @@ import inspect
 import json
 import math
 import os
-import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.diagnostics.diagnose import Progress, diagnose
@@ -22,6 +19,7 @@ from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_che
 from bilevel_ray.diagnostics.verdict import Verdict
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime.local.checkpoint import read_tensor_file
 from bilevel_ray.runtime.local.threads import use_work_threads
 
 __all__ = ["certify_run", "diagnose_problem"]
@@ -160,18 +158,12 @@ def _read_run(folder: Path) -> dict[str, Any]:
 
 def _read_result(folder: Path, spec: Any) -> tuple[dict, dict]:
     path = folder / "result.pt"
-    if not path.exists() or not stat.S_ISREG(path.stat().st_mode):
-        raise ConfigError(
-            f"--at-end {str(folder)!r}: result.pt is missing or not a regular file; the run did "
-            "not finish: resume it, then certify"
-        )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a bad file; report them all alike
-        raise ConfigError(
-            f"{str(path)!r} cannot be read ({type(err).__name__}): truncated, corrupted or not "
-            "written by bilevel_ray"
-        ) from None
+    saved = read_tensor_file(
+        path,
+        "--at-end: the run's result.pt",
+        "the run did not finish: resume it, then certify",
+        "truncated, corrupted or not written by bilevel_ray",
+    )
     ok = isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("x", "y"))
     for level, start in (("x", spec.x0), ("y", spec.y0)):
         got = saved.get(level) if ok else None

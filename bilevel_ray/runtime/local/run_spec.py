@@ -1,28 +1,40 @@
-"""The run's settings, typed: :class:`RunSpec` (what the step loop does) and :class:`Placement`
-(where it runs). Every entry point (``br.solve``, ``br.train``, ``br.tune``) builds them once,
-validated, and passes them on; a Ray worker or trial receives them as ``to_dict()`` and rebuilds
-them with ``from_dict``. A new run setting is one field here plus its use.
+"""The run's settings, typed: :class:`RunSpec` (what the step loop does), :class:`WatchSettings`
+(the flatness watch's) and :class:`Placement` (where it runs); and :data:`RUN_OPTIONS`, the run
+settings' one declaration (keyword, default, command-line flag, help). Every entry point
+(``br.solve``, ``br.train``, ``br.tune``) takes the run settings as keywords routed by that
+declaration (:func:`take_run_options`), builds them once, validated, and passes them on; a Ray
+worker or trial receives them as ``to_dict()`` and rebuilds them with ``from_dict``. A new run
+setting is an entry in :data:`RUN_OPTIONS` and a field here, plus its use. Nothing here imports
+torch: the command line reads the declarations before it parses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.local.watch import WatchSettings
 
 __all__ = [
+    "ON_UNSUITABLE",
     "REPORT_INTERVAL_S",
+    "RUN_OPTIONS",
     "VERBOSE_ENV",
+    "WATCH_KEYS",
     "Placement",
+    "RunOption",
     "RunSpec",
+    "WatchSettings",
+    "build_run",
     "check_count",
     "check_run_name",
+    "declare_run_options",
+    "take_run_options",
     "verbose",
 ]
 
@@ -33,6 +45,111 @@ REPORT_INTERVAL_S = 5.0
 # Ray's own log lines (Train's, Tune's, the cluster's) show only with BILEVEL_RAY_VERBOSE=1
 # (``--verbose`` on the command line); a run's progress and the library's warnings always do.
 VERBOSE_ENV = "BILEVEL_RAY_VERBOSE"
+
+
+# The flatness watch's actions (``on_unsuitable``).
+ON_UNSUITABLE = ("fallback", "stop", "warn")
+
+
+@dataclass(frozen=True)
+class RunOption:
+    """A run setting as a keyword of ``br.solve`` / ``br.train`` / ``br.tune`` (its API default)
+    and, where ``flag``, a command-line option (``--report-every``; ``cli_default`` where the
+    command line's differs). Declared once in :data:`RUN_OPTIONS`: a new run setting is an entry
+    there and a :class:`RunSpec` field, plus its use."""
+
+    default: Any
+    help: str
+    flag: bool = True
+    cli_default: Any = None
+    choices: tuple[str, ...] | None = None
+
+
+RUN_OPTIONS: dict[str, RunOption] = {
+    "seed": RunOption(0, "seeds the run's RNG and its minibatch order"),
+    "report_every": RunOption(10, "log a history row every N steps", cli_default=100),
+    "checkpoint_every": RunOption(0, "checkpoint every K steps (a multiple of report_every)"),
+    "report_interval_s": RunOption(
+        REPORT_INTERVAL_S,
+        "Train and Tune receive a report at most every this many seconds (and at every "
+        "checkpoint and the end); the history keeps every logged row",
+    ),
+    "progress": RunOption(False, "a progress line on stderr at most every 2 s", flag=False),
+    "on_unsuitable": RunOption(
+        None,
+        "run the flatness diagnostic during the first diagnose_window steps and, if PBGD-Free "
+        "is unsuitable, switch to alt_pbgd (fallback), stop, or warn; a run that stays with "
+        "PBGD-Free is certified at its end",
+        choices=ON_UNSUITABLE,
+    ),
+    "diagnose_window": RunOption(200, "the flatness diagnostic's warm-up window (steps)"),
+    "diagnose_every": RunOption(50, "a flatness estimate every N steps of the window"),
+    "diagnose_options": RunOption(
+        None, "options of bilevel_ray.diagnostics.flatness.estimate", flag=False
+    ),
+}
+# The run settings that build RunSpec.watch (through watch.watch_settings).
+WATCH_KEYS = ("on_unsuitable", "diagnose_window", "diagnose_every", "diagnose_options")
+
+
+def take_run_options(
+    options: dict[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Remove the run settings from ``options`` (a caller's keywords) and return them, each as
+    given or at its default (``defaults`` over :data:`RUN_OPTIONS`'s); what stays in
+    ``options`` are solver settings."""
+    defaults = defaults or {}
+    return {
+        name: options.pop(name) if name in options else defaults.get(name, option.default)
+        for name, option in RUN_OPTIONS.items()
+        if name not in exclude
+    }
+
+
+def declare_run_options(
+    defaults: Mapping[str, Any] | None = None, exclude: tuple[str, ...] = ()
+) -> Any:
+    """Show the run settings an entry point takes through ``**options`` in its signature and
+    its docstring (``help(br.solve)``), from :data:`RUN_OPTIONS`, before its ``**`` keyword."""
+
+    def declare(function: Any) -> Any:
+        signature = inspect.signature(function)
+        params = list(signature.parameters.values())
+        rest = [p for p in params if p.kind is not p.VAR_KEYWORD]
+        named = {p.name for p in params}
+        extra = [
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=(defaults or {}).get(name, o.default)
+            )
+            for name, o in RUN_OPTIONS.items()
+            if name not in exclude and name not in named
+        ]
+        function.__signature__ = signature.replace(
+            parameters=rest + extra + [p for p in params if p.kind is p.VAR_KEYWORD]
+        )
+        lines = "\n".join(f"        {p.name}: {RUN_OPTIONS[p.name].help}." for p in extra)
+        function.__doc__ = (function.__doc__ or "") + f"\n\n    Run settings:\n{lines}\n"
+        return function
+
+    return declare
+
+
+def build_run(method: str, steps: int, options: Mapping[str, Any]) -> RunSpec:
+    """The :class:`RunSpec` of ``steps`` steps and the run settings ``options``
+    (:func:`take_run_options`); the watch's keys build its :class:`WatchSettings`."""
+    from bilevel_ray.runtime.local.watch import watch_settings  # torch: not for --help
+
+    own = {k: v for k, v in options.items() if k not in WATCH_KEYS}
+    watch = watch_settings(
+        options.get("on_unsuitable"),
+        method,
+        options.get("diagnose_window", RUN_OPTIONS["diagnose_window"].default),
+        options.get("diagnose_every", RUN_OPTIONS["diagnose_every"].default),
+        options.get("diagnose_options"),
+    )
+    return RunSpec(steps, watch=watch, **own)
 
 
 def verbose() -> bool:
@@ -58,6 +175,28 @@ def check_run_name(name: Any) -> str:
             f"name={name!r}: must be a plain folder name (no '/' or '..'), e.g. name='run1'"
         )
     return name
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """The warm-up window W, the estimate interval, the action, and estimator options."""
+
+    on_unsuitable: str
+    window: int = 200
+    every: int = 50
+    estimator: Mapping[str, Any] = field(default_factory=dict)
+    recheck_every: int | None = None  # after the window; None: every W steps
+    end_check: bool = True  # certify the end point of a run that stayed with PBGD-Free
+
+    def estimate_steps(self) -> list[int]:
+        """Steps completed at which an estimate is taken: every, 2 every, ..., and W."""
+        return sorted({*range(self.every, self.window, self.every), self.window})
+
+    def rechecks(self, step: int) -> bool:
+        """Whether ``step`` (after the window) is one of the cheap later checks: every
+        ``recheck_every`` (default W) steps past W."""
+        period = self.recheck_every or self.window
+        return step > self.window and (step - self.window) % period == 0
 
 
 @dataclass(frozen=True)

@@ -47,17 +47,22 @@ from bilevel_ray.runtime.local.output_files import (
     check_output_path,
     check_writable,
 )
-from bilevel_ray.runtime.local.run_spec import RunSpec
-from bilevel_ray.runtime.local.watch import FlatnessWatch, watch_settings
+from bilevel_ray.runtime.local.run_spec import (
+    RUN_OPTIONS,
+    RunSpec,
+    build_run,
+    declare_run_options,
+    take_run_options,
+)
+from bilevel_ray.runtime.local.watch import FlatnessWatch
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
 from bilevel_ray.solvers.compute import LossReturnError
 from bilevel_ray.tree import Params, cuda_devices, to_device
 
 __all__ = ["SolveResult", "run_local", "run_spec_local", "solve", "solver_config"]
 
-RUN_SETTINGS = (
-    "steps, data, seed, report_every, history_path, checkpoint_path, checkpoint_every, resume, "
-    "progress, grad_reduce, on_unsuitable, diagnose_window, diagnose_every, diagnose_options"
+RUN_SETTINGS = ", ".join(
+    ["steps", "data", "history_path", "checkpoint_path", "resume", "grad_reduce", *RUN_OPTIONS]
 )
 
 
@@ -98,6 +103,7 @@ def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
     return SolverConfig(method=method, **options)
 
 
+@declare_run_options()
 def solve(
     problem: BilevelProblem | ProblemSpec,
     x0: Params | None = None,
@@ -106,19 +112,11 @@ def solve(
     method: str = "pbgd_free",
     steps: int | None = None,
     data: Any = None,
-    seed: int = 0,
-    report_every: int = 10,
     history_path: str | os.PathLike[str] | None = None,
     checkpoint_path: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 0,
     resume: bool = False,
-    progress: bool = False,
     grad_reduce: GradReduce | None = None,
-    on_unsuitable: str | None = None,
-    diagnose_window: int = 200,
-    diagnose_every: int = 50,
-    diagnose_options: dict[str, Any] | None = None,
-    **solver_options: Any,
+    **options: Any,
 ) -> SolveResult:
     """Solve ``min_x f(x, y*(x))`` from ``(x0, y0)`` with ``method``, in this process.
 
@@ -135,38 +133,32 @@ def solve(
             the spec's suggested steps.
         data: ``None``, ``br.full_batch(...)``, ``br.minibatches(...)`` or a pair of batch
             sources; see :mod:`bilevel_ray.data`.
-        seed: seeds torch's RNG for the run (restored afterwards) and the minibatch sampler.
-        report_every: log a history row (and check for divergence) every this many steps.
         history_path: also write the history to this Parquet file.
-        checkpoint_path, checkpoint_every, resume: save every K steps; continue a saved run.
-        progress: print one line per logged row (at most every 2 s) to stderr.
+        checkpoint_path, resume: save to this file every ``checkpoint_every`` steps and at the
+            end; continue a saved run.
         grad_reduce: the gradient reduction (identity here; the Ray runtime injects its own).
-        on_unsuitable: ``None`` (no flatness diagnostic), or what to do when the diagnostic
-            finds PBGD-Free unsuitable after ``diagnose_window`` steps: ``"fallback"`` (continue
-            with ``alt_pbgd`` from the current x, y), ``"stop"`` or ``"warn"``; see
-            :mod:`bilevel_ray.runtime.local.watch`.
-        diagnose_window, diagnose_every, diagnose_options: the warm-up window W, the interval
-            of its estimates, and options of :func:`bilevel_ray.diagnostics.flatness.estimate`.
-        **solver_options: the :class:`~bilevel_ray.config.SolverConfig` fields (``lr_x``,
-            ``lr_y``, ``gamma``, ``inner_steps``, ``optimizer``, ...).
+        on_unsuitable and the other run settings below: :data:`~bilevel_ray.runtime.local.
+            run_spec.RUN_OPTIONS` (with ``on_unsuitable``, the flatness diagnostic runs during
+            a warm-up window and acts; see :mod:`bilevel_ray.runtime.local.watch`).
+        **options: the run settings below, and the :class:`~bilevel_ray.config.SolverConfig`
+            fields (``lr_x``, ``lr_y``, ``gamma``, ``inner_steps``, ``optimizer``, ...).
 
     Raises:
         ConfigError: bad input, before any step runs.
         DivergenceError: a loss became NaN or infinite (names the step).
     """
+    run_options = take_run_options(options)
     if isinstance(problem, ProblemSpec):
-        problem, x0, y0, data, solver_options, steps = _from_spec(
-            problem, x0, y0, data, method, solver_options, steps
+        problem, x0, y0, data, options, steps = _from_spec(
+            problem, x0, y0, data, method, options, steps
         )
     if x0 is None or y0 is None:
         raise ConfigError(
             "solve needs x0 and y0 (dicts of tensors), or a br.ProblemSpec as its first argument "
             "(what a factory returns): br.solve(spec) or br.solve(problem, x0, y0)"
         )
-    steps = 1000 if steps is None else steps
-    config = solver_config(method, solver_options)
-    watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
-    spec = RunSpec(steps, seed, report_every, checkpoint_every, progress=progress, watch=watch)
+    config = solver_config(method, options)
+    spec = build_run(method, 1000 if steps is None else steps, run_options)
     return run_local(
         problem,
         x0,

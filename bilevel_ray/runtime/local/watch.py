@@ -26,12 +26,12 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from bilevel_ray.diagnostics.flatness import count_problem, estimate, estimate_problems
 from bilevel_ray.diagnostics.responses import reference_upper
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.run_spec import ON_UNSUITABLE, WatchSettings
 from bilevel_ray.solvers.base import SolverState
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "watch_settings",
 ]
 
-ON_UNSUITABLE = ("fallback", "stop", "warn")
 # The watch runs inside a training run and must stay cheap: one random direction for the
 # exponent fit; L-BFGS solves started at the run's y, to a relative gradient of 1e-2, and
 # decide() accepting points solved that far (2e-2). Tighter tolerances sit at float32's rounding
@@ -63,28 +62,6 @@ ESTIMATOR_OPTIONS = {
     for p in inspect.signature(estimate).parameters.values()
     if p.kind == p.KEYWORD_ONLY and p.name not in ("seed", "responses")
 }
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    """The warm-up window W, the estimate interval, the action, and estimator options."""
-
-    on_unsuitable: str
-    window: int = 200
-    every: int = 50
-    estimator: Mapping[str, Any] = field(default_factory=dict)
-    recheck_every: int | None = None  # after the window; None: every W steps
-    end_check: bool = True  # certify the end point of a run that stayed with PBGD-Free
-
-    def estimate_steps(self) -> list[int]:
-        """Steps completed at which an estimate is taken: every, 2 every, ..., and W."""
-        return sorted({*range(self.every, self.window, self.every), self.window})
-
-    def rechecks(self, step: int) -> bool:
-        """Whether ``step`` (after the window) is one of the cheap later checks: every
-        ``recheck_every`` (default W) steps past W."""
-        period = self.recheck_every or self.window
-        return step > self.window and (step - self.window) % period == 0
 
 
 def watch_settings(

@@ -45,15 +45,16 @@ from bilevel_ray.runtime.local.output_files import (
     check_writable,
 )
 from bilevel_ray.runtime.local.run_spec import (
-    REPORT_INTERVAL_S,
     Placement,
     RunSpec,
+    build_run,
     check_run_name,
+    declare_run_options,
+    take_run_options,
     verbose,
 )
 from bilevel_ray.runtime.local.solve import SolveResult, run_spec_local, solver_config
 from bilevel_ray.runtime.local.spec_check import check_spec
-from bilevel_ray.runtime.local.watch import watch_settings
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.solvers.base import state_from_dict
 
@@ -62,6 +63,7 @@ __all__ = ["build_spec", "check_run_name", "default_run_name", "portable_factory
 Factory = Callable[[dict[str, Any]], ProblemSpec] | str
 
 
+@declare_run_options()
 def train(
     factory: Factory,
     *,
@@ -71,23 +73,14 @@ def train(
     num_workers: int = 1,
     use_gpu: bool | str = "auto",
     resources_per_worker: dict[str, float] | None = None,
-    checkpoint_every: int = 0,
     storage_path: str | os.PathLike[str] | None = None,
     name: str | None = None,
     max_failures: int = 0,
-    seed: int = 0,
-    report_every: int = 10,
-    report_interval_s: float = REPORT_INTERVAL_S,
     address: str | None = None,
     fault: dict[str, int] | None = None,
-    progress: bool = False,
     datasets: dict[str, Any] | None = None,
     batch_size: int | tuple[int, int] | None = None,
     in_process: bool | str = "auto",
-    on_unsuitable: str | None = None,
-    diagnose_window: int = 200,
-    diagnose_every: int = 50,
-    diagnose_options: dict[str, Any] | None = None,
     **solver_options: Any,
 ) -> SolveResult:
     """Run ``method`` on the factory's problem with ``num_workers`` data-parallel workers.
@@ -95,8 +88,9 @@ def train(
     Args:
         factory: builds ``br.ProblemSpec(problem, x0, y0, data, defaults)`` from a config dict.
         problem_config: the factory's settings (plain, picklable values).
-        method, steps, seed, report_every, **solver_options: as in ``br.solve``; ``steps`` and
-            the solver settings default to the problem's ``defaults``.
+        method, steps, **solver_options: as in ``br.solve``; ``steps`` and the solver settings
+            default to the problem's ``defaults``; the run settings (``seed``, ``report_every``,
+            ``checkpoint_every``, the flatness watch's, ...) are listed below.
         num_workers: data-parallel ranks. With ``br.minibatches`` data each rank takes
             ``batch_size`` samples per step (global batch ``num_workers * batch_size``); full-batch
             data is split into equal slices. The averaged gradient equals the one-worker
@@ -104,16 +98,11 @@ def train(
             scaled by 1 / num_workers).
         use_gpu: ``"auto"`` (GPUs whenever the cluster has them), True or False.
         resources_per_worker: e.g. ``{"CPU": 1}`` (Train's default) or ``{"CPU": 0.5}``.
-        checkpoint_every: checkpoint every K steps (the final step always is).
         storage_path, name: the run lives in ``{storage_path}/{name}`` (default storage
             ``~/ray_results``); running again with the same pair resumes the run.
         max_failures: worker-group restarts allowed (Train's ``FailureConfig``).
-        report_interval_s: the worker group reports to Train at most this often (and at every
-            checkpoint and the end); a report is a barrier that costs seconds. The history
-            keeps every ``report_every`` row regardless.
         address: a Ray cluster to connect to; default: the running one, or a new local one.
         fault: test hook ``{"rank": r, "step": k}``: rank r exits at step k, once per run.
-        progress: a progress line at most every 2 s (rank 0's, on a worker group).
         datasets, batch_size: Ray Data instead of the factory's data:
             ``{"upper": ds, "lower": ds}`` (e.g. ``ray.data.read_parquet(...)``), split across
             the workers, ``batch_size`` rows per worker and step (one size or (upper, lower)),
@@ -122,9 +111,9 @@ def train(
         in_process: ``"auto"`` runs one worker in this process when nothing needs Ray (no
             failures to survive, no GPU requested, no Ray Data, no fault hook); False always
             starts a worker group (to measure the group itself).
-        on_unsuitable, diagnose_window, diagnose_every, diagnose_options: the flatness
-            diagnostic, as in ``br.solve``; on a worker group rank 0's estimates go to the run's
-            named judge actor (``bilevel_ray.flatness.<name>``, ``num_cpus=0``).
+
+    With ``on_unsuitable`` on a worker group, rank 0's flatness estimates go to the run's named
+    judge actor (``bilevel_ray.flatness.<name>``, ``num_cpus=0``).
 
     Returns:
         A :class:`~bilevel_ray.runtime.local.solve.SolveResult`, as ``br.solve`` returns.
@@ -136,22 +125,14 @@ def train(
     problem_config = dict(problem_config or {})
     # The factory as the workers will call it (with a device), so that a factory that fails
     # there fails here first.
+    run_options = take_run_options(solver_options)
     spec = build_spec(factory, {**problem_config, "device": "cpu"})
     defaults = SolverConfig.applicable(method, spec.defaults)
     default_steps = defaults.pop("steps", 1000)
     settings = solver_config(method, {**defaults, **solver_options})
     settings.to_dict()  # workers rebuild the settings from a dict: refuse unserialisable ones now
     check_spec(spec, needs_eval=False)
-    watch = watch_settings(on_unsuitable, method, diagnose_window, diagnose_every, diagnose_options)
-    run = RunSpec(
-        default_steps if steps is None else steps,
-        seed,
-        report_every,
-        checkpoint_every,
-        report_interval_s,
-        progress,
-        watch,
-    )
+    run = build_run(method, default_steps if steps is None else steps, run_options)
     placement = Placement(num_workers, use_gpu, resources_per_worker, max_failures)
     _check_hooks(fault, datasets, batch_size, in_process, spec, run, num_workers)
     # A fresh run gets a unique name; pass name= (the same one) to resume a run.

@@ -29,7 +29,7 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
 from bilevel_ray.runtime.local.history import write_parquet
 from bilevel_ray.runtime.local.ranking import GAP, METRIC, SCORE
-from bilevel_ray.runtime.local.run_spec import REPORT_INTERVAL_S
+from bilevel_ray.runtime.local.run_spec import declare_run_options, take_run_options
 from bilevel_ray.runtime.train.judge_actor import start_judge
 from bilevel_ray.runtime.tune.folder import claim_sweep_folder
 from bilevel_ray.runtime.tune.lineage import write_best_schedule
@@ -38,6 +38,11 @@ from bilevel_ray.runtime.tune.plan import SweepPlan, plan_sweep
 from bilevel_ray.runtime.tune.trial import TrialPlan, run_trial
 
 __all__ = ["TuneResult", "run_sweep"]
+
+# A trial's report_every defaults to a tenth of its steps (the scheduler's rungs); progress is
+# the sweep's own lines, not a trial's, and a population sets checkpoint_every itself.
+TUNE_RUN_DEFAULTS = {"report_every": None}
+TUNE_RUN_EXCLUDED = ("progress", "checkpoint_every")
 
 
 class _Progress(ray_tune.Callback):
@@ -73,6 +78,7 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+@declare_run_options(defaults=TUNE_RUN_DEFAULTS, exclude=TUNE_RUN_EXCLUDED)
 def run_sweep(
     factory: Any,
     *,
@@ -81,8 +87,6 @@ def run_sweep(
     search_space: dict[str, Any] | None = None,
     num_samples: int = 36,
     steps: int | None = None,
-    report_every: int | None = None,
-    report_interval_s: float = REPORT_INTERVAL_S,
     scheduler: Any = "auto",
     search_alg: Any = "auto",
     max_concurrent_trials: int | None = None,
@@ -94,14 +98,9 @@ def run_sweep(
     storage_path: str | os.PathLike[str] | None = None,
     name: str = "sweep",
     resume: bool = False,
-    seed: int = 0,
     search_seed: int | None = None,
     pbt_interval: int | None = None,
     address: str | None = None,
-    on_unsuitable: str | None = None,
-    diagnose_window: int = 200,
-    diagnose_every: int = 50,
-    diagnose_options: dict[str, Any] | None = None,
     max_failures: int = 1,
     progress: bool = True,
     **base_options: Any,
@@ -114,10 +113,10 @@ def run_sweep(
             :mod:`bilevel_ray.runtime.tune.space`); default :func:`default_search_space`.
         num_samples: trials (default 36: with 600-step trials, 21,600 trial-steps, a tenth of
             the 360-point grid whose best the default comes within 5% of on ``representation``
-            and ``regression``, benchmarks/tune_quality.py). steps,
-            report_every: per trial (defaults: the problem's steps and steps // 10).
-            report_interval_s: a trial reports to Tune at most this often (and at
-            its end and the scheduler's milestones); its history keeps every logged row.
+            and ``regression``, benchmarks/tune_quality.py). steps: per trial (default: the
+            problem's steps); the run settings below apply to every trial (``report_every``
+            defaults to steps // 10; ``report_interval_s``: a trial reports to Tune at most
+            this often, and at its end and the scheduler's milestones).
         scheduler: ``"auto"`` (default: ASHA with random search, every trial to its end with
             Optuna's TPE, see below), ``"asha"``, ``"pbt"`` / ``"pb2"`` (population-based
             training of gamma, lr_y and lr_ratio every ``pbt_interval`` steps, default a tenth
@@ -136,14 +135,13 @@ def run_sweep(
             (set it to the lower-level accuracy you need); the steps of the gap's lower solve.
         storage_path, name: the sweep lives in ``{storage_path}/{name}``; ``resume=True``
             continues an interrupted sweep there without rerunning finished trials.
-        on_unsuitable, diagnose_window, diagnose_every, diagnose_options: the flatness
-            diagnostic in every trial, as in ``br.solve``; the trials report to one named judge
-            actor per sweep, and each trial's verdict is a column of ``trials.parquet``
-            (``flatness/verdict``, ``flatness/reason``); a stopped trial's status is
-            ``unsuitable``.
-        seed: seeds every trial's run (data order, sampling), so that the trials of one sweep
-            differ only in their settings. search_seed: seeds the searcher (default: ``seed``);
-            vary it alone to see how much the search's own luck matters.
+        on_unsuitable (a run setting): the flatness diagnostic in every trial, as in
+            ``br.solve``; the trials report to one named judge actor per sweep, and each
+            trial's verdict is a column of ``trials.parquet`` (``flatness/verdict``,
+            ``flatness/reason``); a stopped trial's status is ``unsuitable``.
+        seed (a run setting): seeds every trial's run (data order, sampling), so that the
+            trials of one sweep differ only in their settings. search_seed: seeds the searcher
+            (default: ``seed``); vary it alone to see how much the search's own luck matters.
         max_failures: times a trial whose process dies (a killed worker, a lost node) is
             retried from its start (Tune's ``FailureConfig``); a trial whose code raises is
             not retried: it ends with status ``error`` and its reason.
@@ -161,6 +159,7 @@ def run_sweep(
         sweep's folder. Its ``best_config`` is None when
         no trial completed (``failure_summary()`` says why).
     """
+    run_options = take_run_options(base_options, TUNE_RUN_DEFAULTS, TUNE_RUN_EXCLUDED)
     plan = plan_sweep(
         factory,
         problem_config=problem_config,
@@ -168,8 +167,7 @@ def run_sweep(
         search_space=search_space,
         num_samples=num_samples,
         steps=steps,
-        report_every=report_every,
-        report_interval_s=report_interval_s,
+        run_options=run_options,
         scheduler=scheduler,
         search_alg=search_alg,
         max_concurrent_trials=max_concurrent_trials,
@@ -177,9 +175,8 @@ def run_sweep(
         gap=(gap_tol, gap_steps),
         storage_path=storage_path,
         name=name,
-        seeds=(seed, search_seed),
+        search_seed=search_seed,
         pbt_interval=pbt_interval,
-        watch=(on_unsuitable, diagnose_window, diagnose_every, diagnose_options),
         base_options=base_options,
     )
     claim_sweep_folder(plan.path, plan.record, resume)

@@ -19,9 +19,14 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.local.output_files import check_writable
-from bilevel_ray.runtime.local.run_spec import Placement, RunSpec, check_count, check_run_name
+from bilevel_ray.runtime.local.run_spec import (
+    Placement,
+    RunSpec,
+    build_run,
+    check_count,
+    check_run_name,
+)
 from bilevel_ray.runtime.local.spec_check import check_spec
-from bilevel_ray.runtime.local.watch import watch_settings
 from bilevel_ray.runtime.train.driver import portable_factory
 from bilevel_ray.runtime.tune.population import POPULATION_SCHEDULERS, population_scheduler
 from bilevel_ray.runtime.tune.preflight import check_space_values, describe_space, first_step
@@ -64,8 +69,7 @@ def plan_sweep(
     search_space: dict[str, Any] | None,
     num_samples: int,
     steps: int | None,
-    report_every: int | None,
-    report_interval_s: float,
+    run_options: dict[str, Any],
     scheduler: Any,
     search_alg: Any,
     max_concurrent_trials: int | None,
@@ -73,15 +77,13 @@ def plan_sweep(
     gap: tuple[float, int],
     storage_path: str | os.PathLike[str] | None,
     name: str,
-    seeds: tuple[int, int | None],
+    search_seed: int | None,
     pbt_interval: int | None,
-    watch: tuple[str | None, int, int, dict[str, Any] | None],
     base_options: dict[str, Any],
 ) -> SweepPlan:
-    """The plan of ``br.tune``'s arguments (``run_sweep``'s): ``placement`` is (num_workers,
-    use_gpu, resources_per_worker, max_failures), ``gap`` (gap_tol, gap_steps), ``seeds``
-    (seed, search_seed), ``watch`` (on_unsuitable, diagnose_window, diagnose_every,
-    diagnose_options)."""
+    """The plan of ``br.tune``'s arguments (``run_sweep``'s): ``run_options`` are every trial's
+    run settings (``take_run_options``), ``placement`` is (num_workers, use_gpu,
+    resources_per_worker, max_failures) and ``gap`` (gap_tol, gap_steps)."""
     problem_config = dict(problem_config or {})
     spec = build_spec(factory, {**problem_config, "device": "cpu"})
     check_spec(spec, needs_eval=True)
@@ -89,22 +91,19 @@ def plan_sweep(
     default_steps = defaults.pop("steps", 1000)
     steps = default_steps if steps is None else steps
     gap_tol, gap_steps = gap
-    seed, search_seed = seeds
+    seed = run_options["seed"]
     search_seed = seed if search_seed is None else search_seed
     problems: list[str] = []
     check_count(problems, "num_samples", num_samples, 1)
     check_count(problems, "gap_steps", gap_steps, 1)
     check_count(problems, "steps", steps, 1)
+    if problems:
+        raise ConfigError(problems)
+    report_every = run_options["report_every"] or max(steps // 10, 1)
+    run = build_run(method, steps, {**run_options, "report_every": report_every})
     check_count(problems, "search_seed", search_seed, 0)
     if problems:
         raise ConfigError(problems)
-    run = RunSpec(
-        steps,
-        seed,
-        report_every or max(steps // 10, 1),
-        report_interval_s=report_interval_s,
-        watch=watch_settings(watch[0], method, *watch[1:]),
-    )
     where = Placement(*placement)
     name = check_run_name(name)
     if not isinstance(gap_tol, (int, float)) or not gap_tol >= 0:
@@ -131,7 +130,7 @@ def plan_sweep(
         **_run_record(run, seed, search_seed, where.num_workers),
         "scheduler": str(scheduler),
         "search_alg": str(search_alg),
-        "on_unsuitable": watch[0],
+        "on_unsuitable": run_options["on_unsuitable"],
     }
     return SweepPlan(
         # Resolved here, relative to this process's folder, before Ray can move it (a job's
