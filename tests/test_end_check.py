@@ -278,3 +278,28 @@ def test_cli_diagnose_without_a_problem_or_a_run_folder_is_a_usage_error(capsys)
 
     assert main(["diagnose"]) == 2
     assert "diagnose needs PROBLEM" in capsys.readouterr().err
+
+
+class HoelderSaddle:
+    """f = (x - 1)^2 / 2 - |y - x|^1.2, g = (y - x)^2 / 2: y_g = x, where grad_y f = 0, so y_g
+    is stationary for f/gamma + g, a local maximum along y; the penalty's minimum is at
+    |y - x| = (1.2 / gamma)^(1 / 0.8)."""
+
+    def upper_loss(self, x, y, batch):
+        return ((x["x"] - 1) ** 2).sum() / 2 - ((y["y"] - x["x"]).abs() ** 1.2).sum()
+
+    def lower_loss(self, x, y, batch):
+        return ((y["y"] - x["x"]) ** 2).sum() / 2
+
+
+def test_a_penalty_solve_that_stops_at_a_saddle_of_y_g_goes_on_from_the_runs_y():
+    from bilevel_ray.diagnostics.responses import lower_responses
+
+    x, y = {"x": t64(0.3)}, {"y": t64(0.8)}  # the run's y, off y_g = 0.3
+    r = lower_responses(HoelderSaddle(), x, y, None, 5.0, optimizer="lbfgs", solve_steps=500)
+    assert float(r.y_g["y"]) == pytest.approx(0.3, abs=1e-6)
+    assert float(r.y_gamma["y"]) == pytest.approx(0.3 + (1.2 / 5) ** (1 / 0.8), abs=1e-4)
+    # Started exactly at y_g there is no other point to start from: the saddle stands (the
+    # end-of-run certificate, which measures phi, does not depend on it).
+    at_y_g = lower_responses(HoelderSaddle(), x, {"y": t64(0.3)}, None, 5.0, optimizer="lbfgs")
+    assert float(at_y_g.y_gamma["y"]) == 0.3

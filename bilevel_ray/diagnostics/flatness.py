@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from bilevel_ray.diagnostics.cost import predicted_cost
+from bilevel_ray.diagnostics.estimate_options import count_problem, estimate_problems
 from bilevel_ray.diagnostics.responses import (
     Responses,
     as_batch,
@@ -61,8 +62,9 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import grads_of, identity_reduce
 from bilevel_ray.tree import Params, add_scaled, sub, vdot
-from bilevel_ray.updates import OPTIMIZERS
 
+# The option rules have their own module; count_problem and estimate_problems stay importable
+# from here (in __all__), where they were first defined.
 __all__ = [
     "DELTA_PAIRS",
     "Responses",
@@ -218,107 +220,117 @@ def estimate(
     r = responses or lower_responses(
         problem, x, y, batch, gamma, solve_rtol=solve_rtol, losses=losses, **settings
     )
-    gamma_hi = gamma_factor * gamma
-    perturbed_hi = perturbed_objective(problem, x, batch, gamma_hi, losses)
-    y_hi, _ = minimize(
-        perturbed_hi, r.y_gamma, solve_steps, solve_lr, optimizer, solve_rtol * r.scale
-    )
+    y_hi = _y_gamma_at(problem, x, r, batch, gamma_factor * gamma, losses, settings, solve_rtol)
     terms = bias_terms(problem, x, r.y_g, r.y_gamma, batch, gamma)
-    dropped_hi = gamma_hi * norm(lower_grad_x_diff(problem, x, r.y_g, y_hi, batch))
-    gap, gap_hi = norm(sub(r.y_gamma, r.y_g)), norm(sub(y_hi, r.y_g))
-    f_g, _, (grad_y,) = grads_of(lambda y_: (losses[0](y_), {}), [r.y_g], identity_reduce)
-    with torch.no_grad():
-        f_gamma = float(losses[0](r.y_gamma))
-    f_gap = abs(float(f_g) - f_gamma)
-    alpha_hat, c_hat = fit_exponent(
-        problem, x, r.y_g, batch, r.y_gamma, directions=directions, seed=seed, upper=losses[0]
+    scaling = _gamma_scaling(problem, x, r, y_hi, batch, gamma, gamma_factor, terms["dropped"])
+    gap = norm(sub(r.y_gamma, r.y_g))
+    f_gamma, shape = _upper_shape(problem, x, r, batch, losses[0], directions, seed)
+    priced = (
+        _priced(problem, x, r, batch, gamma, solve_rtol, settings, probe) if cost else _UNPRICED
     )
-    priced = {"curvature": math.nan, "cost": math.nan, "cost_is_bound": 0.0, "probe_residual": 0.0}
-    if cost:
-        dropped = lower_grad_x_diff(problem, x, r.y_g, r.y_gamma, batch)
-        dropped = {k: gamma * v for k, v in dropped.items()}
-        # The probes' solves start near their answer but must reach the same tolerance at a
-        # new x: L-BFGS does that in a few gradients whatever the main solves used.
-        solve = {"solve_rtol": solve_rtol, **settings, "optimizer": "lbfgs"}
-        priced = predicted_cost(problem, x, r, dropped, batch, gamma, solve, probe)
     stats = {
         **terms,
         "upper": f_gamma,
-        "cost": priced["cost"],
-        "cost_is_bound": priced["cost_is_bound"],
-        "curvature": priced["curvature"],
+        **{k: priced[k] for k in ("cost", "cost_is_bound", "curvature")},
         "gamma": gamma,
         "gap": gap,
-        "f_gap": f_gap,
-        "grad_y_f": norm(grad_y),
-        "alpha_hat": alpha_hat,
-        "c_hat": c_hat,
-        "gamma_hi": gamma_hi,
-        "scaled_gap": gamma * gap,
-        "scaled_gap_hi": gamma_hi * gap_hi,
-        "gap_slope": _slope(gamma * gap, gamma_hi * gap_hi, gamma_factor),
-        "dropped_hi": dropped_hi,
-        "dropped_slope": _slope(terms["dropped"], dropped_hi, gamma_factor),
+        **shape,
+        **scaling,
         "residual": max(r.residual, priced["probe_residual"]),
         "solve_steps": solve_steps,
         "solve_rtol": solve_rtol,
-        **{f"delta_hat_c{c:g}_a{a:g}": delta_hat(f_gap, gap, c, a) for c, a in delta_pairs},
+        **{
+            f"delta_hat_c{c:g}_a{a:g}": delta_hat(shape["f_gap"], gap, c, a) for c, a in delta_pairs
+        },
     }
     return {f"flatness/{k}": float(v) for k, v in stats.items()}
 
 
-def count_problem(problems: list[str], name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        problems.append(f"{name}={value!r}: must be an integer >= {minimum}")
+def _y_gamma_at(
+    problem: BilevelProblem,
+    x: Params,
+    r: Responses,
+    batch: Any,
+    gamma_hi: float,
+    losses: Any,
+    settings: dict[str, Any],
+    solve_rtol: float,
+) -> Params:
+    """y_gamma_hi ~ argmin_y f(x, y) / gamma_hi + g(x, y), warm-started at y_gamma and solved to
+    the main solves' tolerance (``solve_rtol`` times their reference scale)."""
+    perturbed_hi = perturbed_objective(problem, x, batch, gamma_hi, losses)
+    steps, lr, optimizer = settings["solve_steps"], settings["solve_lr"], settings["optimizer"]
+    y_hi, _ = minimize(perturbed_hi, r.y_gamma, steps, lr, optimizer, solve_rtol * r.scale)
+    return y_hi
 
 
-def _number(problems: list[str], name: str, value: Any, low: float, high: float, hint: str) -> None:
-    """A finite number in (low, high); ``hint`` says what to use instead."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-        bounds = f"> {low:g}" if high == math.inf else f"in ({low:g}, {high:g})"
-        problems.append(f"{name}={value!r}: must be a finite number {bounds}; {hint}")
+# estimate's cost fields when cost=False (read, never written).
+_UNPRICED = {"curvature": math.nan, "cost": math.nan, "cost_is_bound": 0.0, "probe_residual": 0.0}
 
 
-def _is_pair(p: Any) -> bool:
-    numbers = isinstance(p, Sequence) and len(p) == 2
-    numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-    return numbers and 0 <= p[0] < math.inf and 0 < p[1] < math.inf
+def _gamma_scaling(
+    problem: BilevelProblem,
+    x: Params,
+    r: Responses,
+    y_hi: Params,
+    batch: Any,
+    gamma: float,
+    factor: float,
+    dropped: float,
+) -> dict[str, float]:
+    """gamma ||y_gamma - y_g|| and ||dropped|| at gamma and at gamma_hi = factor * gamma (y_hi ~
+    y_gamma_hi), with their log-slopes in gamma: ~ 0 where f is Lipschitz in y (Proposition 1),
+    about (1 - alpha) / (2 - alpha) < 0 under flatness (Lemma 1)."""
+    gamma_hi = factor * gamma
+    dropped_hi = gamma_hi * norm(lower_grad_x_diff(problem, x, r.y_g, y_hi, batch))
+    gap, gap_hi = norm(sub(r.y_gamma, r.y_g)), norm(sub(y_hi, r.y_g))
+    return {
+        "gamma_hi": gamma_hi,
+        "scaled_gap": gamma * gap,
+        "scaled_gap_hi": gamma_hi * gap_hi,
+        "gap_slope": _slope(gamma * gap, gamma_hi * gap_hi, factor),
+        "dropped_hi": dropped_hi,
+        "dropped_slope": _slope(dropped, dropped_hi, factor),
+    }
 
 
-def estimate_problems(
-    *,
-    gamma: Any,
-    solve_steps: Any,
-    solve_lr: Any,
-    solve_rtol: Any,
-    optimizer: Any,
-    gamma_factor: Any,
-    directions: Any,
-    delta_pairs: Any,
-    cost: Any = True,
-    probe: Any = 1e-2,
-    optimizer_name: str = "optimizer",
-) -> list[str]:
-    """Every rule the options of :func:`estimate` break, one message each (empty if none);
-    ``optimizer_name`` is what the caller calls the solves' optimizer."""
-    problems: list[str] = []
-    _number(problems, "gamma", gamma, 0, math.inf, "the penalty to diagnose at, e.g. 10.0")
-    count_problem(problems, "solve_steps", solve_steps, 1)
-    _number(problems, "solve_lr", solve_lr, 0, math.inf, "e.g. solve_lr=0.05 with Adam")
-    _number(problems, "solve_rtol", solve_rtol, 0, 1, "e.g. solve_rtol=1e-6")
-    if not isinstance(optimizer, str) or optimizer not in (*OPTIMIZERS, "lbfgs"):
-        problems.append(
-            f"{optimizer_name}={optimizer!r}: unknown; choose one of "
-            f"{sorted([*OPTIMIZERS, 'lbfgs'])}"
-        )
-    _number(problems, "gamma_factor", gamma_factor, 1, math.inf, "the second gamma, e.g. 4.0")
-    count_problem(problems, "directions", directions, 0)
-    if not isinstance(delta_pairs, Sequence) or not all(_is_pair(p) for p in delta_pairs):
-        problems.append(
-            f"delta_pairs={delta_pairs!r}: must be (c, alpha) pairs with c >= 0 and alpha > 0, "
-            "e.g. ((0.5, 1.5),)"
-        )
-    if not isinstance(cost, bool):
-        problems.append(f"cost={cost!r}: must be True (price the dropped term) or False")
-    _number(problems, "probe", probe, 0, math.inf, "the curvature probe's relative step, e.g. 1e-2")
-    return problems
+def _upper_shape(
+    problem: BilevelProblem,
+    x: Params,
+    r: Responses,
+    batch: Any,
+    upper: Any,
+    directions: int,
+    seed: int,
+) -> tuple[float, dict[str, float]]:
+    """f(x, y_gamma), and how f(x, .) rises away from y_g: ``f_gap`` = |f(x, y_g) - f(x,
+    y_gamma)|, ``grad_y_f`` = ||grad_y f(x, y_g)|| and the fitted (alpha_hat, c_hat) of
+    |f(x, y_g + s u) - f(x, y_g)| ~ c s^alpha (:func:`fit_exponent`). ``upper`` is y -> f(x, y)."""
+    f_g, _, (grad_y,) = grads_of(lambda y_: (upper(y_), {}), [r.y_g], identity_reduce)
+    with torch.no_grad():
+        f_gamma = float(upper(r.y_gamma))
+    alpha_hat, c_hat = fit_exponent(
+        problem, x, r.y_g, batch, r.y_gamma, directions=directions, seed=seed, upper=upper
+    )
+    shape = {"f_gap": abs(float(f_g) - f_gamma), "grad_y_f": norm(grad_y)}
+    return f_gamma, {**shape, "alpha_hat": alpha_hat, "c_hat": c_hat}
+
+
+def _priced(
+    problem: BilevelProblem,
+    x: Params,
+    r: Responses,
+    batch: Any,
+    gamma: float,
+    solve_rtol: float,
+    settings: dict[str, Any],
+    probe: float,
+) -> dict[str, float]:
+    """What the dropped term gamma [grad_x g(x, y_gamma) - grad_x g(x, y_g)] costs PBGD-Free in
+    units of f (:func:`~bilevel_ray.diagnostics.cost.predicted_cost`)."""
+    # The probes' solves start near their answer but must reach the same tolerance at a new x:
+    # L-BFGS does that in a few gradients whatever the main solves used.
+    solve = {"solve_rtol": solve_rtol, **settings, "optimizer": "lbfgs"}
+    dropped = lower_grad_x_diff(problem, x, r.y_g, r.y_gamma, batch)
+    dropped = {k: gamma * v for k, v in dropped.items()}
+    return predicted_cost(problem, x, r, dropped, batch, gamma, solve, probe)

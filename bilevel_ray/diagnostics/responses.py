@@ -194,21 +194,38 @@ def lower_responses(
     losses: tuple[Callable, Callable] | None = None,
 ) -> Responses:
     """y_g from up to ``solve_steps`` steps on g(x, .) from y; y_gamma from as many on
-    f(x, .)/gamma + g(x, .) from y_g (O(1/gamma) away). Both stop at gradient norm
-    ``solve_rtol * scale``; ``scale`` defaults to :func:`solve_scale` at y (a run passes its
-    first point's scale at later points, so that a warm start near y_g does not tighten the
-    tolerance). Adam by default: its step length does not depend on g's curvature. ``losses``:
-    :func:`level_losses` at this x and batch, where the caller has them already."""
+    f(x, .)/gamma + g(x, .) from y_g (O(1/gamma) away), and from y where y_g is stationary for
+    it too (a saddle of a Hoelder-flat f: the lower of the two ends). Both
+    stop at gradient norm ``solve_rtol * scale``; ``scale`` defaults to :func:`solve_scale` at
+    y (a run passes its first point's scale at later points, so that a warm start near y_g
+    does not tighten the tolerance). Adam by default: its step length does not depend on g's
+    curvature. ``losses``: :func:`level_losses` at this x and batch, where the caller has them
+    already."""
     batch = as_batch(batch)
     losses = losses or level_losses(problem, x, batch)
     scale = solve_scale(problem, x, y, batch, gamma, losses) if scale is None else scale
     settings = (solve_steps, solve_lr, optimizer, solve_rtol * scale)
     y_g, res_g = minimize(losses[1], y, *settings)
-    y_gamma, res_gamma = minimize(
-        perturbed_objective(problem, x, batch, gamma, losses), y_g, *settings
-    )
+    objective = perturbed_objective(problem, x, batch, gamma, losses)
+    y_gamma, res_gamma = minimize(objective, y_g, *settings)
+    if _same_point(y_gamma, y_g) and not _same_point(y, y_g):
+        # The solve stopped at once: y_g is stationary for f/gamma + g too, its minimum (f flat
+        # at y_g: y_gamma = y_g) or a saddle (a Hoelder-flat f, where stopping there would price
+        # the dropped term at 0). A second solve from the given y (a run's own iterate, which
+        # tracks y_gamma) decides: the lower objective is y_gamma.
+        other, res_other = minimize(objective, y, *settings)
+        with torch.no_grad():
+            here = objective(y_gamma)
+            # Lower by more than rounding: at a true minimum both ends agree to it.
+            margin = torch.finfo(here.dtype).eps ** 0.5 * (1 + abs(float(here)))
+            if float(objective(other)) < float(here) - margin:
+                y_gamma, res_gamma = other, res_other
     worst = max(res_g, res_gamma)
     return Responses(y_g, y_gamma, scale, worst / scale if scale > 0 else worst)
+
+
+def _same_point(a: Params, b: Params) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def reference_upper(

@@ -59,6 +59,19 @@ CAPS = {
     "seed": Limit(0, MAX_SEED, 0, SEED_RANGE),
     "hidden": Limit(0, 2**16, 32, "the classifier's hidden width; 0 for a linear one"),
 }
+# 40% corrupted: every class keeps a clear majority of true labels (60%, against at most 4.5%
+# for each wrong one), yet the unweighted classifier loses about 5 points of test accuracy.
+# 200 clean validation samples (20 per class) are too few to match the cleaned 1000 alone.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "corrupt": 0.4,
+    "n_train": 1000,
+    "n_val": 200,
+    "hidden": 0,
+    "ridge": 1e-3,
+    "batch_size": None,
+    "dtype": "float32",
+}
 
 
 class HyperCleaning:
@@ -131,23 +144,7 @@ def hyperclean(config: dict[str, Any] | None = None) -> ProblemSpec:
     classifier initialisation), ``corrupt`` (0.4), ``n_train`` (1000), ``n_val`` (200),
     ``hidden`` (0: linear classifier), ``ridge`` (1e-3), ``batch_size`` (None: full batch; an
     int or an (upper, lower) pair), ``dtype`` (float32), ``device``."""
-    # 40% corrupted: every class keeps a clear majority of true labels (60%, against at most 4.5%
-    # for each wrong one), yet the unweighted classifier loses about 5 points of test accuracy.
-    # 200 clean validation samples (20 per class) are too few to match the cleaned 1000 alone.
-    c = factory_config(
-        "hyperclean",
-        config,
-        {
-            "seed": 0,
-            "corrupt": 0.4,
-            "n_train": 1000,
-            "n_val": 200,
-            "hidden": 0,
-            "ridge": 1e-3,
-            "batch_size": None,
-            "dtype": "float32",
-        },
-    )
+    c = factory_config("hyperclean", config, DEFAULTS)
     seed = _integer("seed", c["seed"], 0, math.inf, "use a seed such as 0")
     corrupt = _number(
         "corrupt", c["corrupt"], 1.0, "the fraction of labels to corrupt, such as 0.4"
@@ -160,39 +157,14 @@ def hyperclean(config: dict[str, Any] | None = None) -> ProblemSpec:
     )
     check_limits("hyperclean", {"seed": seed, "hidden": hidden}, CAPS)
     images, labels = load_digits()
-    total = len(labels)
-    n_train = _integer(
-        "n_train", c["n_train"], 1, total - 2, f"the {total} digits also hold validation and test"
-    )
-    n_val = _integer(
-        "n_val",
-        c["n_val"],
-        1,
-        total - n_train - 1,
-        f"n_train + n_val must leave test samples among the {total} digits",
-    )
-
+    n_train, n_val = _split_sizes(c, len(labels))
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(total, generator=gen)
-    train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
-    noisy = labels[train].clone()
-    corrupted = torch.zeros(n_train, dtype=torch.bool)
-    corrupted[torch.randperm(n_train, generator=gen)[: round(corrupt * n_train)]] = True
-    # A shift by 1..9 classes: a uniformly random label other than the true one.
-    shift = torch.randint(1, CLASSES, (int(corrupted.sum()),), generator=gen)
-    noisy[corrupted] = (noisy[corrupted] + shift) % CLASSES
+    train, val, test = _split(len(labels), n_train, n_val, gen)
+    noisy, corrupted = _corrupt(labels[train], corrupt, gen)
 
     dtype = c["dtype"]
     images = images.to(dtype)
-    with torch.random.fork_rng(
-        devices=[]
-    ):  # seed the initialisation without touching the caller's RNG
-        torch.manual_seed(seed)
-        classifier = (
-            nn.Linear(PIXELS, CLASSES)
-            if hidden == 0
-            else nn.Sequential(nn.Linear(PIXELS, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
-        ).to(dtype)
+    classifier = _classifier(hidden, seed).to(dtype)
     # The data stays on the CPU (workers move each batch); x0 and y0 go to the device. w = 0 is
     # weight 1/2 for every sample, where sigma is steepest.
     x0 = {"w": torch.zeros(n_train, dtype=dtype, device=c["device"])}
@@ -209,6 +181,50 @@ def hyperclean(config: dict[str, Any] | None = None) -> ProblemSpec:
         defaults={"steps": 300, "optimizer": "adam", "lr_x": 0.1, "lr_y": 0.01, "gamma": 10.0},
         eval_data=BilevelBatch((images[test], labels[test]), lower),
     )
+
+
+def _split_sizes(c: dict[str, Any], total: int) -> tuple[int, int]:
+    """(n_train, n_val), checked to leave at least one test sample among the ``total`` digits."""
+    n_train = _integer(
+        "n_train", c["n_train"], 1, total - 2, f"the {total} digits also hold validation and test"
+    )
+    n_val = _integer(
+        "n_val",
+        c["n_val"],
+        1,
+        total - n_train - 1,
+        f"n_train + n_val must leave test samples among the {total} digits",
+    )
+    return n_train, n_val
+
+
+def _split(total: int, n_train: int, n_val: int, gen: torch.Generator) -> tuple[Tensor, ...]:
+    """Indices of the training, validation (V) and test samples: a seeded shuffle of all."""
+    order = torch.randperm(total, generator=gen)
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+
+
+def _corrupt(labels: Tensor, corrupt: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(b~, corrupted): exactly round(corrupt * n) of the n ``labels`` b replaced by a uniformly
+    random other label, and the mask of which (draws from ``gen`` after the split's)."""
+    n = len(labels)
+    noisy = labels.clone()
+    corrupted = torch.zeros(n, dtype=torch.bool)
+    corrupted[torch.randperm(n, generator=gen)[: round(corrupt * n)]] = True
+    # A shift by 1..9 classes: a uniformly random label other than the true one.
+    shift = torch.randint(1, CLASSES, (int(corrupted.sum()),), generator=gen)
+    noisy[corrupted] = (noisy[corrupted] + shift) % CLASSES
+    return noisy, corrupted
+
+
+def _classifier(hidden: int, seed: int) -> nn.Module:
+    """c_y: linear 64 -> 10 (``hidden`` = 0), or 64 -> hidden -> ReLU -> 10, initialised from
+    ``seed`` without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hidden == 0:
+            return nn.Linear(PIXELS, CLASSES)
+        return nn.Sequential(nn.Linear(PIXELS, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
 
 
 def heldout_accuracy(spec: ProblemSpec, y: Params) -> float:

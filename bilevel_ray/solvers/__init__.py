@@ -15,8 +15,9 @@ from bilevel_ray.solvers.bome import SETTINGS as BOME_SETTINGS
 from bilevel_ray.solvers.bome import bome
 from bilevel_ray.solvers.f2sa import SETTINGS as F2SA_SETTINGS
 from bilevel_ray.solvers.f2sa import f2sa
+from bilevel_ray.solvers.hypergradient import implicit_hypergradient
 from bilevel_ray.solvers.implicit_cg import SETTINGS as IMPLICIT_CG_SETTINGS
-from bilevel_ray.solvers.implicit_cg import implicit_cg, implicit_hypergradient
+from bilevel_ray.solvers.implicit_cg import implicit_cg
 from bilevel_ray.solvers.pbgd import SETTINGS as PBGD_SETTINGS
 from bilevel_ray.solvers.pbgd import pbgd
 from bilevel_ray.solvers.pbgd_free import SETTINGS as PBGD_FREE_SETTINGS

@@ -15,31 +15,20 @@ One step::
 
 It needs second derivatives (double backward) but no penalty: the baseline that is exact when
 the inner problem is solved, at the price of K + cg_steps lower-level gradient evaluations.
+The x direction is :func:`~bilevel_ray.solvers.hypergradient.implicit_hypergradient`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from bilevel_ray.linear_solve import solve_cg
-from bilevel_ray.problem import BilevelProblem
-from bilevel_ray.solvers.base import (
-    GradReduce,
-    Metrics,
-    Setting,
-    SolverState,
-    check_number,
-    identity_reduce,
-    steps_setting,
-)
-from bilevel_ray.solvers.compute import Compute, StepEval
+from bilevel_ray.solvers.base import Metrics, Setting, SolverState, check_number, steps_setting
 from bilevel_ray.solvers.factory import DEFAULT, Plan, Setup, solver_factory
+from bilevel_ray.solvers.hypergradient import implicit_hypergradient
 from bilevel_ray.solvers.penalty import value_function_steps
-from bilevel_ray.solvers.precision import autocast
-from bilevel_ray.tree import Params, leaves, sub
 
+# implicit_hypergradient (the x direction) has its own module; it is re-exported here, where it
+# was first defined, so that imports from bilevel_ray.solvers.implicit_cg keep working.
 __all__ = ["SETTINGS", "implicit_cg", "implicit_hypergradient"]
 
 # implicit_cg's own settings (SolverConfig, the CLI and Tune read them from here).
@@ -56,74 +45,6 @@ SETTINGS = {
         ),
     ),
 }
-
-
-def implicit_hypergradient(
-    problem: BilevelProblem,
-    x: Params,
-    y: Params,
-    batch: Any,
-    *,
-    cg_steps: int,
-    cg_ridge: float = 0.0,
-    grad_reduce: GradReduce = identity_reduce,
-    ev: StepEval | None = None,
-) -> tuple[Params, Metrics]:
-    """grad_x f(x, y) - grad^2_xy g(x, y) v with v from CG; exact at y = y*(x) when CG converges.
-
-    ``ev`` (a solver's step evaluation) brings precision and accumulation: the Hessian-vector
-    products sum over the micro-batches, whose graphs of grad_y g are all kept for the CG
-    iterations (so accumulation does not lower implicit_cg's memory), and fp16 runs without
-    loss scaling here (the second derivatives are taken of the unscaled g).
-    """
-    ev = ev or Compute(problem, grad_reduce).at(x, batch)
-    reduce = ev.compute.reduce
-    (f, _, (f_x, f_y)) = ev.grads(
-        lambda L, x_, y_: (L.upper(x_, y_), {}), [ev.x, y], reduce=(False, True)
-    )
-    xl, yl = ev.xl, leaves(y)
-    xs, ys = list(xl.values()), list(yl.values())
-    g_values: list[Any] = []
-    g_ys: list[tuple[Any, ...]] = []
-    with torch.enable_grad():
-        for L in ev.micro:
-            with autocast(ev.compute.precision, ev.device):
-                g = L.lower(xl, yl)
-            g_ys.append(
-                torch.autograd.grad(
-                    g, ys, create_graph=True, allow_unused=True, materialize_grads=True
-                )
-            )
-            g_values.append(g.detach())
-        # Entries of grad_y g that do not depend on (x, y) (g linear in them, or unused) have a
-        # zero Hessian block: they drop out of every second derivative.
-        live = [[i for i, d in enumerate(g_y) if d.requires_grad] for g_y in g_ys]
-
-        def second(wrt: list[Any], v: Params, retain: bool) -> list[Any]:
-            vs = list(v.values())
-            total = [torch.zeros_like(w) for w in wrt]
-            for g_y, alive in zip(g_ys, live):
-                if not alive:
-                    continue
-                parts = torch.autograd.grad(
-                    [g_y[i] for i in alive],
-                    wrt,
-                    grad_outputs=[vs[i] for i in alive],
-                    allow_unused=True,
-                    materialize_grads=True,
-                    retain_graph=retain or ev.keep_graph,
-                )
-                torch._foreach_add_(total, list(parts))
-            return total
-
-        def hvp(v: Params) -> Params:
-            return reduce(dict(zip(yl, second(ys, v, retain=True))))
-
-        v = solve_cg(hvp, f_y, maxiter=cg_steps, ridge=cg_ridge)
-        cross = second(xs, v, retain=False)
-    hypergrad = reduce(sub(f_x, dict(zip(xl, cross))))
-    g_total = sum(g_values[1:], g_values[0])  # one value per micro-batch, at least one
-    return hypergrad, {"upper/loss": f, "lower/loss": g_total}
 
 
 @solver_factory(SETTINGS)
