@@ -113,14 +113,7 @@ def diagnose(
     """
     check_problem(problem)
     check_params(x0, y0)
-    if reference is not None:
-        check_params(reference, y0)
-        if set(reference) != set(x0) or any(reference[k].shape != x0[k].shape for k in x0):
-            raise ConfigError(
-                "reference must have x0's names and shapes (an upper-level point, the problem's "
-                f"own start); got {_shapes(reference)} for x0's {_shapes(x0)}"
-            )
-    reference = x0 if reference is None else reference
+    reference = _reference(x0, y0, reference)
     problems = count_problems(
         steps=steps,
         check_steps=check_steps,
@@ -150,21 +143,7 @@ def diagnose(
     threshold_problem(
         problems, "z", z, 0, "the confidence multiplier of the standard error, e.g. 2.0"
     )
-    settings = None
-    try:
-        settings = SolverConfig(
-            method="pbgd_free",
-            lr_x=lr_x,
-            lr_y=lr_y,
-            gamma=gamma if isinstance(gamma, (int, float)) else None,
-            inner_steps=inner_steps,
-            optimizer=optimizer,
-        )
-        solver = settings.build(problem)
-    except ConfigError as err:
-        problems += [p for p in err.problems if not p.startswith("gamma=")]
-    if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
+    settings, solver = _pbgd_free(problem, gamma, lr_x, lr_y, inner_steps, optimizer, problems)
 
     # A tolerance below the dtype's rounding cannot be met (float32 networks): solve_rtol is
     # floored at sqrt(eps) and max_residual at 100 times that (the run watch's 2e-2 in float32).
@@ -200,6 +179,48 @@ def diagnose(
         eval_data=eval_data, show=report.show, end_step=steps,
     )  # fmt: skip
     return _with_prediction(certificate, predicted)
+
+
+def _reference(x0: Params, y0: Params, reference: Params | None) -> Params:
+    """The upper-level point the achievable improvement is measured from: x0 by default."""
+    if reference is None:
+        return x0
+    check_params(reference, y0)
+    if set(reference) != set(x0) or any(reference[k].shape != x0[k].shape for k in x0):
+        raise ConfigError(
+            "reference must have x0's names and shapes (an upper-level point, the problem's "
+            f"own start); got {_shapes(reference)} for x0's {_shapes(x0)}"
+        )
+    return reference
+
+
+def _pbgd_free(
+    problem: BilevelProblem,
+    gamma: Any,
+    lr_x: Any,
+    lr_y: Any,
+    inner_steps: Any,
+    optimizer: Any,
+    problems: list[str],
+) -> tuple[SolverConfig, Any]:
+    """The run's settings and solver; every problem found so far (``problems``) and in the
+    settings is raised at once (gamma's own were found with the estimator's)."""
+    settings = solver = None
+    try:
+        settings = SolverConfig(
+            method="pbgd_free",
+            lr_x=lr_x,
+            lr_y=lr_y,
+            gamma=gamma if isinstance(gamma, (int, float)) else None,
+            inner_steps=inner_steps,
+            optimizer=optimizer,
+        )
+        solver = settings.build(problem)
+    except ConfigError as err:
+        problems = problems + [p for p in err.problems if not p.startswith("gamma=")]
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    return settings, solver
 
 
 def _with_prediction(certificate: Verdict, predicted: Verdict | None) -> Verdict:

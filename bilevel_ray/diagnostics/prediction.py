@@ -17,15 +17,24 @@ from typing import Any
 
 import torch
 
+from bilevel_ray.diagnostics.cost import pooled_cost
 from bilevel_ray.diagnostics.flatness import estimate, lower_grad_x_diff, lower_responses
-from bilevel_ray.diagnostics.price_rule import decide_priced
+from bilevel_ray.diagnostics.price_rule import decide
 from bilevel_ray.diagnostics.responses import Responses, as_batch, reference_upper
 from bilevel_ray.diagnostics.verdict import Verdict
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import grads_of, identity_reduce
 from bilevel_ray.tree import Params, cuda_devices, vdot
 
-__all__ = ["Pricing", "Settle", "blind_verdict", "price", "terms", "upper_reaches_x"]
+__all__ = [
+    "Pricing",
+    "Settle",
+    "blind_verdict",
+    "decide_priced",
+    "price",
+    "terms",
+    "upper_reaches_x",
+]
 
 
 @dataclass
@@ -129,6 +138,28 @@ def price(
             priced.append({**point, "flatness/step": float(step)})
             show(f"the early price at step {step}, batch {b + 1}")
     return decide_priced(priced, vectors, steps_kept, how.jitter, how.judge)
+
+
+def decide_priced(
+    priced: list[dict], vectors: list[Params], kept: list[Params], jitter: float, options: dict
+) -> Verdict:
+    """:func:`decide` on the priced end points, with their pooled cost (cost.py) and the noise
+    floor ``jitter`` tr(Var kept) (the trace from the batches' kept vectors: the mean of
+    ||k_b||^2 less that of k_a . k_b, a != b)."""
+    curvatures = [
+        math.nan if p["flatness/cost_is_bound"] else p["flatness/curvature"] for p in priced
+    ]
+    pooled, pooled_se = pooled_cost(vectors, curvatures)
+    n, floor = len(kept), 0.0
+    if jitter > 0 and n >= 2:
+        dots = [[float(vdot(a, b)) for b in kept] for a in kept]
+        own = sum(dots[i][i] for i in range(n)) / n
+        pairs = (sum(map(sum, dots)) - own * n) / (n * (n - 1))
+        floor = jitter * max(own - pairs, 0.0)
+    for point in priced:
+        point.update({"flatness/pooled_cost": pooled, "flatness/pooled_se": pooled_se})
+        point["flatness/noise_floor"] = floor
+    return decide(priced, **options)
 
 
 def upper_reaches_x(problem: BilevelProblem, x: Params, y: Params, batch: Any) -> bool:

@@ -6,17 +6,11 @@
 Decision rule (the value form of Definition 1). Where PBGD-Free stops, kept = 0 and the penalty
 gradient is the dropped term d alone; a corrected method goes on along -d and gains about
 C = ||d||^2 / (2 kappa) in f (kappa: the penalty objective's curvature along d;
-:mod:`~bilevel_ray.diagnostics.cost`). C is averaged over the judged points (the later half of
-the priced points' steps: the end of diagnose's trajectory, on several batches), with standard
-error se. The scale is the achievable improvement: f at the problem's reference point (the
-``reference`` argument, default x0: the problem's own start; f = f(x, y_gamma), the loss the run
-sees, measured on each priced batch) less the better end, f(end) - C. PBGD-Free is as good when
-its shortfall C is at most rtol of that, plus the run's own minibatch jitter and atol:
-C <= tau = rtol max(f(reference) - (f(end) - C), 0) + jitter + atol (:func:`tolerance`; with
-no reference measured, a hand-built estimate, rtol |f| at the larger end). Unlike rtol |f| it
-does not move when a constant is added to f or collapse where f ends near 0 (a DPO loss ends
-at ~1e-5 from log 2), and unlike the run's own progress it does not grow with a far start (the
-negative toy from x0 = 100 would allow 551 against its 25):
+:mod:`~bilevel_ray.diagnostics.cost`), averaged over the judged points (the later half of the
+priced points' steps, on several batches) with standard error se. tau is
+:func:`~bilevel_ray.diagnostics.verdict.tolerance`: rtol of the achievable improvement from f at
+the problem's reference point (f = f(x, y_gamma), measured on each priced batch) to the better
+end, f(end) - C, plus the run's minibatch jitter and atol:
 
 * suitable   if C + z se <= tau: PBGD-Free's result is as good to that precision; "keep
   pbgd_free" (the reason states C, se, f, the start's f, tau and the confidence P(C <= tau));
@@ -27,10 +21,9 @@ negative toy from x0 = 100 would allow 551 against its 25):
   unconverged points are never dropped silently), or when C is only a lower bound (the penalty
   objective does not curve up along d as far as probed) that does not exceed tau.
 
-Why cost and not the ratio ||d|| / ||kept||: both terms can be tiny (a least-squares f and g
-sharing their target) or the kept term can dwarf d far from the solution (a far start), and the
-ratio then says nothing about the result; C is in the units the user judges the result in, and
-does not depend on the start when measured where PBGD-Free settles. Estimates without a cost
+Why cost and not the ratio ||d|| / ||kept||: both can be tiny (f and g sharing their target) or
+the kept term can dwarf d far from the solution, and the ratio then says nothing about the
+result; C is in the units the user judges the result in. Estimates without a cost
 (``estimate(..., cost=False)``, or built by hand) get the former ratio rule: D / S with D the
 median ||dropped|| and S the largest max(||kept||, ||kept + dropped||), suitable if D <= atol or
 D / S <= rho_ok, unsuitable if D / S >= rho_bad, uncertain in between.
@@ -42,7 +35,6 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
-from bilevel_ray.diagnostics.cost import pooled_cost
 from bilevel_ray.diagnostics.verdict import (
     Verdict,
     decide_problems,
@@ -51,9 +43,10 @@ from bilevel_ray.diagnostics.verdict import (
     tolerance,
 )
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.tree import Params, vdot
 
-__all__ = ["decide", "decide_priced"]
+__all__ = [
+    "decide",
+]
 
 
 def _median(values: list[float]) -> float:
@@ -216,6 +209,42 @@ def _cost_verdict(
     return name, numbers
 
 
+def _confidence(cost: float, se: float, tol: float) -> float:
+    """P(C <= tau) under a normal error of the mean: the confidence the reason reports."""
+    if se == 0 or not math.isfinite(cost):
+        return 1.0 if cost <= tol else 0.0
+    return 0.5 * (1 + math.erf((tol - cost) / (se * math.sqrt(2))))
+
+
+def _against(numbers: Mapping[str, float], rtol: float) -> str:
+    """The tolerance and what it is measured from, as the reason states it."""
+    tol, noise, start = numbers["tolerance"], numbers["noise_floor"], numbers["start_upper"]
+    jitter = f" plus its own minibatch jitter {noise:.2g}" if noise > 0 else ""
+    if math.isfinite(start):
+        return (
+            f"a tolerance of {tol:.3g} ({100 * rtol:g}% of the achievable improvement from "
+            f"f = {start:.4g} at the problem's reference point{jitter})"
+        )
+    return (
+        f"a tolerance of {tol:.3g} ({100 * rtol:g}% of |f| at the ends{jitter}; no reference "
+        "point was measured)"
+    )
+
+
+def _unsettled(unsettled: list, out: dict[str, float], at: str, measured: str) -> Verdict:
+    """ "uncertain": the run was still moving where it was priced."""
+    ratio = _median([_get(p, "settle_ratio") for p in unsettled])
+    below = _get(unsettled[0], "settle")
+    out["flatness/settle_ratio"] = ratio
+    reason = (
+        f"PBGD-Free had not settled when the time ran out{at}: its own direction is still "
+        f"{ratio:.3g} times the dropped term (settled below {below:g}), so what the dropped "
+        f"term costs there ({measured}) may not be what it costs at the run's end; diagnose a "
+        "longer run (warmup_steps, max_seconds) or compare with alt_pbgd on a short run."
+    )
+    return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+
+
 def _decide_cost(
     points: Sequence[Mapping[str, float]],
     judged: list,
@@ -247,28 +276,13 @@ def _decide_cost(
     out["flatness/dropped"] = dropped
     out["flatness/kept"] = _median([_get(p, "kept") for p in used])
     out["flatness/judged"] = float(len(used))
-    # P(C <= tau) under a normal error of the mean: the confidence the reason reports.
-    confidence = (
-        (1.0 if cost <= tol else 0.0)
-        if se == 0 or not math.isfinite(cost)
-        else 0.5 * (1 + math.erf((tol - cost) / (se * math.sqrt(2))))
-    )
+    confidence = _confidence(cost, se, tol)
     out["flatness/confidence"] = confidence
-    noise = numbers["noise_floor"]
-    jitter = f" plus its own minibatch jitter {noise:.2g}" if noise > 0 else ""
-    start = numbers["start_upper"]
-    against = (
-        f"a tolerance of {tol:.3g} ({100 * rtol:g}% of the achievable improvement from "
-        f"f = {start:.4g} at the problem's reference point{jitter})"
-        if math.isfinite(start)
-        else f"a tolerance of {tol:.3g} ({100 * rtol:g}% of |f| at the ends{jitter}; no "
-        "reference point was measured)"
-    )
     about = "at least" if bound else "about"
     measured = (
         f"its dropped term (norm {dropped:.3g}) costs {about} {cost:.3g} ± {se:.2g} in the upper "
         f"objective where the run is heading{at} (f = {upper:.4g}, over {len(used)} batch(es)), "
-        f"against {against}"
+        f"against {_against(numbers, rtol)}"
     )
     if stuck:
         alt, _ = _cost_verdict(points, judged, used + stuck, (rtol, atol, z))
@@ -283,16 +297,7 @@ def _decide_cost(
     # (whose progress only grows) stands, a larger one may still change.
     unsettled = [p for p in used if _get(p, "settled") == 0]
     if unsettled and name != "suitable":
-        ratio = _median([_get(p, "settle_ratio") for p in unsettled])
-        below = _get(unsettled[0], "settle")
-        out["flatness/settle_ratio"] = ratio
-        reason = (
-            f"PBGD-Free had not settled when the time ran out{at}: its own direction is still "
-            f"{ratio:.3g} times the dropped term (settled below {below:g}), so what the dropped "
-            f"term costs there ({measured}) may not be what it costs at the run's end; diagnose a "
-            "longer run (warmup_steps, max_seconds) or compare with alt_pbgd on a short run."
-        )
-        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+        return _unsettled(unsettled, out, at, measured)
     if name == "suitable":
         reason = (
             f"PBGD-Free will do as well as the corrected methods: {measured}, with "
@@ -373,25 +378,3 @@ def _decide_ratio(
         return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
     head = f"PBGD-Free is biased: its dropped term (median norm {dropped:.3g}) is {share} {where}"
     return _unsuitable(out, head, ratio / rho_ok, 1.0)
-
-
-def decide_priced(
-    priced: list[dict], vectors: list[Params], kept: list[Params], jitter: float, options: dict
-) -> Verdict:
-    """:func:`decide` on the priced end points, with their pooled cost (cost.py) and the noise
-    floor ``jitter`` tr(Var kept) (the trace from the batches' kept vectors: the mean of
-    ||k_b||^2 less that of k_a . k_b, a != b)."""
-    curvatures = [
-        math.nan if p["flatness/cost_is_bound"] else p["flatness/curvature"] for p in priced
-    ]
-    pooled, pooled_se = pooled_cost(vectors, curvatures)
-    n, floor = len(kept), 0.0
-    if jitter > 0 and n >= 2:
-        dots = [[float(vdot(a, b)) for b in kept] for a in kept]
-        own = sum(dots[i][i] for i in range(n)) / n
-        pairs = (sum(map(sum, dots)) - own * n) / (n * (n - 1))
-        floor = jitter * max(own - pairs, 0.0)
-    for point in priced:
-        point.update({"flatness/pooled_cost": pooled, "flatness/pooled_se": pooled_se})
-        point["flatness/noise_floor"] = floor
-    return decide(priced, **options)

@@ -1,0 +1,70 @@
+"""``br.compare``'s refusals before anything is built or run: its arguments, all together in
+one :class:`~bilevel_ray.errors.ConfigError`, then its output folder (a new one)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.compare.rank import POINTS
+from bilevel_ray.runtime.local.output_files import check_output_folder, check_writable
+from bilevel_ray.runtime.local.run_spec import check_count
+from bilevel_ray.solvers import SOLVERS
+
+__all__ = ["check_arguments", "new_folder"]
+
+
+def check_arguments(
+    methods: list[str] | None,
+    budget_s: Any,
+    seeds: Any,
+    num_workers: Any,
+    gap_steps: Any,
+    rank_by: str | None,
+) -> list[str]:
+    """The methods to run (default: every method); raises one ConfigError naming every
+    argument that is wrong."""
+    problems: list[str] = []
+    check_count(problems, "seeds", seeds, 1)
+    check_count(problems, "gap_steps", gap_steps, 1)
+    if (
+        isinstance(budget_s, bool)
+        or not isinstance(budget_s, (int, float))
+        or not (0 < budget_s < math.inf)
+    ):
+        problems.append(f"budget_s={budget_s!r}: must be a finite number of seconds > 0")
+    if num_workers != 1:
+        problems.append(
+            f"num_workers={num_workers!r}: compare runs each method in one process; scale the "
+            "method it recommends with br.train(num_workers=N) (bilevel-ray train --workers N)"
+        )
+    if rank_by is not None and rank_by not in POINTS:
+        problems.append(
+            f"rank_by={rank_by!r}: choose 'best' (each run at its best held-out point) or "
+            "'final' (where the budget ended it), or leave it out"
+        )
+    methods = list(SOLVERS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in SOLVERS]
+    if unknown or not methods:
+        problems.append(f"methods={methods!r}: choose among {', '.join(SOLVERS)}")
+    if problems:
+        raise ConfigError(problems)
+    return methods
+
+
+def new_folder(storage_path: str | Path | None, name: str) -> tuple[Path, Path]:
+    """The storage folder (default ``~/ray_results``) and the comparison's folder in it,
+    which must be new or empty."""
+    storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
+    # As solve / train check theirs, before Ray starts: the name, no link out of storage_path,
+    # a folder if it exists. Its files need no check of their own: the folder must be new or
+    # empty, and every file is written with atomic_write (a link is replaced, not followed).
+    folder = check_output_folder(storage, name, "name")
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(
+            f"{str(folder)!r} already holds a comparison: use a new --name (name=...) or "
+            "remove the folder"
+        )
+    return storage, folder
