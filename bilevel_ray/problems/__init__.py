@@ -95,6 +95,11 @@ def _import_module(where: str) -> Any:
         path = Path(where)
         if not path.is_file():
             raise ConfigError(f"problem file {where!r} does not exist")
+        # The file's folder goes on the import path, as for a script run from there, so that
+        # it can import a module beside it (``from mydata import load``).
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         spec = importlib.util.spec_from_file_location(f"bilevel_ray_user_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules[spec.name] = module  # type: ignore[union-attr]
