@@ -158,6 +158,11 @@ def check_params(x0: Any, y0: Any) -> None:
                     f"{name}[{key!r}] is a {type(value).__name__}: must be a torch.Tensor "
                     f"(wrap it: torch.tensor({value!r}))"
                 )
+            elif value.numel() == 0:
+                problems.append(
+                    f"{name}[{key!r}] is empty (shape {tuple(value.shape)}): a level's tensors "
+                    "need at least one entry to optimize; drop it or give it a size"
+                )
             elif value.is_meta:
                 problems.append(
                     f"{name}[{key!r}] is on the meta device: it holds no values; materialise "

@@ -151,9 +151,22 @@ def descend(
     return aux
 
 
+# An inner loop longer than this is a mistake, not a setting: one outer step would take hours
+# (a sweep's pre-flight, which runs a step, would hang on it).
+MAX_INNER_STEPS = 100_000
+
+
 def check_inner_steps(value: Any, name: str = "inner_steps") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
+    if value > MAX_INNER_STEPS:
+        shown = (
+            repr(value) if len(str(value)) <= 30 else f"<an integer of {len(str(value))} digits>"
+        )
+        raise ConfigError(
+            f"{name}={shown}: must be at most {MAX_INNER_STEPS:,} (inner steps per outer step; "
+            f"a longer loop makes one step take hours), e.g. {name}=10"
+        )
     return value
 
 

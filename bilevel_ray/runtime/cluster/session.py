@@ -48,7 +48,7 @@ def connect(address: str | None = None) -> int:
                 log_to_driver=True,
                 logging_config=ray.LoggingConfig(log_level="ERROR") if quiet else None,
             )
-        except ConnectionError as err:
+        except (ConnectionError, ValueError) as err:  # unreachable, or not an address at all
             raise connect_error(address, err) from None
     if quiet and len(ray.nodes()) == 1:
         # One node has nothing to be preempted from (if it goes, the cluster goes), and the

@@ -25,6 +25,9 @@ __all__ = [
 ]
 
 
+MAX_THREADS = 1024  # torch threads per process: more is a mistake (OMP_NUM_THREADS, --threads)
+
+
 def threads_for_cpus(cpus: float) -> int:
     """Threads for a share of ``cpus`` CPUs: its whole CPUs, at least one."""
     return max(1, math.floor(cpus))
@@ -50,6 +53,12 @@ def process_cpus() -> int:
             raise ConfigError(
                 f"OMP_NUM_THREADS={raw!r}: must be a whole number >= 1 (e.g. OMP_NUM_THREADS=1), "
                 "or unset to use every CPU this process may run on"
+            )
+        if int(first) > MAX_THREADS:
+            raise ConfigError(
+                f"OMP_NUM_THREADS={raw!r}: at most {MAX_THREADS} (torch would try to start that "
+                "many threads; a machine's process limit is often 32,768); use the CPUs you "
+                "have, e.g. OMP_NUM_THREADS=2, or unset it"
             )
         return int(first)
     if hasattr(os, "sched_getaffinity"):
@@ -79,10 +88,11 @@ def use_work_threads(x0: Any, y0: Any, threads: int | None = None) -> int:
     own count), else :func:`threads_for_work` of its size and :func:`process_cpus`. Returns the
     count."""
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024:
+        whole = not isinstance(threads, bool) and isinstance(threads, int)
+        if not whole or not 1 <= threads <= MAX_THREADS:
             raise ConfigError(
-                f"threads={threads!r}: must be a whole number in [1, 1024] (torch's CPU threads "
-                "for this process), e.g. --threads 1"
+                f"threads={threads!r}: must be a whole number in [1, {MAX_THREADS}] (torch's CPU "
+                "threads for this process), e.g. --threads 1"
             )
         return use_cpus(threads)
     if os.environ.get("OMP_NUM_THREADS", "").strip():

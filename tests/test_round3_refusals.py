@@ -1,0 +1,43 @@
+"""Bad input, round three: numbers that size work are bounded where they enter, an empty tensor
+is no start point, and an address that is not one is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bilevel_ray as br
+from bilevel_ray.cli import main
+from bilevel_ray.problems.toys import NegativeToy
+
+
+def test_an_empty_start_tensor_is_refused_before_any_step():
+    with pytest.raises(br.ConfigError, match=r"x0\['x'\] is empty \(shape \(0,\)\)"):
+        br.solve(NegativeToy(), {"x": torch.zeros(0)}, {"y": torch.zeros(1)}, steps=1)
+
+
+@pytest.mark.parametrize("value", [100_001, 10**12])
+def test_an_inner_loop_of_hours_is_refused_with_the_bound(value):
+    with pytest.raises(br.ConfigError, match=r"inner_steps=.*must be at most 100,000") as err:
+        br.solve(NegativeToy(), {"x": torch.ones(1)}, {"y": torch.zeros(1)}, inner_steps=value)
+    assert "e.g. inner_steps=10" in str(err.value)
+
+
+def test_thousands_of_threads_are_refused(monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "100000")
+    assert main(["solve", "toy-negative", "--steps", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "OMP_NUM_THREADS='100000': at most 1024" in err and "OMP_NUM_THREADS=2" in err
+
+
+def test_an_address_that_is_not_one_is_a_clear_error(monkeypatch):
+    # Ray's own ValueError ("... is not a valid address") becomes the usual connect message.
+    import bilevel_ray.runtime.cluster.session as session
+
+    def init(*args, **kwargs):
+        raise ValueError("'garbage' is not a valid address")
+
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", init)
+    with pytest.raises(br.ConfigError, match=r"address='garbage': cannot connect .* not a valid"):
+        session.connect("garbage")
