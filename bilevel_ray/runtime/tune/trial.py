@@ -91,6 +91,9 @@ def run_trial(point: dict[str, Any], plan: TrialPlan) -> None:
     except Exception as err:
         ray_tune.report(
             {
+                # Every result carries the schedulers' time attribute: PBT and PB2 stop the
+                # whole sweep on a result without one ("Cannot find time_attr step").
+                "step": 0,
                 "status": "error",
                 "error": one_line(err),
                 METRIC: math.inf,
