@@ -62,3 +62,18 @@ def test_a_trial_whose_code_raises_reports_a_step_so_a_population_goes_on(monkey
     trial.run_trial({"lr_x": -1.0}, plan)  # a setting the trial's own code refuses
     assert reported[0]["status"] == "error" and reported[0]["step"] == 0
     assert "lr_x=-1.0" in reported[0]["error"]
+
+
+def test_resuming_a_finished_sweep_whose_tune_state_is_gone_is_refused(tmp_path):
+    # Tune cannot restore it and would start over, rewriting the finished sweep's tables.
+    from bilevel_ray.runtime.tune.folder import claim_sweep_folder
+
+    folder = tmp_path / "sweep"
+    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=False)
+    (folder / "trials.parquet").write_bytes(b"the finished sweep's table")
+    with pytest.raises(br.ConfigError, match=r"whose Tune state .* is gone: there is nothing"):
+        claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)
+    assert (folder / "trials.parquet").read_bytes() == b"the finished sweep's table"
+    (folder / "tuner.pkl").write_bytes(b"")
+    (folder / "experiment_state-2026.json").write_text("{}")
+    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)  # resumable: accepted

@@ -56,6 +56,14 @@ def claim_sweep_folder(path: Path, settings: dict[str, Any], resume: bool) -> No
                 f"sweep folder {str(path)!r} already holds this sweep: pass --resume "
                 "(resume=True) to continue it, or a new --name (name=...) to start afresh"
             )
+        if (path / "trials.parquet").exists() and not _tune_state(path):
+            # Resuming needs Tune's state; without it Tune would start the sweep over and
+            # rewrite the finished sweep's tables.
+            raise ConfigError(
+                f"sweep folder {str(path)!r} holds a finished sweep whose Tune state "
+                "(tuner.pkl, experiment_state-*.json) is gone: there is nothing to resume and "
+                "its results stay as they are; choose a new --name (name=...) to run it again"
+            )
         return
     if not resume and (path / "trials.parquet").exists():
         raise ConfigError(
@@ -63,3 +71,8 @@ def claim_sweep_folder(path: Path, settings: dict[str, Any], resume: bool) -> No
             "(resume=True) to continue it, or a new --name (name=...)"
         )
     atomic_write(file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1, default=repr)))
+
+
+def _tune_state(path: Path) -> bool:
+    """Whether ``path`` holds the state Tune restores an interrupted sweep from."""
+    return (path / "tuner.pkl").is_file() and any(path.glob("experiment_state-*.json"))
