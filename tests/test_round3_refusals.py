@@ -77,3 +77,67 @@ def test_resuming_a_finished_sweep_whose_tune_state_is_gone_is_refused(tmp_path)
     (folder / "tuner.pkl").write_bytes(b"")
     (folder / "experiment_state-2026.json").write_text("{}")
     claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)  # resumable: accepted
+
+
+def _schedule(tmp_path, **changes):
+    import json
+
+    from bilevel_ray.runtime.tune.lineage import FORMAT
+
+    document = {
+        "format": FORMAT,
+        "problem": "toy-negative",
+        "problem_config": {},
+        "method": "pbgd_free",
+        "steps": 20,
+        "seed": 0,
+        "settings": {"lr_x": 0.01, "lr_y": 0.1, "gamma": 10.0},
+        **changes,
+    }
+    path = tmp_path / "best_schedule.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"problem_config": [1, 2]}, "its problem_config is a list"),
+        ({"settings": {"gamma": 10.0, "seed": 3}}, "its settings name ['seed']"),
+        ({"settings": {"gamma": 10.0, "report_every": 1}}, "its settings name ['report_every']"),
+        ({"problem": "/elsewhere/other.py:factory"}, "was learned on '/elsewhere/other.py:"),
+        ({"problem_config": {"data": "/their/file.csv"}}, "data='/their/file.csv'"),
+    ],
+)
+def test_a_handed_over_schedule_may_change_only_the_solver_settings(
+    tmp_path, capsys, changes, message
+):
+    path = _schedule(tmp_path, **changes)
+    assert main(["solve", "toy-negative", "--schedule", str(path), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_schedules_problem_config_is_taken_with_the_flag_only(tmp_path, capsys):
+    path = _schedule(tmp_path, problem_config={"x0": 3.0})
+    argv = ["solve", "toy-negative", "--schedule", str(path), "--quiet"]
+    assert main(argv) == 2
+    assert "problem config {x0=3.0}" in capsys.readouterr().err
+    assert main([*argv, "--config", "x0=3.0"]) == 0  # the same config, given
+    assert main([*argv, "--schedule-config"]) == 0  # taken from the file, asked for
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "nested"])
+def test_a_schedule_that_is_no_regular_file_or_nests_too_deep_is_refused(tmp_path, kind):
+    import os
+
+    from bilevel_ray.runtime.tune.lineage import read_schedule_file
+
+    path = tmp_path / "best_schedule.json"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    elif kind == "device":
+        path.symlink_to("/dev/zero")  # reading it would never end
+    else:
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(br.ConfigError, match=r"not a regular file|nests deeper"):
+        read_schedule_file(path)

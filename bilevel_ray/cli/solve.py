@@ -43,9 +43,16 @@ def add_parser(commands: Any) -> None:
         "--schedule",
         type=Path,
         metavar="FILE",
-        help="replay a sweep's best_schedule.json: its method, steps, seed, problem config and "
-        "settings (gamma, lr_x, lr_y as learned schedules); --set, --config, --steps and "
+        help="replay a sweep's best_schedule.json: its method, steps, seed and solver settings "
+        "(gamma, lr_x, lr_y as learned schedules); --set, --config, --steps and "
         "--seed given here take precedence",
+    )
+    solve_cmd.add_argument(
+        "--schedule-config",
+        action="store_true",
+        help="with --schedule: also take the problem config the schedule was learned with "
+        "(it may name data files or a model folder; without this flag a different one is "
+        "refused and shown)",
     )
     solve_cmd.set_defaults(seed=None)  # 0, or the --schedule file's
 
@@ -103,13 +110,25 @@ def _replay(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run a ``best_schedule.json`` describes, under what the command line sets."""
     from bilevel_ray.runtime.tune.lineage import read_schedule_file
+    from bilevel_ray.runtime.tune.plan import factory_name
 
     schedule = read_schedule_file(args.schedule)
     learned_on = str(schedule.get("problem"))
-    if learned_on != args.problem and ":" not in learned_on + args.problem:
+    if factory_name(learned_on) != factory_name(args.problem):
         raise ConfigError(
             f"--schedule {str(args.schedule)!r} was learned on {learned_on!r}, not "
             f"{args.problem!r}: run bilevel-ray solve {learned_on} --schedule {args.schedule}"
+        )
+    learned_config = schedule.get("problem_config") or {}
+    if not args.schedule_config and any(
+        problem_config.get(key, object()) != value for key, value in learned_config.items()
+    ):
+        # The file may name data files or a model folder: it does not choose them unseen.
+        shown = ", ".join(f"{k}={v!r}" for k, v in learned_config.items())
+        raise ConfigError(
+            f"--schedule {str(args.schedule)!r} was learned with the problem config {{{shown}}},"
+            f" and this run's is {problem_config!r}: give the same with --config KEY=VALUE, or "
+            "pass --schedule-config to take it from the file"
         )
     if args.method not in ("pbgd_free", schedule["method"]):
         raise ConfigError(
@@ -119,4 +138,4 @@ def _replay(
     args.method = schedule["method"]
     args.seed = schedule["seed"] if args.seed is None else args.seed
     settings = {"steps": schedule["steps"], **schedule["settings"], **settings}
-    return {**schedule.get("problem_config", {}), **problem_config}, settings
+    return {**learned_config, **problem_config}, settings

@@ -27,7 +27,9 @@ from typing import Any
 
 from bilevel_ray import schedules
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.handed_files import read_json
 from bilevel_ray.runtime.local.output_files import atomic_write
+from bilevel_ray.runtime.local.run_spec import RUN_OPTIONS
 
 __all__ = [
     "BEST_SCHEDULE",
@@ -107,17 +109,7 @@ def read_schedule_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A ``best_schedule.json``, checked: its settings are rebuilt into schedules (a bad one is
     a ConfigError naming the file), ready for ``br.solve(..., **doc["settings"])``."""
     where = f"schedule file {str(path)!r}"
-    try:
-        document = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"{where} cannot be read ({err.__class__.__name__}: {err}); give the "
-            f"{BEST_SCHEDULE} a sweep wrote"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"{where} is not JSON ({err}); give the {BEST_SCHEDULE} a sweep wrote"
-        ) from None
+    document = read_json(path, where, f"give the {BEST_SCHEDULE} a sweep wrote")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ConfigError(
             f"{where} is not a {BEST_SCHEDULE} (no 'format': {FORMAT!r}); give the file a "
@@ -126,6 +118,23 @@ def read_schedule_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in ("method", "steps", "seed", "settings") if k not in document]
     if missing or not isinstance(document["settings"], dict):
         raise ConfigError(f"{where} lacks {missing or ['settings']}; write it again with a sweep")
+    if not isinstance(document.get("problem_config", {}), dict):
+        raise ConfigError(
+            f"{where}: its problem_config is a {type(document['problem_config']).__name__}, not "
+            "a dict of the factory's settings; write it again with a sweep"
+        )
+    # A schedule replays what its sweep learned: the solver settings. A run setting in it would
+    # steer the run by another way (and is the command line's to set).
+    steering = sorted(
+        set(document["settings"]) & set(RUN_OPTIONS)
+        | {k for k in document["settings"] if k in ("steps", "data", "method")}
+    )
+    if steering:
+        raise ConfigError(
+            f"{where}: its settings name {steering}, which are not solver settings a sweep "
+            "learns; a schedule replays gamma, the step sizes and the solver's own settings "
+            "only: remove them, or set them on the command line"
+        )
     settings = {}
     for key, value in document["settings"].items():
         settings[key] = schedules.from_dict(value, name=key) if isinstance(value, dict) else value
