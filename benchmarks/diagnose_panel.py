@@ -43,11 +43,33 @@ Problems (all float64, small; ~2 to 8 minutes on 2 cores without the networks):
   factories' settings (their truth: phi on the held-out data, about 3 minutes more).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diagnose_panel.py [--networks --data CSV]
+
+Unseen classes (``--unseen``, ``--sklearn``; either runs those instead of the panel above):
+problems the verdict was not designed on, in ``panel_classes.py`` (whose docstring describes
+each class): Hölder uppers whose y_g is a saddle of the penalty objective, float32 with f scaled
+by 1e-4, coupling that switches on only where the run arrives late, a 640-parameter x under Adam,
+cross-entropy minibatches with a shifted validation distribution, and (``--sklearn``)
+``examples/sklearn_nets.py`` on four scikit-learn sets x 3 batch sizes x 3 seeds. Each class
+holds positive controls (PBGD-Free as good) beside the biased cases. One trial is one problem,
+start and seed. Its truth (``panel_truth.py``) is by outcome: ``br.solve`` with pbgd_free for
+the trial's horizon (its ``steps``) and with alt_pbgd (K = 5) at the same gamma and settings,
+phi(x) = f(x, y*(x)) on f's own rows in float64 (y*(x) by L-BFGS on the full lower data from the
+run's y), "worse" when phi_free - phi_alt exceeds ``verdict.tolerance`` (5% of phi(x0) less the
+better end, plus 1e-6, plus on minibatch data the spread of phi over two PBGD-Free batch
+orders); held-out losses are printed beside it, never used in it. Truths are cached in a JSON
+file (``--cache``), keyed by the trial and its settings. Then each trial is diagnosed
+(``br.diagnose`` with the trial's settings, seed, eval_data and ``steps=`` its horizon where
+diagnose takes it), and the confusion table, the per-trial lines and the summary ('suitable'
+where the truth is worse: target 0; verdicts other than 'uncertain': target >= 80%) printed.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diagnose_panel.py --unseen --sklearn
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diagnose_panel.py --unseen --truth-only
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import statistics
 import time
@@ -415,7 +437,20 @@ def main() -> None:
     parser.add_argument("--networks", action="store_true")
     parser.add_argument("--only-networks", action="store_true")
     parser.add_argument("--data", default=None, help="the NLSY79 CSV for representation")
+    parser.add_argument("--unseen", action="store_true", help="the unseen problem classes")
+    parser.add_argument("--sklearn", action="store_true", help="examples/sklearn_nets.py cases")
+    parser.add_argument(
+        "--cache",
+        default="benchmarks/results/panel_truth.json",
+        help="JSON file of the unseen classes' truths (read, and written as they are computed)",
+    )
+    parser.add_argument("--truth-only", action="store_true", help="print the truths, no diagnose")
+    parser.add_argument("--refresh", action="store_true", help="recompute cached truths")
+    parser.add_argument("--only", default=None, help="trials whose family/name contains this")
     args = parser.parse_args()
+    if args.unseen or args.sklearn:
+        unseen_main(args)
+        return
     panel = [] if args.only_networks else cases()
     if args.networks or args.only_networks:
         panel += network_cases(args.data)
@@ -473,6 +508,146 @@ def main() -> None:
         f"right: {right}/{total} = {100 * right / total:.1f}%; 'suitable' where worse: "
         f"{table[('worse', 'suitable')]}; verdict differs under one truth: "
         f"{'; '.join(unstable) if unstable else 'none'}; total {time.monotonic() - start:.0f} s"
+    )
+
+
+VERDICTS = ("suitable", "uncertain", "unsuitable")
+
+
+def diagnose_trial(trial: Any) -> tuple[str, str, float]:
+    """(verdict, reason, seconds) of ``br.diagnose`` on one trial, with the horizon ``steps``
+    where diagnose takes it; an exception is verdict "error"."""
+    settings = {k: v for k, v in trial.settings.items() if k != "gamma"}
+    extra = {"steps": trial.steps} if "steps" in inspect.signature(br.diagnose).parameters else {}
+    t0 = time.monotonic()
+    try:
+        v = br.diagnose(
+            trial.problem,
+            trial.x0,
+            trial.y0,
+            trial.settings["gamma"],
+            data=trial.data(trial.seed) if trial.data else None,
+            eval_data=trial.eval_data,
+            seed=trial.seed,
+            **settings,
+            **extra,
+        )
+        verdict, reason = v.verdict, v.reason
+    except Exception as err:  # a crash is a wrong answer, not the end of the panel
+        verdict, reason = "error", f"{type(err).__name__}: {err}"
+    return verdict, reason, time.monotonic() - t0
+
+
+def _marginal(r: dict) -> bool:
+    """A truth within a factor 2 of its tolerance either way (tol / 2 < gap <= 2 tol)."""
+    return math.isfinite(r["tol"]) and r["tol"] / 2 < r["gap"] <= 2 * r["tol"]
+
+
+def _mark(r: dict) -> str:
+    return "*" if _marginal(r) else " "
+
+
+def _num(value: float, width: int = 9) -> str:
+    if math.isfinite(value):
+        return f"{value:{width}.3g}"
+    return f"{'n/a' if math.isnan(value) else str(value):>{width}}"
+
+
+def unseen_main(args: argparse.Namespace) -> None:
+    """The unseen classes (panel_classes.py): truths (cached), then diagnoses and the tables."""
+    import panel_classes
+    import panel_truth
+
+    start = time.monotonic()
+    trials = []
+    if args.unseen:
+        for build in panel_classes.UNSEEN.values():
+            trials += build()
+    if args.sklearn:
+        trials += panel_classes.sklearn()
+    if args.only:
+        trials = [t for t in trials if args.only in f"{t.family}/{t.name}"]
+    cache = panel_truth.Cache(args.cache)
+    truths, computed = {}, 0.0
+    head = (
+        f"{'trial':58s} {'intent':8s} {'truth':9s} {'phi_free':>9s} {'phi_alt':>9s} {'gap':>9s} "
+        f"{'tol':>9s} {'gap/tol':>8s} {'noise':>9s} {'held_free':>9s} {'held_alt':>9s}"
+    )
+    print(f"TRUTH ({len(trials)} trials; cache {args.cache})\n{head}", flush=True)
+    for trial in trials:
+        r, cached = cache.get(trial, args.refresh)
+        computed += 0.0 if cached else r["seconds"]
+        truths[trial.key] = r
+        ratio = r["gap"] / r["tol"] if r["tol"] and math.isfinite(r["tol"]) else math.inf
+        print(
+            f"{trial.key:58s} {trial.intent:8s} {r['truth']:8s}{_mark(r)} {_num(r['phi_free'])} "
+            f"{_num(r['phi_alt'])} {_num(r['gap'])} {_num(r['tol'])} {_num(ratio, 8)} "
+            f"{_num(r['noise'])} {_num(r['held_free'])} {_num(r['held_alt'])}"
+            + ("" if cached else f"  [{r['seconds']:.1f} s]"),
+            flush=True,
+        )
+    families = list(dict.fromkeys(t.family for t in trials))
+    for family in families:
+        got = Counter(truths[t.key]["truth"] for t in trials if t.family == family)
+        clear = sum(
+            truths[t.key]["gap"] > 2 * truths[t.key]["tol"] for t in trials if t.family == family
+        )
+        print(
+            f"truth {family:9s}: {got['worse']} worse ({clear} with gap > 2 tol), "
+            f"{got['as good']} as good"
+        )
+    print(
+        f"truth computed in {computed:.0f} s (the rest from the cache); * marks a marginal "
+        "truth (tol / 2 < gap <= 2 tol)"
+    )
+    if args.truth_only:
+        return
+    takes = "steps" in inspect.signature(br.diagnose).parameters
+    print(
+        f"\nDIAGNOSE (br.diagnose {'takes' if takes else 'does not take'} steps=: "
+        f"{'the horizon passed' if takes else 'called without it'})",
+        flush=True,
+    )
+    table: dict[str, Counter] = {family: Counter() for family in families}
+    clear: Counter = Counter()  # the trials whose truth is not marginal
+    diag_seconds = 0.0
+    for trial in trials:
+        r = truths[trial.key]
+        verdict, reason, seconds = diagnose_trial(trial)
+        diag_seconds += seconds
+        table[trial.family][(r["truth"], verdict)] += 1
+        right = (verdict == "suitable") == (r["truth"] == "as good") and verdict in (
+            "suitable",
+            "unsuitable",
+        )
+        if not _marginal(r):
+            clear[(r["truth"], verdict)] += 1
+        held = f"{_num(r['held_free'], 7).strip()}/{_num(r['held_alt'], 7).strip()}"
+        print(
+            f"{trial.key:58s} truth {r['truth']:8s}{_mark(r)} gap {_num(r['gap'])} "
+            f"tol {_num(r['tol'])} held-out free/alt {held:15s} verdict {verdict:10s} "
+            f"{'ok ' if right else 'NO '} {seconds:6.1f} s",
+            flush=True,
+        )
+        if verdict == "error" or (verdict == "suitable" and r["truth"] == "worse"):
+            print(f"    {reason[:400]}", flush=True)
+    total: Counter = sum(table.values(), Counter())
+    columns = (*VERDICTS, "error") if any(v == "error" for _, v in total) else VERDICTS
+    print(f"\nconfusion (rows: truth, columns: verdict), {len(trials)} trials")
+    print(f"{'':22s}" + "".join(f"{v:>12s}" for v in columns) + "   ('all clear': no *)")
+    for family, counts in [*table.items(), ("all", total), ("all clear", clear)]:
+        for label in ("as good", "worse"):
+            print(
+                f"{family:10s} {label:10s} " + "".join(f"{counts[(label, v)]:12d}" for v in columns)
+            )
+    n = len(trials)
+    decided = sum(c for (_, v), c in total.items() if v in ("suitable", "unsuitable"))
+    right = total[("as good", "suitable")] + total[("worse", "unsuitable")]
+    print(
+        f"summary: 'suitable' where worse: {total[('worse', 'suitable')]} (target 0); "
+        f"decided (not uncertain): {decided}/{n} = {100 * decided / n:.0f}% (target >= 80%); "
+        f"right: {right}/{n} = {100 * right / n:.0f}%; diagnose {diag_seconds:.0f} s, "
+        f"truth {computed:.0f} s, total {time.monotonic() - start:.0f} s"
     )
 
 

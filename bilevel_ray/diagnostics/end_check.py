@@ -199,9 +199,15 @@ def _decide(
         f"({check.rtol:g} of the achievable improvement from phi = {start['phi']:.4g} at the start)"
     )
     if effect - z * se > tau:
+        unfinished = (
+            f"; PBGD-Free itself gains {stats['end/free_gain']:.3g} by running on, so part of "
+            "the shortfall is a run that had not converged (more steps narrow it)"
+            if stats["end/free_gain"] > tau
+            else ""
+        )
         reason = (
             f"unsuitable: {measured}; the correction PBGD-Free drops costs it the bilevel "
-            f"objective here: switch to {name}, or raise gamma"
+            f"objective at this horizon{unfinished}: switch to {name}, or raise gamma"
         )
         return Verdict(False, "unsuitable", reason, stats, f"switch to {name}", name)
     if effect + growth + z * se <= tau and z * se <= tau / 2:
