@@ -141,3 +141,20 @@ def test_a_schedule_that_is_no_regular_file_or_nests_too_deep_is_refused(tmp_pat
         path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(br.ConfigError, match=r"not a regular file|nests deeper"):
         read_schedule_file(path)
+
+
+def test_a_model_folder_is_sized_and_its_safetensors_header_checked_before_loading(tmp_path):
+    pytest.importorskip("transformers")
+    from llama_files import tiny_llama_config
+
+    from bilevel_ray.problems import build_spec
+
+    huge = tmp_path / "huge"
+    tiny_llama_config(num_hidden_layers=1_000_000, hidden_size=4096).save_pretrained(huge)
+    with pytest.raises(br.ConfigError, match=r"1,000,000|parameters"):
+        build_spec("peft-dpo-sft", {"model": str(huge)})  # refused as the same dict would be
+    planted = tmp_path / "planted"
+    tiny_llama_config().save_pretrained(planted)
+    (planted / "model.safetensors").write_bytes((2**56).to_bytes(8, "little") + b"{}")
+    with pytest.raises(br.ConfigError, match=r"is not a safetensors file \(its header says"):
+        build_spec("peft-dpo-sft", {"model": str(planted)})

@@ -57,6 +57,7 @@ def base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
     if isinstance(c["model"], dict) or c["model"] in PRESETS:
         model = _configured_llama(c, transformers)
     else:
+        _check_folder(c["model"], c, transformers)
         model = _load_checkpoint(c["model"], transformers)
     size = model.get_input_embeddings().weight.shape[0]
     if c["vocab"] > size:
@@ -125,6 +126,28 @@ def _fits(config: Any, c: dict[str, Any]) -> None:
     )
     if problem:
         raise ConfigError(problem)
+
+
+def _check_folder(folder: Any, c: dict[str, Any], transformers: Any) -> None:
+    """Before a model folder is built: its config's shape must fit in memory (as a config dict's
+    must), and each safetensors file's header length (its first 8 bytes, little-endian) must
+    lie within the file (a planted 2**56 would otherwise be allocated)."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"problem {NAME!r}: cannot load model={folder!r}: {err}") from None
+    _fits(config, c)
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        size = weights.stat().st_size
+        with open(weights, "rb") as handle:
+            head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ConfigError(
+                f"problem {NAME!r}: model={folder!r}: {weights.name} is not a safetensors file "
+                f"(its header says {length:,} bytes, the file has {size:,}); it is truncated or "
+                "corrupted: save the model again with model.save_pretrained(dir)"
+            )
 
 
 def _load_checkpoint(folder: Any, transformers: Any) -> nn.Module:
