@@ -158,3 +158,26 @@ def test_a_model_folder_is_sized_and_its_safetensors_header_checked_before_loadi
     (planted / "model.safetensors").write_bytes((2**56).to_bytes(8, "little") + b"{}")
     with pytest.raises(br.ConfigError, match=r"is not a safetensors file \(its header says"):
         build_spec("peft-dpo-sft", {"model": str(planted)})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rng", [1, 2, 3], "rng is a list, not torch's RNG state"),
+        ("elapsed_s", "soon", "elapsed_s='soon' is not a number"),
+        ("history", [{"step": "many"}], "history does not fit the metric history's schema"),
+        ("history", {"step": 1}, "history does not fit"),
+        ("seed", 1.5, "seed=1.5 is not an integer"),
+    ],
+)
+def test_a_checkpoint_with_a_field_of_the_wrong_type_is_refused_before_resuming(
+    tmp_path, field, value, message
+):
+    problem, x0, y0 = NegativeToy(), {"x": torch.ones(1)}, {"y": torch.zeros(1)}
+    ckpt = tmp_path / "ckpt.pt"
+    br.solve(problem, x0, y0, steps=10, checkpoint_path=ckpt, checkpoint_every=10)
+    payload = torch.load(ckpt, weights_only=True)
+    payload[field] = value
+    torch.save(payload, ckpt)
+    with pytest.raises(br.ConfigError, match=message):
+        br.solve(problem, x0, y0, steps=20, checkpoint_path=ckpt, checkpoint_every=10, resume=True)

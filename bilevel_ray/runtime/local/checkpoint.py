@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from bilevel_ray.errors import ConfigError
@@ -246,7 +247,41 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"checkpoint {str(path)!r} is not a bilevel_ray checkpoint (missing "
             f"{missing if missing else 'everything: not a dict'}); delete it to start afresh"
         )
+    wrong = _wrong_fields(payload)
+    if wrong:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is not a bilevel_ray checkpoint ({'; '.join(wrong)}): it "
+            "was written by something else or altered; delete it to start afresh"
+        )
     return payload
+
+
+def _wrong_fields(payload: dict[str, Any]) -> list[str]:
+    """The fields of a checkpoint whose type is not the one this module writes: found at load,
+    not after a resumed run's last step (the history is a table only when the run ends)."""
+    from bilevel_ray.runtime.local.history import HISTORY_SCHEMA
+
+    wrong = []
+    rng = payload["rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        wrong.append(f"rng is a {type(rng).__name__}, not torch's RNG state (a uint8 tensor)")
+    elapsed = payload["elapsed_s"]
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not elapsed >= 0:
+        wrong.append(f"elapsed_s={elapsed!r} is not a number of seconds >= 0")
+    seed = payload["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        wrong.append(f"seed={seed!r} is not an integer")
+    for key in ("state", "config"):
+        if not isinstance(payload[key], dict):
+            wrong.append(f"{key} is a {type(payload[key]).__name__}, not a dict")
+    history = payload["history"]
+    try:
+        if not isinstance(history, list):
+            raise TypeError(type(history).__name__)
+        pa.Table.from_pylist(history, schema=HISTORY_SCHEMA)
+    except (TypeError, ValueError, pa.ArrowException) as err:
+        wrong.append(f"history does not fit the metric history's schema ({err})")
+    return wrong
 
 
 HISTORY_ROW_BYTES = 256  # about one logged row in a checkpoint or a Parquet file
