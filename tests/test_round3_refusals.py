@@ -166,7 +166,7 @@ def test_a_model_folder_is_sized_and_its_safetensors_header_checked_before_loadi
         ("rng", [1, 2, 3], "rng is a list, not torch's RNG state"),
         ("elapsed_s", "soon", "elapsed_s='soon' is not a number"),
         ("history", [{"step": "many"}], "history does not fit the metric history's schema"),
-        ("history", {"step": 1}, "history does not fit"),
+        ("history", [{"step": 1, "upper/loss": "low"}], "history does not fit"),
         ("seed", 1.5, "seed=1.5 is not an integer"),
     ],
 )

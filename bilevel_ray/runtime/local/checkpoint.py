@@ -275,10 +275,10 @@ def _wrong_fields(payload: dict[str, Any]) -> list[str]:
         if not isinstance(payload[key], dict):
             wrong.append(f"{key} is a {type(payload[key]).__name__}, not a dict")
     history = payload["history"]
-    try:
-        if not isinstance(history, list):
-            raise TypeError(type(history).__name__)
-        pa.Table.from_pylist(history, schema=HISTORY_SCHEMA)
+    rows = isinstance(history, list) and all(isinstance(row, dict) for row in history)
+    try:  # a history that is no list of rows is check_resume_shapes' to name
+        if rows:
+            pa.Table.from_pylist(history, schema=HISTORY_SCHEMA)
     except (TypeError, ValueError, pa.ArrowException) as err:
         wrong.append(f"history does not fit the metric history's schema ({err})")
     return wrong
