@@ -22,9 +22,8 @@ what reruns it; :mod:`bilevel_ray.runtime.compare.output`) and ``compare.png``.
 
 from __future__ import annotations
 
-import inspect
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,16 @@ from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
-from bilevel_ray.runtime.compare.outcome import CompareResult, comparison_meta, write_outcome
-from bilevel_ray.runtime.compare.plan import Heartbeat, estimate_for, plan_line, say
+from bilevel_ray.runtime.compare.checks import check_arguments, new_folder
+from bilevel_ray.runtime.compare.diagnostic import run_diagnostic
+from bilevel_ray.runtime.compare.finish import finish
+from bilevel_ray.runtime.compare.outcome import CompareResult
+from bilevel_ray.runtime.compare.plan import Estimate, Heartbeat, estimate_for, plan_line, say
 from bilevel_ray.runtime.compare.progress import RunProgress
-from bilevel_ray.runtime.compare.rank import POINTS
 from bilevel_ray.runtime.compare.trial import ComparePlan, run_compare_trial, start_phi
-from bilevel_ray.runtime.local.output_files import check_output_folder, check_writable
-from bilevel_ray.runtime.local.run_spec import check_count, check_run_name
+from bilevel_ray.runtime.local.run_spec import check_run_name
 from bilevel_ray.runtime.local.spec_check import check_spec
 from bilevel_ray.runtime.tune.preflight import first_step
-from bilevel_ray.solvers import SOLVERS
 
 __all__ = ["CompareResult", "compare"]
 
@@ -89,34 +88,66 @@ def compare(
     """
     began = time.monotonic()
     problem_config = dict(problem_config or {})
-    problems: list[str] = []
-    check_count(problems, "seeds", seeds, 1)
-    check_count(problems, "gap_steps", gap_steps, 1)
-    if (
-        isinstance(budget_s, bool)
-        or not isinstance(budget_s, (int, float))
-        or not (0 < budget_s < math.inf)
-    ):
-        problems.append(f"budget_s={budget_s!r}: must be a finite number of seconds > 0")
-    if num_workers != 1:
-        problems.append(
-            f"num_workers={num_workers!r}: compare runs each method in one process; scale the "
-            "method it recommends with br.train(num_workers=N) (bilevel-ray train --workers N)"
-        )
-    if rank_by is not None and rank_by not in POINTS:
-        problems.append(
-            f"rank_by={rank_by!r}: choose 'best' (each run at its best held-out point) or "
-            "'final' (where the budget ended it), or leave it out"
-        )
-    methods = list(SOLVERS) if methods is None else list(methods)
-    unknown = [m for m in methods if m not in SOLVERS]
-    if unknown or not methods:
-        problems.append(f"methods={methods!r}: choose among {', '.join(SOLVERS)}")
-    if problems:
-        raise ConfigError(problems)
-    name = check_run_name(name)
+    methods = check_arguments(methods, budget_s, seeds, num_workers, gap_steps, rank_by)
+    name, budget_s = check_run_name(name), float(budget_s)
     spec = build_spec(factory, {**problem_config, "device": "cpu"})
     check_spec(spec, needs_eval=True)
+    ready = _prepare(
+        spec, methods, fixed, storage_path, name, seeds, budget_s, gap_steps, address, progress
+    )
+    ranked = rank_by or ("best" if ready.split else "final")
+    if progress:
+        say(plan_line(sorted(ready.settings), seeds, ready.estimate, ranked))
+    verdict, took = None, None
+    if "pbgd_free" in ready.settings:
+        verdict, took = run_diagnostic(factory, problem_config, ready.estimate, progress)
+    runs = _run_methods(
+        factory, problem_config, spec, ready, budget_s, seeds, gap_steps, name, address, progress
+    )
+    arguments = {
+        "methods": methods,
+        "budget_s": budget_s,
+        "seeds": seeds,
+        "gap_steps": gap_steps,
+        "rank_by": rank_by,
+        "storage_path": str(ready.storage),
+        "name": name,
+    }
+    result = finish(
+        factory, problem_config, fixed, arguments, ready, runs, verdict, took, ranked, began
+    )
+    if progress:
+        say(f"done in {result.plan['took_s']:.0f} s (estimated {ready.planned['total_s']:.0f} s)")
+    return result
+
+
+@dataclass
+class _Ready:
+    """The plan of a comparison, settled before anything runs."""
+
+    settings: dict[str, dict[str, Any]]  # the methods that run, with their keywords
+    failed: dict[str, str]  # the methods that cannot, with the reason
+    storage: Path
+    folder: Path
+    start: float  # held-out phi at the start
+    split: bool  # whether the held-out upper rows split into validation and report halves
+    estimate: Estimate  # revised as the runs go (the CPUs Ray has)
+    planned: dict[str, Any]  # the estimate as first said, for compare.json
+
+
+def _prepare(
+    spec: Any,
+    methods: list[str],
+    fixed: dict[str, Any],
+    storage_path: str | None,
+    name: str,
+    seeds: int,
+    budget_s: float,
+    gap_steps: int,
+    address: str | None,
+    progress: bool,
+) -> _Ready:
+    """Each method's settings, the new output folder, the start's score and the estimate."""
     # The plan needs measurements (each method's first step, the scoring's time): on a large
     # problem they take a while, said every few seconds; on a small one the plan comes first.
     prepared = time.monotonic()
@@ -125,68 +156,11 @@ def compare(
     )
     with beat:
         settings, failed = _method_settings(spec, methods, fixed)
-    storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
-    # As solve / train check theirs, before Ray starts: the name, no link out of storage_path,
-    # a folder if it exists. Its files need no check of their own: the folder must be new or
-    # empty, and every file is written with atomic_write (a link is replaced, not followed).
-    folder = check_output_folder(storage, name, "name")
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(
-            f"{str(folder)!r} already holds a comparison: use a new --name (name=...) or "
-            "remove the folder"
-        )
+    storage, folder = new_folder(storage_path, name)
     with Heartbeat(beat.message, not progress):
         start, score_s, split = start_phi(spec)
-        estimate = estimate_for(spec, settings, seeds, float(budget_s), gap_steps, score_s, address)
-    ranked = rank_by or ("best" if split else "final")
-    free = "pbgd_free" in settings
-    planned = estimate.to_dict()
-    if progress:
-        say(plan_line(sorted(settings), seeds, estimate, ranked))
-    took = time.monotonic()
-    verdict = _verdict(factory, problem_config, progress) if free else None
-    took = time.monotonic() - took
-    if progress and free:
-        shown = verdict.get("verdict") if verdict else "none"
-        say(
-            f"diagnostic: done in {took:.0f} s ({shown}); the runs: about "
-            f"{estimate.runs_s:.0f} s more (an estimate)"
-        )
-    steps = int(spec.defaults.get("steps", 1000))
-    plan = ComparePlan(
-        _shipped(factory),
-        problem_config,
-        settings,
-        float(budget_s),
-        max_steps=steps * 1000,  # the budget ends a run, not its step count
-        report_every=max(1, steps // 100),
-        gap_steps=gap_steps,
-        folder=str(folder),
-    )
-    watch = RunProgress(estimate, start, quiet=not progress)
-    runs = _run_all(plan, sorted(settings), seeds, storage, name, address, watch)
-    runs += [
-        {"method": m, "seed": None, "status": "not applicable", "reason": why}
-        for m, why in failed.items()
-    ]
-    arguments = {
-        "methods": methods,
-        "budget_s": float(budget_s),
-        "seeds": seeds,
-        "gap_steps": gap_steps,
-        "rank_by": rank_by,
-        "storage_path": str(storage),
-        "name": name,
-    }
-    meta = comparison_meta(factory, problem_config, arguments, fixed, settings, split)
-    meta["plan"] = {**planned, "diagnostic_took_s": took if free else None}
-    label = _problem_label(factory, problem_config)
-    result = write_outcome(
-        runs, folder, verdict, label, failed, start=start, rank_by=ranked, meta=meta, began=began
-    )
-    if progress:
-        say(f"done in {result.plan['took_s']:.0f} s (estimated {planned['total_s']:.0f} s)")
-    return result
+        estimate = estimate_for(spec, settings, seeds, budget_s, gap_steps, score_s, address)
+    return _Ready(settings, failed, storage, folder, start, split, estimate, estimate.to_dict())
 
 
 def _method_settings(
@@ -215,37 +189,43 @@ def _method_settings(
     return settings, failed
 
 
-def _verdict(factory: Any, problem_config: dict[str, Any], progress: bool) -> dict[str, Any] | None:
-    """The flatness diagnostic on the same start (None, with a note, when it cannot run), with
-    its own progress lines, or ours every few seconds where br.diagnose has none."""
-    from bilevel_ray.diagnostics import diagnose
-    from bilevel_ray.runtime.local.diagnose_named import diagnose_problem
-
-    own = "progress" in inspect.signature(diagnose).parameters
-    began = time.monotonic()
-    beat = Heartbeat(
-        lambda: f"diagnostic: running, {time.monotonic() - began:.0f} s", own or not progress
+def _run_methods(
+    factory: Any,
+    problem_config: dict[str, Any],
+    spec: Any,
+    ready: _Ready,
+    budget_s: float,
+    seeds: int,
+    gap_steps: int,
+    name: str,
+    address: str | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Every (method, seed) run's final report, then a row for each method that cannot run."""
+    steps = int(spec.defaults.get("steps", 1000))
+    plan = ComparePlan(
+        _shipped(factory),
+        problem_config,
+        ready.settings,
+        budget_s,
+        max_steps=steps * 1000,  # the budget ends a run, not its step count
+        report_every=max(1, steps // 100),
+        gap_steps=gap_steps,
+        folder=str(ready.folder),
     )
-    try:
-        with beat:
-            verdict, _ = diagnose_problem(factory, problem_config, None, progress=progress)
-    except Exception as err:  # the verdict is an aside: the comparison goes on without it
-        if progress:
-            say(f"no flatness verdict: {err}")
-        return None
-    return verdict.to_dict()
+    watch = RunProgress(ready.estimate, ready.start, quiet=not progress)
+    runs = _run_all(plan, sorted(ready.settings), seeds, ready.storage, name, address, watch)
+    runs += [
+        {"method": m, "seed": None, "status": "not applicable", "reason": why}
+        for m, why in ready.failed.items()
+    ]
+    return runs
 
 
 def _shipped(factory: Any) -> Any:
     from bilevel_ray.runtime.train.driver import portable_factory
 
     return portable_factory(factory)
-
-
-def _problem_label(factory: Any, problem_config: dict[str, Any]) -> str:
-    """The problem as the next command names it: PROBLEM [--config KEY=VALUE ...]."""
-    label = factory if isinstance(factory, str) else getattr(factory, "__name__", "PROBLEM")
-    return " ".join([label, *(f"--config {k}={v}" for k, v in problem_config.items())])
 
 
 def _run_all(plan, methods, seeds, storage, name, address, watch) -> list[dict[str, Any]]:

@@ -8,9 +8,9 @@ averaged over ranks. ``ray.train.report`` (a barrier over the group, seconds on 
 is called at every checkpoint, at the end, and otherwise at most every ``report_interval_s``;
 every checkpoint carries the whole history, so no logged row is lost. At a checkpoint rank 0
 attaches the solver state (x, y, optimizer states, value-function copies, multipliers, step),
-the RNG state, the history so far and the settings, in the format of the local runtime. A
-restarted worker group resumes from ``ray.train.get_checkpoint()`` and draws exactly the
-batches it had not yet used.
+the RNG state, the history so far and the settings, in the format of the local runtime (the
+reports: :mod:`bilevel_ray.runtime.train.sink`). A restarted worker group resumes from
+``ray.train.get_checkpoint()`` and draws exactly the batches it had not yet used.
 
 With a flatness diagnostic rank 0 sends its estimates during the warm-up window to the run's
 judge actor and broadcasts the verdict, so that every rank switches to the fallback solver, or
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import tempfile
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +40,8 @@ from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.cluster.session import quiet_train_worker
 from bilevel_ray.runtime.local import loop
 from bilevel_ray.runtime.local.active_solver import ActiveSolver
-from bilevel_ray.runtime.local.checkpoint import (
-    CHECKPOINT_FILE,
-    checkpoint_payload,
-    group_checkpoint_name,
-    group_checkpoints,
-    load_latest,
-    save_checkpoint,
-)
+from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_FILE, group_checkpoints, load_latest
 from bilevel_ray.runtime.local.history import HistoryRecorder
-from bilevel_ray.runtime.local.judge import verdict_columns
 from bilevel_ray.runtime.local.ranking import FAILED, GAP, METRIC, SCORE, search_score
 from bilevel_ray.runtime.local.threads import use_cpus
 from bilevel_ray.runtime.local.watch import FlatnessWatch
@@ -62,17 +52,52 @@ from bilevel_ray.runtime.train.collectives import (
 )
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.runtime.train.judge_actor import ActorJudge
+from bilevel_ray.runtime.train.sink import FAULT_MARKER, TrainSink
 from bilevel_ray.solvers.base import SolverState, state_from_dict
 from bilevel_ray.tree import to_device
 
 __all__ = ["FAULT_MARKER", "train_loop_per_worker"]
 
-FAULT_MARKER = ".bilevel_ray_fault_injected"
-
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train's per-worker function; ``config`` is ``WorkerJob.to_dict()``."""
-    job = WorkerJob.from_dict(config)
+    worker = _join(WorkerJob.from_dict(config))
+    spec, settings, solver, grad_reduce = _build(worker)
+    state, recorder, saved = _start(worker, spec, settings, solver)
+    batches = _batches(worker, spec, settings.method, state, saved)
+    active = _active_solver(worker, settings, solver, spec.problem, grad_reduce)
+    if saved is not None:
+        active.restore(saved.get("flatness"))
+        recorder.method = active.settings.method
+    scorer = _scorer(spec, worker.job, worker.device)
+    sink = TrainSink(worker.job, worker.rank, recorder, scorer, worker.agree)
+    _run(worker, active, state, batches, recorder, sink)
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """This rank of the worker group: its job, its rank, the group's size and its device."""
+
+    job: WorkerJob
+    rank: int
+    world: int
+    device: torch.device
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Logged values averaged over the ranks."""
+        return allreduce_mean_tensor(values.to(self.device)).cpu() if self.world > 1 else values
+
+    def agree(self, due: bool) -> bool:
+        """Report when any rank's clock says so: every rank reports at the same steps."""
+        if self.world == 1:
+            return due
+        flag = torch.tensor([1.0 if due else 0.0], device=self.device)
+        return bool(allreduce_mean_tensor(flag).item() > 0)
+
+
+def _join(job: WorkerJob) -> _Worker:
+    """This rank's place in the group and its device; its output quiet unless the job is
+    verbose, and its threads as many as the CPUs Ray gave it."""
     if not job.verbose:
         quiet_train_worker()
     context = ray.train.get_context()
@@ -80,73 +105,85 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     use_cpus(cpus)
+    return _Worker(job, rank, world, device)
 
-    spec_run = job.run
-    torch.manual_seed(spec_run.seed)  # before the factory: a random initialisation is the same
-    spec = build_spec(job.factory, {**job.problem_config, "device": str(device)})
+
+def _build(worker: _Worker) -> tuple[Any, SolverConfig, Any, Any]:
+    """The problem (its factory runs here), the solver's settings, the solver, and its gradient
+    reduction (an all-reduce mean where the group has several ranks, else None)."""
+    job = worker.job
+    torch.manual_seed(job.run.seed)  # before the factory: a random initialisation is the same
+    spec = build_spec(job.factory, {**job.problem_config, "device": str(worker.device)})
     settings = SolverConfig.from_dict(job.solver)
-    grad_reduce = allreduce_mean if world > 1 else None
+    grad_reduce = allreduce_mean if worker.world > 1 else None
     solver = settings.build(spec.problem, grad_reduce=grad_reduce)
+    return spec, settings, solver, grad_reduce
 
-    def reduce_values(values: torch.Tensor) -> torch.Tensor:
-        return allreduce_mean_tensor(values.to(device)).cpu() if world > 1 else values
 
+def _start(
+    worker: _Worker, spec: Any, settings: SolverConfig, solver: Any
+) -> tuple[SolverState, HistoryRecorder, dict[str, Any] | None]:
+    """The state to start from and the history recorder: resumed from Train's checkpoint when
+    the group was restarted (with the checkpoint's contents), else fresh (and None)."""
+    run, device = worker.job.run, worker.device
     checkpoint = ray.train.get_checkpoint()
-    saved = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             saved = load_latest(Path(folder) / CHECKPOINT_FILE, _older(checkpoint.path))
         state = state_from_dict(to_device(saved["state"], device))
         recorder = HistoryRecorder(
-            settings.method,
-            spec_run.report_every,
-            saved["history"],
-            saved["elapsed_s"],
-            reduce_values,
+            settings.method, run.report_every, saved["history"], saved["elapsed_s"], worker.mean
         )
-    else:
-        state = solver.init(to_device(spec.x0, device), to_device(spec.y0, device))
-        if world > 1:
-            # Every rank must start from rank 0's point, as DDP does: a factory that initialises
-            # without a fixed seed would otherwise give each rank its own model.
-            broadcast_from_rank0(state.x)
-            broadcast_from_rank0(state.y)
-        torch.manual_seed(spec_run.seed)
-        recorder = HistoryRecorder(
-            settings.method, spec_run.report_every, reduce_values=reduce_values
-        )
+        return state, recorder, saved
+    state = solver.init(to_device(spec.x0, device), to_device(spec.y0, device))
+    if worker.world > 1:
+        # Every rank must start from rank 0's point, as DDP does: a factory that initialises
+        # without a fixed seed would otherwise give each rank its own model.
+        broadcast_from_rank0(state.x)
+        broadcast_from_rank0(state.y)
+    torch.manual_seed(run.seed)
+    recorder = HistoryRecorder(settings.method, run.report_every, reduce_values=worker.mean)
+    return state, recorder, None
 
+
+def _batches(
+    worker: _Worker, spec: Any, method: str, state: SolverState, saved: dict[str, Any] | None
+) -> Any:
+    """This rank's batches from the state's step on, on its device: its shards of the Ray
+    datasets, or its share of the factory's data; on a fresh run the first batch is checked
+    against the problem's losses."""
+    job, device = worker.job, worker.device
     data = spec.data
     if isinstance(data, FullBatch):  # moved to the device once, not at every step
         data = FullBatch(to_device(data.upper, device), to_device(data.lower, device))
     if job.batch_size is not None:
         source = _ray_data_batches(*job.batch_size)
     else:
-        source = as_batches(data, spec_run.seed, state.step, rank, world)
+        source = as_batches(data, job.run.seed, state.step, worker.rank, worker.world)
     if saved is not None:
         torch.set_rng_state(saved["rng"])  # after skipping the used batches (see local.py)
     batches = (to_device(b, device) for b in source)
     if state.step == 0:
         first = next(batches)
-        check_losses(
-            spec.problem, state.x, state.y, first, upper_needs_x=settings.method == "pbgd_free"
-        )
+        check_losses(spec.problem, state.x, state.y, first, upper_needs_x=method == "pbgd_free")
         batches = itertools.chain([first], batches)
-    active = _active_solver(job, rank, world, settings, solver, spec.problem, grad_reduce)
-    if saved is not None:
-        active.restore(saved.get("flatness"))
-        recorder.method = active.settings.method
+    return batches
 
-    def agree(due: bool) -> bool:
-        """Report when any rank's clock says so: every rank reports at the same steps."""
-        if world == 1:
-            return due
-        flag = torch.tensor([1.0 if due else 0.0], device=device)
-        return bool(allreduce_mean_tensor(flag).item() > 0)
 
-    sink = _TrainSink(job, rank, recorder, _scorer(spec, job, device), agree)
+def _run(
+    worker: _Worker,
+    active: ActiveSolver,
+    state: SolverState,
+    batches: Any,
+    recorder: HistoryRecorder,
+    sink: TrainSink,
+) -> None:
+    """The step loop; a diverged run reports its verdict, with a checkpoint, and ends."""
+    job = worker.job
     try:
-        loop.run(active, state, batches, spec_run, recorder, sink, rank == 0 and spec_run.progress)
+        loop.run(
+            active, state, batches, job.run, recorder, sink, worker.rank == 0 and job.run.progress
+        )
     except DivergenceError as err:
         # Train V2 keeps only metrics reported with a checkpoint, so the verdict carries one;
         # the run's last good state is the checkpoint before it.
@@ -161,8 +198,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sink.report(verdict, sink.state or state, save=True, active=active, status="diverged")
 
 
-def _active_solver(job, rank, world, settings, solver, problem, grad_reduce) -> ActiveSolver:
+def _active_solver(
+    worker: _Worker, settings: SolverConfig, solver: Any, problem: Any, grad_reduce: Any
+) -> ActiveSolver:
     """The solver in force, with the run's flatness watch when one was asked for."""
+    job, rank, world = worker.job, worker.rank, worker.world
     if job.run.watch is None:
         return ActiveSolver(settings, solver, problem, grad_reduce, None)
     watch = FlatnessWatch(
@@ -228,76 +268,3 @@ def _ray_data_batches(upper_size: int, lower_size: int) -> Any:
 
     pairs = zip(cycle("upper", upper_size), cycle("lower", lower_size))
     return (BilevelBatch(u, v) for u, v in pairs)
-
-
-class _TrainSink:
-    """A rank's reports: held-out scores on every logged row (a sweep's trial), and
-    ``ray.train.report`` when the :class:`~bilevel_ray.runtime.local.loop.ReportClock` says so."""
-
-    def __init__(self, job: WorkerJob, rank: int, recorder: HistoryRecorder, scorer, agree):
-        self.job, self.rank, self.recorder, self.scorer = job, rank, recorder, scorer
-        self.clock = loop.ReportClock(job.run.report_interval_s, agree=agree)
-        self.attempt = uuid.uuid4().hex[:6]
-        self.state: SolverState | None = None  # the last state a row was logged at
-
-    def before_step(self, step: int) -> None:
-        """Test hook: rank ``fault["rank"]`` dies at step ``fault["step"]``, once per run (a
-        marker file in the run folder remembers that it happened, so the restarted group goes
-        on)."""
-        fault = self.job.fault
-        if not fault or self.rank != fault["rank"] or step != fault["step"]:
-            return
-        marker = Path(fault["marker_dir"]) / FAULT_MARKER
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"rank {self.rank} killed at step {step}\n")
-        os._exit(1)
-
-    def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> None:
-        row = outcome.row
-        if row is None:
-            return
-        self.state = state
-        due = self.clock.due(outcome)  # a collective: every rank asks at every logged row
-        if self.scorer is not None:
-            # In the row itself, so that the history (in the checkpoint) keeps the scores; the
-            # gap (a lower solve) on the rows Tune sees, where its scheduler reads search/score.
-            row.update(self.scorer(state, due))
-        if not due:
-            return
-        status = active.status if outcome.done else "running"
-        columns = {**row, **verdict_columns(active.verdict), "status": status}
-        self.report(columns, state, outcome.checkpoint, active, status)
-
-    def report(
-        self,
-        row: dict[str, Any],
-        state: SolverState,
-        save: bool,
-        active: Any,
-        status: str = "running",
-    ) -> None:
-        """``ray.train.report`` on every rank (a barrier); rank 0 attaches the checkpoint. A
-        diverged run's checkpoint says so: resuming it is refused (its state is not finite)."""
-        self.clock.reported()
-        if not save or self.rank != 0:
-            ray.train.report(row)
-        else:
-            payload = checkpoint_payload(
-                state,
-                self.recorder,
-                active.initial_settings,
-                self.job.run.seed,
-                active.saved(),
-                status=status,
-                num_workers=self.job.num_workers,
-            )
-            with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(payload, Path(folder) / CHECKPOINT_FILE)
-                ray.train.report(
-                    row,
-                    checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    checkpoint_dir_name=group_checkpoint_name(state.step, self.attempt),
-                )
-        self.recorder.restart_window()  # a report is a barrier: not a step's cost
