@@ -116,7 +116,7 @@ def run_options(
     problem_options(command, "a solver setting (lr_x, lr_y, gamma, inner_steps, optimizer, ...)")
     command.add_argument("--method", default="pbgd_free", help="solver (default: pbgd_free)")
     command.add_argument("--steps", type=int, help="iterations (default: the problem's own)")
-    command.add_argument("--out", type=Path, metavar="DIR", help=out_help)
+    out_option(command, out_help)
     for name, option in RUN_OPTIONS.items():
         if not option.flag or name in exclude:
             continue
@@ -129,6 +129,10 @@ def run_options(
             metavar=None if option.choices else "S" if isinstance(default, float) else "N",
             help=f"{option.help} (default: {default})",
         )
+
+
+def out_option(command: argparse.ArgumentParser, help: str) -> None:
+    command.add_argument("--out", type=Path, metavar="DIR", help=help)
 
 
 def run_flag_values(args: argparse.Namespace) -> dict[str, Any]:

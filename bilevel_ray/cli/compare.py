@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from bilevel_ray.cli import common
@@ -48,12 +47,7 @@ def add_parser(commands: Any) -> None:
         "final)",
     )
     compare_cmd.add_argument("--seeds", type=int, default=3, help="runs per method (default 3)")
-    compare_cmd.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="write the comparison to DIR/NAME (default: ~/ray_results/NAME)",
-    )
+    common.out_option(compare_cmd, "write the comparison to DIR/NAME (default: ~/ray_results/NAME)")
     compare_cmd.add_argument("--name", default="compare", help="the comparison's folder name")
     compare_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
     common.output_options(compare_cmd)

@@ -22,6 +22,7 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import FullBatch
 from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_check, held_out_line
 from bilevel_ray.diagnostics.flatness import DELTA_PAIRS, estimate_problems
+from bilevel_ray.diagnostics.price_rule import THRESHOLDS
 from bilevel_ray.diagnostics.trajectory import (
     Horizon,
     Progress,
@@ -75,12 +76,12 @@ def diagnose(
     gamma_factor: float = 4.0,
     directions: int = 3,
     delta_pairs: Sequence[tuple[float, float]] = DELTA_PAIRS,
-    rho_ok: float = 0.1,
-    rho_bad: float = 0.3,
-    atol: float = 1e-6,
-    max_residual: float = 1e-3,
-    rtol: float = 0.05,
-    z: float = 2.0,
+    rho_ok: float = THRESHOLDS["rho_ok"],
+    rho_bad: float = THRESHOLDS["rho_bad"],
+    atol: float = THRESHOLDS["atol"],
+    max_residual: float = THRESHOLDS["max_residual"],
+    rtol: float = THRESHOLDS["rtol"],
+    z: float = THRESHOLDS["z"],
     progress: bool = False,
 ) -> Verdict:
     """Does PBGD-Free on ``problem`` end as well as a corrected method, to this precision?

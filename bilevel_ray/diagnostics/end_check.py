@@ -186,7 +186,7 @@ def _decide(
         )
         advice = f"compare with {name} at lower step sizes"
         return Verdict(False, "uncertain", reason, stats, advice)
-    stats.update(_measure(runs, late, at_end, start, objective, check))
+    stats.update(_measure(runs, late, (at_end, start), objective, check))
     effect, se, growth, tau = (stats[f"end/{k}"] for k in ("effect", "se", "growth", "tolerance"))
     phi_corr, phi_free = stats["end/phi_corrected"], stats["end/phi_free"]
     z = check.z
@@ -230,15 +230,12 @@ def _decide(
 
 
 def _measure(
-    runs: list[tuple[list, list]],
-    late: slice,
-    at_end: dict[str, float],
-    start: dict[str, float],
-    objective: Objective,
-    check: EndCheck,
+    runs: list[tuple[list, list]], late: slice, ends: tuple, objective: Objective, check: EndCheck
 ) -> dict[str, float]:
     """The effect, its standard error, the corrected method's late growth, the tolerance, the
-    ends of both continuations and the held-out values (module docstring)."""
+    ends of both continuations and the held-out values (module docstring); ``ends`` is phi at
+    PBGD-Free's end and at the start."""
+    at_end, start = ends
     corr_means, corr_sds, growths, free_means, free_sds, held_free, held_corr = (
         [] for _ in range(7)
     )

@@ -31,6 +31,7 @@ D / S <= rho_ok, unsuitable if D / S >= rho_bad, uncertain in between.
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -44,9 +45,7 @@ from bilevel_ray.diagnostics.verdict import (
 )
 from bilevel_ray.errors import ConfigError
 
-__all__ = [
-    "decide",
-]
+__all__ = ["THRESHOLDS", "decide"]
 
 
 def _median(values: list[float]) -> float:
@@ -110,6 +109,14 @@ def decide(
         judged = [p for p, s in zip(priced, steps) if not s < cut] if math.isfinite(cut) else priced
         return _decide_cost(points, judged, atol, max_residual, rtol, z)
     return _decide_ratio(points, rho_ok, rho_bad, atol, max_residual)
+
+
+# The rule's thresholds as decide declares them: diagnose takes the same defaults.
+THRESHOLDS = {
+    name: p.default
+    for name, p in inspect.signature(decide).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+}
 
 
 def _common(points: Sequence[Mapping[str, float]], used: list) -> dict[str, float]:
@@ -231,6 +238,10 @@ def _against(numbers: Mapping[str, float], rtol: float) -> str:
     )
 
 
+def _uncertain(reason: str, out: dict[str, float]) -> Verdict:
+    return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+
+
 def _unsettled(unsettled: list, out: dict[str, float], at: str, measured: str) -> Verdict:
     """ "uncertain": the run was still moving where it was priced."""
     ratio = _median([_get(p, "settle_ratio") for p in unsettled])
@@ -242,7 +253,7 @@ def _unsettled(unsettled: list, out: dict[str, float], at: str, measured: str) -
         f"term costs there ({measured}) may not be what it costs at the run's end; diagnose a "
         "longer run (warmup_steps, max_seconds) or compare with alt_pbgd on a short run."
     )
-    return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+    return _uncertain(reason, out)
 
 
 def _decide_cost(
@@ -266,7 +277,7 @@ def _decide_cost(
             f"The lower-level solves did not converge at the {len(judged)} point(s) judged{at}: "
             f"{_settings(stuck, worst)}, then diagnose again."
         )
-        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+        return _uncertain(reason, out)
 
     name, numbers = _cost_verdict(points, judged, used, (rtol, atol, z))
     out.update({f"flatness/{k}": v for k, v in numbers.items()})
@@ -291,7 +302,7 @@ def _decide_cost(
                 f"PBGD-Free's verdict depends on {len(stuck)} point(s) whose solves did not "
                 f"converge{at}: {_settings(stuck, worst)}, then diagnose again."
             )
-            return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+            return _uncertain(reason, out)
         measured += f"; {len(stuck)} unconverged point(s) agree"
     # Before the run settles its kept term still moves it: a cost clearly under the tolerance
     # (whose progress only grows) stands, a larger one may still change.
@@ -311,7 +322,7 @@ def _decide_cost(
             "compare with alt_pbgd on a short run, or diagnose a longer run (warmup_steps) "
             "nearer its end."
         )
-        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+        return _uncertain(reason, out)
     if name == "uncertain":
         n = len(used)
         reason = (
@@ -319,7 +330,7 @@ def _decide_cost(
             f"leaves {100 * confidence:.3g}% confidence; average more batches (batches={4 * n}) "
             "or compare with alt_pbgd on a short run."
         )
-        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+        return _uncertain(reason, out)
     head = f"PBGD-Free is biased: {measured}"
     # cost ~ dropped^2 ~ gamma^(2 slope): the ratio cost / tol falls as gamma^(2 slope).
     return _unsuitable(out, head, cost / tol if tol > 0 else math.inf, 2.0)
@@ -348,7 +359,7 @@ def _decide_ratio(
             else f"The lower-level solves did not converge {where}: "
             f"{_settings(stuck, residual)}, then diagnose again."
         )
-        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+        return _uncertain(reason, out)
     dropped = _median([_get(p, "dropped") for p in used])
     # A hand-built estimate may lack "full" (NaN): its kept term is the scale then.
     scale = max(
@@ -375,6 +386,6 @@ def _decide_ratio(
             f"{100 * rho_bad:g}% ({_shape(out)}), so compare pbgd_free with alt_pbgd on a short "
             "run."
         )
-        return Verdict(False, "uncertain", reason, out, "compare with alt_pbgd")
+        return _uncertain(reason, out)
     head = f"PBGD-Free is biased: its dropped term (median norm {dropped:.3g}) is {share} {where}"
     return _unsuitable(out, head, ratio / rho_ok, 1.0)
