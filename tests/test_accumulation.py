@@ -189,6 +189,7 @@ def test_br_solve_takes_grad_accumulation():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_workers_with_accumulation_equal_one_worker_whole(ray_2cpu, tmp_path):
     """2 workers x batch 25 in 5 micro-batches each = 1 worker with batch 50, whole."""
     common = dict(steps=6, report_every=3, lr_x=0.01, lr_y=0.1, gamma=10.0, method="pbgd")

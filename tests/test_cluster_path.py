@@ -66,6 +66,7 @@ def _namespaces_available() -> bool:
 
 @pytest.mark.ray
 @pytest.mark.skipif(not _namespaces_available(), reason="needs unshare --net (root) and ip")
+@pytest.mark.slow
 def test_jobs_submitted_to_a_two_node_cluster_tune_and_train_a_users_file():
     # A short folder: Ray's socket paths must stay under the 107-character limit.
     tmp = Path(tempfile.mkdtemp(prefix="br-cluster-", dir="/tmp"))

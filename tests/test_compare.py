@@ -125,6 +125,7 @@ def test_a_used_folder_is_refused(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_the_negative_toy_recommends_a_corrected_method(ray_2cpu, tmp_path, capsys):
     code = main(
         [
@@ -173,6 +174,7 @@ def test_the_negative_toy_recommends_a_corrected_method(ray_2cpu, tmp_path, caps
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_flat_problem_from_a_users_file_recommends_pbgd_free(
     ray_2cpu, tmp_path, monkeypatch, capsys
 ):

@@ -161,6 +161,7 @@ def test_the_docs_mark_some_blocks_runnable_in_a_known_language():
     assert unknown == [], f"runnable blocks must be one of {LANGUAGES}"
 
 
+@pytest.mark.slow  # each block starts bilevel-ray, and torch with it: seconds each
 @pytest.mark.parametrize("block", RUNNABLE, ids=str)
 def test_a_runnable_block_runs(block, tmp_path):
     done = run_block(block, tmp_path)

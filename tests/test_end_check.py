@@ -198,6 +198,7 @@ def _wine():
     return module.wine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_wine_network_is_never_called_suitable_at_one_or_two_threads(threads):
     # The user problem: a 13-32-16 tanh MLP (x) under a ridge-1e-3 linear head (y),

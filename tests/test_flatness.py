@@ -172,6 +172,7 @@ def test_negative_toy_is_unsuitable_at_every_gamma(gamma):
     assert abs(v.stats["flatness/dropped_slope"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_positive_toy_is_suitable():
     spec = positive_toy()  # start (5, -9.9) as in the notebook, gamma 16
     v = diagnose(

@@ -160,6 +160,7 @@ def test_bad_diagnostic_settings_are_refused_before_any_step(options, match):
         br.solve(spec.problem, spec.x0, spec.y0, **settings)
 
 
+@pytest.mark.slow
 def test_cli_diagnose_exit_codes_and_verdicts(capsys):
     assert main(["diagnose", "toy-negative"]) == 3
     printed = capsys.readouterr().out
@@ -180,6 +181,7 @@ def test_cli_solve_with_on_unsuitable(capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_train_worker_group_gets_the_verdict_from_the_named_actor(ray_2cpu, tmp_path):
     res = br.train(
         "toy-negative",
@@ -199,6 +201,7 @@ def test_train_worker_group_gets_the_verdict_from_the_named_actor(ray_2cpu, tmp_
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_tune_records_each_trials_verdict_and_stops_unsuitable_trials(ray_2cpu, tmp_path):
     from ray import tune
 

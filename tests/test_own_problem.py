@@ -166,6 +166,7 @@ def test_the_cli_refuses_a_second_different_sweep_into_one_folder(no_ray, tmp_pa
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_users_file_tunes_from_its_own_folder(ray_2cpu, user_folder, capsys):
     code = main(
         ["tune", "my_problem.py:factory", "--samples", "4", "--max-steps", "50", "--out", "out"]
@@ -182,6 +183,7 @@ def test_a_users_file_tunes_from_its_own_folder(ray_2cpu, user_folder, capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_trial_errors_are_results_not_retries_and_no_best_config(ray_2cpu, tmp_path, capsys):
     (tmp_path / "flaky.py").write_text(RAISES_LATER)
     log = tmp_path / "built.log"

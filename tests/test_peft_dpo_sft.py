@@ -128,6 +128,7 @@ def test_local_checkpoint_is_loaded_and_its_tied_head_untied(tmp_path):
 
 
 @needs_peft
+@pytest.mark.slow
 def test_example_runs():
     tiny = [f"--config={k}={v}" for k, v in TINY.items()]
     done = subprocess.run(

@@ -171,6 +171,7 @@ def test_pb2_without_its_packages_says_how_to_get_them(no_ray, tmp_path, monkeyp
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_pbt_sweep_learns_a_schedule_that_replays_its_trials_exactly(ray_2cpu, tmp_path):
     """Every trial whose state came through exploits is replayed from the sweep's start with
     its lineage's schedules: the same final x and y (float64), to 1e-6. The trials run long
@@ -231,6 +232,7 @@ def _final_state(folder: Path, trial_id: str) -> dict:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_pbt_sweep_resumes_from_its_checkpoints(tmp_path):
     """The driver (a CLI process with its own Ray) is killed once the population has saved
     checkpoints; --resume completes the sweep, every trial continuing from a checkpoint (its

@@ -32,6 +32,7 @@ def _isolation_available() -> bool:
 
 @pytest.mark.ray
 @pytest.mark.skipif(not _isolation_available(), reason="needs unshare (root) and ip")
+@pytest.mark.slow
 def test_a_two_worker_train_prints_progress_once_and_no_ray_log_lines(tmp_path):
     (tmp_path / "run.py").write_text(RUN % str(tmp_path))
     script = f"ip link set lo up && exec {sys.executable} {tmp_path / 'run.py'}"

@@ -96,6 +96,7 @@ def factory(config):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_crashed_trial_process_is_retried_and_the_sweep_completes(ray_2cpu, tmp_path):
     from ray import tune
 
@@ -119,6 +120,7 @@ def test_a_crashed_trial_process_is_retried_and_the_sweep_completes(ray_2cpu, tm
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_damaged_train_checkpoint_falls_back_to_the_one_before(ray_2cpu, tmp_path, capfd):
     common = {
         "num_workers": 2,

@@ -33,6 +33,7 @@ def _one_worker_reference(method, tmp_path, **options):
     ("method", "options"),
     [("pbgd_free", {"lr_x": 0.02}), ("pbgd", {"lr_x": 0.005, "inner_steps": 2})],
 )
+@pytest.mark.slow
 def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(
     ray_2cpu, tmp_path, method, options
 ):
@@ -55,6 +56,7 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(
     assert upper_two.to_pylist() == pytest.approx(upper_one.to_pylist(), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_2cpu, tmp_path):
     options = {"lr_x": 0.005, "inner_steps": 2, "optimizer": "adam"}
     run = br.train(
@@ -103,6 +105,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_2cpu, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_divergence_in_workers_stops_the_run_with_a_clear_status(ray_2cpu, tmp_path):
     options = dict(
         problem_config={},
@@ -134,6 +137,7 @@ def test_a_group_the_cluster_cannot_hold_is_refused_before_it_waits(ray_2cpu, tm
         )
 
 
+@pytest.mark.slow
 def test_ray_data_datasets_feed_the_workers(ray_2cpu, tmp_path):
     import sys
 
@@ -192,6 +196,7 @@ def _dict_regression(config):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+@pytest.mark.slow
 def test_gpu_workers(ray_2cpu, tmp_path):
     run = br.train(
         "quadratic",

@@ -175,6 +175,7 @@ def test_report_of_a_folder_without_runs_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_sweep_with_diverging_configs_finishes_and_marks_them(ray_2cpu, tmp_path):
     from ray import tune
 
@@ -209,6 +210,7 @@ def test_a_sweep_with_diverging_configs_finishes_and_marks_them(ray_2cpu, tmp_pa
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path):
     """The driver (a CLI process with its own Ray) is killed while its second wave of trials
     runs; --resume completes the sweep, and the trials that had ended are not run again."""
@@ -272,6 +274,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_multi_worker_trial_runs_a_train_worker_group(ray_2cpu, tmp_path):
     from ray import tune
 

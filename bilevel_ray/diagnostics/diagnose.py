@@ -156,6 +156,9 @@ def diagnose(
         {"atol": atol, "max_residual": max_residual, "rtol": rtol, "z": z, "rho_ok": rho_ok,
          "rho_bad": rho_bad},
     )  # fmt: skip
+    # Beside the certificate the price is a first look: ``batches`` batches, no more; alone
+    # (predict_only) it may average up to 4 times as many while it is uncertain.
+    pricing = replace(pricing, extend=predict_only)
     report = Progress(progress)
     last = 20 * warmup_steps if max_steps is None else max(max_steps, warmup_steps)
     followed = follow(

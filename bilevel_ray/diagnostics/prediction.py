@@ -74,6 +74,7 @@ class Pricing:
     fixed: bool
     jitter: float  # lr_x / 4 for plain SGD on x on minibatch data, else 0
     seed: int
+    extend: bool = True  # up to 4 x batches while the verdict is uncertain
 
 
 def terms(
@@ -110,7 +111,7 @@ def price(
     priced, vectors, steps_kept = [], [], []
     y_ref = reference[1]
     with torch.random.fork_rng(devices=cuda_devices(x, y)):  # the run's RNG stays the run's
-        for b in range(1 if how.fixed else 4 * how.batches):
+        for b in range(1 if how.fixed else how.batches * (4 if how.extend else 1)):
             interim = (priced, vectors, steps_kept, how.jitter, how.judge)
             if b >= how.batches and decide_priced(*interim).verdict != "uncertain":
                 break
