@@ -21,6 +21,7 @@ import torch
 
 import bilevel_ray as br
 from bilevel_ray.data import BilevelBatch, as_batches
+from bilevel_ray.problems.toys import NegativeToy
 from bilevel_ray.tables import read_table, table_to_tensors
 
 from .catalogue import api, cli, params, run_case
@@ -603,3 +604,11 @@ CASES = [
 @pytest.mark.parametrize("case", params(CASES))
 def test_bad_input(case, tmp_path, request, no_compare_ray):
     run_case(case, tmp_path, request, CASES)
+
+
+# --- round three (a hidden catalogue's classes, closed) -------------------------------
+
+
+def test_an_empty_start_tensor_is_refused_before_any_step():
+    with pytest.raises(br.ConfigError, match=r"x0\['x'\] is empty \(shape \(0,\)\)"):
+        br.solve(NegativeToy(), {"x": torch.zeros(0)}, {"y": torch.zeros(1)}, steps=1)

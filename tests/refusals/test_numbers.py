@@ -25,7 +25,9 @@ import torch
 
 import bilevel_ray as br
 import bilevel_ray.runtime.local.solve as local_runtime
+from bilevel_ray.cli import main
 from bilevel_ray.data import BilevelBatch
+from bilevel_ray.problems.toys import NegativeToy
 
 from .catalogue import (
     SOLVE,
@@ -1063,3 +1065,20 @@ CASES = [
 @pytest.mark.parametrize("case", params(CASES))
 def test_bad_input(case, tmp_path, request, no_compare_ray):
     run_case(case, tmp_path, request, CASES)
+
+
+# --- round three (a hidden catalogue's classes, closed) -------------------------------
+
+
+@pytest.mark.parametrize("value", [100_001, 10**12])
+def test_an_inner_loop_of_hours_is_refused_with_the_bound(value):
+    with pytest.raises(br.ConfigError, match=r"inner_steps=.*must be at most 100,000") as err:
+        br.solve(NegativeToy(), {"x": torch.ones(1)}, {"y": torch.zeros(1)}, inner_steps=value)
+    assert "e.g. inner_steps=10" in str(err.value)
+
+
+def test_thousands_of_threads_are_refused(monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "100000")
+    assert main(["solve", "toy-negative", "--steps", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "OMP_NUM_THREADS='100000': at most 1024" in err and "OMP_NUM_THREADS=2" in err

@@ -634,3 +634,21 @@ def test_a_planted_tmp_folder_does_not_break_a_save(tmp_path):
         checkpoint_path=tmp_path / CKPT, checkpoint_every=1, history_path=tmp_path / "out/h.parquet"
     )
     assert (tmp_path / CKPT).is_file() and (tmp_path / "out" / "h.parquet").is_file()
+
+
+# --- round three (a hidden catalogue's classes, closed) -------------------------------
+
+
+def test_resuming_a_finished_sweep_whose_tune_state_is_gone_is_refused(tmp_path):
+    # Tune cannot restore it and would start over, rewriting the finished sweep's tables.
+    from bilevel_ray.runtime.tune.folder import claim_sweep_folder
+
+    folder = tmp_path / "sweep"
+    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=False)
+    (folder / "trials.parquet").write_bytes(b"the finished sweep's table")
+    with pytest.raises(br.ConfigError, match=r"whose Tune state .* is gone: there is nothing"):
+        claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)
+    assert (folder / "trials.parquet").read_bytes() == b"the finished sweep's table"
+    (folder / "tuner.pkl").write_bytes(b"")
+    (folder / "experiment_state-2026.json").write_text("{}")
+    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)  # resumable: accepted
