@@ -117,7 +117,7 @@ def test_train_checks_the_shards_before_starting_workers(tmp_path):
 
 
 def test_file_factories_are_shipped_by_value(tmp_path):
-    from bilevel_ray.runtime.train.driver import portable_factory
+    from bilevel_ray.runtime.cluster.shipping import portable_factory
 
     source = tmp_path / "my_problem.py"
     source.write_text(

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from bilevel_ray.problems import build_spec
-from bilevel_ray.runtime.train.driver import portable_factory
+from bilevel_ray.runtime.cluster.shipping import portable_factory
 
 PROBLEM = """
 import torch

@@ -223,7 +223,7 @@ def _run_methods(
 
 
 def _shipped(factory: Any) -> Any:
-    from bilevel_ray.runtime.train.driver import portable_factory
+    from bilevel_ray.runtime.cluster.shipping import portable_factory
 
     return portable_factory(factory)
 

@@ -14,8 +14,6 @@ Ray is imported only when a worker group is started.
 from __future__ import annotations
 
 import os
-import sys
-import sysconfig
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +27,8 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import ProblemSpec
-from bilevel_ray.problems import build_spec, load_factory
+from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime.cluster.shipping import portable_factory
 from bilevel_ray.runtime.local.checkpoint import (
     LOCAL_CHECKPOINT,
     group_checkpoints,
@@ -59,7 +58,12 @@ from bilevel_ray.runtime.local.spec_check import check_spec
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.solvers.base import state_from_dict
 
-__all__ = ["build_spec", "check_run_name", "default_run_name", "portable_factory", "train"]
+__all__ = [
+    "build_spec",
+    "check_run_name",
+    "default_run_name",
+    "train",
+]
 
 Factory = Callable[[dict[str, Any]], ProblemSpec] | str
 
@@ -290,46 +294,6 @@ class _UriPath(str):
 
     def exists(self) -> bool:  # nothing local to inspect: Train reads the URI itself
         return False
-
-
-def portable_factory(factory: Any) -> Any:
-    """What the workers receive: a ``file.py:factory`` string becomes the callable itself, and a
-    callable from the user's own code (a module outside the installed packages) goes with its
-    module shipped by value, together with the user's modules it imports: workers run elsewhere
-    and cannot import the user's files. Built-in names, ``package.module:factory`` strings and
-    installed packages' callables go as they are."""
-    if isinstance(factory, str) and ".py:" not in factory:
-        return factory
-    resolved = load_factory(factory) if isinstance(factory, str) else factory
-    module = sys.modules.get(getattr(resolved, "__module__", ""), None)
-    if module is None or not _users_own(module):
-        return resolved
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(module)
-    for other in list(sys.modules.values()):
-        if other is not module and _users_own(other) and _beside(other, module):
-            cloudpickle.register_pickle_by_value(other)
-    return resolved
-
-
-def _users_own(module: Any) -> bool:
-    """A module of the user's own code: a file outside Python's standard library, the installed
-    packages (``site-packages``) and bilevel_ray (``__main__`` is pickled by value already)."""
-    file = getattr(module, "__file__", None)
-    if not file or module.__name__ == "__main__":
-        return False
-    path = Path(file).resolve()
-    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    ours = Path(__file__).resolve().parents[2]  # the bilevel_ray package
-    installed = {"site-packages", "dist-packages"} & set(path.parts)
-    return not installed and stdlib not in path.parents and ours not in path.parents
-
-
-def _beside(module: Any, factory_module: Any) -> bool:
-    """Whether ``module`` lives in the factory's folder (or below it): the user's own imports."""
-    folder = Path(factory_module.__file__).resolve().parent
-    return folder in Path(module.__file__).resolve().parents
 
 
 def _check_run_folder(

@@ -18,6 +18,7 @@ from typing import Any
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime.cluster.shipping import portable_factory
 from bilevel_ray.runtime.local.output_files import check_writable
 from bilevel_ray.runtime.local.run_spec import (
     Placement,
@@ -27,7 +28,6 @@ from bilevel_ray.runtime.local.run_spec import (
     check_run_name,
 )
 from bilevel_ray.runtime.local.spec_check import check_spec
-from bilevel_ray.runtime.train.driver import portable_factory
 from bilevel_ray.runtime.tune.population import POPULATION_SCHEDULERS, population_scheduler
 from bilevel_ray.runtime.tune.preflight import check_space_values, describe_space, first_step
 from bilevel_ray.runtime.tune.space import check_search_space, default_search_space

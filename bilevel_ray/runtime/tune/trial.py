@@ -235,7 +235,7 @@ class _TuneSink:
 def _trial_on_worker_group(settings: Any, plan: TrialPlan, trial_id: str, history: Path) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from bilevel_ray.runtime.train.driver import portable_factory
+    from bilevel_ray.runtime.cluster.shipping import portable_factory
     from bilevel_ray.runtime.train.group import fit_worker_group
 
     job = WorkerJob(
