@@ -112,7 +112,7 @@ def _trial_in_process(settings: Any, plan: TrialPlan, trial_id: str, history: Pa
     lineage = extend_lineage(lineage, start, trial_id, settings.to_dict(strict=False))
     sink = _TuneSink(spec, plan, trial_id, history, start, lineage)
     try:
-        run_spec_local(
+        result = run_spec_local(
             spec,
             settings,
             plan.run,
@@ -124,6 +124,11 @@ def _trial_in_process(settings: Any, plan: TrialPlan, trial_id: str, history: Pa
         )
     except DivergenceError as err:
         sink.diverged(err)
+        return
+    certified = verdict_columns(result.verdict)
+    if certified and any(sink.last.get(k) != v for k, v in certified.items()):
+        # The run's end was certified after its last report: the trial's row says so.
+        ray_tune.report({**sink.last, **certified, "status": result.status})
 
 
 def _restored_payload() -> dict[str, Any] | None:
