@@ -106,6 +106,8 @@ def test_a_method_that_cannot_apply_is_listed_with_its_reason():
     [
         ({"budget_s": 0}, r"budget_s=0: must be a finite number of seconds > 0"),
         ({"seeds": 0}, r"seeds=0: must be an integer >= 1"),
+        ({"seeds": 10**9}, r"seeds=1000000000: at most 100 runs per method"),
+        ({"budget_s": 1e12}, r"budget_s=1e\+12: at most 86400 s \(a day\) per run"),
         ({"num_workers": 2}, r"num_workers=2: compare runs each method in one process; scale"),
         ({"methods": ["adam"]}, r"methods=\['adam'\]: choose among pbgd_free, "),
         ({"methods": []}, r"methods=\[\]: choose among"),

@@ -16,6 +16,11 @@ from bilevel_ray.solvers import SOLVERS
 __all__ = ["check_arguments", "new_folder"]
 
 
+# Bounds on the work a comparison sizes: each seed is a whole run of the budget per method.
+MAX_SEEDS = 100
+MAX_BUDGET_S = 86_400.0
+
+
 def check_arguments(
     methods: list[str] | None,
     budget_s: Any,
@@ -28,6 +33,11 @@ def check_arguments(
     argument that is wrong."""
     problems: list[str] = []
     check_count(problems, "seeds", seeds, 1)
+    if not problems and seeds > MAX_SEEDS:
+        problems.append(
+            f"seeds={seeds}: at most {MAX_SEEDS} runs per method (each is a whole run of the "
+            "budget); e.g. seeds=3"
+        )
     check_count(problems, "gap_steps", gap_steps, 1)
     if (
         isinstance(budget_s, bool)
@@ -35,6 +45,11 @@ def check_arguments(
         or not (0 < budget_s < math.inf)
     ):
         problems.append(f"budget_s={budget_s!r}: must be a finite number of seconds > 0")
+    elif budget_s > MAX_BUDGET_S:
+        problems.append(
+            f"budget_s={budget_s:g}: at most {MAX_BUDGET_S:g} s (a day) per run: compare is a "
+            "proof of concept; e.g. budget_s=60, then tune or train the method it recommends"
+        )
     if num_workers != 1:
         problems.append(
             f"num_workers={num_workers!r}: compare runs each method in one process; scale the "
