@@ -21,6 +21,7 @@ from bilevel_ray.runtime.local.checkpoint import (
 )
 from bilevel_ray.runtime.local.history import HistoryRecorder
 from bilevel_ray.runtime.local.judge import verdict_columns
+from bilevel_ray.runtime.local.output_files import atomic_write
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.solvers.base import SolverState
 
@@ -50,7 +51,8 @@ class TrainSink:
         if marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"rank {self.rank} killed at step {step}\n")
+        text = f"rank {self.rank} killed at step {step}\n"
+        atomic_write(marker, lambda tmp: tmp.write_text(text))
         os._exit(1)
 
     def after_step(self, outcome: loop.StepOutcome, state: SolverState, active: Any) -> None:
