@@ -42,6 +42,7 @@ _EXPORTS = {
     "train": "bilevel_ray.runtime.train.driver",
     "tune": "bilevel_ray.runtime.tune.driver",
     "compare": "bilevel_ray.runtime.compare.driver",
+    "export": "bilevel_ray.runtime.local.export",
     "table_minibatches": "bilevel_ray.tables",
     "Params": "bilevel_ray.tree",
     "adam": "bilevel_ray.updates",

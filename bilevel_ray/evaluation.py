@@ -8,6 +8,11 @@ Two numbers, at the current (x, y):
   min_y' g(x, y') is estimated by ``gap_steps`` Adam steps on g(x, .) warm-started at y (Adam,
   because a fixed step size would need g's curvature); the estimate only underestimates the
   decrease available, so the gap is a lower bound that tightens with ``gap_steps``.
+
+A problem may add its own held-out numbers with a method ``eval_metrics(x, y, eval_batch)``
+returning a dict of floats (the language-model problem: DPO reward accuracy and margin, SFT
+loss and perplexity); they are logged as ``eval/<name>`` beside the two above
+(:func:`held_out_metrics`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,17 @@ from bilevel_ray.solvers.base import descend
 from bilevel_ray.tree import Params, clone
 from bilevel_ray.updates import adam
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "held_out_metrics"]
+
+
+def held_out_metrics(problem: Any, x: Params, y: Params, eval_batch: Any) -> dict[str, float]:
+    """The problem's own held-out numbers as ``{"eval/<name>": value}``; empty when the problem
+    has no ``eval_metrics`` or no held-out data is given."""
+    metrics = getattr(problem, "eval_metrics", None)
+    if metrics is None or eval_batch is None:
+        return {}
+    with torch.no_grad():
+        return {f"eval/{k}": float(v) for k, v in metrics(x, y, eval_batch).items()}
 
 
 def evaluate(
@@ -40,8 +55,9 @@ def evaluate(
     with torch.no_grad():
         upper = float(problem.upper_loss(x, y, eval_batch.upper))
         lower = float(problem.lower_loss(x, y, eval_batch.lower))
+    extra = held_out_metrics(problem, x, y, eval_batch)
     if not with_gap:
-        return {"eval/upper_loss": upper, "eval/lower_gap": math.nan}
+        return {"eval/upper_loss": upper, "eval/lower_gap": math.nan, **extra}
     y_best = clone(y)
     rule = adam(gap_lr)
     state = rule.init(y_best)
@@ -52,4 +68,5 @@ def evaluate(
     descend(lower_loss, y_best, rule, state, 0, gap_steps, lambda g: g)
     with torch.no_grad():
         best = float(problem.lower_loss(x, y_best, eval_batch.lower))
-    return {"eval/upper_loss": upper, "eval/lower_gap": max(lower - min(best, lower), 0.0)}
+    gap = max(lower - min(best, lower), 0.0)
+    return {"eval/upper_loss": upper, "eval/lower_gap": gap, **extra}

@@ -106,8 +106,8 @@ def test_dry_run_of_the_test_extra(checkout, extra):
     assert done.returncode == 0, done.stderr
     assert (
         "[setup] 3/3 installing bilevel_ray with the 'test' extra: ray[tune,train], pyarrow, "
-        "pytest, ruff, matplotlib, optuna, scikit-learn, transformers, peft, ray[default] (the "
-        "job server)\n" in done.stderr
+        "pytest, ruff, matplotlib, optuna, scikit-learn, transformers, peft, datasets, "
+        "ray[default] (the job server)\n" in done.stderr
     )
     assert f"would run: {PIP} -e .[test]" in done.stderr
     assert ".[demo]" not in done.stderr

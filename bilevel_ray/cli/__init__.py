@@ -37,13 +37,15 @@ __all__ = ["COMMANDS", "main", "parser"]
 
 
 def _commands() -> dict[str, Any]:
-    """Every module of this package with ``add_parser`` and ``run`` is a command of its name, in
-    its ``ORDER``: a new command is one new file here."""
+    """Every module of this package with ``add_parser`` and ``run`` is a command of its name
+    (``_`` written ``-``: ``text_samples`` is ``text-samples``), in its ``ORDER``: a new command
+    is one new file here."""
     found = []
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "add_parser") and hasattr(module, "run"):
-            found.append((getattr(module, "ORDER", 99), info.name, module))
+            name = info.name.replace("_", "-")
+            found.append((getattr(module, "ORDER", 99), name, module))
     return {name: module for _, name, module in sorted(found)}
 
 

@@ -233,6 +233,12 @@ def show_result(args: argparse.Namespace, problem_config: dict[str, Any], result
         )
     for key in ("upper/loss", "lower/loss"):
         print(f"  {key} = {last[key]:.6g}")
+    held_out = getattr(result, "held_out", None) or {}
+    if held_out:
+        print("  held-out: " + ", ".join(f"{k[5:]}={v:.5g}" for k, v in held_out.items()))
+    tokens = last.get("time/tokens_per_s")
+    if tokens is not None and tokens == tokens:
+        print(f"  {tokens:,.0f} tokens/s over the last logged steps")
     for level, params in (("x", result.x), ("y", result.y)):
         for name, value in params.items():
             shown = value.flatten()[:6].tolist()
@@ -251,6 +257,7 @@ def show_result(args: argparse.Namespace, problem_config: dict[str, Any], result
             "method": used,
             "switched_at_step": switched,
             "settings": result.config,
+            "held_out": held_out,
         }
         text = json.dumps(run, indent=2, default=str) + "\n"
         atomic_write(args.out / "run.json", lambda tmp: tmp.write_text(text))

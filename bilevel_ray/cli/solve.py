@@ -67,14 +67,15 @@ def solve_problem(
     """``br.solve`` on a problem named as on the command line (also run as a Ray task), with
     torch's threads from the problem's size unless ``threads`` is given."""
     from bilevel_ray.config import SolverConfig
-    from bilevel_ray.runtime.local.solve import solve
+    from bilevel_ray.runtime.local.solve import solve, with_held_out
     from bilevel_ray.runtime.local.threads import use_work_threads
     from bilevel_ray.runtime.train.driver import build_spec
 
     spec = build_spec(problem, problem_config)
     use_work_threads(spec.x0, spec.y0, threads)
     settings = {**SolverConfig.applicable(method, spec.defaults), **options}
-    return solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
+    result = solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
+    return with_held_out(result, spec.problem, spec.eval_data)
 
 
 def run(args: argparse.Namespace) -> int:

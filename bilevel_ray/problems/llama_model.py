@@ -16,9 +16,11 @@ is built (:func:`libraries`), so the rest of bilevel_ray does not need them.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ from torch import nn
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems.limits import memory_problem
 from bilevel_ray.problems.model_presets import PRESETS, llama_config, parameter_count
+from bilevel_ray.problems.text_sets import say
 
-__all__ = ["NAME", "base_model", "libraries", "with_lora"]
+__all__ = ["NAME", "adapted_model", "base_model", "libraries", "with_lora"]
 
 NAME = "peft-dpo-sft"  # the problem these models are built for: every error names it
 _SMALLER_MODEL = "choose a smaller model (fewer layers; a smaller hidden, vocab or MLP size)"
@@ -46,6 +49,62 @@ def libraries() -> tuple[Any, Any]:
             "pip install 'bilevel_ray[peft]'"
         ) from None
     return transformers, peft
+
+
+def adapted_model(c: dict[str, Any], transformers: Any, peft: Any) -> nn.Module:
+    """The model the problem trains: :func:`base_model` with ``c["attention"]``, wrapped with
+    LoRA (:func:`with_lora`), cast to ``c["dtype"]`` on ``c["device"]``, in eval mode (no
+    dropout: f and g are functions of (x, y, batch) alone) except where a setting asks for it:
+    ``lora_dropout`` > 0 switches the adapters' dropout on, and ``gradient_checkpointing``
+    switches each decoder layer's recomputation on (transformers runs it in training mode
+    only; the layers' own dropout stays off)."""
+    model = base_model(c, transformers)
+    if hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(c["attention"])
+        except (ValueError, ImportError) as err:
+            raise ConfigError(
+                f"problem {NAME!r}: attention={c['attention']!r} is not available for this "
+                f"model ({err}); use attention='eager'"
+            ) from None
+    model = with_lora(model, c, peft)
+    device = torch.device(c["device"] or "cpu")
+    model = model.to(device=device, dtype=c["dtype"]).eval()
+    if c["gradient_checkpointing"]:
+        base = model.get_base_model()
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        kwargs = {"use_reentrant": False}  # the solvers take gradients with torch.autograd.grad
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = True  # this module alone: its children keep eval mode
+                module._gradient_checkpointing_func = _replay_as_called
+    if c["lora_dropout"]:
+        for name, module in model.named_modules():
+            if "lora_dropout" in name and isinstance(module, nn.Dropout):
+                module.train()
+    return model
+
+
+def _replay_as_called(function: Any, *args: Any) -> Any:
+    """Checkpoint one decoder layer so that the backward pass replays it with the parameters it
+    was called with. The solvers call the model through ``torch.func.functional_call`` with x
+    and y in place of its own weights, and the backward pass runs after that call has put the
+    weights back: a plain checkpoint would recompute the layer with the weights, not with x.
+    ``function`` is transformers' ``partial(forward, layer, **kwargs)``."""
+    layer = function.args[0]
+    params = dict(layer.named_parameters())  # inside functional_call: the tensors given for x
+
+    def replay(*inputs: Any) -> Any:
+        with torch.nn.utils.stateless._reparametrize_module(layer, params):
+            return function(*inputs)
+
+    return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False)
 
 
 def base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
@@ -69,6 +128,12 @@ def base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
     if head.weight is embeddings.weight:
         # y is the head alone: a tied head would move the input embeddings (frozen) with it.
         head.weight = nn.Parameter(embeddings.weight.detach().clone())
+        if c["model"] is not None:
+            say(
+                "the model ties its output head to its input embeddings: the head is untied "
+                f"(a copy, {tuple(head.weight.shape)}), trained as y; the input embeddings "
+                "stay frozen (export writes the trained head beside the adapter)"
+            )
     model.config.tie_word_embeddings = False
     return model
 
@@ -155,7 +220,8 @@ def _load_checkpoint(folder: Any, transformers: Any) -> nn.Module:
     than tensors is refused, never loaded (unpickling it could run code)."""
     files = ", ".join(sorted(p.name for p in Path(folder).glob("*.bin"))) or "its weights file"
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        with _quiet_loading(transformers):
+            return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"problem {NAME!r}: cannot load model={folder!r}: {err}") from None
     except pickle.UnpicklingError as err:
@@ -175,6 +241,19 @@ def _load_checkpoint(folder: Any, transformers: Any) -> nn.Module:
         raise _damaged(folder, files, err) from None
 
 
+@contextlib.contextmanager
+def _quiet_loading(transformers: Any) -> Iterator[None]:
+    """transformers' progress bar of loading weights off: a run prints its own lines."""
+    logging = transformers.utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 def _damaged(folder: Any, files: str, err: BaseException) -> ConfigError:
     # The first line of torch's reason, unless it is advice to load without weights_only.
     reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -187,11 +266,11 @@ def _damaged(folder: Any, files: str, err: BaseException) -> ConfigError:
 
 def with_lora(model: nn.Module, c: dict[str, Any], peft: Any) -> nn.Module:
     """``model`` with LoRA adapters W + (alpha / r) B A on ``lora_targets`` (B = 0: the
-    adapted model starts as the base model), dropout 0 and no bias terms."""
+    adapted model starts as the base model), dropout ``lora_dropout`` and no bias terms."""
     lora = peft.LoraConfig(
         r=c["lora_rank"],
         lora_alpha=c["lora_alpha"],
-        lora_dropout=0.0,
+        lora_dropout=float(c.get("lora_dropout", 0.0)),
         target_modules=list(c["lora_targets"]),
         bias="none",
     )

@@ -21,6 +21,15 @@ parameters, a 32 000-token vocabulary: the head y alone is 24.6 M parameters), a
 ``LlamaConfig`` fields, or a local Hugging Face checkpoint directory (loaded with
 ``local_files_only=True``).
 
+The data is generated (below) unless ``preference=PATH`` and ``instruction=PATH`` name a user's
+text files (:mod:`~bilevel_ray.problems.text_sets`): then the tokenizer is the model folder's
+(or ``tokenizer=DIR``), sequences are right padded and each batch is cut to its longest row,
+and the tokenized sets and the reference log-probabilities are cached on disk. A tied head
+(Llama-3.2 ties ``lm_head`` to the input embeddings) is untied: y is a copy of the head that
+trains on its own while the input embeddings stay frozen. ``lora_dropout``,
+``gradient_checkpointing`` (activations of each decoder layer recomputed in the backward pass)
+and ``attention`` (PyTorch's SDPA by default) are settings; ``dtype="bfloat16"`` runs in bf16.
+
 The problem declares its structure (:class:`~bilevel_ray.problem.FeatureProblem`): the features
 of x are the decoder's last hidden states h (the LoRA-adapted backbone), and the head y maps
 them to logits ``h W_y^T``; so the solvers run the backbone once per step and level and only the
@@ -51,11 +60,13 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.module_problems import module_problem
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.problems.dpo_sft_losses import (
-    REFERENCE_CHUNK,
+    batch_tokens,
     dpo_from_logits,
     dpo_loss,
     on_device,
     preference_ids,
+    preference_metrics,
+    reference_chunk,
     sequence_logprob,
     sft_from_logits,
     sft_loss,
@@ -69,9 +80,17 @@ from bilevel_ray.problems.limits import (
     memory_problem,
     shown,
 )
-from bilevel_ray.problems.llama_model import NAME, base_model, libraries, with_lora
+from bilevel_ray.problems.llama_model import NAME, adapted_model, libraries
 from bilevel_ray.problems.model_presets import PRESETS
 from bilevel_ray.problems.preference_data import instruction_data, preference_data
+from bilevel_ray.problems.text_sets import (
+    TEXT_DEFAULTS,
+    check_text,
+    say,
+    text_sets,
+    uses_text,
+    with_cached_reference,
+)
 from bilevel_ray.tree import Params
 
 # The losses and the model have their own modules; the loss functions stay importable from here
@@ -83,6 +102,7 @@ __all__ = [
     "dpo_from_logits",
     "dpo_loss",
     "peft_dpo_sft",
+    "peft_model",
     "sequence_logprob",
     "sft_from_logits",
     "sft_loss",
@@ -100,6 +120,9 @@ DEFAULTS: dict[str, Any] = {
     "lora_rank": 8,
     "lora_alpha": 16.0,
     "lora_targets": ("q_proj", "v_proj"),  # a list, or names separated by commas
+    "lora_dropout": 0.0,  # > 0 makes f and g random (dropout on the adapters' input)
+    "gradient_checkpointing": False,  # recompute each decoder layer's activations in backward
+    "attention": "sdpa",  # PyTorch's scaled_dot_product_attention; "eager" for the plain path
     "beta": 0.1,  # DPO's inverse temperature
     "batch": 32,  # preference and instruction samples per step
     "n_pref": 4096,  # training preference triples (the paper: 4800)
@@ -109,6 +132,7 @@ DEFAULTS: dict[str, Any] = {
     "response_len": 6,
     "topics": 4,  # classes of the data rule (preference_data)
     "dtype": "float32",
+    **TEXT_DEFAULTS,
 }
 # Integer settings and their ranges. The caps are far past any use of generated data (the
 # paper: 4800 samples of a few hundred tokens; the largest released vocabularies hold ~256k
@@ -130,7 +154,69 @@ LIMITS = {
 }
 
 
-class PeftDpoSft:
+class _TextMetrics:
+    """What a practitioner reads, on held-out rows (:meth:`eval_metrics`), and the tokens a
+    step's batches hold (:meth:`batch_tokens`, for tokens per second)."""
+
+    inner: Any
+    beta: float
+    device: Any
+
+    @torch.no_grad()
+    def eval_metrics(self, x: Params, y: Params, eval_batch: Any) -> dict[str, float]:
+        """DPO's reward accuracy and mean reward margin on the held-out preferences
+        (:func:`~bilevel_ray.problems.dpo_sft_losses.preference_metrics`), and the SFT loss on
+        the held-out instructions (mean NLL per completion token) with its perplexity exp(loss);
+        in chunks the size of the reference pass's."""
+        forward = self.inner._forward(x, y)
+        pref, sft = eval_batch.upper, eval_batch.lower
+        vocab = y[next(iter(y))].shape[0]
+        chunk = reference_chunk(pref["chosen"].shape[1], vocab)
+        correct = margin = 0.0
+        for start in range(0, len(pref["chosen"]), chunk):
+            part = on_device({k: v[start : start + chunk] for k, v in pref.items()}, self.device)
+            logits = forward(input_ids=preference_ids(part)[0], use_cache=False).logits
+            got = preference_metrics(logits, part, self.beta)
+            n = len(part["chosen"])
+            correct += got["reward_accuracy"] * n
+            margin += got["reward_margin"] * n
+        nll = tokens = 0.0
+        for start in range(0, len(sft["ids"]), chunk):
+            part = on_device({k: v[start : start + chunk] for k, v in sft.items()}, self.device)
+            logits = forward(input_ids=part["ids"], use_cache=False).logits
+            logp = sequence_logprob(logits, part["ids"], part["mask"])
+            nll -= float(logp.double().sum())
+            tokens += float(part["mask"][:, 1:].sum())
+        total = len(pref["chosen"])
+        loss = nll / max(tokens, 1.0)
+        return {
+            "reward_accuracy": correct / total,
+            "reward_margin": margin / total,
+            "sft_loss": loss,
+            "sft_perplexity": math.exp(min(loss, 700.0)),
+        }
+
+    def batch_tokens(self, batch: Any) -> Tensor:
+        """The tokens (padding left out) of one step's preference and instruction batches."""
+        return batch_tokens(batch.upper) + batch_tokens(batch.lower)
+
+
+class _WholeModel(_TextMetrics):
+    """The module problem (whole-model path) with the metrics: a model whose head is not one
+    linear map."""
+
+    def __init__(self, inner: Any, beta: float, device: Any):
+        self.inner, self.beta, self.device = inner, beta, device
+        self.model, self.frozen = inner.model, inner.frozen
+
+    def upper_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self.inner.upper_loss(x, y, batch)
+
+    def lower_loss(self, x: Params, y: Params, batch: Any) -> Tensor:
+        return self.inner.lower_loss(x, y, batch)
+
+
+class PeftDpoSft(_TextMetrics):
     """The problem with its structure declared: features(x) = h, the decoder's last hidden
     states (functional call of the decoder with the LoRA x), and head_loss(y, h) = f or g of the
     logits ``h W_y^T (+ b_y)`` (:mod:`~bilevel_ray.problems.dpo_sft_losses`). ``upper_loss`` /
@@ -180,53 +266,102 @@ def _structured(
     # head_loss applies the head as F.linear(h, weight, bias): a head with other parameters
     # (a norm, a second layer) is not that map, so such a model keeps the whole-model path.
     head_params = set(dict(model.get_output_embeddings().named_parameters()))
+    whole = _WholeModel(inner, float(c["beta"]), device)
     if decoder is None or not prefix or head_params - {"weight", "bias"}:
-        return inner
+        return whole
     problem = PeftDpoSft(inner, decoder, prefix + ".", head_name, float(c["beta"]), device)
     if check is not None:
         x, y, batch = check
         with torch.no_grad():
-            whole = problem.upper_loss(x, y, batch)
+            whole_loss = problem.upper_loss(x, y, batch)
             split = problem.head_loss(y, problem.features(x, batch, "upper"), batch, "upper")
-        if not torch.allclose(whole, split, rtol=1e-4, atol=1e-6):
-            return inner
+        if not torch.allclose(whole_loss, split, rtol=1e-4, atol=1e-6):
+            return whole
     return problem
+
+
+def peft_model(config: dict[str, Any] | None = None) -> tuple[nn.Module, str, Any, dict]:
+    """The problem's model as the factory builds it, without its data: (the LoRA-wrapped
+    model, the head's module name, the tokenizer or None, the settings after defaults). What
+    ``br.export`` rebuilds a run's adapter on."""
+    c = factory_config(NAME, config, DEFAULTS)
+    _check(c)
+    transformers, peft = libraries()
+    tokenizer = _text_tokenizer(c) if uses_text(c) else None
+    with torch.random.fork_rng(devices=[]):  # the model's initialisation leaves torch's RNG alone
+        torch.manual_seed(c["seed"])
+        model = adapted_model(c, transformers, peft)
+    if tokenizer is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            raise ConfigError(
+                f"problem {NAME!r}: the model's vocabulary holds {rows} tokens, fewer than the "
+                f"tokenizer's {len(tokenizer)}: token ids past {rows - 1} have no embedding. Give "
+                "the tokenizer the model was trained with (tokenizer=DIR), or resize the "
+                "model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it"
+            )
+    head = model.get_output_embeddings()
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    return model, head_name, tokenizer, c
+
+
+def _text_tokenizer(c: dict[str, Any]) -> Any:
+    """The tokenizer of text data (``tokenizer=DIR`` or the model folder's), with a pad token;
+    a built model is sized to it."""
+    from bilevel_ray.text.tokenize import ensure_pad, load_tokenizer
+
+    folder = c["tokenizer"] if c["tokenizer"] is not None else c["model"]
+    tokenizer = load_tokenizer(str(folder), "tokenizer" if c["tokenizer"] else "model")
+    chosen = ensure_pad(tokenizer)
+    if chosen:
+        say(chosen)
+    if c["model"] is None:
+        c["vocab"] = len(tokenizer)  # the built tiny Llama holds exactly the tokenizer's tokens
+    return tokenizer
 
 
 def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
     """The problem, x0 (LoRA), y0 (head), minibatches of ``batch`` preference and ``batch``
     instruction samples per step, and held-out ``eval_data``. Settings: :data:`DEFAULTS`."""
-    c = factory_config(NAME, config, DEFAULTS)
-    _check(c)
-    transformers, peft = libraries()
+    model, head_name, tokenizer, c = peft_model(config)
     device = torch.device(c["device"] or "cpu")
-    with torch.random.fork_rng(devices=[]):  # the model's initialisation leaves torch's RNG alone
-        torch.manual_seed(c["seed"])
-        model = base_model(c, transformers)
-        model = with_lora(model, c, peft)
-    # eval(): no dropout, so f and g are functions of (x, y, batch) alone.
-    model = model.to(device=device, dtype=c["dtype"]).eval()
-    head = model.get_output_embeddings()
-    head_name = next(name for name, module in model.named_modules() if module is head)
     inner, x0, y0 = module_problem(
         model,
         x="lora_",
-        y=[f"{head_name}.{p}" for p, _ in head.named_parameters()],
+        y=[f"{head_name}.{p}" for p, _ in model.get_output_embeddings().named_parameters()],
         upper_loss=partial(dpo_loss, beta=float(c["beta"]), device=device),
         lower_loss=partial(sft_loss, device=device),
         copy=False,  # x0, y0 share the model's memory; in_place=True makes them the state
     )
-
-    gen = torch.Generator().manual_seed(c["seed"])
-    shape = (c["vocab"], c["topics"], c["prompt_len"], c["response_len"], gen)
-    pref, pref_eval = (
-        with_reference(model, preference_data(n, *shape)) for n in (c["n_pref"], c["n_eval"])
-    )
+    if tokenizer is not None:
+        sets = text_sets(c, tokenizer)
+        pref, pref_eval = (
+            with_cached_reference(model, data, sets.keys[key], c)
+            for data, key in ((sets.pref, "preference/train"), (sets.pref_eval, "preference/eval"))
+        )
+        # g weighs rows by the training set's mean response length (sft_from_logits).
+        scale = 1.0 / float(sets.sft["mask"][:, 1:].sum(1).double().mean())
+        sft, sft_eval = (
+            {**part, "token_scale": torch.full((len(part["ids"]),), scale, dtype=torch.float64)}
+            for part in (sets.sft, sets.sft_eval)
+        )
+        if c["batch"] > min(len(pref["chosen"]), len(sft["ids"])):
+            raise ConfigError(
+                f"problem {NAME!r}: batch={c['batch']} exceeds the {len(pref['chosen'])} "
+                f"training preference rows or the {len(sft['ids'])} instruction rows; use a "
+                f"batch of at most {min(len(pref['chosen']), len(sft['ids']))}"
+            )
+    else:
+        gen = torch.Generator().manual_seed(c["seed"])
+        shape = (c["vocab"], c["topics"], c["prompt_len"], c["response_len"], gen)
+        pref, pref_eval = (
+            with_reference(model, preference_data(n, *shape)) for n in (c["n_pref"], c["n_eval"])
+        )
+        sft, sft_eval = (instruction_data(n, *shape) for n in (c["n_sft"], c["n_eval"]))
     check = None
     if isinstance(c["model"], (str, Path)) and c["model"] not in PRESETS:
         check = (x0, y0, {k: v[:2] for k, v in pref.items()})
     problem = _structured(inner, model, head_name, c, device, check)
-    sft, sft_eval = (instruction_data(n, *shape) for n in (c["n_sft"], c["n_eval"]))
     return ProblemSpec(
         problem,
         x0,
@@ -240,6 +375,20 @@ def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
 def _check(c: dict[str, Any]) -> None:
     problems = [integer_problem(NAME, key, c[key], limit) for key, limit in LIMITS.items()]
     problems = [p for p in problems if p is not None]
+    problems += check_text(c)
+    dropout = c["lora_dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"problem {NAME!r}: lora_dropout={shown(dropout)}: must be in [0, 1)")
+    if not isinstance(c["gradient_checkpointing"], bool):
+        problems.append(
+            f"problem {NAME!r}: gradient_checkpointing={c['gradient_checkpointing']!r}: must be "
+            "true or false"
+        )
+    if c["attention"] not in ("sdpa", "eager"):
+        problems.append(
+            f"problem {NAME!r}: attention={c['attention']!r}: must be 'sdpa' (PyTorch's "
+            "scaled_dot_product_attention) or 'eager'"
+        )
     for key in ("lora_alpha", "beta"):
         value = c[key]
         if (
@@ -286,6 +435,8 @@ def _check(c: dict[str, Any]) -> None:
             f"problem {NAME!r}: vocab={c['vocab']} is smaller than topics={c['topics']}: every "
             "topic needs a token; raise vocab or lower topics"
         )
+    if uses_text(c):
+        return  # the files' rows size the data: checked where they are read
     problem = memory_problem(NAME, _data_bytes(c), "the generated data", _SMALLER_DATA)
     if problem:
         raise ConfigError(problem)
@@ -305,5 +456,5 @@ def _data_bytes(c: dict[str, Any]) -> int:
     logits (with the copies the log-probabilities make)."""
     length = c["prompt_len"] + c["response_len"]
     sequences = 2 * (c["n_pref"] + c["n_eval"]) + c["n_sft"] + c["n_eval"]
-    logits = 3 * 4 * min(REFERENCE_CHUNK, c["n_pref"]) * length * c["vocab"]
+    logits = 3 * 4 * min(reference_chunk(length, c["vocab"]), c["n_pref"]) * length * c["vocab"]
     return 9 * sequences * length + logits

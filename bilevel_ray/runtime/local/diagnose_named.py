@@ -6,8 +6,6 @@ folder (``bilevel-ray diagnose --at-end RUN_DIR``). No Ray."""
 from __future__ import annotations
 
 import inspect
-import json
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +17,7 @@ from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_che
 from bilevel_ray.diagnostics.verdict import Verdict
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems import build_spec
-from bilevel_ray.runtime.local.checkpoint import read_tensor_file
+from bilevel_ray.runtime.local.run_folder import read_result, read_run
 from bilevel_ray.runtime.local.threads import use_work_threads
 
 __all__ = ["certify_run", "diagnose_problem"]
@@ -91,7 +89,7 @@ def certify_run(
     ``result.pt``), on the problem and data the run named. Returns the verdict and the
     settings it ran with."""
     folder = Path(run_dir)
-    record = _read_run(folder)
+    record = read_run(folder, "--at-end")
     method = record.get("method")
     if method != "pbgd_free" or record.get("switched_at_step") is not None:
         raise ConfigError(
@@ -104,7 +102,7 @@ def certify_run(
             + "; the certificate judges a PBGD-Free run's end point: give a pbgd_free run's folder"
         )
     spec = build_spec(str(record["problem"]), dict(record.get("problem_config") or {}))
-    x, y = _read_result(folder, spec)
+    x, y = read_result(folder, spec.x0, spec.y0, "--at-end", then="certify")
     settings = SolverConfig.from_dict(record.get("settings") or {})
     steps = int(record.get("steps") or 0)
     used_threads = use_work_threads(spec.x0, spec.y0, threads)
@@ -129,55 +127,3 @@ def certify_run(
         **{k: v for k, v in settings.to_dict(strict=False).items() if v is not None},
     }
     return verdict, used
-
-
-def _read_run(folder: Path) -> dict[str, Any]:
-    path = folder / "run.json"
-    if not folder.is_dir():
-        raise ConfigError(
-            f"--at-end {str(folder)!r}: not a folder; give the --out folder of a finished run"
-        )
-    if not path.is_file():
-        raise ConfigError(
-            f"--at-end {str(folder)!r} holds no run.json: give the folder a finished `solve` "
-            "or `train` wrote with --out"
-        )
-    if path.stat().st_size > 1 << 20:
-        raise ConfigError(f"{str(path)!r} is over 1 MiB: not a run record bilevel_ray wrote")
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{str(path)!r} is not valid JSON ({err}); rerun the run") from None
-    if not isinstance(record, dict) or "problem" not in record or "settings" not in record:
-        raise ConfigError(
-            f"{str(path)!r} is not a run record (it needs 'problem', 'settings', 'method'); "
-            "give the folder a finished `solve` or `train` wrote with --out"
-        )
-    return record
-
-
-def _read_result(folder: Path, spec: Any) -> tuple[dict, dict]:
-    path = folder / "result.pt"
-    saved = read_tensor_file(
-        path,
-        "--at-end: the run's result.pt",
-        "the run did not finish: resume it, then certify",
-        "truncated, corrupted or not written by bilevel_ray",
-    )
-    ok = isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("x", "y"))
-    for level, start in (("x", spec.x0), ("y", spec.y0)):
-        got = saved.get(level) if ok else None
-        shapes = ok and set(got) == set(start)
-        if not shapes or any(got[k].shape != v.shape for k, v in start.items()):
-            raise ConfigError(
-                f"{str(path)!r}: its {level} does not match the problem's ({level} names and "
-                "shapes differ): the run folder and its run.json disagree"
-            )
-    device = next(iter(spec.x0.values())).device
-    dtype = next(iter(spec.x0.values())).dtype
-    x = {k: v.to(device, dtype) for k, v in saved["x"].items()}
-    y = {k: v.to(device, dtype) for k, v in saved["y"].items()}
-    values = [v for v in (*x.values(), *y.values()) if v.numel()]
-    if not all(math.isfinite(float(v.abs().max())) for v in values):
-        raise ConfigError(f"{str(path)!r} holds non-finite values: the run diverged")
-    return x, y

@@ -17,6 +17,8 @@ Columns (NaN where a method has no such quantity):
 ``penalty/multiplier`` BOME's adaptive multiplier
 ``time/step_s``        mean wall time per step over the window since the previous row
 ``time/elapsed_s``     wall time since the run started (across resumes)
+``time/tokens_per_s``  tokens this process's batches held per second of the window (padding left
+                       out), for a problem that counts them (``batch_tokens``); else NaN
 =====================  ==========================================================================
 """
 
@@ -48,7 +50,10 @@ METRIC_KEYS = (
 LOSS_KEYS = ("upper/loss", "lower/loss", "value/loss")
 HISTORY_SCHEMA = pa.schema(
     [pa.field("step", pa.int64()), pa.field("method", pa.string())]
-    + [pa.field(k, pa.float64()) for k in (*METRIC_KEYS, "time/step_s", "time/elapsed_s")]
+    + [
+        pa.field(k, pa.float64())
+        for k in (*METRIC_KEYS, "time/step_s", "time/elapsed_s", "time/tokens_per_s")
+    ]
 )
 
 
@@ -69,6 +74,7 @@ class HistoryRecorder:
         self.reduce_values = reduce_values
         self.rows: list[dict[str, Any]] = list(rows or [])
         self._window: list[tuple[int, Mapping[str, Any]]] = []
+        self._tokens = 0
         self._elapsed_before = elapsed_before
         self._started = self._window_started = time.perf_counter()
 
@@ -80,10 +86,14 @@ class HistoryRecorder:
     def last(self) -> dict[str, Any] | None:
         return self.rows[-1] if self.rows else None
 
-    def record(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Add the metrics of the step that completed ``step`` steps; returns a row when one is
-        logged. Raises :class:`DivergenceError` when a logged window holds a non-finite loss."""
+    def record(
+        self, step: int, metrics: Mapping[str, Any], tokens: Any = 0
+    ) -> dict[str, Any] | None:
+        """Add the metrics of the step that completed ``step`` steps (and the ``tokens`` its
+        batches held); returns a row when one is logged. Raises :class:`DivergenceError` when a
+        logged window holds a non-finite loss."""
         self._window.append((step, metrics))
+        self._tokens += tokens
         if step % self.report_every == 0:
             return self.flush()
         return None
@@ -112,7 +122,9 @@ class HistoryRecorder:
         row.update(zip(keys, values[-1]))
         row["time/step_s"] = (now - self._window_started) / len(window)
         row["time/elapsed_s"] = self.elapsed
-        self._window_started = now
+        tokens = float(self._tokens)  # a device tensor's sum: read once a window, as the metrics
+        row["time/tokens_per_s"] = tokens / (now - self._window_started) if tokens else math.nan
+        self._window_started, self._tokens = now, 0
         self.rows.append(row)
         return row
 

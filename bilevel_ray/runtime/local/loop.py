@@ -18,6 +18,7 @@ propagates to the caller, which decides whether it is an error (``br.solve``) or
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -106,6 +107,8 @@ def run(
     last state. ``progress``: print a progress line to stderr at most every 2 s (one process of
     a worker group prints)."""
     last_print = -float("inf")
+    # A problem that counts its tokens (a language model's) gets tokens per second in its rows.
+    count_tokens = getattr(active.problem, "batch_tokens", None)
     for t in range(state.step, spec.steps):
         if active.status != "completed":
             break  # e.g. a resumed run that the diagnostic had stopped
@@ -114,7 +117,7 @@ def run(
         state, metrics = active.solver.step(state, batch)
         # The watch's estimate of step t + 1 belongs to that step's time (and its row).
         state, action = active.after_step(state, batch)
-        row = recorder.record(t + 1, metrics)
+        row = recorder.record(t + 1, metrics, count_tokens(batch) if count_tokens else 0)
         done = t + 1 == spec.steps or action == "stop"
         if (done or action is not None) and row is None:
             row = recorder.flush()  # the final step, and the step of a switch, are logged
@@ -152,8 +155,10 @@ def progress_line(row: dict[str, Any], steps: int) -> str:
         if row[k] == row[k]  # skip NaN: the method has no such quantity
     )
     threads = torch.get_num_threads()  # the count behind the step time, shown beside it
+    tokens = row.get("time/tokens_per_s", math.nan)
+    rate = f"{tokens:,.0f} tokens/s, " if tokens == tokens else ""
     return (
         f"[{row['method']}] step {row['step']}/{steps} {shown} "
-        f"({1e3 * row['time/step_s']:.2f} ms/step, {threads} thread{'s' if threads > 1 else ''}, "
-        f"{row['time/elapsed_s']:.1f} s)"
+        f"({1e3 * row['time/step_s']:.2f} ms/step, {rate}{threads} thread"
+        f"{'s' if threads > 1 else ''}, {row['time/elapsed_s']:.1f} s)"
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.evaluation import held_out_metrics
 from bilevel_ray.problem import (
     BilevelProblem,
     ProblemSpec,
@@ -59,7 +60,14 @@ from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
 from bilevel_ray.solvers.compute import LossReturnError
 from bilevel_ray.tree import Params, cuda_devices, to_device
 
-__all__ = ["SolveResult", "run_local", "run_spec_local", "solve", "solver_config"]
+__all__ = [
+    "SolveResult",
+    "run_local",
+    "run_spec_local",
+    "solve",
+    "solver_config",
+    "with_held_out",
+]
 
 RUN_SETTINGS = ", ".join(
     ["steps", "data", "history_path", "checkpoint_path", "resume", "grad_reduce", *RUN_OPTIONS]
@@ -80,6 +88,9 @@ class SolveResult:
     config: dict[str, Any]
     verdict: dict[str, Any] | None = None
     status: str = "completed"
+    # The problem's own held-out numbers at the end (``eval/<name>``,
+    # :func:`~bilevel_ray.evaluation.held_out_metrics`); empty when it has none.
+    held_out: dict[str, float] = field(default_factory=dict)
 
 
 def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
@@ -148,6 +159,7 @@ def solve(
         DivergenceError: a loss became NaN or infinite (names the step).
     """
     run_options = take_run_options(options)
+    eval_data = problem.eval_data if isinstance(problem, ProblemSpec) else None
     if isinstance(problem, ProblemSpec):
         problem, x0, y0, data, options, steps = _from_spec(
             problem, x0, y0, data, method, options, steps
@@ -159,7 +171,7 @@ def solve(
         )
     config = solver_config(method, options)
     spec = build_run(method, 1000 if steps is None else steps, run_options)
-    return run_local(
+    result = run_local(
         problem,
         x0,
         y0,
@@ -173,6 +185,17 @@ def solve(
         judge=FlatnessJudge(),
         run_id="run",
     )
+    return with_held_out(result, problem, eval_data)
+
+
+def with_held_out(result: SolveResult, problem: Any, eval_data: Any) -> SolveResult:
+    """``result`` with the problem's held-out numbers at its end point (none when the problem
+    has no ``eval_metrics`` or no held-out data)."""
+    if eval_data is not None:
+        device = next(iter(result.x.values())).device
+        batch = to_device(eval_data, device)
+        result.held_out = held_out_metrics(problem, result.x, result.y, batch)
+    return result
 
 
 def _from_spec(
@@ -314,7 +337,8 @@ def run_local(
 
 def run_spec_local(spec: Any, config: SolverConfig, run: RunSpec, **options: Any) -> SolveResult:
     """:func:`run_local` on a factory's ``ProblemSpec`` (its problem, start point and data)."""
-    return run_local(spec.problem, spec.x0, spec.y0, config, run, data=spec.data, **options)
+    result = run_local(spec.problem, spec.x0, spec.y0, config, run, data=spec.data, **options)
+    return with_held_out(result, spec.problem, spec.eval_data)
 
 
 class _FileSink:

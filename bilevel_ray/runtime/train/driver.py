@@ -271,7 +271,12 @@ def _train_on_group(
         flatness.get("settings", payload["config"]),  # the settings in force at the end
         flatness.get("verdict"),
         flatness.get("status", "completed"),
+        {k: float(v) for k, v in metrics.items() if k.startswith("eval/") and k not in _SCORES},
     )
+
+
+# A sweep's scores (evaluation.evaluate's own two), not a problem's held-out numbers.
+_SCORES = ("eval/upper_loss", "eval/lower_gap")
 
 
 def default_run_name(method: str) -> str:

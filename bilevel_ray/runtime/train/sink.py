@@ -34,8 +34,12 @@ class TrainSink:
     """A rank's reports: held-out scores on every logged row (a sweep's trial), and
     ``ray.train.report`` when the :class:`~bilevel_ray.runtime.local.loop.ReportClock` says so."""
 
-    def __init__(self, job: WorkerJob, rank: int, recorder: HistoryRecorder, scorer, agree):
+    def __init__(
+        self, job: WorkerJob, rank: int, recorder: HistoryRecorder, scorer, agree, held_out=None
+    ):
+        """``held_out(state)``: the problem's own held-out numbers, added to the last row."""
         self.job, self.rank, self.recorder, self.scorer = job, rank, recorder, scorer
+        self.held_out = held_out
         self.clock = loop.ReportClock(job.run.report_interval_s, agree=agree)
         self.attempt = uuid.uuid4().hex[:6]
         self.state: SolverState | None = None  # the last state a row was logged at
@@ -65,6 +69,8 @@ class TrainSink:
             # In the row itself, so that the history (in the checkpoint) keeps the scores; the
             # gap (a lower solve) on the rows Tune sees, where its scheduler reads search/score.
             row.update(self.scorer(state, due))
+        elif outcome.done and self.held_out is not None:
+            row.update(self.held_out(state))  # a sweep's scorer already holds them
         if not due:
             return
         status = active.status if outcome.done else "running"

@@ -70,7 +70,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         active.restore(saved.get("flatness"))
         recorder.method = active.settings.method
     scorer = _scorer(spec, worker.job, worker.device)
-    sink = TrainSink(worker.job, worker.rank, recorder, scorer, worker.agree)
+    sink = TrainSink(
+        worker.job, worker.rank, recorder, scorer, worker.agree, _held_out(spec, worker.device)
+    )
     _run(worker, active, state, batches, recorder, sink)
 
 
@@ -247,6 +249,17 @@ def _scorer(spec: Any, job: WorkerJob, device: torch.device) -> Any:
         return {**row, SCORE: search_score(row[METRIC], row[GAP], tolerance)}
 
     return scores
+
+
+def _held_out(spec: Any, device: torch.device) -> Any:
+    """The problem's own held-out numbers at a state (every rank computes the same on the same
+    data), or None when it has none."""
+    if spec.eval_data is None or not hasattr(spec.problem, "eval_metrics"):
+        return None
+    from bilevel_ray.evaluation import held_out_metrics
+
+    batch = to_device(spec.eval_data, device)
+    return lambda state: held_out_metrics(spec.problem, state.x, state.y, batch)
 
 
 def _ray_data_batches(upper_size: int, lower_size: int) -> Any:
