@@ -264,6 +264,8 @@ def _run_all(plan, methods, seeds, storage, name, address, watch) -> list[dict[s
             row.update(status="error", reason=str(result.error).strip().splitlines()[0][:500])
         else:
             row.update({k: v for k, v in metrics.items() if k in _RUN_COLUMNS})
+            # The problem's own held-out numbers at the run's end (a language model's).
+            row.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         runs.append(row)
     return runs
 

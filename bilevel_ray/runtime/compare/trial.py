@@ -83,11 +83,11 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
         spec = build_spec(plan.factory, {**plan.problem_config, "device": "cpu"})
         settings = solver_config(method, dict(plan.settings[method]))
         sink = _BudgetSink(spec, plan, method, seed)
-        status, reason = "completed", None
+        status, reason, held_out = "completed", None, {}
         try:  # the sink ends the run once its budget is spent
-            run_spec_local(
+            held_out = run_spec_local(
                 spec, settings, RunSpec(plan.max_steps, seed, plan.report_every), also=sink
-            )
+            ).held_out
         except DivergenceError as err:
             status, reason = "diverged", f"diverged at step {err.step}: {err.metric} not finite"
         write_parquet(
@@ -111,6 +111,7 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
                 "rss_growth_mb": _peak_rss_mb() - rss_before,
                 "scoring_s": sink.scoring_s,
                 "run_wall_s": time.perf_counter() - began,
+                **held_out,  # the problem's own numbers at the end (eval/<name>), if any
             }
         )
     except Exception as err:  # the run's own code raised: a result, with its reason

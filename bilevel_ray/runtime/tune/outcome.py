@@ -102,6 +102,10 @@ def trials_table(grid: Any) -> pa.Table:
         for key in ("flatness/verdict", "flatness/reason", "lineage"):
             if key in metrics:
                 row[key] = metrics[key]
+        # The problem's own held-out numbers (a language model's reward accuracy, perplexity).
+        row.update(
+            {k: float(v) for k, v in metrics.items() if k.startswith("eval/") and k not in row}
+        )
         row.update({f"config/{k}": _plain(v) for k, v in (result.config or {}).items()})
         trials.append(row)
     return pa.Table.from_pylist(trials)
