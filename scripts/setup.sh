@@ -126,7 +126,7 @@ fi
 # 3. the rest
 STEP_START=$SECONDS
 if [ "$EXTRA" = test ]; then
-  say "3/3 installing bilevel_ray with the 'test' extra: ray[tune,train], pyarrow, pytest, ruff, matplotlib, optuna, scikit-learn, transformers, peft, datasets, ray[default] (the job server)"
+  say "3/3 installing bilevel_ray with the 'test' extra: ray[tune,train], pyarrow, pytest, ruff, matplotlib, optuna, scikit-learn, transformers, peft, datasets, mlflow-skinny, tensorboard, ray[default] (the job server)"
 else
   say "3/3 installing bilevel_ray with the 'demo' extra: ray[tune,train], pyarrow, matplotlib, optuna (the test extra adds scikit-learn, transformers, peft: bash scripts/setup.sh test)"
 fi

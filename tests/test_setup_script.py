@@ -107,7 +107,7 @@ def test_dry_run_of_the_test_extra(checkout, extra):
     assert (
         "[setup] 3/3 installing bilevel_ray with the 'test' extra: ray[tune,train], pyarrow, "
         "pytest, ruff, matplotlib, optuna, scikit-learn, transformers, peft, datasets, "
-        "ray[default] (the job server)\n" in done.stderr
+        "mlflow-skinny, tensorboard, ray[default] (the job server)\n" in done.stderr
     )
     assert f"would run: {PIP} -e .[test]" in done.stderr
     assert ".[demo]" not in done.stderr
