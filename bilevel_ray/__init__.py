@@ -47,6 +47,7 @@ _EXPORTS = {
     "Params": "bilevel_ray.tree",
     "adam": "bilevel_ray.updates",
     "sgd": "bilevel_ray.updates",
+    "declare_inputs": "bilevel_ray.inputs",
 }
 _SUBMODULES = ("problems", "schedules")
 _SOURCE_NAMES = {"tune": "run_sweep"}  # defined under another name

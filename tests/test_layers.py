@@ -1,7 +1,7 @@
 """The house's rules, read from the imports of every module (nested imports included):
 
-* the core (problem, data, tree, schedules, ...), the solvers, the diagnostics and the built-in
-  problems import neither Ray nor the runtimes;
+* the core (problem, data, tree, schedules, ...), the solvers, the diagnostics, the built-in
+  problems and the records (manifests) import neither Ray nor the runtimes;
 * the local room (the in-process run) imports no Ray and no other runtime room;
 * Ray Train's room does not import Ray Tune's, nor compare's or report's;
 * only the CLI parses a command line (argparse);
@@ -51,6 +51,9 @@ RULES = {
     "solvers": (_modules("solvers"), ("ray", "bilevel_ray.runtime", "bilevel_ray.cli")),
     "diagnostics": (_modules("diagnostics"), ("ray", "bilevel_ray.runtime", "bilevel_ray.cli")),
     "problems": (_modules("problems"), ("ray", "bilevel_ray.runtime", "bilevel_ray.cli")),
+    # The records (manifests, fingerprints, continuation): on the floor, so that every room
+    # and the command line can use them.
+    "records": (_modules("records"), ("ray", "bilevel_ray.runtime", "bilevel_ray.cli")),
     "local": (
         _modules("runtime", "local"),
         (

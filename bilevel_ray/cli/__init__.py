@@ -6,6 +6,8 @@
     bilevel-ray diagnose PROBLEM [--gamma G]
     bilevel-ray compare PROBLEM [--methods M,M,...] [--budget SECONDS] [--seeds N] [--out DIR]
     bilevel-ray report DIR
+    bilevel-ray show DIR
+    bilevel-ray rerun DIR [--out NEW]
 
 PROBLEM is a built-in name (see ``--help``) or ``path/to/file.py:factory`` /
 ``package.module:factory``. ``--address`` runs a command on a Ray cluster (``report`` reads files
@@ -32,6 +34,7 @@ from typing import Any
 from bilevel_ray.cli.common import Parser, UsageError
 from bilevel_ray.cli.solve import EXAMPLES
 from bilevel_ray.errors import ConfigError, DivergenceError
+from bilevel_ray.records.invocation import command_line
 
 __all__ = ["COMMANDS", "main", "parser"]
 
@@ -77,11 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser().parse_args(argv)
         if args.verbose_all or getattr(args, "verbose", False):
             os.environ["BILEVEL_RAY_VERBOSE"] = "1"  # read when Ray starts: before any Ray work
-        if args.command != "report":
+        if args.command not in ("report", "show"):  # they read files: no torch needed
             from bilevel_ray.runtime.local.threads import use_process_cpus
 
             use_process_cpus()
-        return COMMANDS[args.command].run(args)
+        with command_line(argv):  # what the manifests of this command's results record
+            return COMMANDS[args.command].run(args)
     except (UsageError, ConfigError) as err:
         print(f"error: {err}" if isinstance(err, ConfigError) else str(err), file=sys.stderr)
         return 2

@@ -166,7 +166,7 @@ def read_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
     return problem_config, settings
 
 
-RUN_FILES = ("history.parquet", "result.pt", "run.json")
+RUN_FILES = ("history.parquet", "result.pt", "run.json")  # and manifest.json
 
 
 def check_run_files(folder: Path) -> None:
@@ -174,7 +174,7 @@ def check_run_files(folder: Path) -> None:
     folder, FIFO or device in its place); a link there is replaced, never written through."""
     from bilevel_ray.runtime.local.output_files import check_output_path
 
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, "manifest.json"):
         check_output_path(Path(folder) / name, "--out file")
 
 
@@ -214,8 +214,14 @@ def switch_step(history: list[dict[str, Any]], method: str) -> int | None:
     return None
 
 
-def show_result(args: argparse.Namespace, problem_config: dict[str, Any], result: Any) -> None:
-    """Print the final losses and iterates; with --out, write the run's files."""
+def show_result(
+    args: argparse.Namespace,
+    problem_config: dict[str, Any],
+    result: Any,
+    started: str | None = None,
+) -> None:
+    """Print the final losses and iterates; with --out, write the run's files and its
+    manifest (``solve``; ``train``'s run folder has its own, to which the files are added)."""
     import torch
 
     from bilevel_ray.runtime.local.history import write_parquet
@@ -261,4 +267,11 @@ def show_result(args: argparse.Namespace, problem_config: dict[str, Any], result
         }
         text = json.dumps(run, indent=2, default=str) + "\n"
         atomic_write(args.out / "run.json", lambda tmp: tmp.write_text(text))
-        print(f"  wrote {args.out}/history.parquet, result.pt, run.json")
+        from bilevel_ray.cli.manifests import record_solve, record_train_files
+
+        if args.command == "solve":
+            options = {**run_flag_values(args), "progress": progress_enabled(args)}
+            record_solve(args, problem_config, result, options, started, RUN_FILES)
+        else:
+            record_train_files(args.out, RUN_FILES)
+        print(f"  wrote {args.out}/history.parquet, result.pt, run.json, manifest.json")

@@ -77,5 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     print()
     print(result.recommendation["text"])
-    print(f"  wrote {result.path}/compare.parquet, curves.parquet, compare.json, compare.png")
+    print(
+        f"  wrote {result.path}/compare.parquet, curves.parquet, compare.json, compare.png, "
+        "results/<method>.pt (each method's best run's parameters), manifest.json"
+    )
     return 0 if result.recommendation.get("method") is not None else 1

@@ -80,6 +80,9 @@ def add_parser(commands: Any) -> None:
         help="certify a finished run (a solve or train --out folder) at its end point",
     )
     common.threads_option(diagnose_cmd)
+    common.out_option(
+        diagnose_cmd, "write verdict.json (the verdict and its settings) and manifest.json to DIR"
+    )
     diagnose_cmd.add_argument("--seed", type=int, default=0)
     common.output_options(diagnose_cmd)
     diagnose_cmd.add_argument(
@@ -109,14 +112,21 @@ DIAGNOSE_SHOWN = (
 
 
 def run(args: argparse.Namespace) -> int:
+    from bilevel_ray.records.manifest import now
+
+    started = now()
     options = common.key_values(args.set, "--set")
     if "progress" in options:
         raise ConfigError(
             "--set progress=...: not a setting; progress lines are on by default "
             "(on a terminal), --quiet turns them off"
         )
+    if args.out is not None:
+        from bilevel_ray.cli.manifests import check_diagnosis_folder
+
+        check_diagnosis_folder(args.out)
     if args.at_end is not None:
-        return _certify(args, options)
+        return _certify(args, options, started)
     if args.problem is None:
         raise common.UsageError(
             "diagnose needs PROBLEM (a built-in name or file.py:factory), or --at-end RUN_DIR "
@@ -158,10 +168,26 @@ def run(args: argparse.Namespace) -> int:
         value = verdict.stats.get(f"flatness/{key}")
         if value is not None and value == value:  # NaN: no usable estimate of it
             print(f"  {key} = {value:.4g}")
+    _write(args, args.problem, problem_config, verdict, used, started)
     return 3 if verdict.verdict == "unsuitable" else 0
 
 
-def _certify(args: argparse.Namespace, options: dict[str, Any]) -> int:
+def _write(
+    args: argparse.Namespace,
+    problem: str,
+    problem_config: dict[str, Any],
+    verdict: Any,
+    used: dict[str, Any],
+    started: str,
+) -> None:
+    if args.out is not None:
+        from bilevel_ray.cli.manifests import record_diagnosis
+
+        record_diagnosis(args.out, problem, problem_config, verdict, used, started)
+        print(f"  wrote {args.out}/verdict.json, manifest.json")
+
+
+def _certify(args: argparse.Namespace, options: dict[str, Any], started: str) -> int:
     """``diagnose --at-end RUN_DIR``: the end-of-run certificate of a finished run."""
     from bilevel_ray.runtime.local.diagnose_named import certify_run
 
@@ -192,6 +218,7 @@ def _certify(args: argparse.Namespace, options: dict[str, Any]) -> int:
         progress=common.progress_enabled(args),
     )
     _print_verdict(f"{args.at_end} (run of {used['problem']})", verdict, used)
+    _write(args, used["problem"], used.get("problem_config") or {}, verdict, used, started)
     return 3 if verdict.verdict == "unsuitable" else 0
 
 

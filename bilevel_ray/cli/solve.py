@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,26 +63,42 @@ def solve_problem(
     problem_config: dict[str, Any],
     method: str,
     threads: int | None = None,
+    expect_data: dict[str, Any] | None = None,
     **options: Any,
 ) -> Any:
     """``br.solve`` on a problem named as on the command line (also run as a Ray task), with
-    torch's threads from the problem's size unless ``threads`` is given."""
+    torch's threads from the problem's size unless ``threads`` is given; the result carries
+    the fingerprint of the data. ``expect_data``: the fingerprint the data must have (a
+    schedule's sweep's), refused before the run when it differs."""
     from bilevel_ray.config import SolverConfig
+    from bilevel_ray.records.continuation import data_difference
+    from bilevel_ray.records.fingerprint import fingerprinted_spec
     from bilevel_ray.runtime.local.solve import solve, with_held_out
     from bilevel_ray.runtime.local.threads import use_work_threads
-    from bilevel_ray.runtime.train.driver import build_spec
 
-    spec = build_spec(problem, problem_config)
+    spec, fingerprint = fingerprinted_spec(problem, problem_config)
+    if expect_data is not None and expect_data.get("sha256") != fingerprint["sha256"]:
+        raise ConfigError(
+            f"the schedule was learned on other data than this run's "
+            f"({data_difference(expect_data, fingerprint)}): replay it on the sweep's data, or "
+            "tune again on this data"
+        )
     use_work_threads(spec.x0, spec.y0, threads)
     settings = {**SolverConfig.applicable(method, spec.defaults), **options}
     result = solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
+    result.fingerprint = fingerprint
     return with_held_out(result, spec.problem, spec.eval_data)
 
 
 def run(args: argparse.Namespace) -> int:
+    from bilevel_ray.records.manifest import now
+
+    started = now()
     problem_config, settings = common.read_options(args)
+    expect_data = None
     if args.schedule is not None:
         problem_config, settings = _replay(args, problem_config, settings)
+        expect_data = _sweep_data(args.schedule)
     args.seed = 0 if args.seed is None else args.seed
     run = dict(
         progress=common.progress_enabled(args),
@@ -98,12 +115,48 @@ def run(args: argparse.Namespace) -> int:
             problem_config,
             args.method,
             args.threads,
+            expect_data=expect_data,
             **run,
         )
     else:
-        result = solve_problem(args.problem, problem_config, args.method, args.threads, **run)
-    common.show_result(args, problem_config, result)
+        result = solve_problem(
+            args.problem, problem_config, args.method, args.threads, expect_data, **run
+        )
+    common.show_result(args, problem_config, result, started)
     return common.status_code(result)
+
+
+def _sweep_data(schedule: Path) -> dict[str, Any] | None:
+    """The data fingerprint of the sweep that wrote ``schedule`` (from its manifest, checked
+    first: an edited manifest or schedule is refused), or None for a sweep from before
+    manifests."""
+    from bilevel_ray.records.continuation import code_change
+    from bilevel_ray.records.environment import code_identity
+    from bilevel_ray.records.manifest import read_manifest, verify
+
+    folder = schedule.parent
+    what = f"--schedule {str(schedule)!r}: its sweep {str(folder)!r}"
+    manifest = read_manifest(folder, what)
+    if manifest is None:
+        print(
+            f"note: {what} has no manifest.json (it predates manifests): the replay could not be "
+            "checked against the data the schedule was learned on",
+            file=sys.stderr,
+        )
+        return None
+    problems = verify(folder, manifest)
+    if problems:
+        raise ConfigError(
+            f"{what} does not match its manifest ({'; '.join(problems)}): the schedule is not "
+            "the one the sweep wrote; restore it, or run the sweep again"
+        )
+    if code_change(manifest, {"code": code_identity()}) is not None:
+        print(
+            f"warning: {what} ran other code (bilevel_ray {manifest['code']['bilevel_ray']}); "
+            "replaying its schedule with this one",
+            file=sys.stderr,
+        )
+    return manifest.get("data")
 
 
 def _replay(

@@ -29,7 +29,8 @@ DESCRIPTION = (
     "Search the penalty schedule and step sizes with Ray Tune (Optuna's TPE when "
     "optuna is installed, else random search with ASHA): each trial is scored on held-out "
     "data (upper loss, lower-level gap); "
-    "writes DIR/NAME/trials.parquet and history.parquet and prints the best config."
+    "writes DIR/NAME/trials.parquet, history.parquet, the best trial's parameters and "
+    "manifest.json and prints the best config."
 )
 
 
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from bilevel_ray.runtime.local.output_files import check_writable
     from bilevel_ray.runtime.tune.driver import run_sweep
     from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE
+    from bilevel_ray.runtime.tune.record import BEST_RESULT
     from bilevel_ray.runtime.tune.space import space_from_json
 
     settings = common.key_values(args.set, "--set")
@@ -154,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
     note = flatness_note(result.trials.to_pylist(), result.best_metrics, args.on_unsuitable)
     if note is not None:
         print(f"  flatness: {note}")
-    wrote = "trials.parquet, history.parquet"
+    wrote = "trials.parquet, history.parquet, manifest.json"
+    if (result.path / BEST_RESULT).is_file():
+        wrote += f", {BEST_RESULT} (the best trial's parameters)"
     if (result.path / BEST_SCHEDULE).is_file():
         wrote += f", {BEST_SCHEDULE} (replay: bilevel-ray solve ... --schedule FILE)"
     print(f"  wrote {result.path}/{wrote}")

@@ -58,6 +58,7 @@ from torch import nn
 
 from bilevel_ray.data import BilevelBatch, minibatches
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.inputs import declare_inputs
 from bilevel_ray.module_problems import module_problem
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.problems.dpo_sft_losses import (
@@ -157,6 +158,9 @@ def peft_model(config: dict[str, Any] | None = None) -> tuple[nn.Module, str, An
     ``br.export`` rebuilds a run's adapter on."""
     c = factory_config(NAME, config, DEFAULTS)
     _check(c)
+    if isinstance(c["model"], (str, Path)) and Path(c["model"]).is_dir():
+        # A checkpoint of many GB: the run's manifest describes it by name, size and time.
+        declare_inputs(c["model"], by_content=False)
     transformers, peft = libraries()
     tokenizer = _text_tokenizer(c) if uses_text(c) else None
     with torch.random.fork_rng(devices=[]):  # the model's initialisation leaves torch's RNG alone

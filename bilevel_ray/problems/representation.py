@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from bilevel_ray.data import BilevelBatch, minibatches
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.inputs import declare_inputs
 from bilevel_ray.module_problems import split_module_problem
 from bilevel_ray.problem import ProblemSpec, factory_config
 from bilevel_ray.problems.limits import MAX_SEED, SEED_RANGE, Limit, check_limits, memory_problem
@@ -156,6 +157,7 @@ def representation(config: dict[str, Any] | None = None) -> ProblemSpec:
     if c["data"] is None:
         features, income, gender = synthetic_nlsy(int(c["n"]), int(c["seed"]))
     else:
+        declare_inputs(c["data"])  # the run's manifest hashes the file
         features, income, gender = load_nlsy(c["data"])
     gen = torch.Generator().manual_seed(int(c["seed"]))
     order = torch.randperm(len(income), generator=gen)

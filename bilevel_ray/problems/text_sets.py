@@ -29,6 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.inputs import declare_inputs
 from bilevel_ray.problems.limits import Limit, integer_problem, shown
 
 __all__ = [
@@ -57,6 +58,7 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "max_prompt_length": 512,  # tokens of the prompt, cut from the left; None: no cut
     "cache_dir": None,  # None: $BILEVEL_RAY_CACHE, else ~/.cache/bilevel_ray
 }
+TEXT_FILES = ("preference", "instruction", "eval_preference", "eval_instruction")
 TEXT_LIMITS = {
     "max_length": Limit(2, 2**20, 1024, "tokens; the model's positions bound it too"),
 }
@@ -152,6 +154,11 @@ def text_sets(c: dict[str, Any], tokenizer: Any) -> TextSets:
         tokenizer_fingerprint,
     )
 
+    # The run's manifest hashes the data files; a tokenizer folder by its files' names, sizes
+    # and times (the tokenized sets' own fingerprint covers what it does to the text).
+    declare_inputs(*(c[k] for k in TEXT_FILES if c[k] is not None))
+    if c["tokenizer"] is not None:
+        declare_inputs(c["tokenizer"], by_content=False)
     cache = Path(c["cache_dir"]) if c["cache_dir"] is not None else default_cache_dir()
     shape = (c["max_length"], c["max_prompt_length"])
     tokens = tokenizer_fingerprint(tokenizer)

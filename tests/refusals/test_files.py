@@ -474,8 +474,8 @@ CASES = [
         "config file",
         "train resumes a run with another --set lr_x",
         RESUME_R + " --set lr_x=0.5",
-        match=r"^error: checkpoint '.*checkpoint\.pt' was written with other solver settings "
-        r"\(\{.*'lr_x': 0\.02.*\}\); resume with the same settings, or start a new run",
+        match=r"^error: run '.*r' was started with other settings or data, and continuing it "
+        r"would change its trajectory: solver\.lr_x: 0\.02 -> 0\.5\. Use a new --name",
         writes=("runs",),
         setup=trained_run,
     ),
@@ -484,8 +484,9 @@ CASES = [
         "config file",
         "train resumes a run with another --seed",
         RESUME_R + " --seed 3",
-        match=r"^error: checkpoint '.*checkpoint\.pt' was written with seed=0, not seed=3: the "
-        r"data stream would differ; resume with the same seed, or start a new run$",
+        match=r"^error: run '.*r' was started with other settings or data, and continuing it "
+        r"would change its trajectory: run\.seed: 0 -> 3\. Use a new --name \(name=\.\.\.\) "
+        r"for a run with these settings, or rerun the run's own command with only --steps",
         writes=("runs",),
         setup=trained_run,
     ),
@@ -590,8 +591,8 @@ CASES = [
         "train resumes runs/r with another --config dim_x",
         "train quadratic --config dim_x=3 --config dim_y=2 --workers 1 --steps 4 --report-every 1 "
         "--checkpoint-every 1 --out {tmp}/runs --name r --quiet",
-        r"^error: checkpoint '.*checkpoint\.pt' belongs to another run: x\['x'\] is \(2,\) "
-        r"torch\.float64 in the checkpoint, \(3,\) torch\.float64 now",
+        r"^error: run '.*r' was started with other settings or data, .*: problem config "
+        r"dim_x: 2 -> 3; data \(x0 differ: sha256 .*\)\. Use a new --name",
         writes=("runs",),
         setup=trained_quadratic,
     ),

@@ -14,6 +14,7 @@ from . import (
     test_files,
     test_numbers,
     test_paths,
+    test_records,
     test_settings,
     test_user_code,
 )
@@ -27,6 +28,7 @@ CLASSES = {
     "files": test_files,
     "data": test_data,
     "cli": test_cli,
+    "records": test_records,
 }
 ALL = [(kind, case) for kind, module in CLASSES.items() for case in module.CASES]
 CASES = [case for _, case in ALL]

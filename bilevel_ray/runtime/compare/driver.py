@@ -32,7 +32,8 @@ from ray import tune as ray_tune
 
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problems import build_spec
+from bilevel_ray.records.fingerprint import fingerprinted_spec
+from bilevel_ray.records.manifest import now
 from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
 from bilevel_ray.runtime.compare.checks import check_arguments, new_folder
 from bilevel_ray.runtime.compare.diagnostic import run_diagnostic
@@ -40,6 +41,7 @@ from bilevel_ray.runtime.compare.finish import finish
 from bilevel_ray.runtime.compare.outcome import CompareResult
 from bilevel_ray.runtime.compare.plan import Estimate, Heartbeat, estimate_for, plan_line, say
 from bilevel_ray.runtime.compare.progress import RunProgress
+from bilevel_ray.runtime.compare.record import end_record, start_record
 from bilevel_ray.runtime.compare.trial import ComparePlan, run_compare_trial, start_phi
 from bilevel_ray.runtime.local.run_spec import check_run_name
 from bilevel_ray.runtime.local.spec_check import check_spec
@@ -86,24 +88,16 @@ def compare(
         **fixed: solver settings for every method they apply to (the problem's suggestions
             fill in the rest).
     """
-    began = time.monotonic()
+    began, started = time.monotonic(), now()
     problem_config = dict(problem_config or {})
     methods = check_arguments(methods, budget_s, seeds, num_workers, gap_steps, rank_by)
     name, budget_s = check_run_name(name), float(budget_s)
-    spec = build_spec(factory, {**problem_config, "device": "cpu"})
+    spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
     check_spec(spec, needs_eval=True)
     ready = _prepare(
         spec, methods, fixed, storage_path, name, seeds, budget_s, gap_steps, address, progress
     )
     ranked = rank_by or ("best" if ready.split else "final")
-    if progress:
-        say(plan_line(sorted(ready.settings), seeds, ready.estimate, ranked))
-    verdict, took = None, None
-    if "pbgd_free" in ready.settings:
-        verdict, took = run_diagnostic(factory, problem_config, ready.estimate, progress)
-    runs = _run_methods(
-        factory, problem_config, spec, ready, budget_s, seeds, gap_steps, name, address, progress
-    )
     arguments = {
         "methods": methods,
         "budget_s": budget_s,
@@ -113,9 +107,24 @@ def compare(
         "storage_path": str(ready.storage),
         "name": name,
     }
-    result = finish(
-        factory, problem_config, fixed, arguments, ready, runs, verdict, took, ranked, began
-    )
+    recorder = start_record(
+        ready.folder, factory, problem_config, fingerprint, arguments, fixed, ready.settings,
+        started,
+    )  # fmt: skip
+    if progress:
+        say(plan_line(sorted(ready.settings), seeds, ready.estimate, ranked))
+    with recorder.running():
+        verdict, took = None, None
+        if "pbgd_free" in ready.settings:
+            verdict, took = run_diagnostic(factory, problem_config, ready.estimate, progress)
+        plan, runs = _run_methods(
+            factory, problem_config, spec, ready, budget_s, seeds, gap_steps, name, address,
+            progress,
+        )  # fmt: skip
+        result = finish(
+            factory, problem_config, fixed, arguments, ready, runs, verdict, took, ranked, began
+        )
+    end_record(recorder, runs, result, plan)
     if progress:
         say(f"done in {result.plan['took_s']:.0f} s (estimated {ready.planned['total_s']:.0f} s)")
     return result
@@ -200,8 +209,9 @@ def _run_methods(
     name: str,
     address: str | None,
     progress: bool,
-) -> list[dict[str, Any]]:
-    """Every (method, seed) run's final report, then a row for each method that cannot run."""
+) -> tuple[ComparePlan, list[dict[str, Any]]]:
+    """The runs' shared plan, and every (method, seed) run's final report, then a row for each
+    method that cannot run."""
     steps = int(spec.defaults.get("steps", 1000))
     plan = ComparePlan(
         _shipped(factory),
@@ -219,7 +229,7 @@ def _run_methods(
         {"method": m, "seed": None, "status": "not applicable", "reason": why}
         for m, why in ready.failed.items()
     ]
-    return runs
+    return plan, runs
 
 
 def _shipped(factory: Any) -> Any:

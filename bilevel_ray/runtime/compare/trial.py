@@ -43,14 +43,23 @@ from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.local import loop
 from bilevel_ray.runtime.local.checkpoint import tensor_bytes
 from bilevel_ray.runtime.local.history import write_parquet
+from bilevel_ray.runtime.local.output_files import atomic_write
 from bilevel_ray.runtime.local.run_spec import RunSpec
 from bilevel_ray.runtime.local.solve import run_spec_local, solver_config
 from bilevel_ray.runtime.local.threads import use_cpus
 from bilevel_ray.runtime.tune.outcome import one_line
 
-__all__ = ["CURVES", "ComparePlan", "run_compare_trial", "split_rows", "start_phi"]
+__all__ = [
+    "CURVES",
+    "PARAMS_FOLDER",
+    "ComparePlan",
+    "run_compare_trial",
+    "split_rows",
+    "start_phi",
+]
 
 CURVES = "curves"  # a comparison's folder of per-run curve files
+PARAMS_FOLDER = "params"  # each run's final parameters, until the comparison has chosen
 TRACK_STEPS = 50  # lower steps of y_hat per scored row (warm-started)
 SCORED_POINTS = 40  # a curve's points over the budget: the scoring's cost stays bounded
 TRACK_LR = 1e-2
@@ -85,9 +94,11 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
         sink = _BudgetSink(spec, plan, method, seed)
         status, reason, held_out = "completed", None, {}
         try:  # the sink ends the run once its budget is spent
-            held_out = run_spec_local(
+            result = run_spec_local(
                 spec, settings, RunSpec(plan.max_steps, seed, plan.report_every), also=sink
-            ).held_out
+            )
+            held_out = result.held_out
+            _keep_params(plan.folder, name, result)
         except DivergenceError as err:
             status, reason = "diverged", f"diverged at step {err.step}: {err.metric} not finite"
         write_parquet(
@@ -116,6 +127,14 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
         )
     except Exception as err:  # the run's own code raised: a result, with its reason
         ray_tune.report({"status": "error", "reason": one_line(err)})
+
+
+def _keep_params(folder: str, name: str, result: Any) -> None:
+    """The run's final parameters in ``{folder}/params/<method>-seed<k>.pt`` (the comparison
+    keeps each method's best run's as ``results/<method>.pt``)."""
+    params = {"x": result.x, "y": result.y}
+    path = Path(folder) / PARAMS_FOLDER / f"{name}.pt"
+    atomic_write(path, lambda tmp: torch.save(params, tmp))
 
 
 def split_rows(upper: Any) -> tuple[Any, Any] | None:

@@ -16,7 +16,7 @@ from bilevel_ray.diagnostics.diagnose import Progress, diagnose
 from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_check, held_out_line
 from bilevel_ray.diagnostics.verdict import Verdict
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problems import build_spec
+from bilevel_ray.records.fingerprint import fingerprinted_spec
 from bilevel_ray.runtime.local.run_folder import read_result, read_run
 from bilevel_ray.runtime.local.threads import use_work_threads
 
@@ -35,7 +35,8 @@ def diagnose_problem(
     """``br.diagnose`` on a problem named as on the command line, with the problem's suggested
     settings (its step sizes, optimizer, gamma and steps: the horizon judged) unless given.
     Returns the verdict and the settings it ran with (every option of ``br.diagnose``,
-    defaults included). ``threads``: torch's threads (default: from the problem's size,
+    defaults included, and ``data``: the fingerprint of the problem's data). ``threads``:
+    torch's threads (default: from the problem's size,
     :func:`~bilevel_ray.runtime.local.threads.use_work_threads`)."""
     progress = bool(options.pop("progress", False))
     allowed = [
@@ -48,7 +49,7 @@ def diagnose_problem(
         raise ConfigError(
             f"unknown option(s) {unknown}; br.diagnose takes: {', '.join(allowed)} (and --gamma)"
         )
-    spec = build_spec(problem, problem_config)
+    spec, fingerprint = fingerprinted_spec(problem, problem_config)
     used_threads = use_work_threads(spec.x0, spec.y0, threads)
     suggested = SolverConfig.applicable("pbgd_free", spec.defaults)
     run = {
@@ -73,6 +74,7 @@ def diagnose_problem(
     used.pop("eval_data", None)
     if used.get("check_steps") is None and isinstance(used.get("steps"), int):
         used["check_steps"] = check_steps_for(used["steps"])
+    used["data"] = fingerprint  # for a manifest (diagnose --out)
     return verdict, used
 
 
@@ -101,7 +103,9 @@ def certify_run(
             )
             + "; the certificate judges a PBGD-Free run's end point: give a pbgd_free run's folder"
         )
-    spec = build_spec(str(record["problem"]), dict(record.get("problem_config") or {}))
+    spec, fingerprint = fingerprinted_spec(
+        str(record["problem"]), dict(record.get("problem_config") or {})
+    )
     x, y = read_result(folder, spec.x0, spec.y0, "--at-end", then="certify")
     settings = SolverConfig.from_dict(record.get("settings") or {})
     steps = int(record.get("steps") or 0)
@@ -120,10 +124,13 @@ def certify_run(
     verdict = replace(verdict, held_out=held_out_line(verdict.stats))
     used = {
         "problem": record["problem"],
+        "problem_config": dict(record.get("problem_config") or {}),
+        "at_end": str(folder),
         "steps": steps,
         "check_steps": check.check_steps,
         "replicas": replicas,
         "threads": used_threads,
         **{k: v for k, v in settings.to_dict(strict=False).items() if v is not None},
+        "data": fingerprint,
     }
     return verdict, used

@@ -91,6 +91,12 @@ class SolveResult:
     # The problem's own held-out numbers at the end (``eval/<name>``,
     # :func:`~bilevel_ray.evaluation.held_out_metrics`); empty when it has none.
     held_out: dict[str, float] = field(default_factory=dict)
+    # The settings the run started with (``config`` is the one in force at its end: a
+    # fallback's after a switch), the steps it was asked for, and the fingerprint of the data
+    # it was built from where the entry point took one (a manifest's ``data``).
+    start_config: dict[str, Any] | None = None
+    steps: int | None = None
+    fingerprint: dict[str, Any] | None = None
 
 
 def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
@@ -332,6 +338,8 @@ def run_local(
         active.settings.to_dict(strict=False),
         active.verdict,
         active.status,
+        start_config=config.to_dict(strict=False),
+        steps=spec.steps,
     )
 
 

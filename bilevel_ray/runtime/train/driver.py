@@ -13,6 +13,7 @@ Ray is imported only when a worker group is started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -28,6 +29,8 @@ from bilevel_ray.data import as_batches
 from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import ProblemSpec
 from bilevel_ray.problems import build_spec
+from bilevel_ray.records.fingerprint import fingerprinted_spec
+from bilevel_ray.records.run_record import diverged_outcome
 from bilevel_ray.runtime.cluster.shipping import portable_factory
 from bilevel_ray.runtime.local.checkpoint import (
     LOCAL_CHECKPOINT,
@@ -56,6 +59,7 @@ from bilevel_ray.runtime.local.run_spec import (
 from bilevel_ray.runtime.local.solve import SolveResult, run_spec_local, solver_config
 from bilevel_ray.runtime.local.spec_check import check_spec
 from bilevel_ray.runtime.train.job import WorkerJob
+from bilevel_ray.runtime.train.record import end_record, start_record
 from bilevel_ray.solvers.base import state_from_dict
 
 __all__ = [
@@ -131,7 +135,9 @@ def train(
     # The factory as the workers will call it (with a device), so that a factory that fails
     # there fails here first.
     run_options = take_run_options(solver_options)
-    spec = build_spec(factory, {**problem_config, "device": "cpu"})
+    spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
+    if datasets is not None:
+        fingerprint["unhashed"].append("datasets: Ray Data streams, read as the run goes")
     defaults = SolverConfig.applicable(method, spec.defaults)
     default_steps = defaults.pop("steps", 1000)
     settings = solver_config(method, {**defaults, **solver_options})
@@ -147,30 +153,48 @@ def train(
     gpu_here = use_gpu == "auto" and torch.cuda.is_available()
     uri = isinstance(storage, _UriPath)  # remote storage: Train writes it, not this process
     needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
-    if num_workers == 1 and not needs_ray and in_process == "auto":
-        _check_run_folder(storage / name, in_process=True)
-        return run_spec_local(
-            spec,
-            settings,
-            run,
-            checkpoint_path=storage / name / LOCAL_CHECKPOINT,
-            resume=True,
-            judge=FlatnessJudge(),
-            run_id=name,
-        )
-    return _train_on_group(
-        factory,
-        problem_config,
-        settings,
-        run,
-        placement,
-        storage,
-        name,
-        address=address,
-        fault=fault,
-        datasets=datasets,
-        batch_size=batch_size,
+    here = num_workers == 1 and not needs_ray and in_process == "auto"
+    _check_run_folder(storage / name, here, settings, run.seed, placement.num_workers)
+    recorder = start_record(
+        storage / name,
+        factory=factory,
+        problem_config=problem_config,
+        fingerprint=fingerprint,
+        settings=settings,
+        run=run,
+        run_options=run_options,
+        placement=placement,
+        in_process=here,
+        keywords=solver_options,
     )
+    with recorder.running(diverged_outcome) if recorder else contextlib.nullcontext():
+        if here:
+            result = run_spec_local(
+                spec,
+                settings,
+                run,
+                checkpoint_path=storage / name / LOCAL_CHECKPOINT,
+                resume=True,
+                judge=FlatnessJudge(),
+                run_id=name,
+            )
+        else:
+            result = _train_on_group(
+                factory,
+                problem_config,
+                settings,
+                run,
+                placement,
+                storage,
+                name,
+                address=address,
+                fault=fault,
+                datasets=datasets,
+                batch_size=batch_size,
+            )
+    result.fingerprint = fingerprint
+    end_record(recorder, result)
+    return result
 
 
 def _check_hooks(
@@ -223,11 +247,11 @@ def _train_on_group(
     batch_size: int | tuple[int, int] | None,
 ) -> SolveResult:
     """``train`` on a Ray Train worker group, its run in ``storage / name``, once ``train`` has
-    checked everything; returns what the group's rank 0 saved last."""
+    checked everything (the run folder included); returns what the group's rank 0 saved
+    last."""
     from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
     from bilevel_ray.runtime.train.group import check_cluster_fits, fit_worker_group
 
-    _check_run_folder(storage / name, False, settings, run.seed, placement.num_workers)
     # Resolved before connecting: a job's driver may not stay in the folder the path is
     # relative to.
     shipped = portable_factory(factory)
@@ -272,6 +296,8 @@ def _train_on_group(
         flatness.get("verdict"),
         flatness.get("status", "completed"),
         {k: float(v) for k, v in metrics.items() if k.startswith("eval/") and k not in _SCORES},
+        start_config=payload["config"],
+        steps=run.steps,
     )
 
 

@@ -35,6 +35,7 @@ from bilevel_ray.runtime.tune.folder import claim_sweep_folder
 from bilevel_ray.runtime.tune.lineage import write_best_schedule
 from bilevel_ray.runtime.tune.outcome import TuneResult, history_table, outcome, trials_table
 from bilevel_ray.runtime.tune.plan import SweepPlan, plan_sweep
+from bilevel_ray.runtime.tune.record import end_record, start_record
 from bilevel_ray.runtime.tune.trial import TrialPlan, run_trial
 
 __all__ = ["TuneResult", "run_sweep"]
@@ -180,16 +181,20 @@ def run_sweep(
         base_options=base_options,
     )
     claim_sweep_folder(plan.path, plan.record, resume)
+    recorder = start_record(plan, resume, base_options)
     # Save the sweep's state at most every second (Tune's default adapts up to minutes; every
     # step would rewrite the whole state after each event: quadratic in the number of trials),
     # so a killed driver loses little more than the trials that were running.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     started = time.perf_counter()
-    with steady_working_dir(plan.path):  # all of the sweep's paths are absolute by now
-        gpus = connect(address)
-        trial_cpus, concurrent = _place(plan, ray.cluster_resources().get("CPU", 0.0))
-        grid = _execute(plan, trial_cpus, concurrent, bool(gpus), resume, progress)
-    return _write(plan, grid, started)
+    with recorder.running():
+        with steady_working_dir(plan.path):  # all of the sweep's paths are absolute by now
+            gpus = connect(address)
+            trial_cpus, concurrent = _place(plan, ray.cluster_resources().get("CPU", 0.0))
+            grid = _execute(plan, trial_cpus, concurrent, bool(gpus), resume, progress)
+        result = _write(plan, grid, started)
+    end_record(recorder, plan, result)
+    return result
 
 
 def _place(plan: SweepPlan, cpus: float) -> tuple[float, int]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.problems import build_spec
+from bilevel_ray.records.fingerprint import fingerprinted_spec
 from bilevel_ray.runtime.cluster.shipping import portable_factory
 from bilevel_ray.runtime.local.output_files import check_writable
 from bilevel_ray.runtime.local.run_spec import (
@@ -59,6 +59,10 @@ class SweepPlan:
     gap_steps: int
     path: Path
     record: dict[str, Any]
+    # The fingerprint of the data the driver built (the manifest's) and the trials' run
+    # settings as keywords (what a replay of the best trial passes to br.solve).
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    run_options: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_sweep(
@@ -85,7 +89,7 @@ def plan_sweep(
     run settings (``take_run_options``), ``placement`` is (num_workers, use_gpu,
     resources_per_worker, max_failures) and ``gap`` (gap_tol, gap_steps)."""
     problem_config = dict(problem_config or {})
-    spec = build_spec(factory, {**problem_config, "device": "cpu"})
+    spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
     check_spec(spec, needs_eval=True)
     defaults = SolverConfig.applicable(method, spec.defaults)
     default_steps = defaults.pop("steps", 1000)
@@ -152,6 +156,8 @@ def plan_sweep(
         gap_steps,
         storage / name,
         record,
+        fingerprint,
+        {**run_options, "report_every": run.report_every},
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+import torch
 from ray import tune as ray_tune
 
 from bilevel_ray.errors import DivergenceError
@@ -40,6 +41,7 @@ from bilevel_ray.runtime.local import loop
 from bilevel_ray.runtime.local.checkpoint import load_checkpoint, save_checkpoint
 from bilevel_ray.runtime.local.history import read_rows, write_parquet
 from bilevel_ray.runtime.local.judge import verdict_columns
+from bilevel_ray.runtime.local.output_files import atomic_write
 from bilevel_ray.runtime.local.ranking import FAILED, GAP, METRIC, SCORE, search_score
 from bilevel_ray.runtime.local.run_spec import Placement, RunSpec, verbose
 from bilevel_ray.runtime.local.solve import run_spec_local, solver_config
@@ -49,9 +51,10 @@ from bilevel_ray.runtime.tune.lineage import extend_lineage
 from bilevel_ray.runtime.tune.outcome import HISTORIES, one_line
 from bilevel_ray.runtime.tune.space import decode
 
-__all__ = ["TRIAL_CHECKPOINT", "TrialPlan", "run_trial"]
+__all__ = ["PARAMS_FOLDER", "TRIAL_CHECKPOINT", "TrialPlan", "keep_params", "run_trial"]
 
 TRIAL_CHECKPOINT = "trial.pt"  # inside each of a trial's Tune checkpoint folders
+PARAMS_FOLDER = "params"  # each trial's parameters at its latest report, until the sweep ends
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ class _TuneSink:
             }
         )
         if due:
+            keep_params(self.plan.sweep_folder, self.trial_id, state.x, state.y)
             self.report({**self.last, "status": status})
 
     def report(self, metrics: dict[str, Any]) -> None:
@@ -265,6 +269,18 @@ def _trial_on_worker_group(settings: Any, plan: TrialPlan, trial_id: str, histor
     )
     rows = [{"trial_id": trial_id, **row} for row in payload.get("history", [])]
     write_parquet(pa.Table.from_pylist(rows), history)
+    if "state" in payload:
+        state = payload["state"]
+        keep_params(plan.sweep_folder, trial_id, state["x"], state["y"])
+
+
+def keep_params(sweep_folder: str, trial_id: str, x: Any, y: Any) -> None:
+    """The trial's parameters as of the report it makes now (its last one is its final), in
+    ``{sweep}/params/<trial id>.pt``: the sweep keeps its best trial's as ``best_result.pt``."""
+    params = {"x": {k: v.detach().cpu() for k, v in x.items()}}
+    params["y"] = {k: v.detach().cpu() for k, v in y.items()}
+    path = Path(sweep_folder) / PARAMS_FOLDER / f"{trial_id}.pt"
+    atomic_write(path, lambda tmp: torch.save(params, tmp))
 
 
 def _numbers(row: Mapping[str, Any]) -> dict[str, Any]:

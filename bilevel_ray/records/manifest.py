@@ -1,0 +1,278 @@
+"""``manifest.json``: the record beside every result of ``solve``, ``train``, ``tune``,
+``compare`` and ``diagnose``: which code, data, settings and seed produced it, and what it
+produced.
+
+Fields (``SCHEMA_VERSION`` 1):
+
+* ``schema``, ``schema_version``, ``kind`` (run, sweep, comparison, diagnosis, rerun),
+  ``entry_point``;
+* ``invocation``: the command line, or the Python call and its keywords' names;
+* ``code``: bilevel_ray's version, the SHA-256 of its source, the git commit and dirtiness;
+* ``environment``: Python, the libraries' versions, the device (CPU, threads, GPUs);
+* ``problem``: its name and its config as given; ``data``: the fingerprint of what the factory
+  built and read (:mod:`~bilevel_ray.records.fingerprint`);
+* ``settings``: every setting in force after defaults; ``seeds``;
+* ``started``, ``ended`` (UTC, ISO 8601), ``outcome`` (``status``: running, completed,
+  stopped, diverged, failed; the step; a fallback's step and the flatness verdicts);
+* ``outputs``: each output file's SHA-256 and size; ``continuations``: each later call that
+  continued the result (a resume, an extension), what it changed;
+* ``replay``: what ``bilevel-ray rerun`` executes to reproduce the result's parameters;
+* ``digest``: the SHA-256 of everything above, so that an edit is seen.
+
+Written atomically (a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bilevel_ray.errors import ConfigError
+from bilevel_ray.records.environment import code_identity, environment
+from bilevel_ray.records.files import LARGE_FILE_BYTES, file_record, sha256_file
+from bilevel_ray.records.invocation import invocation
+
+__all__ = [
+    "KINDS",
+    "MANIFEST",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "atomic_text",
+    "finish",
+    "hash_outputs",
+    "new_manifest",
+    "now",
+    "plain",
+    "problem_name",
+    "read_manifest",
+    "record_digest",
+    "update_outputs",
+    "verify",
+    "write_manifest",
+]
+
+SCHEMA = "bilevel_ray.manifest"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = {"solve": "run", "train": "run", "tune": "sweep", "compare": "comparison"}
+KINDS.update(diagnose="diagnosis", rerun="rerun")
+FIELDS = (
+    "schema",
+    "schema_version",
+    "kind",
+    "entry_point",
+    "invocation",
+    "code",
+    "environment",
+    "problem",
+    "data",
+    "settings",
+    "seeds",
+    "started",
+    "ended",
+    "outcome",
+    "outputs",
+    "continuations",
+    "replay",
+    "digest",
+)
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def problem_name(factory: Any) -> str:
+    """The problem as a record names it: a built-in or module name as given, a file by its
+    absolute path, a callable by its module and name."""
+    if isinstance(factory, str):
+        where, sep, attr = factory.rpartition(":")
+        if sep and where.endswith(".py"):
+            return f"{Path(where).resolve()}:{attr}"
+        return factory
+    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', factory)}"
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON holds it, the same after a round trip: str keys, lists for tuples, a
+    non-finite float as its name, anything else JSON cannot hold as its ``str``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return plain(value.item())
+    return str(value)
+
+
+def new_manifest(
+    entry_point: str,
+    *,
+    problem: Any,
+    problem_config: Mapping[str, Any],
+    data: Mapping[str, Any] | None,
+    settings: Mapping[str, Any],
+    seeds: Mapping[str, Any],
+    keywords: Mapping[str, Any] | None = None,
+    started: str | None = None,
+) -> dict[str, Any]:
+    """A manifest of a result starting now (outcome ``running``, no outputs yet)."""
+    config = {k: v for k, v in problem_config.items() if k != "device"}
+    return plain(
+        {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "kind": KINDS[entry_point],
+            "entry_point": entry_point,
+            "invocation": invocation(f"bilevel_ray.{entry_point}", keywords),
+            "code": code_identity(),
+            "environment": environment(),
+            "problem": {"name": problem_name(problem), "config": config},
+            "data": data,
+            "settings": settings,
+            "seeds": seeds,
+            "started": started or now(),
+            "ended": None,
+            "outcome": {"status": "running"},
+            "outputs": {},
+            "continuations": [],
+            "replay": None,
+        }
+    )
+
+
+def hash_outputs(folder: Path, names: Iterable[str]) -> dict[str, Any]:
+    """Each of ``names`` (paths relative to ``folder``) that exists: its SHA-256 and bytes (a
+    file over ``LARGE_FILE_BYTES``: of its name, size and modification time, as it says)."""
+    out = {}
+    for name in names:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size > LARGE_FILE_BYTES:
+            out[name] = {**file_record(path, by_content=False), "path": name}
+        else:
+            out[name] = {"sha256": sha256_file(path), "bytes": size}
+    return out
+
+
+def finish(
+    manifest: dict[str, Any], folder: Path, outcome: Mapping[str, Any], outputs: Iterable[str]
+) -> dict[str, Any]:
+    """``manifest`` ended now with ``outcome``, its ``outputs`` hashed, written to ``folder``."""
+    manifest.update(ended=now(), outcome=plain(dict(outcome)))
+    manifest["outputs"] = hash_outputs(folder, outputs)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def update_outputs(folder: Path, names: Iterable[str]) -> dict[str, Any] | None:
+    """Add (or hash again) ``names`` in the manifest of ``folder``, after its owner wrote them;
+    None when the folder has no manifest."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    manifest["outputs"] = {**manifest.get("outputs", {}), **hash_outputs(folder, names)}
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def record_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON, ``digest`` left out."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    text = json.dumps(plain(body), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """``folder/manifest.json``, with its digest, written atomically."""
+    manifest["digest"] = record_digest(manifest)
+    text = json.dumps(plain(manifest), indent=1, allow_nan=False) + "\n"
+    return atomic_text(Path(folder) / MANIFEST, text)
+
+
+def atomic_text(path: Path, text: str) -> Path:
+    """``text`` written to ``path`` atomically: the pattern of ``runtime.local.output_files.
+    atomic_write``, which this floor may not import (a fresh temporary file in the same folder,
+    then a rename over the old one; a link there is replaced, never written through)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:80]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(folder: str | os.PathLike[str], what: str) -> dict[str, Any] | None:
+    """The manifest of ``folder`` (None when there is none), checked to be one: readable JSON,
+    our schema, a version this code reads, every field present. ``what`` starts the
+    messages (e.g. ``run 'runs/q'``)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    fix = "restore it, or use a new --name for a new result"
+    if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"{what}: {MANIFEST} is not a file of a manifest's size; {fix}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what}: {MANIFEST} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ConfigError(f"{what}: {MANIFEST} is not a bilevel_ray manifest; {fix}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{what}: {MANIFEST} has schema_version {version!r}; this bilevel_ray reads up to "
+            f"{SCHEMA_VERSION}: upgrade bilevel_ray to read it"
+        )
+    missing = [f for f in FIELDS if f not in manifest]
+    if missing:
+        raise ConfigError(f"{what}: {MANIFEST} lacks {missing}; {fix}")
+    return manifest
+
+
+def verify(folder: str | os.PathLike[str], manifest: Mapping[str, Any]) -> list[str]:
+    """What no longer agrees with the manifest: its own digest (an edited setting) and each
+    recorded output (changed or gone). An empty list: it verifies."""
+    problems = []
+    if manifest.get("digest") != record_digest(manifest):
+        problems.append(
+            f"{MANIFEST} was edited after it was written (its content does not match its digest)"
+        )
+    outputs = manifest.get("outputs") or {}
+    if not isinstance(outputs, Mapping):
+        return [*problems, f"{MANIFEST}'s outputs are not a table of files"]
+    for name, recorded in sorted(outputs.items()):
+        path = Path(folder) / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"output {name!r} is not a path inside the folder")
+            continue
+        if not path.is_file():
+            problems.append(f"output {name} is gone")
+            continue
+        now_hash = hash_outputs(folder, [name]).get(name, {}).get("sha256")
+        then = recorded.get("sha256") if isinstance(recorded, Mapping) else None
+        if now_hash != then:
+            problems.append(
+                f"output {name} changed since it was written (sha256 {str(then)[:12]}... then, "
+                f"{str(now_hash)[:12]}... now)"
+            )
+    return problems

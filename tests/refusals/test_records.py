@@ -1,0 +1,200 @@
+"""Refusals of the records: a continuation that would change a run's trajectory (other data, an
+edited or outdated record), a result's manifest that is missing or does not verify (``show``,
+``rerun``, ``solve --schedule``), and ``declare_inputs`` given no path. Each names what differs
+and the way out, before any work; nothing in the folder changes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import bilevel_ray as br
+from bilevel_ray.cli import main
+
+from .catalogue import api, cli, params, run_case
+
+RUN = "train regression --workers 1 --steps 2 --report-every 1 --out {tmp}/runs --name r --quiet"
+
+FACTORY = """
+import torch
+import bilevel_ray as br
+
+def make(config):
+    br.declare_inputs(config["csv"])
+    values = [float(v) for v in open(config["csv"]).read().split()]
+    data = torch.tensor(values, dtype=torch.float64)[:, None]
+    problem = br.problems.QuadraticProblem(dim_x=1, dim_y=1, seed=0)
+    x0 = {"x": torch.zeros(1, dtype=torch.float64)}
+    y0 = {"y": torch.zeros(1, dtype=torch.float64)}
+    return br.ProblemSpec(problem, x0, y0, br.full_batch(data, data), {"steps": 2})
+"""
+
+
+def _quiet(argv: list[str]) -> None:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) in (0, 3)
+
+
+def run_r(tmp: Path) -> None:
+    """A two-step run in tmp/runs/r, with its manifest."""
+    _quiet(RUN.replace("{tmp}", str(tmp)).split())
+
+
+def edited(tmp: Path) -> None:
+    run_r(tmp)
+    path = tmp / "runs" / "r" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["settings"]["solver"]["lr_x"] = 0.5
+    path.write_text(json.dumps(manifest))
+
+
+def output_changed(tmp: Path) -> None:
+    run_r(tmp)
+    (tmp / "runs" / "r" / "run.json").write_text("{}\n")
+
+
+def csv_run(tmp: Path) -> None:
+    """A run of a factory that declares its CSV, whose bytes then change."""
+    (tmp / "csv_problem.py").write_text(FACTORY)
+    (tmp / "values.txt").write_text("1 2 3\n")
+    br.train(f"{tmp / 'csv_problem.py'}:make", problem_config={"csv": str(tmp / "values.txt")},
+             storage_path=tmp / "runs", name="c")  # fmt: skip
+    (tmp / "values.txt").write_text("1 2 4\n")
+
+
+def _resume_csv(tmp: Path) -> None:
+    br.train(f"{tmp / 'csv_problem.py'}:make", problem_config={"csv": str(tmp / "values.txt")},
+             storage_path=tmp / "runs", name="c")  # fmt: skip
+
+
+def no_manifest(tmp: Path) -> None:
+    run_r(tmp)
+    (tmp / "runs" / "r" / "manifest.json").unlink()
+
+
+def sweep_edited(tmp: Path) -> None:
+    """A sweep's folder (its schedule and manifest), whose schedule was then edited."""
+    from bilevel_ray.records.fingerprint import fingerprinted_spec
+    from bilevel_ray.records.manifest import finish, new_manifest
+
+    folder = tmp / "sweep"
+    folder.mkdir()
+    schedule = {"format": "bilevel_ray.best_schedule/1", "problem": "quadratic", "method":
+                "pbgd_free", "steps": 2, "seed": 0, "settings": {"lr_x": 0.01}}  # fmt: skip
+    (folder / "best_schedule.json").write_text(json.dumps(schedule))
+    _, data = fingerprinted_spec("quadratic", {})
+    manifest = new_manifest("tune", problem="quadratic", problem_config={}, data=data,
+                            settings={}, seeds={})  # fmt: skip
+    finish(manifest, folder, {"status": "completed"}, ["best_schedule.json"])
+    schedule["settings"]["lr_x"] = 0.05
+    (folder / "best_schedule.json").write_text(json.dumps(schedule))
+
+
+def rerun_target_used(tmp: Path) -> None:
+    run_r(tmp)
+    (tmp / "used").mkdir()
+    (tmp / "used" / "mine.txt").write_text("mine\n")
+
+
+CASES = [
+    cli(
+        "record-resume-other-data-config",
+        "CLI",
+        "train resumes runs/r with another --config n (other data)",
+        RUN + " --config n=300",
+        r"^error: run '.*r' was started with other settings or data, and continuing it would "
+        r"change its trajectory: problem config n: \(not given\) -> 300; data \(data, eval_data "
+        r"differ: sha256 .*\)\. Use a new --name \(name=\.\.\.\) for a run with these "
+        r"settings, or rerun the run's own command with only --steps changed to extend it$",
+        writes=("runs",),
+        setup=run_r,
+    ),
+    api(
+        "record-resume-changed-file",
+        "data",
+        "br.train resumes a run whose declared CSV changed since",
+        _resume_csv,
+        r"^run '.*c' was started with other settings or data, .*: data \(data, file .*values\.txt"
+        r" differ: sha256 .*\)\. Use a new --name",
+        writes=("runs",),
+        setup=csv_run,
+    ),
+    cli(
+        "record-resume-edited-manifest",
+        "config file",
+        "train resumes runs/r whose manifest.json had a setting edited",
+        RUN + " --set lr_x=0.5",
+        r"^error: run '.*r' does not match its manifest \(manifest\.json was edited after it was "
+        r"written \(its content does not match its digest\)\): its record cannot vouch for it, so"
+        r" it is not continued; start a new result under a new --name",
+        writes=("runs",),
+        setup=edited,
+    ),
+    cli(
+        "record-resume-changed-output",
+        "config file",
+        "train resumes runs/r whose run.json changed after the run",
+        RUN + " --steps 4",
+        r"^error: run '.*r' does not match its manifest \(output run\.json changed since it was "
+        r"written \(sha256 .*\)\): its record cannot vouch for it",
+        writes=("runs",),
+        setup=output_changed,
+    ),
+    cli(
+        "record-show-no-manifest",
+        "CLI",
+        "show a run folder that holds no manifest.json",
+        "show {tmp}/runs/r",
+        r"^error: show '.*r': the folder holds no manifest\.json; give the folder of a result "
+        r"\(results written before manifests have none\)$",
+        writes=("runs",),
+        setup=no_manifest,
+    ),
+    cli(
+        "record-rerun-edited",
+        "config file",
+        "rerun a run whose manifest.json had a setting edited",
+        "rerun {tmp}/runs/r --out {tmp}/again",
+        r"^error: rerun '.*r': the folder does not match its manifest \(manifest\.json was edited"
+        r".*\): there is no trustworthy record to reproduce; bilevel-ray show says more$",
+        writes=("runs",),
+        setup=edited,
+    ),
+    cli(
+        "record-rerun-used-out",
+        "CLI",
+        "rerun into a folder that holds files",
+        "rerun {tmp}/runs/r --out {tmp}/used",
+        r"^error: --out '.*used' already exists and is not an empty folder: a rerun goes into a "
+        r"new folder; give another --out or remove it$",
+        writes=("runs", "used"),
+        setup=rerun_target_used,
+    ),
+    cli(
+        "record-schedule-edited",
+        "config file",
+        "solve --schedule a best_schedule.json edited after its sweep wrote it",
+        "solve quadratic --schedule {tmp}/sweep/best_schedule.json --quiet",
+        r"^error: --schedule '.*best_schedule\.json': its sweep '.*sweep' does not match its "
+        r"manifest \(output best_schedule\.json changed since it was written .*\): the schedule "
+        r"is not the one the sweep wrote; restore it, or run the sweep again$",
+        writes=("sweep",),
+        setup=sweep_edited,
+    ),
+    api(
+        "record-declare-no-path",
+        "API",
+        "br.declare_inputs(None)",
+        lambda tmp: br.declare_inputs(None),
+        r"^declare_inputs\(None\): give the path of a file or folder the factory reads$",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_bad_input(case, tmp_path, request, no_compare_ray):
+    run_case(case, tmp_path, request, CASES)
