@@ -14,18 +14,32 @@ tokens per step; Adam at both levels), on ``cuda:0``:
    ``in_place=True`` (the state is the model's own parameters);
 3. a 1-worker ``br.train(..., use_gpu=True)`` of the tiny PEFT problem (a Ray Train worker
    group on the GPU: the worker's device, the batches moved to it, the checkpoint written from
-   it), 20 steps.
+   it), 20 steps;
+4. the text path: the ``peft-dpo-sft`` problem on text (the local sample corpus of
+   ``bilevel_ray.text.samples``, its tokenizer and a seeded random Llama of width 512, 8 layers;
+   rows of about 256 tokens built as ``benchmarks/peft_scale.py --text`` builds them; batch 16)
+   with ``dtype="bfloat16"`` and ``gradient_checkpointing=True`` on the GPU: ``--text-steps``
+   PBGD-Free steps, every loss finite, the median step time, tokens per second (non-pad
+   preference and instruction tokens) and the peak GPU memory; then, where the library has
+   ``bilevel_ray.runtime.local.export``, a run of the same problem written with
+   ``bilevel-ray solve --out`` and exported (peft's adapter files and the head), the export's
+   time (skipped, and said so, where export does not exist).
 
 It prints one table and exits 0 only if every figure was measured (1 if one is missing, 2 on
-a machine without CUDA, which it refuses before any work).
+a machine without CUDA, which it refuses before any work). ``--text-only`` runs part 4 alone;
+``--device cpu --quick`` rehearses it on the CPU at a small size (no GPU figure is measured).
 
     .venv/bin/python benchmarks/gpu_check.py
     .venv/bin/python benchmarks/gpu_check.py --steps 10 --out benchmarks/results/gpu_check.parquet
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import math
 import statistics
 import sys
@@ -33,6 +47,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +62,9 @@ PROBLEM = {
     "n_eval": 16,
 }
 LR = 1e-4
+# The text check's model and batch; the rows hold about 256 tokens (peft_scale's text rows).
+TEXT = {"hidden": 512, "layers": 8, "heads": 8, "batch": 16, "steps": 20}
+TEXT_QUICK = {"hidden": 64, "layers": 2, "heads": 4, "batch": 2, "steps": 3}
 
 
 def _timed(step: Callable[[], Any], steps: int) -> float:
@@ -105,14 +123,12 @@ def solver_step(spec: Any, batch: Any, method: str, precision: str) -> Callable[
     return run
 
 
-def check(steps: int) -> list[dict[str, Any]]:
-    import torch
+Record = Callable[[str, str, str, Callable[[], float], str], None]
 
-    import bilevel_ray as br
-    from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
-    from bilevel_ray.tree import to_device
 
-    rows: list[dict[str, Any]] = []
+def recorder(rows: list[dict[str, Any]]) -> Record:
+    """``record(part, name, precision, value, unit)``: measure ``value()`` into ``rows``; a
+    failure is printed and recorded as NaN (a missing figure), and the check goes on."""
 
     def record(part: str, name: str, precision: str, value: Callable[[], float], unit: str):
         try:
@@ -124,6 +140,19 @@ def check(steps: int) -> list[dict[str, Any]]:
             {"part": part, "name": name, "precision": precision, "value": got, "unit": unit}
         )
         print(f"  {part:<8} {name:<12} {precision:<5} {got:10.4g} {unit}", flush=True)
+
+    return record
+
+
+def check(steps: int) -> list[dict[str, Any]]:
+    import torch
+
+    import bilevel_ray as br
+    from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
+    from bilevel_ray.tree import to_device
+
+    rows: list[dict[str, Any]] = []
+    record = recorder(rows)
 
     spec = peft_dpo_sft({**PROBLEM, "device": "cuda"})
     batch = to_device(next(br.data.as_batches(spec.data, 0)), "cuda")
@@ -178,6 +207,97 @@ def check(steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def text_check(sizes: dict[str, int], device: str, rows: list[dict[str, Any]]) -> None:
+    """Part 4: the text problem in bf16 with gradient checkpointing on ``device``; its export."""
+    import torch
+
+    # The text rows of ~256 tokens are peft_scale's (this folder is on sys.path when run).
+    from peft_scale import TEXT_LENGTH, write_text_data
+
+    import bilevel_ray as br
+    from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
+
+    record = recorder(rows)
+    cuda = device == "cuda"
+    with tempfile.TemporaryDirectory() as scratch:
+        data = write_text_data(Path(scratch), sizes, sizes["steps"])
+        config = {
+            k: data[k]
+            for k in ("model", "preference", "instruction", "eval_preference", "eval_instruction")
+        }
+        config.update(
+            cache_dir=data["cache_dir"],
+            max_length=TEXT_LENGTH,
+            max_prompt_length=None,
+            batch=sizes["batch"],
+            dtype="bfloat16",
+            gradient_checkpointing=True,
+            device=device,
+        )
+        spec = peft_dpo_sft(config)
+        options = {"optimizer": "adam", "lr_x": LR, "lr_y": LR, "gamma": 10.0}
+        solver = br.SolverConfig(method="pbgd_free", **options).build(spec.problem)
+        batches = br.data.as_batches(spec.data, 0)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        measured: dict[str, float] = {}
+
+        def steps() -> float:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            state = solver.init(spec.x0, spec.y0)
+            times, tokens, losses = [], [], []
+            for i in range(sizes["steps"] + 1):
+                batch = next(batches)
+                sync()
+                start = time.perf_counter()
+                state, metrics = solver.step(state, batch)
+                losses += [float(metrics["upper/loss"]), float(metrics["lower/loss"])]
+                sync()
+                if i:  # the first step is a warm-up
+                    times.append(time.perf_counter() - start)
+                    tokens.append(int(spec.problem.batch_tokens(batch)))
+            if not all(math.isfinite(v) for v in losses):
+                raise RuntimeError(f"non-finite losses in bf16: {losses}")
+            measured["tokens/s"] = statistics.fmean(tokens) / statistics.median(times)
+            if cuda:
+                measured["peak"] = torch.cuda.max_memory_allocated() / 2**20
+            return statistics.median(times)
+
+        record("text", "pbgd_free", "bf16gc", steps, "s")
+        record("text", "tokens/s", "bf16gc", lambda: measured["tokens/s"], "tok/s")
+        if cuda:
+            record("text", "peak memory", "bf16gc", lambda: measured["peak"], "MiB")
+        if find_spec("bilevel_ray.runtime.local.export") is None:
+            print("  text     export: bilevel_ray.runtime.local.export does not exist; skipped")
+            return
+
+        def export() -> float:
+            from bilevel_ray.cli import main as cli
+
+            start = time.perf_counter()
+            run, out = Path(scratch) / "run", Path(scratch) / "export"
+            argv = ["solve", "peft-dpo-sft", "--steps", str(sizes["steps"]), "--out", str(run)]
+            argv += ["--quiet", "--set", f"lr_x={LR}", "--set", f"lr_y={LR}"]
+            # Values as JSON (true, null, numbers); paths and names stay plain strings.
+            argv += [
+                f"--config={k}={v if isinstance(v, str) else json.dumps(v)}"
+                for k, v in config.items()
+            ]
+            said = io.StringIO()
+            with contextlib.redirect_stdout(said):  # the run's own summary: shown on failure
+                code = cli(argv)
+            if code != 0:
+                raise RuntimeError(f"bilevel-ray {' '.join(argv)} failed:\n{said.getvalue()}")
+            br.export(run, out)
+            wanted = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"}
+            missing = wanted - {p.name for p in out.iterdir()}
+            if missing:
+                raise RuntimeError(f"the export lacks {sorted(missing)}")
+            return time.perf_counter() - start
+
+        record("text", "solve+export", "bf16gc", export, "s")
+
+
 def report(rows: list[dict[str, Any]]) -> bool:
     def value(part: str, name: str, precision: str) -> float:
         return next(
@@ -192,11 +312,19 @@ def report(rows: list[dict[str, Any]]) -> bool:
         print(
             f"{r['part']:<8} {r['name']:<14} {r['precision']:<9} {r['value']:>10.4g} {r['unit']:<4}"
         )
-    for precision in ("fp32", "bf16"):
-        ratio = value("time", "pbgd_free", precision) / value("time", "plain_step", precision)
-        print(f"pbgd_free / plain step, {precision}: {ratio:.2f}x")
-    free, vpbgd = value("memory", "pbgd_free", "bf16"), value("memory", "pbgd", "bf16")
-    print(f"peak memory pbgd_free / pbgd: {free / vpbgd:.2f}")
+    parts = {r["part"] for r in rows}
+    if "time" in parts:
+        for precision in ("fp32", "bf16"):
+            ratio = value("time", "pbgd_free", precision) / value("time", "plain_step", precision)
+            print(f"pbgd_free / plain step, {precision}: {ratio:.2f}x")
+    if "memory" in parts:
+        free, vpbgd = value("memory", "pbgd_free", "bf16"), value("memory", "pbgd", "bf16")
+        print(f"peak memory pbgd_free / pbgd: {free / vpbgd:.2f}")
+    if any(r["part"] == "text" and r["name"] == "pbgd_free" for r in rows):
+        print(
+            f"text, bf16 + gradient checkpointing: {value('text', 'pbgd_free', 'bf16gc'):.3g} "
+            f"s/step, {value('text', 'tokens/s', 'bf16gc'):.0f} tokens/s"
+        )
     missing = [
         f"{r['part']}/{r['name']}/{r['precision']}" for r in rows if not math.isfinite(r["value"])
     ]
@@ -209,19 +337,40 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-ups)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.parquet"))
+    parser.add_argument("--text-steps", type=int, help="text check steps (default 20)")
+    parser.add_argument("--text-only", action="store_true", help="run the text check alone")
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: rehearse the text check on the CPU (implies --text-only)",
+    )
+    parser.add_argument("--quick", action="store_true", help="the text check at a small size")
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(
             "gpu_check: no CUDA device (torch.cuda.is_available() is False, torch "
-            f"{torch.__version__}); run it on a machine with a GPU and a CUDA build of torch",
+            f"{torch.__version__}); run it on a machine with a GPU and a CUDA build of torch "
+            "(--device cpu --quick rehearses the text check on the CPU)",
             file=sys.stderr,
         )
         return 2
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "the CPU (rehearsal)"
+    print(f"torch {torch.__version__}, {where}", flush=True)
+    sizes = dict(TEXT_QUICK if args.quick else TEXT)
+    if args.text_steps is not None:
+        sizes["steps"] = args.text_steps
     started = time.perf_counter()
-    rows = check(args.steps)
+    rows = [] if args.text_only or args.device == "cpu" else check(args.steps)
+    try:
+        text_check(sizes, args.device, rows)
+    except Exception:  # the text problem could not be built: its figures are missing
+        traceback.print_exc()
+        rows.append(
+            {"part": "text", "name": "build", "precision": "bf16gc", "value": math.nan, "unit": ""}
+        )
     ok = report(rows)
     import pyarrow as pa
     import pyarrow.parquet as pq
