@@ -156,3 +156,28 @@ def test_bad_training_options_are_refused(setting, message):
     with pytest.raises(br.ConfigError) as err:
         peft_dpo_sft({**TINY, **setting})
     assert message in str(err.value)
+
+
+@needs_peft
+def test_a_step_leaves_no_cycle_that_keeps_its_activations():
+    """A solver step's evaluation (and the features it cached, with their autograd graph) is
+    freed when the step returns, without waiting for Python's cycle collector."""
+    import gc
+
+    from bilevel_ray.config import SolverConfig
+    from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
+    from bilevel_ray.solvers.compute import StepEval
+
+    spec = peft_dpo_sft(TINY)
+    solver = SolverConfig(method="pbgd_free").build(spec.problem, None)
+    state = solver.init(spec.x0, spec.y0)
+    batches = spec.data.stream(0)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            state, _ = solver.step(state, next(batches))
+        alive = [o for o in gc.get_objects() if isinstance(o, StepEval)]
+    finally:
+        gc.enable()
+    assert alive == []

@@ -35,6 +35,7 @@ a time (holding every micro-batch's graph would undo what accumulation saves).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -256,7 +257,11 @@ class Losses:
     """f and g on one micro-batch, times its weight ``|B_i| / |B|``."""
 
     def __init__(self, ev: StepEval, upper: Any, w_upper: float, lower: Any, w_lower: float):
-        self.ev = ev
+        # A weak reference: the step's evaluation holds its micro-batches' Losses, and a strong
+        # one back would make a cycle that keeps the cached features, and with them the step's
+        # activations, alive until Python's cycle collector runs (RSS grew by a step's
+        # activations per step on a language model).
+        self.ev = weakref.proxy(ev)
         self.parts = {"upper": upper, "lower": lower}
         self.weights = {"upper": w_upper, "lower": w_lower}
         self._features: dict[tuple[str, bool], Any] = {}
