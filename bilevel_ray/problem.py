@@ -112,6 +112,7 @@ def factory_config(
             f"{', '.join(sorted(defaults))}"
         )
     out = {**defaults, "device": None, **config}
+    _check_device(problem, out["device"])
     if "dtype" in out:
         given = out["dtype"]
         dtype = given if isinstance(given, torch.dtype) else getattr(torch, str(given), None)
@@ -122,6 +123,29 @@ def factory_config(
             )
         out["dtype"] = dtype
     return out
+
+
+def _check_device(problem: str, device: Any) -> None:
+    """A ``device`` setting torch can place tensors on here: a name torch parses, and a CUDA
+    device only where CUDA is present (torch's own error is an AssertionError deep in a copy)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(
+            f"problem {problem!r}: device={device!r} is not a torch device ({err}); use 'cpu', "
+            "'cuda' or 'cuda:N'"
+        ) from None
+    if parsed.type == "cuda" and (
+        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
+    ):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ConfigError(
+            f"problem {problem!r}: device={device!r}, but this machine has {count} CUDA "
+            "device(s) torch can use; use device='cpu', or run where a GPU is present (train and "
+            "tune place workers on GPUs themselves with --gpu)"
+        )
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:

@@ -59,8 +59,8 @@ class Truncation:
             return []
         return [
             f"{source}: " + "; ".join(parts),
-            f"{source}: the longest prompt has {self.longest_prompt} tokens and the longest "
-            f"sequence {self.longest_sequence} tokens",
+            f"{source}: the longest prompt has {_tokens(self.longest_prompt)} and the longest "
+            f"sequence {_tokens(self.longest_sequence)}",
         ]
 
     def _drops(self) -> list[str]:
@@ -157,3 +157,7 @@ def _numbers(numbers: tuple[int, ...]) -> str:
     shown = ", ".join(str(n) for n in numbers[:ROWS_SHOWN])
     more = f" and {len(numbers) - ROWS_SHOWN} more" if len(numbers) > ROWS_SHOWN else ""
     return f"row{'s' if len(numbers) != 1 else ''} {shown}{more}"
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token{'s' if count != 1 else ''}"
