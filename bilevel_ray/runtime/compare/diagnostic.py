@@ -18,7 +18,7 @@ def run_diagnostic(
     """The verdict (None when it cannot run) and the seconds it took; with ``progress``, a line
     when it ends with the runs' estimate still to come."""
     took = time.monotonic()
-    verdict = flatness_verdict(factory, problem_config, progress)
+    verdict = flatness_verdict(factory, problem_config, progress, estimate.diagnostic_steps)
     took = time.monotonic() - took
     if progress:
         shown = verdict.get("verdict") if verdict else "none"
@@ -30,10 +30,12 @@ def run_diagnostic(
 
 
 def flatness_verdict(
-    factory: Any, problem_config: dict[str, Any], progress: bool
+    factory: Any, problem_config: dict[str, Any], progress: bool, steps: int | None = None
 ) -> dict[str, Any] | None:
     """The flatness diagnostic on the same start (None, with a note, when it cannot run), with
-    its own progress lines, or ours every few seconds where br.diagnose has none."""
+    its own progress lines, or ours every few seconds where br.diagnose has none. ``steps``:
+    the horizon judged (the steps a run reaches within the budget; None: the problem's
+    suggested steps)."""
     from bilevel_ray.diagnostics import diagnose
     from bilevel_ray.runtime.local.diagnose_named import diagnose_problem
 
@@ -44,7 +46,10 @@ def flatness_verdict(
     )
     try:
         with beat:
-            verdict, _ = diagnose_problem(factory, problem_config, None, progress=progress)
+            options = {} if steps is None else {"steps": steps}
+            verdict, _ = diagnose_problem(
+                factory, problem_config, None, progress=progress, **options
+            )
     except Exception as err:  # the verdict is an aside: the comparison goes on without it
         if progress:
             say(f"no flatness verdict: {err}")

@@ -46,6 +46,7 @@ from bilevel_ray.runtime.local.solve import solver_config
 __all__ = [
     "Estimate",
     "Heartbeat",
+    "diagnostic_horizon",
     "diagnostic_seconds",
     "estimate_for",
     "plan_line",
@@ -59,6 +60,7 @@ RAY_START_S = 10.0  # a new local Ray
 DIAGNOSTIC_OVERHEAD_S = 2.5  # the diagnostic's checks and priced solves, beyond its steps
 PROGRESS_EVERY_S = 5.0  # at most one heartbeat line this often, at least one this often
 STEP_TIMING_S = 0.5  # PBGD-Free's step is timed over this long (at most 50 steps)
+MIN_DIAGNOSTIC_STEPS = 200  # a horizon shorter than this settles too little to judge
 
 
 def say(line: str) -> None:
@@ -82,6 +84,15 @@ def step_seconds(spec: Any, method: str, options: Mapping[str, Any]) -> float:
                 break
     times = times[1:] or times  # the first step builds what the others reuse
     return sorted(times)[len(times) // 2]
+
+
+def diagnostic_horizon(budget_s: float, step_s: float, suggested: Any) -> int:
+    """The steps PBGD-Free takes within ``budget_s`` at ``step_s`` a step, at most the
+    problem's ``suggested`` steps and at least :data:`MIN_DIAGNOSTIC_STEPS`."""
+    reached = int(budget_s / max(step_s, 1e-9))
+    if isinstance(suggested, int) and not isinstance(suggested, bool) and suggested > 0:
+        reached = min(reached, suggested)
+    return max(reached, MIN_DIAGNOSTIC_STEPS)
 
 
 def diagnostic_seconds(step_s: float, deterministic: bool, horizon: Any = None) -> float:
@@ -115,9 +126,23 @@ class Estimate:
     per_run_s: float
     ray_start_s: float
     diagnostic_s: float | None
+    # The horizon the diagnostic judges: the steps a PBGD-Free run reaches within the budget
+    # (at most the problem's suggested steps), so that it costs about one run, not a whole
+    # suggested run of a slow problem.
+    diagnostic_steps: int | None = None
 
     @classmethod
-    def of(cls, runs, concurrent, budget_s, score_s, gap_steps, ray_starts, diagnostic_s):
+    def of(
+        cls,
+        runs,
+        concurrent,
+        budget_s,
+        score_s,
+        gap_steps,
+        ray_starts,
+        diagnostic_s,
+        diagnostic_steps=None,
+    ):
         scoring = CONTENTION * (SCORED_POINTS + 2 + gap_steps / TRACK_STEPS) * score_s
         return cls(
             runs,
@@ -127,6 +152,7 @@ class Estimate:
             budget_s + scoring + TRIAL_START_S,
             RAY_START_S if ray_starts else 0.0,
             diagnostic_s,
+            diagnostic_steps,
         )
 
     @property
@@ -159,10 +185,11 @@ def estimate_for(spec, settings, seeds, budget_s, gap_steps, score_s, address) -
     ``seeds`` runs; ``score_s``: one scored point's seconds, measured."""
     import ray
 
-    diagnostic = None
+    diagnostic = horizon = None
     if "pbgd_free" in settings:
         step_s = step_seconds(spec, "pbgd_free", settings["pbgd_free"])
-        diagnostic = diagnostic_seconds(step_s, spec.data is None, spec.defaults.get("steps"))
+        horizon = diagnostic_horizon(budget_s, step_s, spec.defaults.get("steps"))
+        diagnostic = diagnostic_seconds(step_s, spec.data is None, horizon)
     new_ray = not ray.is_initialized() and address is None
     return Estimate.of(
         len(settings) * seeds,
@@ -172,6 +199,7 @@ def estimate_for(spec, settings, seeds, budget_s, gap_steps, score_s, address) -
         gap_steps,
         new_ray,
         diagnostic,
+        horizon,
     )
 
 
