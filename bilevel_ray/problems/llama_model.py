@@ -16,11 +16,9 @@ is built (:func:`libraries`), so the rest of bilevel_ray does not need them.
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import re
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.problems.limits import memory_problem
 from bilevel_ray.problems.model_presets import PRESETS, llama_config, parameter_count
 from bilevel_ray.problems.text_sets import say
+from bilevel_ray.text.quiet import no_progress_bars
 
 __all__ = ["NAME", "adapted_model", "base_model", "libraries", "with_lora"]
 
@@ -220,7 +219,7 @@ def _load_checkpoint(folder: Any, transformers: Any) -> nn.Module:
     than tensors is refused, never loaded (unpickling it could run code)."""
     files = ", ".join(sorted(p.name for p in Path(folder).glob("*.bin"))) or "its weights file"
     try:
-        with _quiet_loading(transformers):
+        with no_progress_bars():
             return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"problem {NAME!r}: cannot load model={folder!r}: {err}") from None
@@ -239,19 +238,6 @@ def _load_checkpoint(folder: Any, transformers: Any) -> nn.Module:
         ) from None
     except (RuntimeError, EOFError) as err:  # torch's reader on a truncated or corrupted file
         raise _damaged(folder, files, err) from None
-
-
-@contextlib.contextmanager
-def _quiet_loading(transformers: Any) -> Iterator[None]:
-    """transformers' progress bar of loading weights off: a run prints its own lines."""
-    logging = transformers.utils.logging
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()
 
 
 def _damaged(folder: Any, files: str, err: BaseException) -> ConfigError:

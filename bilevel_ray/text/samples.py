@@ -28,18 +28,17 @@ folder and real data files in any of these formats.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import random
 import shlex
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.text.quiet import no_progress_bars
 from bilevel_ray.text.sample_rows import (
     corpus,
     draw_rows,
@@ -325,23 +324,10 @@ def _write_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(config)
-    with _quiet_progress(transformers):
+    with no_progress_bars():
         tokenizer.save_pretrained(files.tokenizer)
         model.save_pretrained(files.model)
         tokenizer.save_pretrained(files.model)
-
-
-@contextlib.contextmanager
-def _quiet_progress(transformers: Any) -> Iterator[None]:
-    """No "Writing model shards" bar for a file of a few hundred kilobytes."""
-    logging = transformers.utils.logging
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            logging.enable_progress_bar()
 
 
 def written_lines(files: SampleFiles, layers: int, hidden: int) -> list[str]:

@@ -28,8 +28,6 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.registry import BUILTIN_FACTORIES
 from bilevel_ray.runtime.local.output_files import check_output_path
 from bilevel_ray.runtime.local.run_folder import read_result, read_run
+from bilevel_ray.text.quiet import no_progress_bars
 
 __all__ = ["EXPORT_FILE", "README_FILE", "export"]
 
@@ -131,7 +130,7 @@ def export(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path
         # are frozen (not trained), so peft need not save them (its "auto" check would look the
         # base model up, on the Hub if the folder is not there yet).
         model.peft_config[model.active_adapter].base_model_name_or_path = str(base)
-        with _quiet_progress():
+        with no_progress_bars():
             model.save_pretrained(str(into), save_embedding_layers=False)
             save_file(tensors, str(into / HEAD_FILE), metadata={"format": "pt"})
             if tokenizer is not None:
@@ -298,17 +297,3 @@ def _write_folder(out: Path, write: Any) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """transformers' progress bars off while it writes (a bar per file is noise here)."""
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()
