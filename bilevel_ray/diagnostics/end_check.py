@@ -21,6 +21,9 @@ R = ``replicas`` batch orders):
   matters, to a resolved noise floor, and had stopped gaining;
 * uncertain  otherwise, naming the spread, the effect and what would resolve it.
 
+phi needs y*(x): where its solve runs out of iterations still descending (a lower level without
+a minimiser), the check stops at that point and is uncertain, naming it.
+
 PBGD-Free's own continuation is the control: what it gains by running on (``end/free_gain``)
 is reported (a run that had not converged), and its late points give the run's jitter. Both
 continuations start with fresh optimizer states (a finished run's moments are not always kept)
@@ -40,7 +43,7 @@ import torch
 
 from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import FullBatch, as_batches
-from bilevel_ray.diagnostics.objective import Objective
+from bilevel_ray.diagnostics.objective import SOLVE_STEPS, Objective
 from bilevel_ray.diagnostics.verdict import Verdict, tolerance
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.tree import Params, cuda_devices
@@ -70,6 +73,7 @@ class EndCheck:
     atol: float = 1e-9
     z: float = 2.0
     seed: int = 0
+    solve_steps: int = SOLVE_STEPS  # y*(x)'s L-BFGS budget at each point phi is measured at
 
 
 def _points(steps: int, fixed: bool) -> list[int]:
@@ -104,8 +108,26 @@ def _continue(
             if t in points:
                 if not all(bool(torch.isfinite(v).all()) for v in state.x.values()):
                     return out + [{"phi": math.nan, "held": math.nan}] * (len(points) - len(out))
-                out.append(objective.at(state.x, state.y))
+                where = f"step {t} of the continuation ({label})"
+                out.append(_solved(objective.at(state.x, state.y), where))
     return out
+
+
+class _Unsolved(Exception):
+    """y*(x) was not found at a point the certificate measures phi at (Objective.at)."""
+
+    def __init__(self, at: dict[str, float], where: str):
+        super().__init__(where)
+        self.at, self.where = at, where
+
+
+def _solved(at: dict[str, float], where: str) -> dict[str, float]:
+    """``at`` where its lower-level solve found y*(x); otherwise the check stops here: phi at
+    the end of an exhausted budget is not phi (on a lower level without a minimiser it moves
+    with the budget), and the points after it would each spend the whole budget again."""
+    if not at.get("solved", 1.0):
+        raise _Unsolved(at, where)
+    return at
 
 
 def end_check(
@@ -125,9 +147,15 @@ def end_check(
     it); ``end_step`` names the run's step in the reason."""
     fixed = data is None or isinstance(data, FullBatch)
     replicas = 1 if fixed else check.replicas
-    objective = Objective(problem, data, eval_data)
-    at_end = objective.at(x, y)
-    start = objective.at(*reference) if reference is not None else {"phi": math.nan}
+    objective = Objective(problem, data, eval_data, solve_steps=check.solve_steps)
+    where = f"PBGD-Free's end (step {end_step})" if end_step is not None else "PBGD-Free's end"
+    try:
+        at_end = _solved(objective.at(x, y), where)
+        start = {"phi": math.nan}
+        if reference is not None:
+            start = _solved(objective.at(*reference), "the start (the reference point)")
+    except _Unsolved as unsolved:
+        return _unsolved(unsolved, objective, check, replicas)
     corrected = SolverConfig(
         method=check.corrected,
         lr_x=check.settings.lr_x,
@@ -139,16 +167,48 @@ def end_check(
     free = check.settings.build(problem)
     points = _points(check.check_steps, fixed)
     runs: list[tuple[list, list]] = []
-    for r in range(replicas):
-        seed = check.seed + REPLICA_SEED * (r + 1)
-        tag = f"replica {r + 1} of {replicas}"
-        runs.append(
-            tuple(
-                _continue(solver, x, y, data, seed, points, objective, show, f"{label}, {tag}")
-                for solver, label in ((free, "pbgd_free"), (corrected, check.corrected))
+    try:
+        for r in range(replicas):
+            seed = check.seed + REPLICA_SEED * (r + 1)
+            tag = f"replica {r + 1} of {replicas}"
+            runs.append(
+                tuple(
+                    _continue(solver, x, y, data, seed, points, objective, show, f"{label}, {tag}")
+                    for solver, label in ((free, "pbgd_free"), (corrected, check.corrected))
+                )
             )
-        )
+    except _Unsolved as unsolved:
+        return _unsolved(unsolved, objective, check, replicas, f"continuing from {where}, ")
     return _decide(runs, fixed, at_end, start, objective, check, end_step)
+
+
+def _unsolved(
+    unsolved: _Unsolved, objective: Objective, check: EndCheck, replicas: int, prefix: str = ""
+) -> Verdict:
+    """uncertain: phi could not be measured, since y*(x) was not found at one of its points."""
+    at = unsolved.at
+    stats = {
+        "end/check_steps": float(check.check_steps),
+        "end/replicas": float(replicas),
+        "end/float64": float(objective.dtype == torch.float64),
+        "end/unsolved_phi": at["phi"],
+        "end/unsolved_residual": at["residual"],
+        "end/unsolved_iterations": at["iterations"],
+        "end/unsolved_y_start": at["y_start"],
+        "end/unsolved_y_end": at["y_end"],
+    }
+    reason = (
+        f"uncertain: phi = f(x, y*(x)) could not be measured {prefix}at {unsolved.where}: "
+        f"y*(x) = argmin_y g(x, y) on g's rows was not found (L-BFGS spent its budget, "
+        f"{at['iterations']:.0f} iterations, still descending, its gradient at "
+        f"{at['residual']:.2g} of its "
+        f"starting size, ||y|| from {at['y_start']:.4g} to {at['y_end']:.4g}); f at the "
+        f"budget's end ({at['phi']:.4g}) moves with the budget, so it is not phi. g(x, .) may "
+        "have no minimiser on these rows (an output head that can memorise them, whose weights "
+        "grow without bound): the certificate needs a lower level with one (more rows for g, "
+        "or a penalty on y); meanwhile compare the methods on held-out metrics"
+    )
+    return Verdict(False, "uncertain", reason, stats, f"compare with {check.corrected}")
 
 
 def _decide(

@@ -10,7 +10,15 @@ whole tensors (at most ``max_rows`` rows per level, strided, so that a large set
 pass); a pair of batch sources is its first ``source_batches`` batches per level, averaged.
 A float32 problem with at most ``max_promote`` parameters is evaluated in float64 where the
 problem accepts float64 inputs (its losses are tried once): differences of phi at the 1e-6
-level would otherwise sit at float32's rounding of the solve.
+level would otherwise sit at float32's rounding of the solve; one that is not is solved to at
+least sqrt(eps) (the price's floor), a tolerance its rounding allows.
+
+The solve takes at most ``solve_steps`` (:data:`SOLVE_STEPS`) L-BFGS iterations, each one
+evaluation of g on its rows (of the head alone, for a
+:class:`~bilevel_ray.problem.FeatureProblem`). A solve that spends them all still descending
+has not found y*(x) and is reported as such (``solved`` = 0): on a lower level without a
+minimiser (an output head that memorises g's rows) f at the iterate moves with the budget, so
+the value is not phi, and the end check stops there instead of paying the budget at every point.
 """
 
 from __future__ import annotations
@@ -24,12 +32,18 @@ import torch
 from torch import Tensor
 
 from bilevel_ray.data import BilevelBatch, FullBatch, Minibatches, _sample_count, _take
-from bilevel_ray.diagnostics.responses import level_losses, minimize, norm
+from bilevel_ray.diagnostics.responses import lbfgs_solve, level_losses, norm
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.solvers.base import grads_of, identity_reduce
 from bilevel_ray.tree import Params
 
-__all__ = ["Objective"]
+__all__ = ["SOLVE_STEPS", "Objective"]
+
+# L-BFGS iterations y*(x) may take. A lower level with a minimiser near the run's y is solved to
+# 1e-7 in tens of iterations (at most 150 in the test suite, on a float64 network); one that
+# uses them all without meeting the tolerance or stalling at rounding has not found y*(x), and
+# iterating on only moves phi (a head that memorises g's rows: its weights grow without bound).
+SOLVE_STEPS = 250
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -73,7 +87,7 @@ class Objective:
         data: Any,
         eval_data: Any = None,
         *,
-        solve_steps: int = 500,
+        solve_steps: int = SOLVE_STEPS,
         solve_rtol: float = 1e-7,
         max_promote: int = 2_000_000,
     ):
@@ -115,8 +129,11 @@ class Objective:
         return f_of, g_of
 
     def at(self, x: Params, y: Params) -> dict[str, float]:
-        """``{"phi", "held", "residual"}`` at x, y*(x) solved from ``y``: phi on f's rows, f on
-        the held-out rows (NaN without them) and the solve's relative gradient residual."""
+        """``{"phi", "held", "residual", "solved", "iterations", "y_start", "y_end"}`` at x,
+        y*(x) solved from ``y``: phi on f's rows, f on the held-out rows (NaN without them), the
+        solve's relative gradient residual, whether it found y*(x) (1.0; 0.0 where it ran out of
+        its ``solve_steps`` iterations still descending: phi is then f where the budget ended,
+        and the held-out value is not computed), the iterations it took, ||y|| and ||y*||."""
         if self.dtype is None:
             self.dtype = self._promote(x, y) or next(iter(x.values())).dtype
         if next(iter(x.values())).dtype != self.dtype:
@@ -126,14 +143,29 @@ class Objective:
             rows, held = self.rows, self.held
         f_of, g_of = self._losses(x, rows)
         _, _, (grad,) = grads_of(lambda y_: (g_of(y_), {}), [y], identity_reduce)
-        scale = max(norm(grad), torch.finfo(self.dtype).eps ** 0.5)
-        y_star, residual = minimize(
-            g_of, y, self.solve_steps, 0.0, "lbfgs", self.solve_rtol * scale
-        )
+        floor = torch.finfo(self.dtype).eps ** 0.5
+        scale = max(norm(grad), floor)
+        # A tolerance below the dtype's rounding cannot be met (a float32 problem that is not
+        # promoted): floored at sqrt(eps), as the price's solves are (diagnose).
+        rtol = max(self.solve_rtol, floor)
+        solve = lbfgs_solve(g_of, y, self.solve_steps, rtol * scale)
+        y_star = solve.y
         with torch.no_grad():
             phi = float(f_of(y_star))
-            out = math.nan if held is None else float(self.problem.upper_loss(x, y_star, held))
-        return {"phi": phi, "held": out, "residual": residual / scale}
+            out = (
+                math.nan
+                if held is None or solve.exhausted
+                else float(self.problem.upper_loss(x, y_star, held))
+            )
+        return {
+            "phi": phi,
+            "held": out,
+            "residual": solve.residual / scale,
+            "solved": 0.0 if solve.exhausted else 1.0,
+            "iterations": float(solve.iterations),
+            "y_start": norm(y),
+            "y_end": norm(y_star),
+        }
 
     def rounding(self, value: float) -> float:
         """The smallest difference of phi this evaluation resolves near ``value``."""

@@ -27,7 +27,9 @@ from bilevel_ray.updates import make_update
 
 __all__ = [
     "Responses",
+    "Solve",
     "as_batch",
+    "lbfgs_solve",
     "level_losses",
     "lower_responses",
     "minimize",
@@ -117,10 +119,29 @@ def minimize(
 def _solve_lbfgs(
     objective: Callable[[Params], Tensor], y: Params, steps: int, stop: float
 ) -> tuple[Params, float]:
-    """As :func:`minimize` with L-BFGS and a strong-Wolfe line search (torch.optim.LBFGS): on a
-    smooth lower level it reaches a tight tolerance in tens of gradients where Adam needs
-    hundreds, which is what keeps a run's diagnostic cheap. Gradients are taken with respect to
-    y only (``autograd.grad``), so frozen parameters of a module problem gain no ``.grad``."""
+    """As :func:`minimize` with L-BFGS (:func:`lbfgs_solve`)."""
+    solved = lbfgs_solve(objective, y, steps, stop)
+    return solved.y, solved.residual
+
+
+class Solve(NamedTuple):
+    """An L-BFGS solve's end: the iterate (detached), its gradient norm, the iterations taken,
+    and whether it stopped on its budget (``steps`` iterations or their evaluations) with the
+    gradient still above ``stop``: then it had neither met the tolerance nor stalled at the
+    dtype's rounding, and the iterate is where the budget ran out, not a solution."""
+
+    y: Params
+    residual: float
+    iterations: int
+    exhausted: bool
+
+
+def lbfgs_solve(objective: Callable[[Params], Tensor], y: Params, steps: int, stop: float) -> Solve:
+    """Up to ``steps`` L-BFGS iterations on ``objective`` from a copy of y, with a strong-Wolfe
+    line search (torch.optim.LBFGS), stopping once ||grad|| <= stop: on a smooth lower level it
+    reaches a tight tolerance in tens of gradients where Adam needs hundreds, which is what
+    keeps a run's diagnostic cheap. Gradients are taken with respect to y only
+    (``autograd.grad``), so frozen parameters of a module problem gain no ``.grad``."""
     y = {k: v.detach().clone().requires_grad_(True) for k, v in y.items()}
     leaves = list(y.values())
     # L-BFGS tests the largest gradient entry; stop / sqrt(n) bounds the norm by ``stop``.
@@ -145,9 +166,13 @@ def _solve_lbfgs(
         return loss.detach()
 
     opt.step(closure)
+    state, group = opt.state[leaves[0]], opt.param_groups[0]
+    iterations = int(state.get("n_iter", 0))
+    budget = iterations >= group["max_iter"] or state.get("func_evals", 0) >= group["max_eval"]
     y = {k: v.detach() for k, v in y.items()}
     _, _, (grad,) = grads_of(lambda y_: (objective(y_), {}), [y], identity_reduce)
-    return y, norm(grad)
+    residual = norm(grad)
+    return Solve(y, residual, iterations, budget and residual > stop)
 
 
 def solve_scale(
