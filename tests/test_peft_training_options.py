@@ -181,3 +181,18 @@ def test_a_step_leaves_no_cycle_that_keeps_its_activations():
     finally:
         gc.enable()
     assert alive == []
+
+
+def test_the_head_is_applied_at_the_scored_positions_only():
+    """log pi from the hidden states at the scored positions equals log pi from every
+    position's logits (the head's work on prompts and padding is never used)."""
+    from bilevel_ray.problems.dpo_sft_losses import head_logprob, sequence_logprob
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    weight = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+    ids = torch.randint(11, (3, 7), generator=gen)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 3:], mask[1, 5:6], mask[2, 2:4] = True, True, True
+    whole = sequence_logprob(features @ weight.T, ids, mask)
+    assert torch.allclose(head_logprob(features, weight, None, ids, mask), whole, atol=1e-12)

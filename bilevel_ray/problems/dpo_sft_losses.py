@@ -29,12 +29,15 @@ __all__ = [
     "REFERENCE_BYTES",
     "batch_tokens",
     "dpo_from_logits",
+    "dpo_from_logprob",
     "dpo_loss",
+    "head_logprob",
     "on_device",
     "preference_ids",
     "preference_metrics",
     "sequence_logprob",
     "sft_from_logits",
+    "sft_from_logprob",
     "sft_loss",
     "trimmed",
     "with_reference",
@@ -93,10 +96,30 @@ def preference_ids(b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 def dpo_from_logits(logits: Tensor, b: dict[str, Tensor], beta: float) -> Tensor:
     """f from the logits of the chosen then the rejected sequences (one batch of 2n)."""
     ids, mask = preference_ids(b)
-    logp = sequence_logprob(logits, ids, mask)
+    return dpo_from_logprob(sequence_logprob(logits, ids, mask), b, beta)
+
+
+def dpo_from_logprob(logp: Tensor, b: dict[str, Tensor], beta: float) -> Tensor:
+    """f from log pi of the chosen then the rejected responses ([2n])."""
     n = len(b["chosen"])
     margin = (logp[:n] - b["ref_chosen"]) - (logp[n:] - b["ref_rejected"])
     return -F.logsigmoid(beta * margin).mean()
+
+
+def head_logprob(
+    features: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor
+) -> Tensor:
+    """[n] log pi of the scored tokens from the decoder's last hidden states ``features`` and
+    the head (``weight``, ``bias``): the head is applied at the scored positions only (a
+    prompt's and the padding's logits are never used: a third of the positions on short
+    answers, and at a 128k vocabulary the logits of every position are the step's largest
+    tensor). Equal to :func:`sequence_logprob` of the head's logits up to rounding."""
+    scored = mask[:, 1:]  # position t predicts token t + 1
+    logits = F.linear(features[:, :-1][scored], weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits, ids[:, 1:][scored], reduction="none")
+    rows = scored.nonzero()[:, 0]
+    return -torch.zeros(len(ids), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
 
 
 def sft_from_logits(logits: Tensor, b: dict[str, Tensor]) -> Tensor:
@@ -106,11 +129,14 @@ def sft_from_logits(logits: Tensor, b: dict[str, Tensor]) -> Tensor:
     same estimate of the per-token NLL, and a mean over rows, so data-parallel ranks that each
     average their slice reproduce one worker's batch exactly (a per-batch token count would
     weight the ranks unequally)."""
-    ids, mask = b["ids"], b["mask"]
-    logp = sequence_logprob(logits, ids, mask)
+    return sft_from_logprob(sequence_logprob(logits, b["ids"], b["mask"]), b)
+
+
+def sft_from_logprob(logp: Tensor, b: dict[str, Tensor]) -> Tensor:
+    """g from log pi of the instruction responses ([n]), weighted as :func:`sft_from_logits`."""
     if "token_scale" in b:
         return -(logp * b["token_scale"].to(logp.dtype)).mean()
-    return -logp.sum() / mask[:, 1:].sum()
+    return -logp.sum() / b["mask"][:, 1:].sum()
 
 
 def on_device(batch: dict[str, Tensor], device: Any) -> dict[str, Tensor]:

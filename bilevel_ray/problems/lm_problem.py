@@ -15,18 +15,18 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bilevel_ray.problems.dpo_sft_losses import (
     batch_tokens,
-    dpo_from_logits,
+    dpo_from_logprob,
+    head_logprob,
     on_device,
     preference_ids,
     preference_metrics,
     reference_chunk,
     sequence_logprob,
-    sft_from_logits,
+    sft_from_logprob,
 )
 from bilevel_ray.tree import Params
 
@@ -128,10 +128,12 @@ class PeftDpoSft(LanguageModelMetrics):
 
     def head_loss(self, y: Params, features: Tensor, batch: Any, level: str) -> Tensor:
         b = on_device(batch, self.device)
-        logits = F.linear(features, y[f"{self.head_name}.weight"], y.get(f"{self.head_name}.bias"))
+        ids, mask = preference_ids(b) if level == "upper" else (b["ids"], b["mask"])
+        weight, bias = y[f"{self.head_name}.weight"], y.get(f"{self.head_name}.bias")
+        logp = head_logprob(features, weight, bias, ids, mask)
         if level == "upper":
-            return dpo_from_logits(logits, b, self.beta)
-        return sft_from_logits(logits, b)
+            return dpo_from_logprob(logp, b, self.beta)
+        return sft_from_logprob(logp, b)
 
 
 def structured(
