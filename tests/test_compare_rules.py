@@ -250,7 +250,7 @@ def test_compare_json_records_what_reruns_it(tmp_path, monkeypatch, capsys):
     """The plan comes first on stderr (before the diagnostic and the runs), and compare.json
     holds the budget, the seeds, each method's settings and the command that reruns it."""
 
-    def no_ray(plan, methods, seeds, storage, name, address, watch):
+    def no_ray(plan, methods, seeds, storage, name, where, watch, extra):
         Path(plan.folder).mkdir(parents=True, exist_ok=True)
         return [_run(m, s, 0.1 if m == "alt_pbgd" else 0.2) for m in methods for s in range(seeds)]
 
@@ -287,7 +287,7 @@ def test_compare_json_records_what_reruns_it(tmp_path, monkeypatch, capsys):
 
 
 def test_quiet_prints_no_plan(tmp_path, monkeypatch, capsys):
-    def no_ray(plan, methods, seeds, storage, name, address, watch):
+    def no_ray(plan, methods, seeds, storage, name, where, watch, extra):
         Path(plan.folder).mkdir(parents=True, exist_ok=True)
         return [_run(m, 0, 0.1) for m in methods]
 

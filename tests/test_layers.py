@@ -75,6 +75,9 @@ RULES = {
             "bilevel_ray.cli",
         ),
     ),
+    # Tracking (MLflow, TensorBoard, Ray's callbacks): every runtime uses it, so it imports
+    # none of them, nor the command line; Ray only lazily, where Ray work runs.
+    "tracking": (_modules("tracking"), ("bilevel_ray.runtime", "bilevel_ray.cli")),
     "tune": (
         _modules("runtime", "tune"),
         ("bilevel_ray.runtime.compare", "bilevel_ray.runtime.report", "bilevel_ray.cli"),

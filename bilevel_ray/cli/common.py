@@ -131,6 +131,39 @@ def run_options(
         )
 
 
+def tracking_options(command: argparse.ArgumentParser) -> None:
+    """``--mlflow``, ``--tensorboard`` and ``--experiment``: where the run's rows go besides
+    its own files (Ray's callbacks, stoppers and runtime_env are Python keywords only)."""
+    group = command.add_argument_group("tracking")
+    group.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="log the settings as parameters and every history row as metrics to this MLflow "
+        "store: sqlite:///mlflow.db, a folder, or a tracking server's http://host:5000 "
+        "(needs pip install 'bilevel_ray[mlflow]')",
+    )
+    group.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="write every history row as TensorBoard event files to DIR/EXPERIMENT/RUN "
+        "(needs pip install 'bilevel_ray[tensorboard]'); view: tensorboard --logdir DIR",
+    )
+    group.add_argument(
+        "--experiment",
+        metavar="NAME",
+        help="the MLflow experiment, and TensorBoard's first folder (default: bilevel_ray)",
+    )
+
+
+def tracking_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The tracking flags as the entry points' keywords."""
+    return {
+        "mlflow": getattr(args, "mlflow", None),
+        "tensorboard": getattr(args, "tensorboard", None),
+        "experiment": getattr(args, "experiment", None),
+    }
+
+
 def out_option(command: argparse.ArgumentParser, help: str) -> None:
     command.add_argument("--out", type=Path, metavar="DIR", help=help)
 

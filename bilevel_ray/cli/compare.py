@@ -51,6 +51,7 @@ def add_parser(commands: Any) -> None:
     compare_cmd.add_argument("--name", default="compare", help="the comparison's folder name")
     compare_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
     common.output_options(compare_cmd)
+    common.tracking_options(compare_cmd)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
         progress=not args.quiet,
         rank_by=args.rank_by,
+        **common.tracking_values(args),
         **common.key_values(args.set, "--set"),
     )
     print(format_table(result))

@@ -37,6 +37,7 @@ def add_parser(commands: Any) -> None:
     )
     common.output_options(solve_cmd)
     common.threads_option(solve_cmd)
+    common.tracking_options(solve_cmd)
     solve_cmd.add_argument(
         "--address", help="run the solve as a task on this Ray cluster (default: here, no Ray)"
     )
@@ -92,9 +93,12 @@ def solve_problem(
 
 def run(args: argparse.Namespace) -> int:
     from bilevel_ray.records.manifest import now
+    from bilevel_ray.tracking import attach_files, open_tracking
 
     started = now()
     problem_config, settings = common.read_options(args)
+    # Checked, and the experiment opened, here: a task on a cluster receives the settings.
+    tracking = open_tracking(**common.tracking_values(args))
     expect_data = None
     if args.schedule is not None:
         problem_config, settings = _replay(args, problem_config, settings)
@@ -105,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         **common.run_flag_values(args),  # args.seed: 0, or the --schedule file's
         **settings,
     )
+    if tracking is not None:
+        run["mlflow"] = tracking
     if args.address is not None:
         from bilevel_ray.runtime.cluster.remote import on_cluster
 
@@ -123,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
             args.problem, problem_config, args.method, args.threads, expect_data, **run
         )
     common.show_result(args, problem_config, result, started)
+    if args.out is not None and result.tracking is not None:
+        # Written after the run ended: attached to its MLflow run now (not result.pt: a
+        # model's parameters can be gigabytes, and the manifest names its hash).
+        files = ("history.parquet", "run.json", "manifest.json")
+        attach_files(tracking, result.tracking.get("mlflow_run_id"), [args.out / f for f in files])
     return common.status_code(result)
 
 

@@ -54,6 +54,7 @@ def add_parser(commands: Any) -> None:
         help="CPUs each worker reserves (default 1)",
     )
     train_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+    common.tracking_options(train_cmd)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,11 +83,24 @@ def run(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         address=args.address,
         progress=common.progress_enabled(args),
+        **common.tracking_values(args),
         **common.run_flag_values(args),
         **options,
     )
     if args.out is not None:
         args.out = args.out / name  # the run's own folder: its files never overwrite another's
     common.show_result(args, problem_config, result)
+    if args.out is not None and result.tracking is not None:
+        _attach_run_files(args, result)
     print(f"  run {name!r}: rerun with --name {name} (and the same --out) to resume or extend it")
     return common.status_code(result)
+
+
+def _attach_run_files(args: argparse.Namespace, result: Any) -> None:
+    """The files written after ``br.train`` returned, attached to its MLflow run (the
+    manifest again: the command line added these files' hashes to it)."""
+    from bilevel_ray.tracking import attach_files, open_tracking
+
+    tracking = open_tracking(**common.tracking_values(args))
+    files = ("history.parquet", "run.json", "manifest.json")
+    attach_files(tracking, result.tracking.get("mlflow_run_id"), [args.out / f for f in files])

@@ -102,6 +102,7 @@ def add_parser(commands: Any) -> None:
         help="continue an interrupted sweep without rerunning finished trials",
     )
     tune_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
+    common.tracking_options(tune_cmd)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
         max_failures=args.max_failures,
         progress=not args.quiet,
+        **common.tracking_values(args),
         **common.run_flag_values(args),
         **settings,
     )

@@ -6,7 +6,8 @@ nor tensorboardX: each is imported where it is used.
 
 * :mod:`.settings`: :class:`TrackingSettings`, checked on the driver before Ray starts;
   :mod:`.uris`, the MLflow tracking URIs it takes; :mod:`.store`, opening the store and the
-  experiment (:func:`open_experiment`).
+  experiment (:func:`open_experiment`); :mod:`.entry`, what every entry point does with its
+  tracking keywords (:func:`open_tracking`, :func:`attach_files`).
 * :mod:`.rows`: :class:`RowTracker`, every logged history row from the process that runs the
   steps (rank 0 of a worker group); :mod:`.mlflow_runs` opens its MLflow run (Ray's
   ``setup_mlflow`` inside Ray work), :mod:`.event_files` its TensorBoard files;
@@ -18,6 +19,7 @@ nor tensorboardX: each is imported where it is used.
 
 from __future__ import annotations
 
+from bilevel_ray.tracking.entry import attach_files, open_tracking, run_status
 from bilevel_ray.tracking.ray_objects import (
     check_runtime_env,
     check_stop,
@@ -35,6 +37,7 @@ __all__ = [
     "RowTracker",
     "TrackerSink",
     "TrackingSettings",
+    "attach_files",
     "check_runtime_env",
     "check_stop",
     "check_train_callbacks",
@@ -42,6 +45,8 @@ __all__ = [
     "end_sweep_run",
     "open_experiment",
     "open_sweep_run",
+    "open_tracking",
+    "run_status",
     "sweep_callbacks",
     "tracking_settings",
     "trial_tracker",

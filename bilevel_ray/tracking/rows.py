@@ -92,6 +92,11 @@ class RowTracker:
         return self._run.run_id if self._run is not None else None
 
     @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called."""
+        return self._started
+
+    @property
     def logdir(self) -> Path | None:
         """This run's TensorBoard folder (None without TensorBoard)."""
         if self.settings.tensorboard is None:

@@ -20,8 +20,10 @@ class TrackerSink:
     """Logs each step's row (when one was logged), after ``also`` (a further sink, which may
     add to the row or end the run) has had the step."""
 
-    def __init__(self, tracker: RowTracker, also: Any = None):
-        self.tracker, self.also = tracker, also
+    def __init__(self, tracker: RowTracker, also: Any = None, params: Any = None):
+        """``params``: with a tracker not started yet, it starts at the loop's first step
+        with these (so that input the run refuses before its first step leaves no run)."""
+        self.tracker, self.also, self.params = tracker, also, params
         self._first = True
 
     def before_step(self, step: int) -> None:
@@ -30,6 +32,8 @@ class TrackerSink:
         if self._first:
             self._first = False
             self.tracker.first_step = step
+            if not self.tracker.started:
+                self.tracker.start(self.params)
         if self.also is not None:
             self.also.before_step(step)
 

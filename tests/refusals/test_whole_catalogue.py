@@ -16,6 +16,7 @@ from . import (
     test_paths,
     test_records,
     test_settings,
+    test_tracking,
     test_user_code,
 )
 from .catalogue import OBSERVED, catalogue_markdown, observe, prepare
@@ -29,6 +30,7 @@ CLASSES = {
     "data": test_data,
     "cli": test_cli,
     "records": test_records,
+    "tracking": test_tracking,
 }
 ALL = [(kind, case) for kind, module in CLASSES.items() for case in module.CASES]
 CASES = [case for _, case in ALL]

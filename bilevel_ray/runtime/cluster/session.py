@@ -14,11 +14,25 @@ import ray
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.local.run_spec import verbose
 
-__all__ = ["connect", "quiet_train_worker", "steady_working_dir"]
+__all__ = ["check_can_set_runtime_env", "connect", "quiet_train_worker", "steady_working_dir"]
 
 
-def connect(address: str | None = None) -> int:
+def check_can_set_runtime_env(runtime_env: object) -> None:
+    """Refuse a ``runtime_env`` this process cannot give its Ray job: a runtime environment is
+    set when Ray starts, and Ray is already initialised here (a ``ray.init`` of the caller's,
+    or an earlier call's). Checked before any work, not when connecting."""
+    if runtime_env is not None and ray.is_initialized():
+        raise ConfigError(
+            "runtime_env: Ray is already initialised in this process, and a job's runtime "
+            "environment is set when Ray starts; pass runtime_env to your own ray.init(...) "
+            "instead, or call without ray.init first"
+        )
+
+
+def connect(address: str | None = None, runtime_env: object = None) -> int:
     """Make sure this process is connected to Ray; returns the number of GPUs in the cluster.
+    ``runtime_env``: the Ray job's runtime environment (every task's and actor's), passed to
+    ``ray.init`` (refused where Ray is already initialised: :func:`check_can_set_runtime_env`).
 
     A local Ray starts on the loopback address and without the dashboard: nothing of it is
     reachable from another machine.
@@ -36,6 +50,7 @@ def connect(address: str | None = None) -> int:
         # Tune's newer console output prints a box of the experiment's settings and a
         # TensorBoard hint around every fit, whatever its verbosity; sweeps print their own lines.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    check_can_set_runtime_env(runtime_env)
     if not ray.is_initialized():
         if quiet:
             logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices on the driver
@@ -46,6 +61,7 @@ def connect(address: str | None = None) -> int:
                 _node_ip_address="127.0.0.1" if address is None else None,
                 include_dashboard=False if address is None else None,
                 log_to_driver=True,
+                runtime_env=runtime_env,
                 logging_config=ray.LoggingConfig(log_level="ERROR") if quiet else None,
             )
         except (ConnectionError, ValueError) as err:  # unreachable, or not an address at all

@@ -22,6 +22,7 @@ what reruns it; :mod:`bilevel_ray.runtime.compare.output`) and ``compare.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,19 +34,35 @@ from ray import tune as ray_tune
 from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.records.fingerprint import fingerprinted_spec
-from bilevel_ray.records.manifest import now
-from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
+from bilevel_ray.records.manifest import MANIFEST, now
+from bilevel_ray.runtime.cluster.session import (
+    check_can_set_runtime_env,
+    connect,
+    steady_working_dir,
+)
 from bilevel_ray.runtime.compare.checks import check_arguments, new_folder
 from bilevel_ray.runtime.compare.diagnostic import run_diagnostic
 from bilevel_ray.runtime.compare.finish import finish
 from bilevel_ray.runtime.compare.outcome import CompareResult
 from bilevel_ray.runtime.compare.plan import Estimate, Heartbeat, estimate_for, plan_line, say
 from bilevel_ray.runtime.compare.progress import RunProgress
-from bilevel_ray.runtime.compare.record import end_record, start_record
+from bilevel_ray.runtime.compare.record import OUTPUTS, end_record, start_record
 from bilevel_ray.runtime.compare.trial import ComparePlan, run_compare_trial, start_phi
 from bilevel_ray.runtime.local.run_spec import check_run_name
 from bilevel_ray.runtime.local.spec_check import check_spec
+from bilevel_ray.runtime.tune.driver import Extras
+from bilevel_ray.runtime.tune.plan import factory_name
 from bilevel_ray.runtime.tune.preflight import first_step
+from bilevel_ray.tracking import (
+    check_runtime_env,
+    check_stop,
+    check_tune_callbacks,
+    end_sweep_run,
+    open_sweep_run,
+    open_tracking,
+    run_status,
+    sweep_callbacks,
+)
 
 __all__ = ["CompareResult", "compare"]
 
@@ -64,6 +81,13 @@ def compare(
     gap_steps: int = 50,
     rank_by: str | None = None,
     progress: bool = True,
+    mlflow: Any = None,
+    tensorboard: str | None = None,
+    experiment: str | None = None,
+    tags: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    stop: Any = None,
+    runtime_env: dict[str, Any] | None = None,
     **fixed: Any,
 ) -> CompareResult:
     """Run ``methods`` (default: every method) for ``budget_s`` seconds of their own steps
@@ -85,6 +109,12 @@ def compare(
             "final" (where the budget ended it); default: "best" where the held-out upper rows
             split in two, else "final". The table has both.
         progress: the plan, then lines on stderr as the comparison goes.
+        mlflow, tensorboard, experiment, tags: as in ``br.tune``: a parent MLflow run named
+            ``name`` (its files, the figure included, as artifacts) and one run per (method,
+            seed) nested under it, every logged row as metrics (the scored ones with their
+            held-out scores).
+        callbacks, stop, runtime_env: as in ``br.tune`` (Tune's callbacks and stopping rule
+            for the runs; the Ray job's runtime environment).
         **fixed: solver settings for every method they apply to (the problem's suggestions
             fill in the rest).
     """
@@ -92,6 +122,14 @@ def compare(
     problem_config = dict(problem_config or {})
     methods = check_arguments(methods, budget_s, seeds, num_workers, gap_steps, rank_by)
     name, budget_s = check_run_name(name), float(budget_s)
+    tracking = open_tracking(mlflow, tensorboard, experiment=experiment, tags=tags)
+    extra = Extras(
+        tracking,
+        callbacks=check_tune_callbacks(callbacks, tracking.mlflow if tracking else None),
+        stop=check_stop(stop, reported=_reported(stop)),
+    )
+    runtime_env = check_runtime_env(runtime_env)
+    check_can_set_runtime_env(runtime_env)
     spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
     check_spec(spec, needs_eval=True)
     ready = _prepare(
@@ -113,18 +151,34 @@ def compare(
     )  # fmt: skip
     if progress:
         say(plan_line(sorted(ready.settings), seeds, ready.estimate, ranked))
-    with recorder.running():
-        verdict, took = None, None
-        if "pbgd_free" in ready.settings:
-            verdict, took = run_diagnostic(factory, problem_config, ready.estimate, progress)
-        plan, runs = _run_methods(
-            factory, problem_config, spec, ready, budget_s, seeds, gap_steps, name, address,
-            progress,
-        )  # fmt: skip
-        result = finish(
-            factory, problem_config, fixed, arguments, ready, runs, verdict, took, ranked, began
-        )
-    end_record(recorder, runs, result, plan)
+    sweep = None
+    if tracking is not None:
+        params = {**arguments, "problem": factory_name(factory), "fixed": fixed}
+        sweep = open_sweep_run(tracking, name, params)
+        extra = dataclasses.replace(extra, parent_run_id=sweep.run_id)
+    try:
+        with recorder.running():
+            verdict, took = None, None
+            if "pbgd_free" in ready.settings:
+                verdict, took = run_diagnostic(factory, problem_config, ready.estimate, progress)
+            plan, runs = _run_methods(
+                factory, problem_config, spec, ready, budget_s, seeds, gap_steps, name,
+                (address, runtime_env), progress, extra,
+            )  # fmt: skip
+            result = finish(
+                factory, problem_config, fixed, arguments, ready, runs, verdict, took, ranked,
+                began,
+            )  # fmt: skip
+        end_record(recorder, runs, result, plan)
+    except BaseException as err:
+        if sweep is not None:
+            end_sweep_run(sweep, run_status(err))
+        raise
+    if sweep is not None:
+        for file in (*OUTPUTS, MANIFEST):
+            if (ready.folder / file).is_file():
+                sweep.log_artifact(ready.folder / file)
+        end_sweep_run(sweep, "completed" if result.recommendation.get("method") else "FAILED")
     if progress:
         say(f"done in {result.plan['took_s']:.0f} s (estimated {ready.planned['total_s']:.0f} s)")
     return result
@@ -207,11 +261,12 @@ def _run_methods(
     seeds: int,
     gap_steps: int,
     name: str,
-    address: str | None,
+    where: tuple[str | None, Any],
     progress: bool,
+    extra: Extras,
 ) -> tuple[ComparePlan, list[dict[str, Any]]]:
     """The runs' shared plan, and every (method, seed) run's final report, then a row for each
-    method that cannot run."""
+    method that cannot run; ``where`` is (address, runtime_env)."""
     steps = int(spec.defaults.get("steps", 1000))
     plan = ComparePlan(
         _shipped(factory),
@@ -222,9 +277,11 @@ def _run_methods(
         report_every=max(1, steps // 100),
         gap_steps=gap_steps,
         folder=str(ready.folder),
+        tracking=extra.tracking,
+        tracking_parent=extra.parent_run_id,
     )
     watch = RunProgress(ready.estimate, ready.start, quiet=not progress)
-    runs = _run_all(plan, sorted(ready.settings), seeds, ready.storage, name, address, watch)
+    runs = _run_all(plan, sorted(ready.settings), seeds, ready.storage, name, where, watch, extra)
     runs += [
         {"method": m, "seed": None, "status": "not applicable", "reason": why}
         for m, why in ready.failed.items()
@@ -238,11 +295,13 @@ def _shipped(factory: Any) -> Any:
     return portable_factory(factory)
 
 
-def _run_all(plan, methods, seeds, storage, name, address, watch) -> list[dict[str, Any]]:
+def _run_all(plan, methods, seeds, storage, name, where, watch, extra) -> list[dict[str, Any]]:
     """Every (method, seed) as a Tune trial; their final reports."""
     Path(plan.folder).mkdir(parents=True, exist_ok=True)
     with steady_working_dir(plan.folder):
-        connect(address)
+        connect(*where)
+        if extra.tracking is not None:
+            extra.tracking.check_cluster(len(ray.nodes()))
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         if cpus != watch.estimate.concurrent:
             watch.estimate.concurrent, watch.estimate.ray_start_s = cpus, 0.0
@@ -260,7 +319,11 @@ def _run_all(plan, methods, seeds, storage, name, address, watch) -> list[dict[s
             },
             tune_config=ray_tune.TuneConfig(num_samples=1, max_concurrent_trials=cpus),
             run_config=ray_tune.RunConfig(
-                name=name, storage_path=str(storage), verbose=0, callbacks=[watch]
+                name=name,
+                storage_path=str(storage),
+                verbose=0,
+                callbacks=sweep_callbacks(extra.tracking, [*extra.callbacks, watch]),
+                stop=extra.stop,
             ),
         )
         with watch.heartbeat:
@@ -294,3 +357,15 @@ _RUN_COLUMNS = (
     "peak_rss_mb",
     "rss_growth_mb",
 )
+
+
+def _reported(stop: Any) -> set[str] | None:
+    """What a comparison's runs report to Tune (once, at their end), for a stopping rule's
+    names: the run's columns, Tune's own keys, and a problem's held-out numbers (``eval/...``,
+    known only once it runs)."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    if not isinstance(stop, dict):
+        return None
+    held_out = {k for k in stop if str(k).startswith("eval/")}
+    return {*_RUN_COLUMNS, *AUTO_RESULT_KEYS, "trial_id", "done", *held_out}

@@ -45,7 +45,7 @@ from bilevel_ray.runtime.local.checkpoint import tensor_bytes
 from bilevel_ray.runtime.local.history import write_parquet
 from bilevel_ray.runtime.local.output_files import atomic_write
 from bilevel_ray.runtime.local.run_spec import RunSpec
-from bilevel_ray.runtime.local.solve import run_spec_local, solver_config
+from bilevel_ray.runtime.local.solve import run_params, run_spec_local, solver_config
 from bilevel_ray.runtime.local.threads import use_cpus
 from bilevel_ray.runtime.tune.outcome import one_line
 
@@ -79,6 +79,10 @@ class ComparePlan:
     report_every: int
     gap_steps: int
     folder: str
+    # The comparison's checked TrackingSettings and its parent MLflow run's id: each run logs
+    # every row to a run of its own, nested under it (None: not tracked).
+    tracking: Any = None
+    tracking_parent: str | None = None
 
 
 def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
@@ -92,13 +96,17 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
         spec = build_spec(plan.factory, {**plan.problem_config, "device": "cpu"})
         settings = solver_config(method, dict(plan.settings[method]))
         sink = _BudgetSink(spec, plan, method, seed)
+        run = RunSpec(plan.max_steps, seed, plan.report_every)
+        sink.tracker = _tracker(plan, settings, run, point)
         status, reason, held_out = "completed", None, {}
         try:  # the sink ends the run once its budget is spent
-            result = run_spec_local(
-                spec, settings, RunSpec(plan.max_steps, seed, plan.report_every), also=sink
-            )
+            result = run_spec_local(spec, settings, run, also=sink, tracker=sink.tracker)
             held_out = result.held_out
             _keep_params(plan.folder, name, result)
+            if sink.tracker is not None:
+                if held_out:
+                    sink.tracker.log_row({"step": result.state.step, **held_out})
+                sink.tracker.end(result.status)
         except DivergenceError as err:
             status, reason = "diverged", f"diverged at step {err.step}: {err.metric} not finite"
         write_parquet(
@@ -127,6 +135,18 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
         )
     except Exception as err:  # the run's own code raised: a result, with its reason
         ray_tune.report({"status": "error", "reason": one_line(err)})
+
+
+def _tracker(plan: ComparePlan, settings: Any, run: RunSpec, point: dict[str, Any]) -> Any:
+    """This run's tracked run (Ray's ``setup_mlflow`` in the trial, nested under the
+    comparison's), or None when untracked."""
+    if plan.tracking is None:
+        return None
+    from bilevel_ray.tracking import trial_tracker
+
+    params = run_params(settings, run, budget_s=plan.budget_s)
+    params["seed"] = int(point["seed"])
+    return trial_tracker(plan.tracking, plan.tracking_parent, params)
 
 
 def _keep_params(folder: str, name: str, result: Any) -> None:
@@ -245,6 +265,7 @@ class _BudgetSink:
         self.rows: list[dict[str, Any]] = []
         self.gap = math.nan
         self.state_bytes = 0
+        self.tracker: Any = None  # the run's RowTracker: every row, the scored with scores
 
     def before_step(self, step: int) -> None:
         """Nothing to do before a step."""
@@ -260,6 +281,8 @@ class _BudgetSink:
         spent = wall >= self.plan.budget_s
         final = spent or outcome.done
         if not final and wall - self.last_scored < self.plan.budget_s / SCORED_POINTS:
+            if self.tracker is not None:
+                self.tracker.log_row(outcome.row)  # a scored row goes with its scores, below
             return False
         self.last_scored = wall
         steps = TRACK_STEPS + (self.plan.gap_steps if final else 0)
@@ -278,6 +301,8 @@ class _BudgetSink:
         if final:
             self.gap = scores["eval/lower_gap"]
             self.state_bytes = tensor_bytes(state)
+        if self.tracker is not None:
+            self.tracker.log_row({**outcome.row, **scores, "wall_s": wall})
         self.scoring_s += time.perf_counter() - began
         return spent
 

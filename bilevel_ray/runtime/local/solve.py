@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,13 @@ from bilevel_ray.runtime.local.run_spec import (
 from bilevel_ray.runtime.local.watch import FlatnessWatch
 from bilevel_ray.solvers.base import GradReduce, SolverState, state_from_dict
 from bilevel_ray.solvers.compute import LossReturnError
+from bilevel_ray.tracking import RowTracker, TrackerSink, open_tracking, run_status
 from bilevel_ray.tree import Params, cuda_devices, to_device
 
 __all__ = [
     "SolveResult",
     "run_local",
+    "run_params",
     "run_spec_local",
     "solve",
     "solver_config",
@@ -97,6 +101,9 @@ class SolveResult:
     start_config: dict[str, Any] | None = None
     steps: int | None = None
     fingerprint: dict[str, Any] | None = None
+    # Where the run was tracked: ``{"mlflow_run_id": ..., "tensorboard": folder}`` (the keys
+    # of the trackers asked for), or None when it was not.
+    tracking: dict[str, str] | None = None
 
 
 def solver_config(method: str, options: dict[str, Any]) -> SolverConfig:
@@ -133,6 +140,10 @@ def solve(
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
     grad_reduce: GradReduce | None = None,
+    mlflow: Any = None,
+    tensorboard: str | os.PathLike[str] | None = None,
+    experiment: str | None = None,
+    tags: dict[str, Any] | None = None,
     **options: Any,
 ) -> SolveResult:
     """Solve ``min_x f(x, y*(x))`` from ``(x0, y0)`` with ``method``, in this process.
@@ -154,6 +165,13 @@ def solve(
         checkpoint_path, resume: save to this file every ``checkpoint_every`` steps and at the
             end; continue a saved run.
         grad_reduce: the gradient reduction (identity here; the Ray runtime injects its own).
+        mlflow: an MLflow tracking URI (``sqlite:///mlflow.db``, a folder, ``http://host:5000``;
+            needs ``pip install 'bilevel_ray[mlflow]'``): the run's settings as parameters,
+            every logged history row as metrics, ``history_path`` as an artifact.
+        tensorboard: a folder for TensorBoard event files (needs
+            ``pip install 'bilevel_ray[tensorboard]'``): every logged row, in
+            ``{tensorboard}/{experiment}/{run name}``.
+        experiment, tags: the MLflow experiment (default ``bilevel_ray``) and tags of the run.
         on_unsuitable and the other run settings below: :data:`~bilevel_ray.runtime.local.
             run_spec.RUN_OPTIONS` (with ``on_unsuitable``, the flatness diagnostic runs during
             a warm-up window and acts; see :mod:`bilevel_ray.runtime.local.watch`).
@@ -165,6 +183,7 @@ def solve(
         DivergenceError: a loss became NaN or infinite (names the step).
     """
     run_options = take_run_options(options)
+    tracking = open_tracking(mlflow, tensorboard, experiment=experiment, tags=tags)
     eval_data = problem.eval_data if isinstance(problem, ProblemSpec) else None
     if isinstance(problem, ProblemSpec):
         problem, x0, y0, data, options, steps = _from_spec(
@@ -177,6 +196,10 @@ def solve(
         )
     config = solver_config(method, options)
     spec = build_run(method, 1000 if steps is None else steps, run_options)
+    tracker = None
+    if tracking is not None:
+        # Started at the first step: input refused before it leaves no run behind.
+        tracker = RowTracker(tracking, tracking.run_name or _run_name(method))
     result = run_local(
         problem,
         x0,
@@ -190,8 +213,48 @@ def solve(
         grad_reduce=grad_reduce,
         judge=FlatnessJudge(),
         run_id="run",
+        also=None if tracker is None else TrackerSink(tracker, params=run_params(config, spec)),
+        tracker=tracker,
     )
-    return with_held_out(result, problem, eval_data)
+    result = with_held_out(result, problem, eval_data)
+    if tracker is not None:
+        _end_tracked(tracker, result, history_path)
+    return result
+
+
+def run_params(config: SolverConfig, spec: RunSpec, **more: Any) -> dict[str, Any]:
+    """A run's parameters as a tracker keeps them: the method, the steps, the seed, the
+    logging interval, ``more`` and the solver settings (``solver/lr_x``, ...)."""
+    return {
+        "method": config.method,
+        "steps": spec.steps,
+        "seed": spec.seed,
+        "report_every": spec.report_every,
+        **more,
+        "solver": {k: v for k, v in config.to_dict(strict=False).items() if k != "method"},
+    }
+
+
+def _run_name(method: str) -> str:
+    """A new run's name: MLflow tells runs apart by id, TensorBoard by folder name."""
+    return f"solve-{method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _end_tracked(tracker: RowTracker, result: SolveResult, history_path: Any) -> None:
+    """The run's held-out numbers and its history file, then its end with the run's status;
+    where it was tracked goes on the result (the command line attaches its files later)."""
+    if result.held_out:
+        tracker.log_row({"step": result.state.step, **result.held_out})
+    if history_path is not None:
+        tracker.log_artifact(history_path)
+    tracker.end(result.status)
+    result.tracking = tracked_at(tracker)
+
+
+def tracked_at(tracker: RowTracker) -> dict[str, str]:
+    """Where a run was tracked (a :class:`SolveResult`'s ``tracking``)."""
+    where = {"mlflow_run_id": tracker.run_id, "tensorboard": tracker.logdir}
+    return {k: str(v) for k, v in where.items() if v is not None}
 
 
 def with_held_out(result: SolveResult, problem: Any, eval_data: Any) -> SolveResult:
@@ -249,6 +312,7 @@ def run_local(
     also: loop.Sink | None = None,
     restore: dict[str, Any] | None = None,
     on_checkpoint: Any = None,
+    tracker: RowTracker | None = None,
 ) -> SolveResult:
     """:func:`solve` with its settings already built (also the one-worker path of ``train`` and
     a sweep's trials). ``judge`` receives the flatness watch's estimates (when ``spec.watch``);
@@ -258,7 +322,10 @@ def run_local(
     A sweep's trial keeps its checkpoints itself: ``on_checkpoint(payload)`` receives each one
     (every ``spec.checkpoint_every`` steps and at the end), and ``restore`` is a payload to
     continue from. Unlike ``resume``, ``restore`` may come with other solver settings: a
-    population-based exploit continues another trial's state with perturbed settings."""
+    population-based exploit continues another trial's state with perturbed settings.
+
+    ``tracker``: the run's :class:`~bilevel_ray.tracking.RowTracker` (fed by a sink in
+    ``also``), ended ``diverged`` or ``FAILED`` when the run raises."""
     if resume and checkpoint_path is None:
         raise ConfigError("resume=True needs checkpoint_path: pass checkpoint_path='run/ckpt.pt'")
     if spec.checkpoint_every and checkpoint_path is None and on_checkpoint is None:
@@ -326,7 +393,13 @@ def run_local(
             # The watch's early verdict was a prediction: the run's end point is certified.
             end_of_run_check(active, state, data, spec.steps, spec.seed, (x0, y0))
         except LossReturnError as err:
+            if tracker is not None:
+                tracker.end("FAILED")
             raise err.at_step(sink.step) from None
+        except BaseException as err:
+            if tracker is not None:
+                tracker.end(run_status(err))
+            raise
         finally:
             if history_path is not None:
                 write_parquet(recorder.table(), history_path)

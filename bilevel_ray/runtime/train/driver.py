@@ -30,6 +30,7 @@ from bilevel_ray.errors import ConfigError, DivergenceError
 from bilevel_ray.problem import ProblemSpec
 from bilevel_ray.problems import build_spec
 from bilevel_ray.records.fingerprint import fingerprinted_spec
+from bilevel_ray.records.manifest import MANIFEST
 from bilevel_ray.records.run_record import diverged_outcome
 from bilevel_ray.runtime.cluster.shipping import portable_factory
 from bilevel_ray.runtime.local.checkpoint import (
@@ -56,11 +57,25 @@ from bilevel_ray.runtime.local.run_spec import (
     take_run_options,
     verbose,
 )
-from bilevel_ray.runtime.local.solve import SolveResult, run_spec_local, solver_config
+from bilevel_ray.runtime.local.solve import (
+    SolveResult,
+    run_params,
+    run_spec_local,
+    solver_config,
+    tracked_at,
+)
 from bilevel_ray.runtime.local.spec_check import check_spec
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.runtime.train.record import end_record, start_record
 from bilevel_ray.solvers.base import state_from_dict
+from bilevel_ray.tracking import (
+    RowTracker,
+    TrackerSink,
+    check_runtime_env,
+    check_train_callbacks,
+    open_tracking,
+    run_status,
+)
 
 __all__ = [
     "build_spec",
@@ -90,6 +105,12 @@ def train(
     datasets: dict[str, Any] | None = None,
     batch_size: int | tuple[int, int] | None = None,
     in_process: bool | str = "auto",
+    mlflow: Any = None,
+    tensorboard: str | os.PathLike[str] | None = None,
+    experiment: str | None = None,
+    tags: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    runtime_env: dict[str, Any] | None = None,
     **solver_options: Any,
 ) -> SolveResult:
     """Run ``method`` on the factory's problem with ``num_workers`` data-parallel workers.
@@ -120,6 +141,15 @@ def train(
         in_process: ``"auto"`` runs one worker in this process when nothing needs Ray (no
             failures to survive, no GPU requested, no Ray Data, no fault hook); False always
             starts a worker group (to measure the group itself).
+        mlflow, tensorboard, experiment, tags: as in ``br.solve``: one MLflow run named
+            ``name`` (opened on a worker group's rank 0 by Ray's ``setup_mlflow``) with the
+            settings as parameters, every logged history row as metrics and the manifest as
+            an artifact; TensorBoard event files of every row.
+        callbacks: ``ray.train.UserCallback`` objects for Train's ``RunConfig`` (e.g. one
+            that sends each report elsewhere).
+        runtime_env: the workers' Ray runtime environment (Train's ``worker_runtime_env``),
+            e.g. ``{"env_vars": {"WANDB_API_KEY": "..."}, "pip": ["wandb"]}``. Callbacks and
+            a runtime_env start a worker group (they are Ray's).
 
     With ``on_unsuitable`` on a worker group, rank 0's flatness estimates go to the run's named
     judge actor (``bilevel_ray.flatness.<name>``, ``num_cpus=0``).
@@ -149,10 +179,14 @@ def train(
     # A fresh run gets a unique name; pass name= (the same one) to resume a run.
     name = check_run_name(name or default_run_name(method))
     check_output_path(name, "name", is_file=False)
+    tracking = open_tracking(mlflow, tensorboard, experiment=experiment, tags=tags, run_name=name)
+    callbacks = check_train_callbacks(callbacks) if callbacks is not None else []
+    runtime_env = check_runtime_env(runtime_env)
     storage = _run_storage(storage_path, name, spec)
     gpu_here = use_gpu == "auto" and torch.cuda.is_available()
     uri = isinstance(storage, _UriPath)  # remote storage: Train writes it, not this process
     needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
+    needs_ray = needs_ray or callbacks or runtime_env is not None
     here = num_workers == 1 and not needs_ray and in_process == "auto"
     _check_run_folder(storage / name, here, settings, run.seed, placement.num_workers)
     recorder = start_record(
@@ -167,6 +201,8 @@ def train(
         in_process=here,
         keywords=solver_options,
     )
+    params = run_params(settings, run, num_workers=num_workers)
+    tracker = None if tracking is None else RowTracker(tracking, name)
     with recorder.running(diverged_outcome) if recorder else contextlib.nullcontext():
         if here:
             result = run_spec_local(
@@ -177,9 +213,13 @@ def train(
                 resume=True,
                 judge=FlatnessJudge(),
                 run_id=name,
+                also=None if tracker is None else TrackerSink(tracker, params=params),
+                tracker=tracker,
             )
         else:
-            result = _train_on_group(
+            result = _tracked_group(
+                tracker,
+                params,
                 factory,
                 problem_config,
                 settings,
@@ -191,10 +231,34 @@ def train(
                 fault=fault,
                 datasets=datasets,
                 batch_size=batch_size,
+                callbacks=callbacks,
+                runtime_env=runtime_env,
             )
     result.fingerprint = fingerprint
     end_record(recorder, result)
+    if tracker is not None:
+        if result.held_out:
+            tracker.log_row({"step": result.state.step, **result.held_out})
+        if recorder is not None:
+            tracker.log_artifact(recorder.folder / MANIFEST)
+        tracker.end(result.status)
+        result.tracking = tracked_at(tracker)
     return result
+
+
+def _tracked_group(tracker: RowTracker | None, params: dict[str, Any], *args: Any, **kw: Any):
+    """:func:`_train_on_group` with the run's MLflow run opened here first, so that this
+    process can attach the manifest once the workers are done; rank 0 continues it and logs
+    every row. A failed group ends it ``diverged`` or ``FAILED``."""
+    if tracker is None:
+        return _train_on_group(*args, **kw)
+    tracker.start(params)
+    try:
+        run_id = tracker.run_id
+        return _train_on_group(*args, tracking=tracker.settings, tracking_run_id=run_id, **kw)
+    except BaseException as err:
+        tracker.end(run_status(err))
+        raise
 
 
 def _check_hooks(
@@ -245,6 +309,10 @@ def _train_on_group(
     fault: dict[str, int] | None,
     datasets: dict[str, Any] | None,
     batch_size: int | tuple[int, int] | None,
+    callbacks: list[Any] | None = None,
+    runtime_env: Any = None,
+    tracking: Any = None,
+    tracking_run_id: str | None = None,
 ) -> SolveResult:
     """``train`` on a Ray Train worker group, its run in ``storage / name``, once ``train`` has
     checked everything (the run folder included); returns what the group's rank 0 saved
@@ -279,8 +347,12 @@ def _train_on_group(
             judge=judge,
             run_id=name,
             verbose=verbose(),
+            tracking=tracking,
+            tracking_run_id=tracking_run_id,
         )
-        metrics, payload = fit_worker_group(job, placement, storage, name, datasets)
+        metrics, payload = fit_worker_group(
+            job, placement, storage, name, datasets, callbacks or None, runtime_env
+        )
     if metrics.get("status") == "diverged":
         last = {k: v for k, v in metrics.items() if k == "step" or "/" in k}
         raise DivergenceError(metrics["diverged_at_step"], metrics["diverged_metric"], last)

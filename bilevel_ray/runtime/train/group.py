@@ -49,9 +49,11 @@ def fit_worker_group(
     name: str,
     datasets: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    runtime_env: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start the worker group, wait for it, and read the final checkpoint (``callbacks``: Train
-    callbacks such as Tune's ``TuneReportCallback`` for a multi-worker trial). Returns the last
+    callbacks such as Tune's ``TuneReportCallback`` for a multi-worker trial, or a user's;
+    ``runtime_env``: the workers' Ray runtime environment). Returns the last
     reported metrics and the final checkpoint's payload (empty for a diverged run)."""
     import ray
     import ray.train
@@ -73,6 +75,7 @@ def fit_worker_group(
             failure_config=ray.train.FailureConfig(max_failures=placement.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_GROUP_CHECKPOINTS),
             callbacks=callbacks,
+            worker_runtime_env=runtime_env,
             logging_config=None if job.verbose else ray.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,

@@ -30,6 +30,8 @@ class WorkerJob:
         gap_tol: a Tune trial's gap tolerance (its ``search/score``).
         judge, run_id: the flatness judge actor and this run's id in it (with ``run.watch``).
         verbose: show Ray Train's own log lines.
+        tracking, tracking_run_id: the run's checked ``TrackingSettings`` and the MLflow run
+            the driver opened, which rank 0 continues (None: not tracked).
     """
 
     factory: Any
@@ -45,6 +47,8 @@ class WorkerJob:
     judge: Any = None
     run_id: str = "run"
     verbose: bool = False
+    tracking: Any = None
+    tracking_run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -35,11 +35,20 @@ class TrainSink:
     ``ray.train.report`` when the :class:`~bilevel_ray.runtime.local.loop.ReportClock` says so."""
 
     def __init__(
-        self, job: WorkerJob, rank: int, recorder: HistoryRecorder, scorer, agree, held_out=None
+        self,
+        job: WorkerJob,
+        rank: int,
+        recorder: HistoryRecorder,
+        scorer,
+        agree,
+        held_out=None,
+        tracker=None,
     ):
-        """``held_out(state)``: the problem's own held-out numbers, added to the last row."""
+        """``held_out(state)``: the problem's own held-out numbers, added to the last row;
+        ``tracker``: the run's :class:`~bilevel_ray.tracking.RowTracker` (it logs on rank 0
+        only), which receives every row as the history keeps it, scores included."""
         self.job, self.rank, self.recorder, self.scorer = job, rank, recorder, scorer
-        self.held_out = held_out
+        self.held_out, self.tracker = held_out, tracker
         self.clock = loop.ReportClock(job.run.report_interval_s, agree=agree)
         self.attempt = uuid.uuid4().hex[:6]
         self.state: SolverState | None = None  # the last state a row was logged at
@@ -71,11 +80,18 @@ class TrainSink:
             row.update(self.scorer(state, due))
         elif outcome.done and self.held_out is not None:
             row.update(self.held_out(state))  # a sweep's scorer already holds them
+        if self.tracker is not None:
+            self.tracker.log_row(row)
         if not due:
             return
         status = active.status if outcome.done else "running"
         columns = {**row, **verdict_columns(active.verdict), "status": status}
         self.report(columns, state, outcome.checkpoint, active, status)
+
+    def end_tracking(self, status: str) -> None:
+        """End the tracked run with the run's ``status`` (nothing when untracked)."""
+        if self.tracker is not None:
+            self.tracker.end(status)
 
     def report(
         self,

@@ -43,6 +43,7 @@ from bilevel_ray.runtime.local.active_solver import ActiveSolver
 from bilevel_ray.runtime.local.checkpoint import CHECKPOINT_FILE, group_checkpoints, load_latest
 from bilevel_ray.runtime.local.history import HistoryRecorder
 from bilevel_ray.runtime.local.ranking import FAILED, GAP, METRIC, SCORE, search_score
+from bilevel_ray.runtime.local.solve import run_params
 from bilevel_ray.runtime.local.threads import use_cpus
 from bilevel_ray.runtime.local.watch import FlatnessWatch
 from bilevel_ray.runtime.train.collectives import (
@@ -54,6 +55,7 @@ from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.runtime.train.judge_actor import ActorJudge
 from bilevel_ray.runtime.train.sink import FAULT_MARKER, TrainSink
 from bilevel_ray.solvers.base import SolverState, state_from_dict
+from bilevel_ray.tracking import RowTracker, run_status
 from bilevel_ray.tree import to_device
 
 __all__ = ["FAULT_MARKER", "train_loop_per_worker"]
@@ -71,9 +73,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         recorder.method = active.settings.method
     scorer = _scorer(spec, worker.job, worker.device)
     sink = TrainSink(
-        worker.job, worker.rank, recorder, scorer, worker.agree, _held_out(spec, worker.device)
+        worker.job,
+        worker.rank,
+        recorder,
+        scorer,
+        worker.agree,
+        _held_out(spec, worker.device),
+        _tracker(worker.job, settings, state.step),
     )
     _run(worker, active, state, batches, recorder, sink)
+
+
+def _tracker(job: WorkerJob, settings: SolverConfig, step: int) -> RowTracker | None:
+    """The run's tracker on every rank, continuing the run the driver opened; Ray's
+    ``setup_mlflow`` keeps rank 0's only (the others track nothing). None when untracked."""
+    if job.tracking is None:
+        return None
+    params = run_params(settings, job.run, num_workers=job.num_workers)
+    return RowTracker(
+        job.tracking, job.run_id, inside_ray=True, run_id=job.tracking_run_id, first_step=step
+    ).start(params)
 
 
 @dataclass(frozen=True)
@@ -186,7 +205,9 @@ def _run(
         loop.run(
             active, state, batches, job.run, recorder, sink, worker.rank == 0 and job.run.progress
         )
+        sink.end_tracking(active.status)
     except DivergenceError as err:
+        sink.end_tracking("diverged")
         # Train V2 keeps only metrics reported with a checkpoint, so the verdict carries one;
         # the run's last good state is the checkpoint before it.
         verdict = {
@@ -198,6 +219,9 @@ def _run(
         if job.gap_steps is not None:  # a sweep's trial: its searcher must not see a good score
             verdict[SCORE] = FAILED
         sink.report(verdict, sink.state or state, save=True, active=active, status="diverged")
+    except BaseException as err:
+        sink.end_tracking(run_status(err))
+        raise
 
 
 def _active_solver(

@@ -20,23 +20,39 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray import tune as ray_tune
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.cluster.session import connect, steady_working_dir
-from bilevel_ray.runtime.local.history import write_parquet
+from bilevel_ray.records.manifest import MANIFEST
+from bilevel_ray.runtime.cluster.session import (
+    check_can_set_runtime_env,
+    connect,
+    steady_working_dir,
+)
+from bilevel_ray.runtime.local.history import HISTORY_SCHEMA, write_parquet
 from bilevel_ray.runtime.local.ranking import GAP, METRIC, SCORE
 from bilevel_ray.runtime.local.run_spec import declare_run_options, take_run_options
 from bilevel_ray.runtime.train.judge_actor import start_judge
 from bilevel_ray.runtime.tune.folder import claim_sweep_folder
-from bilevel_ray.runtime.tune.lineage import write_best_schedule
+from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE, write_best_schedule
 from bilevel_ray.runtime.tune.outcome import TuneResult, history_table, outcome, trials_table
 from bilevel_ray.runtime.tune.plan import SweepPlan, plan_sweep
 from bilevel_ray.runtime.tune.record import end_record, start_record
 from bilevel_ray.runtime.tune.trial import TrialPlan, run_trial
+from bilevel_ray.tracking import (
+    check_runtime_env,
+    check_stop,
+    check_tune_callbacks,
+    end_sweep_run,
+    open_sweep_run,
+    open_tracking,
+    run_status,
+    sweep_callbacks,
+)
 
 __all__ = ["TuneResult", "run_sweep"]
 
@@ -104,6 +120,13 @@ def run_sweep(
     address: str | None = None,
     max_failures: int = 1,
     progress: bool = True,
+    mlflow: Any = None,
+    tensorboard: str | os.PathLike[str] | None = None,
+    experiment: str | None = None,
+    tags: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    stop: Any = None,
+    runtime_env: dict[str, Any] | None = None,
     **base_options: Any,
 ) -> TuneResult:
     """Search the solver settings of ``method`` on the factory's problem with Ray Tune.
@@ -147,6 +170,17 @@ def run_sweep(
             retried from its start (Tune's ``FailureConfig``); a trial whose code raises is
             not retried: it ends with status ``error`` and its reason.
         progress: a line on stderr as each trial starts and ends.
+        mlflow, tensorboard, experiment, tags: as in ``br.solve``: a parent MLflow run named
+            ``name`` (the sweep's settings; its files as artifacts) and one run per trial
+            nested under it, opened in the trial by Ray's ``setup_mlflow`` (the sampled
+            settings as parameters, every logged row, scores included, as metrics); with
+            ``tensorboard`` each trial's rows as event files too, and Tune's own logger's.
+        callbacks: ``ray.tune.Callback`` objects for Tune's ``RunConfig``, e.g.
+            ``[WandbLoggerCallback(project=...)]`` (with ``runtime_env`` for its key).
+        stop: Tune's stopping rule: ``{"step": 500}``, a function ``(trial_id, result) ->
+            bool`` or a ``ray.tune.Stopper``; it sees the trials' reports.
+        runtime_env: the Ray job's runtime environment (every trial's), passed to
+            ``ray.init``; refused when Ray is already initialised in this process.
         **base_options: fixed solver settings (not searched).
 
     Everything the trials would fail on is checked here first, before Ray starts
@@ -161,6 +195,11 @@ def run_sweep(
         no trial completed (``failure_summary()`` says why).
     """
     run_options = take_run_options(base_options, TUNE_RUN_DEFAULTS, TUNE_RUN_EXCLUDED)
+    tracking = open_tracking(mlflow, tensorboard, experiment=experiment, tags=tags)
+    callbacks = check_tune_callbacks(callbacks, tracking.mlflow if tracking else None)
+    stop = check_stop(stop, reported=reported_metrics(stop))
+    runtime_env = check_runtime_env(runtime_env)
+    check_can_set_runtime_env(runtime_env)
     plan = plan_sweep(
         factory,
         problem_config=problem_config,
@@ -187,14 +226,70 @@ def run_sweep(
     # so a killed driver loses little more than the trials that were running.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     started = time.perf_counter()
-    with recorder.running():
-        with steady_working_dir(plan.path):  # all of the sweep's paths are absolute by now
-            gpus = connect(address)
-            trial_cpus, concurrent = _place(plan, ray.cluster_resources().get("CPU", 0.0))
-            grid = _execute(plan, trial_cpus, concurrent, bool(gpus), resume, progress)
-        result = _write(plan, grid, started)
-    end_record(recorder, plan, result)
+    sweep = None
+    if tracking is not None:
+        sweep = open_sweep_run(tracking, plan.path.name, sweep_params(plan))
+    try:
+        with recorder.running():
+            with steady_working_dir(plan.path):  # all of the sweep's paths are absolute by now
+                gpus = connect(address, runtime_env)
+                if tracking is not None:
+                    tracking.check_cluster(len(ray.nodes()))
+                trial_cpus, concurrent = _place(plan, ray.cluster_resources().get("CPU", 0.0))
+                parent = None if sweep is None else sweep.run_id
+                extra = Extras(tracking, parent, callbacks, stop)
+                grid = _execute(plan, trial_cpus, concurrent, bool(gpus), resume, progress, extra)
+            result = _write(plan, grid, started)
+        end_record(recorder, plan, result)
+    except BaseException as err:
+        if sweep is not None:
+            end_sweep_run(sweep, run_status(err))
+        raise
+    if sweep is not None:
+        end_tracked_sweep(sweep, plan.path, result)
     return result
+
+
+def reported_metrics(stop: Any) -> set[str] | None:
+    """What the trials report, for a stopping rule's names: every history column, the
+    scores, the status, Tune's own keys, and a problem's held-out numbers (``eval/...``,
+    known only once it runs)."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    if not isinstance(stop, dict):
+        return None
+    own = {*HISTORY_SCHEMA.names, METRIC, GAP, SCORE, "status", "trial_id", "done"}
+    return own | set(AUTO_RESULT_KEYS) | {k for k in stop if str(k).startswith("eval/")}
+
+
+def sweep_params(plan: SweepPlan) -> dict[str, Any]:
+    """The sweep's parameters in its parent run: what every trial shares."""
+    record = plan.record
+    return {
+        "problem": record["problem"],
+        "method": plan.method,
+        "num_samples": plan.num_samples,
+        "steps": plan.run.steps,
+        "seed": plan.run.seed,
+        "scheduler": record["scheduler"],
+        "search_alg": record["search_alg"],
+        "gap_tol": plan.gap_tol,
+        "search_space": record["search_space"],
+        "fixed": plan.base,
+    }
+
+
+def end_tracked_sweep(sweep: Any, folder: Any, result: TuneResult) -> None:
+    """The sweep's files as artifacts of its parent run, the best trial's scores as its
+    metrics, then its end (and every trial run a dead process left RUNNING, KILLED)."""
+    for name in ("trials.parquet", "history.parquet", BEST_SCHEDULE, MANIFEST):
+        if (folder / name).is_file():
+            sweep.log_artifact(folder / name)
+    best = result.best_metrics if result.best_config is not None else {}
+    if best:
+        scores = {f"best/{k}": v for k, v in best.items() if k.startswith(("eval/", "search/"))}
+        sweep.log_row({"step": best.get("step", 0), **scores})
+    end_sweep_run(sweep, "completed" if best else "FAILED")
 
 
 def _place(plan: SweepPlan, cpus: float) -> tuple[float, int]:
@@ -221,10 +316,29 @@ def _place(plan: SweepPlan, cpus: float) -> tuple[float, int]:
     return trial_cpus, max(1, int(cpus // per_trial + 1e-9))
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a sweep (or a comparison) passes through to Ray: the tracking settings and the
+    parent run's id (every trial tracks its own rows), the user's Tune callbacks and stopping
+    rule."""
+
+    tracking: Any = None
+    parent_run_id: str | None = None
+    callbacks: list[Any] = field(default_factory=list)
+    stop: Any = None
+
+
 def _execute(
-    plan: SweepPlan, trial_cpus: float, concurrent: int, gpus: bool, resume: bool, progress: bool
+    plan: SweepPlan,
+    trial_cpus: float,
+    concurrent: int,
+    gpus: bool,
+    resume: bool,
+    progress: bool,
+    extra: Extras | None = None,
 ) -> Any:
     """Tune's run of the trials (a new Tuner, or the interrupted one restored): its result grid."""
+    extra = extra or Extras()
     use_gpu = plan.placement.use_gpu
     trial_plan = TrialPlan(
         plan.factory,
@@ -239,6 +353,8 @@ def _execute(
         str(plan.path),
         plan.milestones,
         None if plan.run.watch is None else start_judge(plan.path.name),
+        extra.tracking,
+        extra.parent_run_id,
     )
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, plan=trial_plan), {"cpu": trial_cpus}
@@ -263,7 +379,10 @@ def _execute(
                 name=plan.path.name,
                 storage_path=str(plan.path.parent),
                 verbose=0,
-                callbacks=[_Progress()] if progress else [],
+                callbacks=sweep_callbacks(
+                    extra.tracking, [*extra.callbacks, *([_Progress()] if progress else [])]
+                ),
+                stop=extra.stop,
                 failure_config=ray_tune.FailureConfig(max_failures=plan.placement.max_failures),
                 # An exploit restores a rival's latest checkpoint, which must still exist when
                 # the exploiting trial's process has started: a fast rival had saved 4 more by

@@ -44,12 +44,13 @@ from bilevel_ray.runtime.local.judge import verdict_columns
 from bilevel_ray.runtime.local.output_files import atomic_write
 from bilevel_ray.runtime.local.ranking import FAILED, GAP, METRIC, SCORE, search_score
 from bilevel_ray.runtime.local.run_spec import Placement, RunSpec, verbose
-from bilevel_ray.runtime.local.solve import run_spec_local, solver_config
+from bilevel_ray.runtime.local.solve import run_params, run_spec_local, solver_config
 from bilevel_ray.runtime.local.threads import use_cpus
 from bilevel_ray.runtime.train.job import WorkerJob
 from bilevel_ray.runtime.tune.lineage import extend_lineage
 from bilevel_ray.runtime.tune.outcome import HISTORIES, one_line
 from bilevel_ray.runtime.tune.space import decode
+from bilevel_ray.tracking import run_status
 
 __all__ = ["PARAMS_FOLDER", "TRIAL_CHECKPOINT", "TrialPlan", "keep_params", "run_trial"]
 
@@ -74,6 +75,10 @@ class TrialPlan:
     sweep_folder: str
     milestones: frozenset[int] = frozenset()
     judge: Any = None
+    # The sweep's checked TrackingSettings and its parent MLflow run's id: each trial logs
+    # every row to a run of its own, nested under it (None: not tracked).
+    tracking: Any = None
+    tracking_parent: str | None = None
 
 
 def run_trial(point: dict[str, Any], plan: TrialPlan) -> None:
@@ -88,9 +93,9 @@ def run_trial(point: dict[str, Any], plan: TrialPlan) -> None:
     try:
         settings = solver_config(plan.method, {**plan.base, **decode(point)})
         if plan.placement.num_workers > 1:
-            _trial_on_worker_group(settings, plan, trial_id, history)
+            _trial_on_worker_group(settings, plan, trial_id, history, point)
         else:
-            _trial_in_process(settings, plan, trial_id, history)
+            _trial_in_process(settings, plan, trial_id, history, point)
     except Exception as err:
         ray_tune.report(
             {
@@ -106,7 +111,20 @@ def run_trial(point: dict[str, Any], plan: TrialPlan) -> None:
         )
 
 
-def _trial_in_process(settings: Any, plan: TrialPlan, trial_id: str, history: Path) -> None:
+def _tracker(plan: TrialPlan, settings: Any, point: dict[str, Any], start: int = 0) -> Any:
+    """This trial's tracked run (Ray's ``setup_mlflow``, nested under the sweep's), with the
+    trial's settings and the point Tune sampled as parameters; None when untracked."""
+    if plan.tracking is None:
+        return None
+    from bilevel_ray.tracking import trial_tracker
+
+    params = run_params(settings, plan.run, searched=decode(point))
+    return trial_tracker(plan.tracking, plan.tracking_parent, params, first_step=start)
+
+
+def _trial_in_process(
+    settings: Any, plan: TrialPlan, trial_id: str, history: Path, point: dict[str, Any]
+) -> None:
     use_cpus(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
     spec = build_spec(plan.factory, {**plan.problem_config, "device": "cpu"})
     restored = _restored_payload()
@@ -114,6 +132,7 @@ def _trial_in_process(settings: Any, plan: TrialPlan, trial_id: str, history: Pa
     lineage = restored.get("lineage", []) if restored is not None else []
     lineage = extend_lineage(lineage, start, trial_id, settings.to_dict(strict=False))
     sink = _TuneSink(spec, plan, trial_id, history, start, lineage)
+    sink.tracker = _tracker(plan, settings, point, start)
     try:
         result = run_spec_local(
             spec,
@@ -124,10 +143,13 @@ def _trial_in_process(settings: Any, plan: TrialPlan, trial_id: str, history: Pa
             also=sink,
             restore=restored,
             on_checkpoint=sink.hold if plan.run.checkpoint_every else None,
+            tracker=sink.tracker,
         )
     except DivergenceError as err:
         sink.diverged(err)
         return
+    if sink.tracker is not None:
+        sink.tracker.end(result.status)
     certified = verdict_columns(result.verdict)
     if certified and any(sink.last.get(k) != v for k, v in certified.items()):
         # The run's end was certified after its last report: the trial's row says so.
@@ -176,6 +198,7 @@ class _TuneSink:
         self.restart = 1 + max((r.get("restart", 0) for r in self.rows), default=-1)
         self.last: dict[str, Any] = {}
         self.held: dict[str, Any] | None = None
+        self.tracker: Any = None  # the trial's RowTracker: every row, scores included
 
     def hold(self, payload: dict[str, Any]) -> None:
         """Keep a checkpoint payload for this step's report (the lineage goes with it)."""
@@ -200,6 +223,8 @@ class _TuneSink:
             with_gap=due,
         )
         scores[SCORE] = search_score(scores[METRIC], scores[GAP], self.plan.gap_tol)
+        if self.tracker is not None:
+            self.tracker.log_row({**row, **scores})
         # A run stopped by the flatness verdict ends on this row, with its status.
         status = active.status if outcome.done else "running"
         self.last = {**_numbers(row), **scores, **verdict_columns(active.verdict)}
@@ -241,7 +266,11 @@ class _TuneSink:
         self.report({**self.last, **_numbers(err.last_finite), **ended})
 
 
-def _trial_on_worker_group(settings: Any, plan: TrialPlan, trial_id: str, history: Path) -> None:
+def _trial_on_worker_group(
+    settings: Any, plan: TrialPlan, trial_id: str, history: Path, point: dict[str, Any]
+) -> None:
+    """A multi-worker trial: a Train worker group started from the trial, whose rows the
+    trial's tracker logs once the group is done (the group's history comes back whole)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from bilevel_ray.runtime.cluster.shipping import portable_factory
@@ -260,13 +289,24 @@ def _trial_on_worker_group(settings: Any, plan: TrialPlan, trial_id: str, histor
         run_id=trial_id,
         verbose=verbose(),
     )
-    _, payload = fit_worker_group(
-        job,
-        dataclasses.replace(plan.placement, max_failures=0),
-        Path(plan.sweep_folder).parent,
-        f"train-{trial_id}",
-        callbacks=[TuneReportCallback()],
-    )
+    tracker = _tracker(plan, settings, point)
+    try:
+        metrics, payload = fit_worker_group(
+            job,
+            dataclasses.replace(plan.placement, max_failures=0),
+            Path(plan.sweep_folder).parent,
+            f"train-{trial_id}",
+            callbacks=[TuneReportCallback()],
+        )
+    except BaseException as err:
+        if tracker is not None:
+            tracker.end(run_status(err))
+        raise
+    if tracker is not None:
+        for row in payload.get("history", []):
+            tracker.log_row(row)
+        status = metrics.get("status")
+        tracker.end(status if status in ("diverged", "unsuitable") else "completed")
     rows = [{"trial_id": trial_id, **row} for row in payload.get("history", [])]
     write_parquet(pa.Table.from_pylist(rows), history)
     if "state" in payload:
