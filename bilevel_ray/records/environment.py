@@ -8,6 +8,7 @@ packages' metadata.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -113,10 +114,8 @@ def _device() -> dict[str, Any]:
 
 @functools.cache
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc (macOS): the platform's own name
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.partition(":")[2].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()

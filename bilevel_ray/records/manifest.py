@@ -29,11 +29,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bilevel_ray.atomic_files import atomic_text
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.records.environment import code_identity, environment
 from bilevel_ray.records.files import LARGE_FILE_BYTES, file_record, sha256_file
@@ -44,7 +44,6 @@ __all__ = [
     "MANIFEST",
     "SCHEMA",
     "SCHEMA_VERSION",
-    "atomic_text",
     "finish",
     "hash_outputs",
     "new_manifest",
@@ -203,22 +202,6 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     manifest["digest"] = record_digest(manifest)
     text = json.dumps(plain(manifest), indent=1, allow_nan=False) + "\n"
     return atomic_text(Path(folder) / MANIFEST, text)
-
-
-def atomic_text(path: Path, text: str) -> Path:
-    """``text`` written to ``path`` atomically: the pattern of ``runtime.local.output_files.
-    atomic_write``, which this floor may not import (a fresh temporary file in the same folder,
-    then a rename over the old one; a link there is replaced, never written through)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:80]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_manifest(folder: str | os.PathLike[str], what: str) -> dict[str, Any] | None:

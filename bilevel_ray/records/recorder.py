@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bilevel_ray.atomic_files import atomic_text
 from bilevel_ray.errors import ConfigError, DivergenceError
-from bilevel_ray.records.manifest import MANIFEST, atomic_text, finish, write_manifest
+from bilevel_ray.records.manifest import MANIFEST, finish, write_manifest
 
 __all__ = ["Recorder"]
 

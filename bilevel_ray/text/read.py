@@ -21,6 +21,7 @@ file, the line, and the fix.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
@@ -390,12 +391,10 @@ def _read_folder(p: Path, where: str) -> list[dict[str, Any]]:
 
 
 def _splits(p: Path) -> list[str]:
-    try:
+    with contextlib.suppress(ValueError, KeyError, TypeError):
         splits = json.loads((p / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
         if isinstance(splits, list) and all(isinstance(s, str) for s in splits):
             return splits
-    except (ValueError, KeyError, TypeError):
-        pass
     # An unreadable dataset_dict.json: the sub-folders that hold a split are as good.
     return sorted(q.name for q in p.iterdir() if (q / "state.json").is_file())
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bilevel_ray.atomic_files import atomic_text, atomic_write
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.text.quiet import no_progress_bars
 from bilevel_ray.text.sample_rows import (
@@ -142,7 +143,7 @@ def write_samples(
     )
     # The marker first: an output cut short by an error can still be overwritten by a rerun.
     marker = {"written_by": WRITER, "files": sorted(FILES.values()), "rows": rows, "seed": seed}
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    atomic_text(folder / MARKER, json.dumps(marker, indent=2) + "\n")
 
     preference, instruction = draw_rows(rows, random.Random(seed))
     _write_jsonl(files.preference, preference)
@@ -246,23 +247,24 @@ def _earlier_output(folder: Path) -> set[str] | None:
 
 
 def _write_jsonl(path: Path, rows: Any) -> None:
-    with path.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    atomic_write(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _train_tokenizer() -> Any:

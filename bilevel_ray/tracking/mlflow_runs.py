@@ -96,6 +96,9 @@ def open_run_in_ray(
     """The run opened by Ray's ``setup_mlflow`` (``run_id``: continued); None on a rank that
     does not track (Ray's no-op module)."""
     from mlflow.tracking import MlflowClient
+
+    # ray.air.integrations is where Ray 2.60 keeps its MLflow integration (not the deprecated
+    # ray.air session API): there is no ray.train or ray.tune home for it.
     from ray.air.integrations.mlflow import setup_mlflow
 
     experiment_id = settings.experiment_id

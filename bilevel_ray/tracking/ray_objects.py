@@ -151,11 +151,13 @@ def _not_a(kind: str, item: Any) -> str:
 
 def _check_arity(stop: Callable[..., Any]) -> None:
     try:
-        inspect.signature(stop).bind("trial_id", {})
+        signature = inspect.signature(stop)
+    except ValueError:  # no signature to read (a builtin): let Tune call it
+        return
+    try:
+        signature.bind("trial_id", {})
     except TypeError:
         raise ConfigError(
             f"stop={stop!r}: a stopping function takes (trial_id, result) and returns True to "
             "stop the trial"
         ) from None
-    except ValueError:  # no signature to read (a builtin): let Tune call it
-        pass

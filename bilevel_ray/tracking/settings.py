@@ -193,8 +193,7 @@ def _probe_folder(folder: Path, where: str) -> None:
         raise ConfigError(f"{where}: {folder} is a file, not a folder; give a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
         raise ConfigError(
             f"{where}: cannot write in {folder} ({err.strerror or err}); choose a folder you "

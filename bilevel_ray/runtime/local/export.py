@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from bilevel_ray.atomic_files import atomic_text
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.registry import BUILTIN_FACTORIES
 from bilevel_ray.runtime.local.output_files import check_output_path
@@ -152,8 +153,8 @@ def export(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path
         files[EXPORT_FILE] = "where this came from and what each file holds"
         files[README_FILE] = "how to load it"
         text = json.dumps({**summary, "files": files}, indent=2, default=str) + "\n"
-        (into / EXPORT_FILE).write_text(text)
-        (into / README_FILE).write_text(_readme(folder, record, c, summary, files, built))
+        atomic_text(into / EXPORT_FILE, text)
+        atomic_text(into / README_FILE, _readme(folder, record, c, summary, files, built))
 
     _write_folder(out, write)
     return out

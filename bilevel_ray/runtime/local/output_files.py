@@ -8,10 +8,11 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bilevel_ray.atomic_files import atomic_write
 from bilevel_ray.errors import ConfigError
 
 __all__ = [
@@ -31,25 +32,6 @@ def previous_path(path: str | os.PathLike[str]) -> Path:
     """Where :func:`save_checkpoint` keeps the checkpoint before the latest one."""
     path = Path(path)
     return path.with_name(path.name + ".prev")
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a fresh temporary file in the same folder (created with O_EXCL, so
-    never a planted file or link), then rename it into place: a crash mid-write leaves the
-    previous file intact and no half-written one, and a link at ``path`` is replaced, never
-    written through."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:80]}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 MAX_NAME_BYTES = 255  # one path component, on every common file system
