@@ -55,27 +55,8 @@ def export(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path
     ``README.md`` of the ``peft-dpo-sft`` run in ``run_dir`` into the new folder ``out``.
     Returns ``out``."""
     folder = Path(run_dir)
-    record = read_run(folder, "export")
-    problem = record["problem"]
-    if problem not in (PROBLEM, BUILTIN_FACTORIES[PROBLEM]):
-        raise ConfigError(
-            f"export {str(folder)!r}: export writes the LoRA adapter and head of the "
-            f"language-model problem {PROBLEM!r}; this run's problem is {problem!r}: its x and "
-            f"y are in {str(folder / 'result.pt')!r} (torch.load(path, weights_only=True))"
-        )
+    record, config = _exportable_run(folder)
     out = _check_out(out)
-    if not os.path.lexists(folder / "result.pt"):
-        raise ConfigError(
-            f"export {str(folder)!r} holds no result.pt: the run did not finish (a run writes "
-            "it at its end); resume it, then export"
-        )
-    config = record.get("problem_config") or {}
-    if not isinstance(config, dict):
-        raise ConfigError(
-            f"export {str(folder)!r}: its run.json's problem_config is a "
-            f"{type(config).__name__}, not the dict of the problem's settings: the file was not "
-            "written by bilevel_ray or was altered; rerun the run"
-        )
     model, head_name, tokenizer, c = _rebuild(folder, config)
     x0 = {n: p for n, p in model.named_parameters() if re.search("lora_", n)}
     head = model.get_output_embeddings()
@@ -158,6 +139,32 @@ def export(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path
 
     _write_folder(out, write)
     return out
+
+
+def _exportable_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run record of a finished ``peft-dpo-sft`` run in ``folder`` and its problem
+    settings; anything else refused, with the way out."""
+    record = read_run(folder, "export")
+    problem = record["problem"]
+    if problem not in (PROBLEM, BUILTIN_FACTORIES[PROBLEM]):
+        raise ConfigError(
+            f"export {str(folder)!r}: export writes the LoRA adapter and head of the "
+            f"language-model problem {PROBLEM!r}; this run's problem is {problem!r}: its x and "
+            f"y are in {str(folder / 'result.pt')!r} (torch.load(path, weights_only=True))"
+        )
+    if not os.path.lexists(folder / "result.pt"):
+        raise ConfigError(
+            f"export {str(folder)!r} holds no result.pt: the run did not finish (a run writes "
+            "it at its end); resume it, then export"
+        )
+    config = record.get("problem_config") or {}
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"export {str(folder)!r}: its run.json's problem_config is a "
+            f"{type(config).__name__}, not the dict of the problem's settings: the file was not "
+            "written by bilevel_ray or was altered; rerun the run"
+        )
+    return record, config
 
 
 def load_lines(
