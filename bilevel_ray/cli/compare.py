@@ -17,7 +17,8 @@ DESCRIPTION = (
     "seconds each, --seeds times, as Ray Tune trials, beside the flatness diagnostic on the "
     "same start; print a table and a recommendation; write compare.parquet, curves.parquet, "
     "compare.json and compare.png to DIR/NAME. Quality is phi = f(x, y*(x)) on the "
-    "problem's held-out data."
+    "problem's held-out data. Each finished run is kept in DIR/NAME/runs/ as it ends: "
+    "--resume continues a comparison that was killed, running only the runs it lacks."
 )
 
 
@@ -49,6 +50,13 @@ def add_parser(commands: Any) -> None:
     compare_cmd.add_argument("--seeds", type=int, default=3, help="runs per method (default 3)")
     common.out_option(compare_cmd, "write the comparison to DIR/NAME (default: ~/ray_results/NAME)")
     compare_cmd.add_argument("--name", default="compare", help="the comparison's folder name")
+    compare_cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished comparison in DIR/NAME (one killed or stopped) with its "
+        "own arguments: the runs it finished are read from its runs/ folder, only the others "
+        "run; a finished comparison is refused and left as it is",
+    )
     compare_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
     common.output_options(compare_cmd)
     common.tracking_options(compare_cmd)
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         storage_path=args.out,
         name=args.name,
+        resume=args.resume,
         address=args.address,
         progress=not args.quiet,
         rank_by=args.rank_by,
@@ -79,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     print()
     print(result.recommendation["text"])
+    if result.resumed is not None:
+        read, ran = len(result.resumed["runs_read"]), len(result.resumed["runs_run"])
+        print(f"  resumed: {read} of {read + ran} runs read from {result.path}/runs, {ran} run now")
     print(
         f"  wrote {result.path}/compare.parquet, curves.parquet, compare.json, compare.png, "
         "results/<method>.pt (each method's best run's parameters), manifest.json"

@@ -1,7 +1,9 @@
 """Refusals of the records: a continuation that would change a run's trajectory (other data, an
 edited or outdated record), a result's manifest that is missing or does not verify (``show``,
-``rerun``, ``solve --schedule``), and ``declare_inputs`` given no path. Each names what differs
-and the way out, before any work; nothing in the folder changes."""
+``rerun``, ``solve --schedule``), ``declare_inputs`` given no path, and a comparison's folder
+that is not this call's (claimed by a running compare, unfinished without --resume, resumed
+with other arguments, finished, or holding nothing to resume). Each names what differs and the
+way out, before any work; nothing in the folder changes."""
 
 from __future__ import annotations
 
@@ -100,7 +102,100 @@ def rerun_target_used(tmp: Path) -> None:
     (tmp / "used" / "mine.txt").write_text("mine\n")
 
 
+# --- compare's folder: claimed by one call at a time, resumed only where that is honest ----------
+
+COMPARE_C = (
+    "compare toy-negative --methods alt_pbgd --budget 1 --seeds 1 --quiet --out {tmp}/out --name c"
+)
+
+
+def _stop(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def compare_stopped(tmp: Path) -> None:
+    """A comparison in tmp/out/c stopped before its first run ended (its manifest, no runs)."""
+    import bilevel_ray.runtime.compare.driver as driver
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.suppress(KeyboardInterrupt):
+        patch.setattr(driver, "_run_all", _stop)
+        br.compare("toy-negative", methods=["alt_pbgd"], budget_s=1, seeds=1,
+                   storage_path=tmp / "out", name="c", progress=False)  # fmt: skip
+
+
+def compare_finished(tmp: Path) -> None:
+    """tmp/out/c holds a finished comparison's record."""
+    from bilevel_ray.records.manifest import finish, new_manifest
+
+    folder = tmp / "out" / "c"
+    folder.mkdir(parents=True)
+    manifest = new_manifest("compare", problem="toy-negative", problem_config={}, data=None,
+                            settings={}, seeds={})  # fmt: skip
+    finish(manifest, folder, {"status": "completed", "recommended": "alt_pbgd"}, [])
+
+
+def compare_claimed(tmp: Path) -> None:
+    """tmp/out/c claimed by this (live) process, as a comparison that is running."""
+    from bilevel_ray.runtime.compare.claim import CLAIM, claim_record
+
+    (tmp / "out" / "c").mkdir(parents=True)
+    (tmp / "out" / "c" / CLAIM).write_text(json.dumps(claim_record()))
+
+
 CASES = [
+    cli(
+        "record-compare-claimed",
+        "CLI",
+        "compare into a folder another compare (a live process) is writing",
+        COMPARE_C,
+        r"^error: comparison folder '.*c' is being written by pid \d+ on '.*' since .*: use a "
+        r"new --name \(name=\.\.\.\), or wait until it ends and pass --resume \(resume=True\) if"
+        r" it did not finish$",
+        writes=("out",),
+        setup=compare_claimed,
+    ),
+    cli(
+        "record-compare-unfinished-no-resume",
+        "CLI",
+        "compare into a folder holding an unfinished comparison, without --resume",
+        COMPARE_C,
+        r"^error: comparison folder '.*c' holds an unfinished comparison: pass --resume "
+        r"\(resume=True\) to continue it, or use a new --name \(name=\.\.\.\)$",
+        writes=("out",),
+        setup=compare_stopped,
+    ),
+    cli(
+        "record-compare-resume-other-budget",
+        "CLI",
+        "compare --resume of a comparison started with another --budget",
+        COMPARE_C.replace("--budget 1", "--budget 2") + " --resume",
+        r"^error: comparison '.*c' was started with other settings or data, and continuing it "
+        r"would change its trajectory: budget_s: 1\.0 -> 2\.0\. Use a new --name \(name=\.\.\.\) "
+        r"for a comparison with these settings, or resume it with the arguments it was started "
+        r"with \(bilevel-ray show lists them\)$",
+        writes=("out",),
+        setup=compare_stopped,
+    ),
+    cli(
+        "record-compare-resume-finished",
+        "CLI",
+        "compare --resume of a finished comparison",
+        COMPARE_C + " --resume",
+        r"^error: comparison folder '.*c' holds a finished comparison \(recommended: alt_pbgd\): "
+        r"there is nothing to resume, and its files stay as they are \(bilevel-ray show shows "
+        r"it\); use a new --name \(name=\.\.\.\) to run it again$",
+        writes=("out",),
+        setup=compare_finished,
+    ),
+    cli(
+        "record-compare-resume-nothing",
+        "CLI",
+        "compare --resume where no comparison was started",
+        COMPARE_C + " --resume",
+        r"^error: comparison folder '.*c' holds no comparison to resume: run it without "
+        r"--resume \(resume=False\) to start it there$",
+        writes=("out",),
+    ),
     cli(
         "record-resume-other-data-config",
         "CLI",

@@ -1,19 +1,18 @@
 """``br.compare``'s refusals before anything is built or run: its arguments, all together in
-one :class:`~bilevel_ray.errors.ConfigError`, then its output folder (a new one)."""
+one :class:`~bilevel_ray.errors.ConfigError` (its folder: :mod:`~bilevel_ray.runtime.compare.
+claim`)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.compare.rank import POINTS
-from bilevel_ray.runtime.local.output_files import check_output_folder, check_writable
 from bilevel_ray.runtime.local.run_spec import check_count
 from bilevel_ray.solvers import SOLVERS
 
-__all__ = ["check_arguments", "new_folder"]
+__all__ = ["check_arguments"]
 
 
 # Bounds on the work a comparison sizes: each seed is a whole run of the budget per method.
@@ -67,19 +66,3 @@ def check_arguments(
     if problems:
         raise ConfigError(problems)
     return methods
-
-
-def new_folder(storage_path: str | Path | None, name: str) -> tuple[Path, Path]:
-    """The storage folder (default ``~/ray_results``) and the comparison's folder in it,
-    which must be new or empty."""
-    storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
-    # As solve / train check theirs, before Ray starts: the name, no link out of storage_path,
-    # a folder if it exists. Its files need no check of their own: the folder must be new or
-    # empty, and every file is written with atomic_write (a link is replaced, not followed).
-    folder = check_output_folder(storage, name, "name")
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(
-            f"{str(folder)!r} already holds a comparison: use a new --name (name=...) or "
-            "remove the folder"
-        )
-    return storage, folder

@@ -17,22 +17,25 @@ on would be the minimum of noisy scores); both are in the table
 Files in ``{storage_path}/{name}``: ``compare.parquet`` (one row per method and seed),
 ``curves.parquet`` (held-out phi against wall time and step), ``compare.json`` (strict JSON:
 the table, the targets, the recommendation, the budget, the seeds, each method's settings and
-what reruns it; :mod:`bilevel_ray.runtime.compare.output`) and ``compare.png``.
+what reruns it; :mod:`bilevel_ray.runtime.compare.output`) and ``compare.png``; the record
+``manifest.json`` and each method's best run's parameters ``results/<method>.pt``
+(:mod:`~bilevel_ray.runtime.compare.record`); ``runs/<method>-seed<k>.json``, each finished
+run's checkpoint (:mod:`~bilevel_ray.runtime.compare.finished`); ``claim.json`` while a call
+writes the folder (:mod:`~bilevel_ray.runtime.compare.claim`). ``resume=True`` continues a
+comparison that did not finish (:mod:`~bilevel_ray.runtime.compare.resume`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune as ray_tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
-from bilevel_ray.errors import ConfigError
 from bilevel_ray.records.fingerprint import fingerprinted_spec
 from bilevel_ray.records.manifest import MANIFEST, now
 from bilevel_ray.runtime.cluster.session import (
@@ -40,19 +43,22 @@ from bilevel_ray.runtime.cluster.session import (
     connect,
     steady_working_dir,
 )
-from bilevel_ray.runtime.compare.checks import check_arguments, new_folder
+from bilevel_ray.runtime.compare.checks import check_arguments
+from bilevel_ray.runtime.compare.claim import claim_folder
 from bilevel_ray.runtime.compare.diagnostic import run_diagnostic
 from bilevel_ray.runtime.compare.finish import finish
+from bilevel_ray.runtime.compare.finished import RUN_COLUMNS, comparison_key, run_row
 from bilevel_ray.runtime.compare.outcome import CompareResult
-from bilevel_ray.runtime.compare.plan import Estimate, Heartbeat, estimate_for, plan_line, say
+from bilevel_ray.runtime.compare.plan import plan_line, say
+from bilevel_ray.runtime.compare.prepare import Ready, method_settings, prepare, read_resumed
 from bilevel_ray.runtime.compare.progress import RunProgress
 from bilevel_ray.runtime.compare.record import OUTPUTS, end_record, start_record
-from bilevel_ray.runtime.compare.trial import ComparePlan, run_compare_trial, start_phi
+from bilevel_ray.runtime.compare.resume import Resumed
+from bilevel_ray.runtime.compare.trial import ComparePlan, run_compare_trial
 from bilevel_ray.runtime.local.run_spec import check_run_name
 from bilevel_ray.runtime.local.spec_check import check_spec
 from bilevel_ray.runtime.tune.driver import Extras
 from bilevel_ray.runtime.tune.plan import factory_name
-from bilevel_ray.runtime.tune.preflight import first_step
 from bilevel_ray.tracking import (
     check_runtime_env,
     check_stop,
@@ -66,6 +72,8 @@ from bilevel_ray.tracking import (
 
 __all__ = ["CompareResult", "compare"]
 
+_method_settings = method_settings  # as tests and older callers import it
+
 
 def compare(
     factory: Any,
@@ -77,6 +85,7 @@ def compare(
     num_workers: int = 1,
     storage_path: str | None = None,
     name: str = "compare",
+    resume: bool = False,
     address: str | None = None,
     gap_steps: int = 50,
     rank_by: str | None = None,
@@ -102,7 +111,14 @@ def compare(
         seeds: runs per method (seeds 0, 1, ...), for the spread of each result.
         num_workers: ranks per run; one (the comparison is a proof of concept: scale the chosen
             method with ``br.train``).
-        storage_path, name: the comparison's folder ``{storage_path}/{name}`` (a new one).
+        storage_path, name: the comparison's folder ``{storage_path}/{name}`` (a new one),
+            claimed by this call before any work (``claim.json``: a second call into it is
+            refused).
+        resume: continue the unfinished comparison in that folder (one killed or stopped):
+            the call must repeat its arguments (every difference is named); the runs it
+            finished are read from ``runs/`` and only the others run, then the table, curves,
+            figure and manifest are written as a whole comparison's. A finished comparison is
+            refused (it stays as it is), and so is an empty folder.
         address: a Ray cluster; default: the running one, or a new local one.
         gap_steps: the lower-gap solve of each run's final score.
         rank_by: "best" (each run at its best held-out point, chosen on the validation rows) or
@@ -130,50 +146,65 @@ def compare(
     )
     runtime_env = check_runtime_env(runtime_env)
     check_can_set_runtime_env(runtime_env)
-    spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
-    check_spec(spec, needs_eval=True)
-    ready = _prepare(
-        spec, methods, fixed, storage_path, name, seeds, budget_s, gap_steps, address, progress
-    )
-    ranked = rank_by or ("best" if ready.split else "final")
-    arguments = {
-        "methods": methods,
-        "budget_s": budget_s,
-        "seeds": seeds,
-        "gap_steps": gap_steps,
-        "rank_by": rank_by,
-        "storage_path": str(ready.storage),
-        "name": name,
-    }
-    recorder = start_record(
-        ready.folder, factory, problem_config, fingerprint, arguments, fixed, ready.settings,
-        started,
-    )  # fmt: skip
-    if progress:
-        say(plan_line(sorted(ready.settings), seeds, ready.estimate, ranked))
-    sweep = None
-    if tracking is not None:
-        params = {**arguments, "problem": factory_name(factory), "fixed": fixed}
-        sweep = open_sweep_run(tracking, name, params)
-        extra = dataclasses.replace(extra, parent_run_id=sweep.run_id)
-    try:
-        with recorder.running():
-            verdict, took = None, None
-            if "pbgd_free" in ready.settings:
-                verdict, took = run_diagnostic(factory, problem_config, ready.estimate, progress)
-            plan, runs = _run_methods(
-                factory, problem_config, spec, ready, budget_s, seeds, gap_steps, name,
-                (address, runtime_env), progress, extra,
-            )  # fmt: skip
-            result = finish(
-                factory, problem_config, fixed, arguments, ready, runs, verdict, took, ranked,
-                began,
-            )  # fmt: skip
-        end_record(recorder, runs, result, plan)
-    except BaseException as err:
-        if sweep is not None:
-            end_sweep_run(sweep, run_status(err))
-        raise
+    # The folder is this call's before any work (claim.py): a second writer is refused here.
+    with claim_folder(storage_path, name, resume) as claimed:
+        if claimed.took_over is not None and progress:
+            held = claimed.took_over
+            say(
+                f"took over the claim of pid {held.get('pid')} (since {held.get('started')}): "
+                "its process is gone"
+            )
+        spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
+        check_spec(spec, needs_eval=True)
+        ready = prepare(
+            spec, methods, fixed, claimed, seeds, budget_s, gap_steps, address, progress
+        )
+        ranked = rank_by or ("best" if ready.split else "final")
+        arguments = {
+            "methods": methods,
+            "budget_s": budget_s,
+            "seeds": seeds,
+            "gap_steps": gap_steps,
+            "rank_by": rank_by,
+            "storage_path": str(ready.storage),
+            "name": name,
+        }
+        recorder = start_record(
+            ready.folder, factory, problem_config, fingerprint, arguments, fixed, ready.settings,
+            started, resume,
+        )  # fmt: skip
+        sweep = None
+        if tracking is not None:
+            params = {**arguments, "problem": factory_name(factory), "fixed": fixed}
+            sweep = open_sweep_run(tracking, name, params)
+            extra = dataclasses.replace(extra, parent_run_id=sweep.run_id)
+        try:
+            with recorder.running():
+                ready.key = comparison_key(recorder.manifest)  # what each run's checkpoint names
+                resumed = read_resumed(ready, seeds, resume)
+                if progress:
+                    read = len(resumed.rows) if resumed else 0
+                    say(plan_line(sorted(ready.settings), seeds, ready.estimate, ranked, read))
+                    if resumed:
+                        say(resumed.line())
+                verdict, took = None, None
+                if "pbgd_free" in ready.settings:
+                    verdict, took = run_diagnostic(
+                        factory, problem_config, ready.estimate, progress
+                    )
+                plan, runs = _run_methods(
+                    factory, problem_config, spec, ready, budget_s, seeds, gap_steps, name,
+                    (address, runtime_env), progress, extra, resumed,
+                )  # fmt: skip
+                result = finish(
+                    factory, problem_config, fixed, arguments, ready, runs, verdict, took,
+                    ranked, began, resumed,
+                )  # fmt: skip
+            end_record(recorder, runs, result, plan)
+        except BaseException as err:
+            if sweep is not None:
+                end_sweep_run(sweep, run_status(err))
+            raise
     if sweep is not None:
         for file in (*OUTPUTS, MANIFEST):
             if (ready.folder / file).is_file():
@@ -184,79 +215,11 @@ def compare(
     return result
 
 
-@dataclass
-class _Ready:
-    """The plan of a comparison, settled before anything runs."""
-
-    settings: dict[str, dict[str, Any]]  # the methods that run, with their keywords
-    failed: dict[str, str]  # the methods that cannot, with the reason
-    storage: Path
-    folder: Path
-    start: float  # held-out phi at the start
-    split: bool  # whether the held-out upper rows split into validation and report halves
-    estimate: Estimate  # revised as the runs go (the CPUs Ray has)
-    planned: dict[str, Any]  # the estimate as first said, for compare.json
-
-
-def _prepare(
-    spec: Any,
-    methods: list[str],
-    fixed: dict[str, Any],
-    storage_path: str | None,
-    name: str,
-    seeds: int,
-    budget_s: float,
-    gap_steps: int,
-    address: str | None,
-    progress: bool,
-) -> _Ready:
-    """Each method's settings, the new output folder, the start's score and the estimate."""
-    # The plan needs measurements (each method's first step, the scoring's time): on a large
-    # problem they take a while, said every few seconds; on a small one the plan comes first.
-    prepared = time.monotonic()
-    beat = Heartbeat(
-        lambda: f"preparing the plan: {time.monotonic() - prepared:.0f} s", not progress
-    )
-    with beat:
-        settings, failed = _method_settings(spec, methods, fixed)
-    storage, folder = new_folder(storage_path, name)
-    with Heartbeat(beat.message, not progress):
-        start, score_s, split = start_phi(spec)
-        estimate = estimate_for(spec, settings, seeds, budget_s, gap_steps, score_s, address)
-    return _Ready(settings, failed, storage, folder, start, split, estimate, estimate.to_dict())
-
-
-def _method_settings(
-    spec: Any, methods: list[str], fixed: dict[str, Any]
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Each method's keywords (the problem's suggestions, then the user's, where they apply),
-    checked with one step; the methods that cannot run, with the reason."""
-    specific = {k for knobs in METHOD_OPTIONS.values() for k in knobs}
-    settings, failed = {}, {}
-    for method in methods:
-        suggested = SolverConfig.applicable(method, spec.defaults)
-        suggested.pop("steps", None)
-        given = {k: v for k, v in fixed.items() if k not in specific or k in METHOD_OPTIONS[method]}
-        options = {**suggested, **given}
-        try:
-            first_step(spec, method, options, {}, seed=0)
-        except ConfigError as err:
-            failed[method] = "; ".join(err.problems)
-            continue
-        settings[method] = options
-    if not settings:
-        raise ConfigError(
-            "no method can run on this problem: "
-            + "; ".join(f"{m}: {why}" for m, why in failed.items())
-        )
-    return settings, failed
-
-
 def _run_methods(
     factory: Any,
     problem_config: dict[str, Any],
     spec: Any,
-    ready: _Ready,
+    ready: Ready,
     budget_s: float,
     seeds: int,
     gap_steps: int,
@@ -264,9 +227,11 @@ def _run_methods(
     where: tuple[str | None, Any],
     progress: bool,
     extra: Extras,
+    resumed: Resumed | None = None,
 ) -> tuple[ComparePlan, list[dict[str, Any]]]:
-    """The runs' shared plan, and every (method, seed) run's final report, then a row for each
-    method that cannot run; ``where`` is (address, runtime_env)."""
+    """The runs' shared plan, and every (method, seed) run's final report (those a resume read
+    from the folder and those run now, by method and seed), then a row for each method that
+    cannot run; ``where`` is (address, runtime_env)."""
     steps = int(spec.defaults.get("steps", 1000))
     plan = ComparePlan(
         _shipped(factory),
@@ -279,9 +244,14 @@ def _run_methods(
         folder=str(ready.folder),
         tracking=extra.tracking,
         tracking_parent=extra.parent_run_id,
+        key=ready.key,
+        todo=tuple(resumed.todo) if resumed is not None else None,
     )
+    methods = sorted(ready.settings)
     watch = RunProgress(ready.estimate, ready.start, quiet=not progress)
-    runs = _run_all(plan, sorted(ready.settings), seeds, ready.storage, name, where, watch, extra)
+    runs = _run_all(plan, methods, seeds, ready.storage, name, where, watch, extra)
+    runs = [*(resumed.rows if resumed is not None else []), *runs]
+    runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     runs += [
         {"method": m, "seed": None, "status": "not applicable", "reason": why}
         for m, why in ready.failed.items()
@@ -296,7 +266,11 @@ def _shipped(factory: Any) -> Any:
 
 
 def _run_all(plan, methods, seeds, storage, name, where, watch, extra) -> list[dict[str, Any]]:
-    """Every (method, seed) as a Tune trial; their final reports."""
+    """Every (method, seed) of ``plan.todo`` (None: of ``methods`` x ``seeds``) as a Tune
+    trial; their final reports (none, and no Ray, when there is nothing to run)."""
+    todo = plan.todo if plan.todo is not None else [(m, s) for m in methods for s in range(seeds)]
+    if not todo:
+        return []
     Path(plan.folder).mkdir(parents=True, exist_ok=True)
     with steady_working_dir(plan.folder):
         connect(*where)
@@ -311,13 +285,19 @@ def _run_all(plan, methods, seeds, storage, name, where, watch, extra) -> list[d
         trainable = ray_tune.with_resources(
             ray_tune.with_parameters(run_compare_trial, plan=plan), {"cpu": 1}
         )
+        # The runs as given points (a resume's are not a whole grid of methods x seeds).
+        points = [{"method": m, "seed": s} for m, s in todo]
         tuner = ray_tune.Tuner(
             trainable,
             param_space={
-                "method": ray_tune.grid_search(methods),
-                "seed": ray_tune.grid_search(list(range(seeds))),
+                "method": ray_tune.choice(sorted({m for m, _ in todo})),
+                "seed": ray_tune.choice(sorted({s for _, s in todo})),
             },
-            tune_config=ray_tune.TuneConfig(num_samples=1, max_concurrent_trials=cpus),
+            tune_config=ray_tune.TuneConfig(
+                search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                num_samples=len(points),
+                max_concurrent_trials=cpus,
+            ),
             run_config=ray_tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
@@ -332,31 +312,16 @@ def _run_all(plan, methods, seeds, storage, name, where, watch, extra) -> list[d
     for result in grid:
         metrics = dict(result.metrics or {})
         config = result.config or {}
-        row = {"method": config.get("method"), "seed": config.get("seed")}
+        method, seed = config.get("method"), config.get("seed")
         if result.error is not None and "status" not in metrics:
-            row.update(status="error", reason=str(result.error).strip().splitlines()[0][:500])
+            reason = str(result.error).strip().splitlines()[0][:500]
+            runs.append({"method": method, "seed": seed, "status": "error", "reason": reason})
         else:
-            row.update({k: v for k, v in metrics.items() if k in _RUN_COLUMNS})
-            # The problem's own held-out numbers at the run's end (a language model's).
-            row.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
-        runs.append(row)
+            runs.append(run_row(method, seed, metrics))
     return runs
 
 
-_RUN_COLUMNS = (
-    "status",
-    "reason",
-    "steps",
-    "wall_s",
-    "run_wall_s",
-    "scoring_s",
-    "final_phi",
-    "final_upper_loss",
-    "lower_gap",
-    "state_bytes",
-    "peak_rss_mb",
-    "rss_growth_mb",
-)
+_RUN_COLUMNS = RUN_COLUMNS
 
 
 def _reported(stop: Any) -> set[str] | None:

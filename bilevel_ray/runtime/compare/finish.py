@@ -21,14 +21,17 @@ def finish(
     took: float | None,
     ranked: str,
     began: float,
+    resumed: Any = None,
 ) -> CompareResult:
     """Score ``runs`` and write the comparison's files into ``ready.folder`` (``ready``: the
     driver's plan), each run at its ``ranked`` point ("best" or "final"); ``took``: the
-    diagnostic's seconds, None when it did not run."""
+    diagnostic's seconds, None when it did not run; ``resumed``: what a resume read from the
+    folder (compare.json's ``resumed``; None for a comparison run whole)."""
     meta = comparison_meta(factory, problem_config, arguments, fixed, ready.settings, ready.split)
     meta["plan"] = {**ready.planned, "diagnostic_took_s": took}
+    meta["resumed"] = resumed.to_dict() if resumed is not None else None
     label = problem_label(factory, problem_config)
-    return write_outcome(
+    result = write_outcome(
         runs,
         ready.folder,
         verdict,
@@ -39,6 +42,8 @@ def finish(
         meta=meta,
         began=began,
     )
+    result.resumed = meta["resumed"]
+    return result
 
 
 def problem_label(factory: Any, problem_config: dict[str, Any]) -> str:

@@ -56,8 +56,8 @@ RULES = {
 class CompareResult:
     """The runs (one row per method and seed), the curves, the per-method table, the
     recommendation (``recommendation["text"]`` is the paragraph), the flatness verdict on the
-    same start, the folder, the ranking (both points' orders and targets), the budget and the
-    plan's estimate with the time taken (``plan["took_s"]``)."""
+    same start, the folder, the ranking (both points' orders and targets), the budget, the
+    plan's estimate with the time taken (``plan["took_s"]``), and what a resume read."""
 
     runs: pa.Table
     curves: pa.Table
@@ -68,6 +68,9 @@ class CompareResult:
     ranking: Ranking | None = None
     budget_s: float = math.nan
     plan: dict[str, Any] = field(default_factory=dict)
+    # A resume's record: the runs read from the folder, those run, the checkpoints not trusted
+    # (None: the comparison ran whole in one call).
+    resumed: dict[str, Any] | None = None
 
 
 def comparison_meta(factory, problem_config, arguments, fixed, settings, split) -> dict:

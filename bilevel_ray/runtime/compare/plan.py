@@ -203,8 +203,9 @@ def estimate_for(spec, settings, seeds, budget_s, gap_steps, score_s, address) -
     )
 
 
-def plan_line(methods, seeds, estimate: Estimate, rank_by: str) -> str:
-    """The plan, one paragraph: what runs, for how long, how it is judged, and the estimate."""
+def plan_line(methods, seeds, estimate: Estimate, rank_by: str, read: int = 0) -> str:
+    """The plan, one paragraph: what runs, for how long, how it is judged, and the estimate;
+    ``read``: the runs a resume read from the folder (``estimate.runs`` are those left)."""
     diagnostic = (
         f"first the flatness diagnostic on the same start (about {estimate.diagnostic_s:.0f} s); "
         if estimate.diagnostic_s is not None
@@ -218,7 +219,9 @@ def plan_line(methods, seeds, estimate: Estimate, rank_by: str) -> str:
     )
     return (
         f"plan: {len(methods)} method(s) ({', '.join(methods)}) x {seeds} seed(s) (0-"
-        f"{seeds - 1}) = {estimate.runs} runs of {estimate.budget_s:g} s of the method's own "
+        f"{seeds - 1}) = {estimate.runs + read} runs"
+        + (f" ({read} read from the folder, {estimate.runs} to run)" if read else "")
+        + f" of {estimate.budget_s:g} s of the method's own "
         f"steps each (their settings go to compare.json), {estimate.concurrent} at a time; "
         f"{diagnostic}scoring and a run's start add about "
         f"{estimate.per_run_s - estimate.budget_s:.0f} s per run (up to {SCORED_POINTS + 1} "

@@ -1,10 +1,12 @@
 """A comparison's manifest and what it keeps of what was learned.
 
-The manifest is written as the runs start and ended with the outcome (the recommendation, the
-ranking, the methods that failed), the hashes of the comparison's files and the replay of each
-method's kept run. Each run leaves its final parameters in ``params/``; each method's best run
-(the completed seed with the lowest final phi: the parameters are the final point's) is kept
-as ``results/<method>.pt`` (the format of a run's ``result.pt``), the others are removed.
+The manifest is written as the runs start (a resumed comparison's continued, with the
+continuation in its history: :mod:`bilevel_ray.records.continuation`) and ended with the
+outcome (the recommendation, the ranking, the methods that failed), the hashes of the
+comparison's files and the replay of each method's kept run. Each run leaves its final
+parameters in ``params/``; each method's best run (the completed seed with the lowest final
+phi: the parameters are the final point's) is kept as ``results/<method>.pt`` (the format of a
+run's ``result.pt``), the others are removed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.config import SolverConfig
+from bilevel_ray.records.continuation import check_continuation
 from bilevel_ray.records.manifest import new_manifest
 from bilevel_ray.records.recorder import Recorder
 from bilevel_ray.records.run_record import replay_entry, solver_dict
@@ -25,6 +28,10 @@ __all__ = ["RESULTS", "end_record", "start_record"]
 
 RESULTS = "results"
 OUTPUTS = ("compare.parquet", "curves.parquet", "compare.json", "compare.png")
+WAY_OUT = (
+    "Use a new --name (name=...) for a comparison with these settings, or resume it with the "
+    "arguments it was started with (bilevel-ray show lists them)"
+)
 
 
 def start_record(
@@ -36,8 +43,11 @@ def start_record(
     fixed: dict[str, Any],
     settings: dict[str, dict[str, Any]],
     started: str,
+    resume: bool = False,
 ) -> Recorder:
-    """The comparison's manifest as its runs start (``settings``: each method's keywords)."""
+    """The comparison's manifest as its runs start (``settings``: each method's keywords); a
+    resumed comparison's continued, once the call is checked against it (every difference
+    named, as ``tune --resume``'s)."""
     solver = {m: solver_dict(SolverConfig(method=m, **s)) for m, s in settings.items()}
     manifest = new_manifest(
         "compare",
@@ -53,6 +63,9 @@ def start_record(
         keywords=fixed,
         started=started,
     )
+    if resume:
+        what = f"comparison {str(folder)!r}"
+        manifest = check_continuation(folder, manifest, what=what, way_out=WAY_OUT)
     return Recorder(folder, manifest, OUTPUTS).start()
 
 

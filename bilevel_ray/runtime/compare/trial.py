@@ -20,6 +20,9 @@ be split (none, as on a deterministic toy) serves as both.
 At the end the trial reports its final phi, the final f, the lower-level gap
 g(x, y) - g(x, y_hat), the steps it took, its solver state's bytes and its process's peak
 memory. A run that raised DivergenceError, or whose code raised, reports that with its reason.
+Before it reports, a run that completed or diverged writes its checkpoint
+``runs/<method>-seed<k>.json`` (:mod:`~bilevel_ray.runtime.compare.finished`), which a resumed
+comparison reads instead of running it again.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ray import tune as ray_tune
 
 from bilevel_ray.errors import DivergenceError
 from bilevel_ray.problems import build_spec
+from bilevel_ray.runtime.compare.finished import write_finished
 from bilevel_ray.runtime.local import loop
 from bilevel_ray.runtime.local.checkpoint import tensor_bytes
 from bilevel_ray.runtime.local.history import write_parquet
@@ -83,6 +87,10 @@ class ComparePlan:
     # every row to a run of its own, nested under it (None: not tracked).
     tracking: Any = None
     tracking_parent: str | None = None
+    # The comparison each run's checkpoint names (finished.comparison_key), and the (method,
+    # seed) runs to run (None: every method and seed; a resume runs those not finished).
+    key: str = ""
+    todo: tuple[tuple[str, int], ...] | None = None
 
 
 def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
@@ -114,27 +122,31 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
         )
         final = sink.rows[-1] if sink.rows else {}
         completed = status == "completed"
-        ray_tune.report(
-            {
-                "status": status,
-                "reason": reason,
-                "steps": int(final.get("step", 0)),
-                "wall_s": float(final.get("wall_s", math.nan)),
-                "final_phi": float(final.get("eval/phi", math.nan)) if completed else math.nan,
-                "final_upper_loss": float(final.get("eval/upper_loss", math.nan))
-                if completed
-                else math.nan,
-                "lower_gap": sink.gap,
-                "state_bytes": sink.state_bytes,
-                "peak_rss_mb": _peak_rss_mb(),
-                "rss_growth_mb": _peak_rss_mb() - rss_before,
-                "scoring_s": sink.scoring_s,
-                "run_wall_s": time.perf_counter() - began,
-                **held_out,  # the problem's own numbers at the end (eval/<name>), if any
-            }
-        )
+        report = {
+            "status": status,
+            "reason": reason,
+            "steps": int(final.get("step", 0)),
+            "wall_s": float(final.get("wall_s", math.nan)),
+            "final_phi": float(final.get("eval/phi", math.nan)) if completed else math.nan,
+            "final_upper_loss": float(final.get("eval/upper_loss", math.nan))
+            if completed
+            else math.nan,
+            "lower_gap": sink.gap,
+            "state_bytes": sink.state_bytes,
+            "peak_rss_mb": _peak_rss_mb(),
+            "rss_growth_mb": _peak_rss_mb() - rss_before,
+            "scoring_s": sink.scoring_s,
+            "run_wall_s": time.perf_counter() - began,
+            **held_out,  # the problem's own numbers at the end (eval/<name>), if any
+        }
+        # The checkpoint before the report: once Tune hears of the run, a comparison killed
+        # after it can resume without it (finished.py).
+        params = f"{PARAMS_FOLDER}/{name}.pt" if completed else None
+        write_finished(plan.folder, plan.key, method, seed, report, sink.rows, params)
     except Exception as err:  # the run's own code raised: a result, with its reason
-        ray_tune.report({"status": "error", "reason": one_line(err)})
+        # No checkpoint: a resume runs it again (as tune --resume reruns errored trials).
+        report = {"status": "error", "reason": one_line(err)}
+    ray_tune.report(report)
 
 
 def _tracker(plan: ComparePlan, settings: Any, run: RunSpec, point: dict[str, Any]) -> Any:
