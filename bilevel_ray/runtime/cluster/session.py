@@ -1,6 +1,8 @@
 """Connecting to Ray (the cluster at ``address``, the one already running, or a local one), and
 keeping Ray's own log lines out of a user's terminal unless ``BILEVEL_RAY_VERBOSE=1``
-(``--verbose`` on the command line)."""
+(``--verbose`` on the command line): Ray's own errors go to a log file named on one line
+(:mod:`ray_logs`), and a local Ray's processes end with the process that started it
+(:mod:`guardian`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 import ray
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.cluster import guardian, ray_logs
 from bilevel_ray.runtime.local.run_spec import verbose
 
 __all__ = ["check_can_set_runtime_env", "connect", "quiet_train_worker", "steady_working_dir"]
@@ -35,10 +38,11 @@ def connect(address: str | None = None, runtime_env: object = None) -> int:
     ``ray.init`` (refused where Ray is already initialised: :func:`check_can_set_runtime_env`).
 
     A local Ray starts on the loopback address and without the dashboard: nothing of it is
-    reachable from another machine.
-    Unless verbose, it logs errors only: Train's placement-group cleaner polls the state API,
-    which runs in the dashboard, and warns every few seconds that it cannot; a run's own
-    progress and warnings are not Ray log records and still show.
+    reachable from another machine. Its processes end with this process, however this one ends
+    (a guardian process ends what Ray leaves: :mod:`guardian`).
+    Unless verbose, it logs errors only, and the tracebacks and crash output of Ray's own that
+    its processes print go to a log file named on one line (:mod:`ray_logs`); a run's own
+    progress, warnings and tracebacks still show.
     """
     # Train V2 is the default from Ray 2.51; say so explicitly for 2.43-2.50.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -54,24 +58,65 @@ def connect(address: str | None = None, runtime_env: object = None) -> int:
     if not ray.is_initialized():
         if quiet:
             logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices on the driver
+        local = address is None and _starts_local_ray()
         try:
-            ray.init(
-                address=address,
-                # A local Ray serves this machine only: it binds to the loopback address.
-                _node_ip_address="127.0.0.1" if address is None else None,
-                include_dashboard=False if address is None else None,
-                log_to_driver=True,
-                runtime_env=runtime_env,
-                logging_config=ray.LoggingConfig(log_level="ERROR") if quiet else None,
-            )
+            with _guarded(local):
+                ray.init(
+                    address=address,
+                    # A local Ray serves this machine only: it binds to the loopback address.
+                    _node_ip_address="127.0.0.1" if address is None else None,
+                    include_dashboard=False if address is None else None,
+                    log_to_driver=True,
+                    runtime_env=runtime_env,
+                    logging_config=ray.LoggingConfig(log_level="ERROR") if quiet else None,
+                )
         except (ConnectionError, ValueError) as err:  # unreachable, or not an address at all
             raise connect_error(address, err) from None
+        if quiet:
+            ray_logs.install()
     if quiet and len(ray.nodes()) == 1:
         # One node has nothing to be preempted from (if it goes, the cluster goes), and the
         # watcher actor logs an error at every group start (its arguments sit in the object
         # store). Train reads this when a group starts.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return _gpus()
+
+
+def _starts_local_ray() -> bool:
+    """Whether ``ray.init()`` without an address starts a local Ray (rather than joining the
+    one ``RAY_ADDRESS`` or ``ray start`` names)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # another Ray version, or an address it will refuse: guard anyway
+        return True
+
+
+@contextmanager
+def _guarded(local: bool) -> Iterator[None]:
+    """Start Ray (``local``: its own, here) so that its processes end with this process, however
+    it ends: a guardian process ends them (see :mod:`guardian`), and they start with the
+    marker the guardian knows them by in their environment."""
+    if not local:
+        yield
+        return
+    from ray._common.utils import get_default_ray_temp_dir
+
+    guardian.start(get_default_ray_temp_dir())
+    before = os.environ.get(guardian.MARKER)
+    os.environ[guardian.MARKER] = str(os.getpid())
+    try:
+        yield
+    finally:
+        # Only Ray's processes carry it: not this process's later subprocesses.
+        if before is None:
+            os.environ.pop(guardian.MARKER, None)
+        else:
+            os.environ[guardian.MARKER] = before
+    node = ray._private.worker._global_node
+    if node is not None and node.all_processes:  # it did start them
+        guardian.watch(node.get_session_dir_path())
 
 
 def connect_error(address: str | None, err: BaseException) -> ConfigError:

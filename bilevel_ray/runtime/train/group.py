@@ -42,6 +42,44 @@ def check_cluster_fits(placement: Placement, on_gpu: bool, with_data: bool) -> N
         raise ConfigError(problems)
 
 
+def _serves_state_api() -> bool:
+    """Whether the cluster runs the dashboard's HTTP server, where Ray's state API answers (a
+    local Ray started here runs none: ``include_dashboard=False``)."""
+    try:
+        from ray._private.services import get_webui_url_from_internal_kv
+
+        return bool(get_webui_url_from_internal_kv())
+    except Exception:  # another Ray version: leave Train as it is
+        return True
+
+
+def _trainer_class() -> Any:
+    """``TorchTrainer``, less Train's placement-group cleaner on a cluster without the state API.
+
+    The cleaner is a detached actor that asks the state API every second whether the Train
+    controller still lives, to remove the group's placement group if it died. Without the
+    dashboard's HTTP server it can never know: with one Ray on the machine it warns every few
+    seconds; with several, its first question ends its thread with a 43-line "Found multiple
+    active Ray instances" traceback on the terminal (it finds the cluster as ``ray status``
+    does, not from its own connection); and where another Ray's dashboard holds the port this
+    one's records name (127.0.0.1:8265), that one could answer "no such actor" and the cleaner
+    would remove the running group's placement group. Dropping it there loses nothing it could
+    do (and a local Ray ends with its driver: ``bilevel_ray.runtime.cluster.guardian``). Where
+    a Ray version names the method otherwise, the cleaner stays, and ``ray_logs`` keeps its
+    traceback off the terminal.
+    """
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if _serves_state_api():
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
+
+
 def fit_worker_group(
     job: WorkerJob,
     placement: Placement,
@@ -57,11 +95,10 @@ def fit_worker_group(
     reported metrics and the final checkpoint's payload (empty for a diverged run)."""
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from bilevel_ray.runtime.train.worker import train_loop_per_worker
 
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config=job.to_dict(),
         scaling_config=ray.train.ScalingConfig(
