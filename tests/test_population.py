@@ -128,6 +128,8 @@ def test_solve_replays_a_schedule_file_and_refuses_another_problem(tmp_path, cap
         ({"pbt_interval": 0}, "must be an integer >= 1"),
         ({"search_alg": "optuna"}, "cannot be combined with it"),
         ({"num_samples": 8, "max_concurrent_trials": 2}, "runs all at once"),
+        # More trials than this machine holds (its memory and CPUs), refused on the driver.
+        ({"num_samples": 100_000}, r"num_samples=100000 does not fit: .* use num_samples=\d+"),
         (
             {"search_space": {"optimizer": {"grid_search": ["sgd"]}}},
             "the search space draws none of them",

@@ -45,7 +45,12 @@ def add_parser(commands: Any) -> None:
     )
     common.output_options(tune_cmd)
     tune_cmd.set_defaults(report_every=None)  # a tenth of the steps: the scheduler's rungs
-    tune_cmd.add_argument("--samples", type=int, default=36, help="trials (default 36)")
+    tune_cmd.add_argument(
+        "--samples",
+        type=int,
+        help="trials (default 36; with --scheduler pbt/pb2, as many as this machine's memory and "
+        "CPUs hold, at most 36: a population runs all at once)",
+    )
     tune_cmd.add_argument(
         "--max-steps",
         type=int,
@@ -147,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     failures = result.failure_summary()
     if result.best_config is None:
         # Nothing completed: no "best config" made of failed trials' numbers.
-        print(f"error: no trial of the sweep completed; {failures}", file=sys.stderr)
+        said = failures or result.status
+        print(f"error: no trial of the sweep completed; {said}", file=sys.stderr)
         print(f"  wrote {result.path}/trials.parquet (each trial's reason in its error column)")
         return 1
     print(f"best config: {json.dumps(result.best_config, default=str)}")

@@ -65,6 +65,32 @@ def small_memory(run: Callable[[Path], Any], total: int = 2**30) -> Callable[[Pa
     return patched
 
 
+def population_room(
+    run: Callable[[Path], Any], memory: int, per_trial: int, cpus: float = 64
+) -> Callable[[Path], Any]:
+    """``run`` where a sweep's trials have ``memory`` bytes and ``cpus`` CPUs, and one
+    population member is estimated at ``per_trial`` bytes."""
+    from bilevel_ray.runtime.tune import plan
+    from bilevel_ray.runtime.tune.capacity import Capacity
+
+    room = Capacity(memory, "MemAvailable", cpus, "this machine")
+
+    def patched(tmp: Path) -> Any:
+        with (
+            mock.patch.object(plan, "sweep_capacity", lambda address: room),
+            mock.patch.object(plan, "trial_memory", lambda problem, state: per_trial),
+        ):
+            return run(tmp)
+
+    return patched
+
+
+def _has(module: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(module) is not None
+
+
 # --- br.solve: counts, step sizes and knobs ----------------------------------------------------
 
 
@@ -822,6 +848,61 @@ CASES = [
         r"^error: gap_tol=nan: must be a finite number >= 0, e\.g\. 0\.1$",
         writes=("rep",),
         setup=report_folder(),
+    ),
+    # a population (PBT / PB2) runs all at once: it must fit its machine's memory and CPUs
+    cli(
+        "cli-pbt-population-too-large",
+        "CLI",
+        "tune --scheduler pbt --samples 100000 (more trials than any one machine holds)",
+        "tune toy-negative --scheduler pbt --samples 100000 --max-steps 5 --out {tmp}/sweeps",
+        r"^error: scheduler='pbt' runs its whole population at once, and num_samples=100000 does "
+        r"not fit: 100000 trials x \d+ MiB each is [\d,.]+ GiB, and (this machine|the Ray "
+        r"cluster) has .* CPUs \(at most \d+ trials per CPU\); the largest population that fits "
+        r"is \d+: use num_samples=\d+, or more memory or CPUs \(a Ray cluster: address=\.\.\.\)$",
+        writes=("sweeps",),
+    ),
+    api(
+        "api-pbt-population-over-memory",
+        "API",
+        "br.tune scheduler='pbt', num_samples=48 trials of about 400 MiB each, 5 GiB available",
+        population_room(
+            lambda tmp: br.tune(
+                "toy-negative",
+                scheduler="pbt",
+                num_samples=48,
+                steps=20,
+                storage_path=tmp / "sweeps",
+            ),
+            memory=5 * 2**30,
+            per_trial=400 * 2**20,
+        ),
+        r"^scheduler='pbt' runs its whole population at once, and num_samples=48 does not fit: "
+        r"48 trials x 400 MiB each is 18\.8 GiB, and this machine has 5\.0 GiB of memory for the "
+        r"trials \(MemAvailable\) and 64 CPUs \(at most \d+ trials per CPU\); the largest "
+        r"population that fits is 12: use num_samples=12, or more memory or CPUs",
+        writes=("sweeps",),
+    ),
+    api(
+        "api-pb2-population-over-cpus",
+        "API",
+        "br.tune scheduler='pb2', num_samples=60 on 2 CPUs (memory to spare)",
+        population_room(
+            lambda tmp: br.tune(
+                "toy-negative",
+                scheduler="pb2",
+                num_samples=60,
+                steps=20,
+                storage_path=tmp / "sweeps",
+            ),
+            memory=64 * 2**30,
+            per_trial=400 * 2**20,
+            cpus=2,
+        ),
+        r"^scheduler='pb2' runs its whole population at once, and num_samples=60 does not fit: .*"
+        r"and 2 CPUs \(at most (\d+) trials per CPU\); the largest population that fits is "
+        r"\d+: use num_samples=\d+",
+        writes=("sweeps",),
+        setup=lambda tmp: None if _has("sklearn") else "needs pip install 'bilevel_ray[pb2]'",
     ),
     cli(
         "report-gap-tol-inf",

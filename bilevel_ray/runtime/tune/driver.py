@@ -37,10 +37,11 @@ from bilevel_ray.runtime.local.history import HISTORY_SCHEMA, write_parquet
 from bilevel_ray.runtime.local.ranking import GAP, METRIC, SCORE
 from bilevel_ray.runtime.local.run_spec import declare_run_options, take_run_options
 from bilevel_ray.runtime.train.judge_actor import start_judge
+from bilevel_ray.runtime.tune.deaths import death_reason, handle_trial_deaths
 from bilevel_ray.runtime.tune.folder import claim_sweep_folder
 from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE, write_best_schedule
 from bilevel_ray.runtime.tune.outcome import TuneResult, history_table, outcome, trials_table
-from bilevel_ray.runtime.tune.plan import SweepPlan, plan_sweep
+from bilevel_ray.runtime.tune.plan import SweepPlan, check_population_fits, plan_sweep
 from bilevel_ray.runtime.tune.record import end_record, start_record
 from bilevel_ray.runtime.tune.trial import TrialPlan, run_trial
 from bilevel_ray.tracking import (
@@ -86,9 +87,26 @@ class _Progress(ray_tune.Callback):
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = death_reason(_trial_error(trial))
+        step = (trial.last_result or {}).get("step")
+        at = "before its first report" if step is None else f"at step {step}"
         print(
-            f"[tune] {trial.trial_id} failed: see {trial.local_path}", file=sys.stderr, flush=True
+            f"[tune] {trial.trial_id} failed {at}: {reason or 'see ' + trial.local_path}",
+            file=sys.stderr,
+            flush=True,
         )
+
+
+def _trial_error(trial: Any) -> BaseException | None:
+    """The error Tune ended ``trial`` with, from the file it has just written on this machine
+    (its copy in the sweep's storage comes later); None if unreadable."""
+    from ray import cloudpickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as f:
+            return cloudpickle.load(f)
+    except Exception:  # no error file (another Ray), or one that does not load here
+        return None
 
 
 def _short(value: Any) -> str:
@@ -102,7 +120,7 @@ def run_sweep(
     problem_config: dict[str, Any] | None = None,
     method: str = "pbgd_free",
     search_space: dict[str, Any] | None = None,
-    num_samples: int = 36,
+    num_samples: int | None = None,
     steps: int | None = None,
     scheduler: Any = "auto",
     search_alg: Any = "auto",
@@ -137,7 +155,8 @@ def run_sweep(
             :mod:`bilevel_ray.runtime.tune.space`); default :func:`default_search_space`.
         num_samples: trials (default 36: with 600-step trials, 21,600 trial-steps, a tenth of
             the 360-point grid whose best the default comes within 5% of on ``representation``
-            and ``regression``, benchmarks/tune_quality.py). steps: per trial (default: the
+            and ``regression``, benchmarks/tune_quality.py; a population: as many as fit, at
+            most 36, :mod:`bilevel_ray.runtime.tune.capacity`). steps: per trial (default: the
             problem's steps); the run settings below apply to every trial (``report_every``
             defaults to steps // 10; ``report_interval_s``: a trial reports to Tune at most
             this often, and at its end and the scheduler's milestones).
@@ -218,6 +237,7 @@ def run_sweep(
         search_seed=search_seed,
         pbt_interval=pbt_interval,
         base_options=base_options,
+        address=address,
     )
     claim_sweep_folder(plan.path, plan.record, resume)
     recorder = start_record(plan, resume, base_options)
@@ -225,6 +245,7 @@ def run_sweep(
     # step would rewrite the whole state after each event: quadratic in the number of trials),
     # so a killed driver loses little more than the trials that were running.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    handle_trial_deaths()  # a dead trial fails alone, and is said once, by the sweep
     started = time.perf_counter()
     sweep = None
     if tracking is not None:
@@ -233,6 +254,7 @@ def run_sweep(
         with recorder.running():
             with steady_working_dir(plan.path):  # all of the sweep's paths are absolute by now
                 gpus = connect(address, runtime_env)
+                check_population_fits(plan)  # a cluster the pre-flight could not see
                 if tracking is not None:
                     tracking.check_cluster(len(ray.nodes()))
                 trial_cpus, concurrent = _place(plan, ray.cluster_resources().get("CPU", 0.0))

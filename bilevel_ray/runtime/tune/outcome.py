@@ -2,14 +2,17 @@
 the trials that completed, and an honest count of the ones that did not.
 
 A trial's status is ``completed``, ``stopped`` (a scheduler ended it early), ``unsuitable`` (the
-flatness watch stopped it), ``diverged`` or ``error`` (its code raised; the one-line reason is
-in ``trials.parquet``'s ``error`` column). Only the first three are results: a sweep whose
-trials all failed has no best configuration.
+flatness watch stopped it), ``diverged`` or ``error`` (its code raised, or its process died:
+"killed: out of memory ..."; the one-line reason is in ``trials.parquet``'s ``error`` column).
+Only the first three are results: a sweep with none of them has no best configuration, and its
+status says so ("no trial finished: ...").
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bilevel_ray.runtime.local.ranking import GAP, METRIC, SCORE, rank_trials
+from bilevel_ray.runtime.tune.deaths import death_reason
 from bilevel_ray.runtime.tune.space import decode
 
 __all__ = [
@@ -57,6 +61,21 @@ class TuneResult:
     def num_trials(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def status(self) -> str:
+        """ "completed" (a best configuration was found), else "no trial finished: k of n
+        failed, first reason: ..." (or "no trial finished: the sweep ran no trial")."""
+        if self.best_config is not None:
+            return "completed"
+        if not self.num_trials:
+            return "no trial finished: the sweep ran no trial"
+        first = next(
+            (r["error"] for r in self.trials.to_pylist() if r["status"] in FAILED and r["error"]),
+            None,
+        )
+        said = f", first reason: {first}" if first else ""
+        return f"no trial finished: {self.num_failed} of {self.num_trials} failed{said}"
+
     def failure_summary(self) -> str | None:
         """ "k of n trials failed: <reason> (x m); ...", or None when none failed."""
         if not self.num_failed:
@@ -76,17 +95,20 @@ class TuneResult:
 
 def trials_table(grid: Any) -> pa.Table:
     """One row per trial: config, final metrics, status (and the reason of a failure), wall
-    time."""
+    time. A trial whose process died before its first report has no metrics: its id and
+    config come from its folder."""
     trials = []
     for result in grid:
         metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        folder = Path(result.path)
+        trial_id = metrics.get("trial_id") or _trial_id(folder.name)
         status = metrics.get("status", "error" if result.error else "unknown")
         if status == "running":
             status = "stopped"  # ended by the scheduler before its last step
         reason = metrics.get("error")
         if result.error is not None and reason is None:
-            status, reason = "error", one_line(result.error)
+            status = "error"
+            reason = death_reason(result.error) or one_line(result.error)
         if status == "diverged":
             reason = f"diverged at step {metrics.get('diverged_at_step')}: a loss was not finite"
         row = {
@@ -106,9 +128,29 @@ def trials_table(grid: Any) -> pa.Table:
         row.update(
             {k: float(v) for k, v in metrics.items() if k.startswith("eval/") and k not in row}
         )
-        row.update({f"config/{k}": _plain(v) for k, v in (result.config or {}).items()})
+        config = result.config or _started_with(folder)
+        row.update({f"config/{k}": _plain(v) for k, v in config.items()})
         trials.append(row)
-    return pa.Table.from_pylist(trials)
+    # Every column of every row: Arrow infers a table's columns from its first row alone, and
+    # a trial killed before its first report has no config, lineage or held-out numbers.
+    columns = list(dict.fromkeys(key for row in trials for key in row))
+    return pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in trials])
+
+
+def _trial_id(folder: str) -> str:
+    """A trial's id from its folder's name, ``run_trial_<id>_<index>_<config>_<date>``: Tune's
+    own ids (``3b1f0_00002``) or a searcher's (``0c652abc``)."""
+    found = re.match(r"^run_trial_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+(?:_|$)", folder)
+    return found.group(1) if found else folder
+
+
+def _started_with(folder: Path) -> dict[str, Any]:
+    """The config a trial started with, from Tune's ``params.json`` in its folder."""
+    try:
+        config = json.loads((folder / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def history_table(path: Path, trials: pa.Table) -> pa.Table:

@@ -2,14 +2,16 @@
 
 :func:`plan_sweep` builds the factory's problem once, checks the settings, the search space
 (analytically) and one step of one trial (:mod:`~bilevel_ray.runtime.tune.preflight`), picks the
-search strategy (a searcher and a scheduler, or a population) and names the sweep's folder and
-the record kept there. The driver (:mod:`~bilevel_ray.runtime.tune.driver`) then places, runs
+search strategy (a searcher and a scheduler, or a population, sized to the memory and CPUs it
+will have: :mod:`~bilevel_ray.runtime.tune.capacity`) and names the sweep's folder and the record
+kept there. The driver (:mod:`~bilevel_ray.runtime.tune.driver`) then places, runs
 and writes it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +30,21 @@ from bilevel_ray.runtime.local.run_spec import (
     check_run_name,
 )
 from bilevel_ray.runtime.local.spec_check import check_spec
+from bilevel_ray.runtime.tune.capacity import (
+    DEFAULT_POPULATION,
+    Capacity,
+    PeakMemory,
+    cluster_capacity,
+    machine_capacity,
+    population_size,
+    trial_memory,
+)
 from bilevel_ray.runtime.tune.population import POPULATION_SCHEDULERS, population_scheduler
 from bilevel_ray.runtime.tune.preflight import check_space_values, describe_space, first_step
 from bilevel_ray.runtime.tune.space import check_search_space, default_search_space
 from bilevel_ray.runtime.tune.strategy import scheduler_for, search_alg_for
 
-__all__ = ["SweepPlan", "plan_sweep"]
+__all__ = ["SweepPlan", "check_population_fits", "plan_sweep", "sweep_capacity"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,10 @@ class SweepPlan:
     # settings as keywords (what a replay of the best trial passes to br.solve).
     fingerprint: dict[str, Any] = field(default_factory=dict)
     run_options: dict[str, Any] = field(default_factory=dict)
+    # One trial's estimated memory (bytes), and whether a population was sized before Ray
+    # started (False: a cluster not connected to yet, checked once connected).
+    trial_memory: int = 0
+    population_checked: bool = True
 
 
 def plan_sweep(
@@ -71,7 +86,7 @@ def plan_sweep(
     problem_config: dict[str, Any] | None,
     method: str,
     search_space: dict[str, Any] | None,
-    num_samples: int,
+    num_samples: int | None,
     steps: int | None,
     run_options: dict[str, Any],
     scheduler: Any,
@@ -84,12 +99,16 @@ def plan_sweep(
     search_seed: int | None,
     pbt_interval: int | None,
     base_options: dict[str, Any],
+    address: str | None = None,
 ) -> SweepPlan:
     """The plan of ``br.tune``'s arguments (``run_sweep``'s): ``run_options`` are every trial's
     run settings (``take_run_options``), ``placement`` is (num_workers, use_gpu,
-    resources_per_worker, max_failures) and ``gap`` (gap_tol, gap_steps)."""
+    resources_per_worker, max_failures) and ``gap`` (gap_tol, gap_steps). ``num_samples=None``:
+    the default (36; a population: as many as fit, at most 36)."""
     problem_config = dict(problem_config or {})
-    spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
+    measured = PeakMemory()  # what the problem takes: its data, then a step of it
+    with measured.measure():
+        spec, fingerprint = fingerprinted_spec(factory, {**problem_config, "device": "cpu"})
     check_spec(spec, needs_eval=True)
     defaults = SolverConfig.applicable(method, spec.defaults)
     default_steps = defaults.pop("steps", 1000)
@@ -98,6 +117,8 @@ def plan_sweep(
     seed = run_options["seed"]
     search_seed = seed if search_seed is None else search_seed
     problems: list[str] = []
+    asked = num_samples
+    num_samples = DEFAULT_POPULATION if num_samples is None else num_samples
     check_count(problems, "num_samples", num_samples, 1)
     check_count(problems, "gap_steps", gap_steps, 1)
     check_count(problems, "steps", steps, 1)
@@ -122,7 +143,12 @@ def plan_sweep(
         scheduler, search_alg, run, space, pbt_interval, where.num_workers,
         (max_concurrent_trials, num_samples, search_seed),
     )  # fmt: skip
-    first_step(spec, method, base, space, seed)
+    with measured.measure():
+        state = first_step(spec, method, base, space, seed)
+    per_trial = trial_memory(measured.bytes, state)
+    checked = True
+    if population:
+        num_samples, checked = _size_population(str(scheduler), asked, per_trial, address)
     storage = check_writable(storage_path or Path.home() / "ray_results", "storage_path")
     record = {
         "problem": factory_name(factory),
@@ -158,7 +184,60 @@ def plan_sweep(
         record,
         fingerprint,
         {**run_options, "report_every": run.report_every},
+        per_trial,
+        checked,
     )
+
+
+def _size_population(
+    kind: str, asked: int | None, per_trial: int, address: str | None
+) -> tuple[int, bool]:
+    """The population's size, checked against where it will run (before Ray starts), and
+    whether it was; a cluster not connected to yet is checked once connected."""
+    capacity = sweep_capacity(address)
+    if capacity is None:
+        return (DEFAULT_POPULATION if asked is None else asked), False
+    size, note = population_size(kind, asked, per_trial, capacity)
+    if note is not None:
+        print(f"[tune] {note}", file=sys.stderr, flush=True)
+    return size, True
+
+
+def sweep_capacity(address: str | None) -> Capacity | None:
+    """What the sweep's trials will have: this machine (a local Ray, started or not), the Ray
+    cluster this process is connected to, or None for a cluster not connected to yet."""
+    import ray
+
+    if ray.is_initialized():
+        resources = ray.cluster_resources()
+        if _local_cluster():
+            return machine_capacity(ray_started=True, ray_resources=resources)
+        return cluster_capacity(resources)
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        return None
+    return machine_capacity(ray_started=False)
+
+
+def _local_cluster() -> bool:
+    """Whether the Ray this process is connected to is one node: this machine."""
+    import ray
+
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        here = ray.get_runtime_context().get_node_id()
+    except Exception:  # a client connection (ray://) says less: a cluster, as Ray reports it
+        return False
+    return len(nodes) == 1 and nodes[0].get("NodeID") == here
+
+
+def check_population_fits(plan: SweepPlan) -> None:
+    """Once connected to a cluster the plan could not see before Ray started: refuse a
+    population larger than it holds, before any trial starts."""
+    import ray
+
+    if plan.population and not plan.population_checked:
+        capacity = cluster_capacity(ray.cluster_resources())
+        population_size(plan.record["scheduler"], plan.num_samples, plan.trial_memory, capacity)
 
 
 def _run_record(run: RunSpec, seed: int, search_seed: int, num_workers: int) -> dict[str, Any]:

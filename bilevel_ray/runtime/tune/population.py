@@ -1,7 +1,9 @@
 """Population-based training of the penalty schedule: Tune's PBT (or PB2) over a sweep.
 
 The whole population runs at once (``num_samples`` trials sharing the cluster's CPUs; a smaller
-``max_concurrent_trials`` is refused), each checkpointing every ``interval`` steps. At every
+``max_concurrent_trials`` is refused, and so, before Ray starts, is a population larger than its
+machine's memory and CPUs hold: :mod:`bilevel_ray.runtime.tune.capacity`), each checkpointing
+every ``interval`` steps. At every
 interval a trial in the worst quarter of the population (by ``search/score``: the held-out upper
 loss, any loss with a lower gap beyond ``gap_tol`` counting as worse) *exploits*: it continues
 from the checkpoint of a trial in the best quarter (x, y, optimizer moments, RNG, step) with

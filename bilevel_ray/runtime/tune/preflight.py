@@ -9,7 +9,8 @@ starts (a trial that fails costs a process start each, and a sweep of them says 
 * the checks ``br.solve`` makes (one evaluation of each loss; PBGD-Free needs an f that moves x);
 * the whole search space, analytically: every value a distribution can draw (its bounds, every
   category, every grid value) must make valid settings, not one random sample;
-* one step of the solver at one point of the space, and one held-out score.
+* one step of the solver at one point of the space, and one held-out score (its solver state's
+  size goes into a population's sizing, :mod:`~bilevel_ray.runtime.tune.capacity`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bilevel_ray.evaluation import evaluate
 from bilevel_ray.problem import ProblemSpec, check_losses
 from bilevel_ray.runtime.local.solve import solver_config
 from bilevel_ray.runtime.local.spec_check import check_spec
+from bilevel_ray.runtime.tune.capacity import state_bytes
 from bilevel_ray.runtime.tune.space import decode, sample_point
 
 __all__ = ["check_space_values", "check_spec", "describe_space", "first_step", "space_values"]
@@ -76,9 +78,10 @@ def check_space_values(space: Mapping[str, Any], method: str, base: Mapping[str,
 
 def first_step(
     spec: ProblemSpec, method: str, base: Mapping[str, Any], space: Mapping[str, Any], seed: int
-) -> None:
+) -> int:
     """One solver step at one point of the space and one held-out score, as a trial starts; the
-    caller's RNG is left as it was."""
+    caller's RNG is left as it was. Returns the bytes of the solver's state after the step (x,
+    y, optimizer moments, the method's copies)."""
     settings = solver_config(method, {**base, **decode(sample_point(space))})
     settings.to_dict()  # trials receive the settings as a dict
     solver = settings.build(spec.problem)
@@ -91,6 +94,7 @@ def first_step(
         state, _ = solver.step(state, next(itertools.chain([first], batches)))
         if spec.eval_data is not None:
             evaluate(spec.problem, state.x, state.y, spec.eval_data, gap_steps=1)
+    return state_bytes(tuple(state))
 
 
 def describe_space(space: Mapping[str, Any]) -> dict[str, Any]:
