@@ -15,6 +15,15 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_state_key(tmp_path_factory):
+    # A sweep seals Tune's state with the account's key: the tests' sweeps use their own.
+    import os
+
+    os.environ["BILEVEL_RAY_STATE_KEY"] = str(tmp_path_factory.mktemp("key") / "state.key")
+    yield
+
+
 @pytest.fixture
 def quadratic():
     return br.problems.QuadraticProblem(dim_x=3, dim_y=4, seed=0)

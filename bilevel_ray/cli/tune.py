@@ -106,6 +106,12 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="continue an interrupted sweep without rerunning finished trials",
     )
+    tune_cmd.add_argument(
+        "--trust-state",
+        action="store_true",
+        help="with --resume: resume a sweep whose pickled Tune state this account did not seal "
+        "(one you ran on another machine); it runs any code that state holds",
+    )
     tune_cmd.add_argument("--address", help="a Ray cluster's address (default: a local Ray)")
     common.tracking_options(tune_cmd)
 
@@ -140,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         storage_path=args.out,
         name=args.name,
         resume=args.resume,
+        trust_state=args.trust_state,
         search_seed=args.search_seed,
         pbt_interval=args.pbt_interval,
         address=args.address,

@@ -458,6 +458,22 @@ def _foreign(tmp: Path) -> None:
     pq.write_table(pa.table({"a": [1, 2], "b": ["u", "v"]}), tmp / "rep" / "history.parquet")
 
 
+TUNE_S = "tune quadratic --samples 2 --steps 20 --scheduler fifo --out {tmp}/runs --name s --quiet"
+
+
+def _planted_tune_state(tmp: Path) -> None:
+    """A sweep folder as an interrupted sweep leaves it, whose ``tuner.pkl`` someone else
+    wrote: a pickle that runs a command when Tune loads it."""
+    import pickle
+
+    with contextlib.suppress(AssertionError):  # the first call stops where it reaches Ray
+        main(TUNE_S.format(tmp=tmp).split())
+    sweep = tmp / "runs" / "s"
+    assert (sweep / "sweep.json").is_file()
+    (sweep / "tuner.pkl").write_bytes(pickle.dumps(print))  # any callable: code to run
+    (sweep / "experiment_state-2026-12-06.json").write_text('{"trial_data": []}')
+
+
 CASES = [
     # --- checkpoints ------------------------------------------------------------------------
     api(
@@ -715,6 +731,18 @@ CASES = [
         r"from different sweeps",
         writes=("rep",),
         setup=sweep_folder({**GOOD_TRIALS, "trial_id": ["c", "d"]}, GOOD_HISTORY),
+    ),
+    # --- Tune's pickled state --------------------------------------------------------------
+    cli(
+        "tune-resume-planted-state",
+        "config file",
+        "tune --resume on a sweep whose tuner.pkl someone else wrote",
+        TUNE_S + " --resume",
+        r"^error: sweep folder '.*s': Tune's saved state \(experiment_state-2026-12-06\.json, "
+        r"tuner\.pkl\) was not sealed by a sweep of this account \(it has no state_seal\.json\); "
+        r"resuming unpickles it, which runs any code it holds\. .*--trust-state",
+        writes=("runs",),
+        setup=_planted_tune_state,
     ),
 ]
 

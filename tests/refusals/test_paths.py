@@ -642,6 +642,7 @@ def test_a_planted_tmp_folder_does_not_break_a_save(tmp_path):
 def test_resuming_a_finished_sweep_whose_tune_state_is_gone_is_refused(tmp_path):
     # Tune cannot restore it and would start over, rewriting the finished sweep's tables.
     from bilevel_ray.runtime.tune.folder import claim_sweep_folder
+    from bilevel_ray.runtime.tune.state_seal import seal_files
 
     folder = tmp_path / "sweep"
     claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=False)
@@ -651,4 +652,5 @@ def test_resuming_a_finished_sweep_whose_tune_state_is_gone_is_refused(tmp_path)
     assert (folder / "trials.parquet").read_bytes() == b"the finished sweep's table"
     (folder / "tuner.pkl").write_bytes(b"")
     (folder / "experiment_state-2026.json").write_text("{}")
+    seal_files(folder)  # as the sweep seals the state it saves
     claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)  # resumable: accepted

@@ -43,6 +43,7 @@ from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE, write_best_schedule
 from bilevel_ray.runtime.tune.outcome import TuneResult, history_table, outcome, trials_table
 from bilevel_ray.runtime.tune.plan import SweepPlan, check_population_fits, plan_sweep
 from bilevel_ray.runtime.tune.record import end_record, start_record
+from bilevel_ray.runtime.tune.state_seal import SealCallback, seal_files
 from bilevel_ray.runtime.tune.trial import TrialPlan, run_trial
 from bilevel_ray.tracking import (
     check_runtime_env,
@@ -133,6 +134,7 @@ def run_sweep(
     storage_path: str | os.PathLike[str] | None = None,
     name: str = "sweep",
     resume: bool = False,
+    trust_state: bool = False,
     search_seed: int | None = None,
     pbt_interval: int | None = None,
     address: str | None = None,
@@ -177,7 +179,10 @@ def run_sweep(
         gap_tol, gap_steps: the ranking's tolerance on the lower-level gap, in the units of g
             (set it to the lower-level accuracy you need); the steps of the gap's lower solve.
         storage_path, name: the sweep lives in ``{storage_path}/{name}``; ``resume=True``
-            continues an interrupted sweep there without rerunning finished trials.
+            continues an interrupted sweep there without rerunning finished trials, once
+            Tune's pickled state there is found sealed by a sweep of this account
+            (:mod:`bilevel_ray.runtime.tune.state_seal`); ``trust_state=True`` resumes a
+            folder whose state you wrote elsewhere (another machine's key).
         on_unsuitable (a run setting): the flatness diagnostic in every trial, as in
             ``br.solve``; the trials report to one named judge actor per sweep, and each
             trial's verdict is a column of ``trials.parquet`` (``flatness/verdict``,
@@ -239,7 +244,7 @@ def run_sweep(
         base_options=base_options,
         address=address,
     )
-    claim_sweep_folder(plan.path, plan.record, resume)
+    claim_sweep_folder(plan.path, plan.record, resume, trust_state)
     recorder = start_record(plan, resume, base_options)
     # Save the sweep's state at most every second (Tune's default adapts up to minutes; every
     # step would rewrite the whole state after each event: quadratic in the number of trials),
@@ -402,7 +407,13 @@ def _execute(
                 storage_path=str(plan.path.parent),
                 verbose=0,
                 callbacks=sweep_callbacks(
-                    extra.tracking, [*extra.callbacks, *([_Progress()] if progress else [])]
+                    extra.tracking,
+                    [
+                        *extra.callbacks,
+                        *([_Progress()] if progress else []),
+                        # Last: it seals what Tune saved once every callback's state is in.
+                        SealCallback(plan.path),
+                    ],
                 ),
                 stop=extra.stop,
                 failure_config=ray_tune.FailureConfig(max_failures=plan.placement.max_failures),
@@ -417,6 +428,9 @@ def _execute(
         # Tune's advice to PBT users (reuse_actors with a class Trainable's reset_config)
         # does not apply to a function trainable: a user cannot act on it.
         warnings.filterwarnings("ignore", "Consider boosting PBT performance", UserWarning)
+        # The Tuner writes tuner.pkl to the sweep's folder itself; the rest Tune saves as it
+        # runs is sealed where it saves it (SealCallback), never what lay in the folder before.
+        seal_files(plan.path, only="tuner.pkl")
         return tuner.fit()
 
 

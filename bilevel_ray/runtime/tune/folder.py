@@ -15,6 +15,7 @@ from typing import Any
 
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.local.output_files import atomic_write, check_output_folder
+from bilevel_ray.runtime.tune.state_seal import check_state_seal
 
 __all__ = ["SWEEP_FILE", "SWEEP_FILES", "claim_sweep_folder"]
 
@@ -22,9 +23,12 @@ SWEEP_FILE = "sweep.json"
 SWEEP_FILES = (SWEEP_FILE, "trials.parquet", "history.parquet")  # each written atomically
 
 
-def claim_sweep_folder(path: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Refuse ``path`` when it holds another sweep, or this one without ``resume``; otherwise
-    record ``settings`` as the folder's sweep. ``path`` is ``{storage_path}/{name}``."""
+def claim_sweep_folder(
+    path: Path, settings: dict[str, Any], resume: bool, trust_state: bool = False
+) -> None:
+    """Refuse ``path`` when it holds another sweep, or this one without ``resume``, or Tune
+    state this account did not seal (unless ``trust_state``); otherwise record ``settings`` as
+    the folder's sweep. ``path`` is ``{storage_path}/{name}``."""
     check_output_folder(path.parent, path.name, "name", SWEEP_FILES, "sweep file")
     settings = json.loads(json.dumps(settings, default=repr))  # as the file will read back
     file = path / SWEEP_FILE
@@ -64,6 +68,7 @@ def claim_sweep_folder(path: Path, settings: dict[str, Any], resume: bool) -> No
                 "(tuner.pkl, experiment_state-*.json) is gone: there is nothing to resume and "
                 "its results stay as they are; choose a new --name (name=...) to run it again"
             )
+        check_state_seal(path, trust_state)
         return
     if not resume and (path / "trials.parquet").exists():
         raise ConfigError(
