@@ -27,8 +27,11 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from bilevel_ray.cli.common import Parser, UsageError
@@ -75,7 +78,43 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+_KEPT = "the work stopped where it was; what it had saved (checkpoints, finished runs) is kept"
+_signals: list[int] = []  # SIGTERMs received: Ray may re-raise the interrupt as a plain one
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM ends a command as Ctrl-C does: the work stops where it is, its record says
+    "interrupted", and the command exits with 128 + 15."""
+    _signals.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _signals.clear()
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _sigterm_interrupts():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            if _signals:
+                print(f"terminated (SIGTERM): {_KEPT}", file=sys.stderr)
+                return 128 + signal.SIGTERM
+            print(f"interrupted (Ctrl-C): {_KEPT}", file=sys.stderr)
+            return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = parser().parse_args(argv)
         if args.verbose_all or getattr(args, "verbose", False):

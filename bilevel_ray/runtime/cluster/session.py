@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -60,7 +62,7 @@ def connect(address: str | None = None, runtime_env: object = None) -> int:
             logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices on the driver
         local = address is None and _starts_local_ray()
         try:
-            with _guarded(local):
+            with _guarded(local), _keep_sigterm_handler():
                 ray.init(
                     address=address,
                     # A local Ray serves this machine only: it binds to the loopback address.
@@ -80,6 +82,21 @@ def connect(address: str | None = None, runtime_env: object = None) -> int:
         # store). Train reads this when a group starts.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return _gpus()
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Keep the process's own SIGTERM handler through ``ray.init``, which replaces it with
+    ``sys.exit`` and a handler of its core worker that prints a stack dump: the command line's
+    handler ends a run as Ctrl-C does (its record says "interrupted"), a script's stays its own."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python, nothing to put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _starts_local_ray() -> bool:
