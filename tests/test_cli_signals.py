@@ -1,6 +1,6 @@
 """SIGTERM and Ctrl-C end a command with one line (and, where the command keeps a record, an
-"interrupted" one), never a traceback or a stack dump (``cli.main``), and a Ray started by a command keeps the command's
-own SIGTERM handler (``runtime.cluster.session``)."""
+"interrupted" one), never a traceback or a stack dump (``cli.main``); a Ray started by a command
+keeps the command's own SIGTERM handler (``runtime.cluster.session``)."""
 
 from __future__ import annotations
 
