@@ -12,11 +12,11 @@ import stat
 import pytest
 
 import bilevel_ray as br
+from bilevel_ray.account_key import key_path
 from bilevel_ray.runtime.tune.state_seal import (
     KEEP,
     SEAL_FILE,
     check_state_seal,
-    key_path,
     seal_files,
     state_files,
 )

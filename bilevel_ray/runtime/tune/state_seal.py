@@ -4,11 +4,10 @@ account's sweeps did not write.
 Tune restores an interrupted sweep from ``tuner.pkl``, ``searcher-state-*.pkl``,
 ``callback-states-*.pkl`` and ``experiment_state-*.json`` (whose trials embed cloudpickle
 blobs): loading them runs whatever code they hold. A sweep records, as it saves that state, an
-HMAC-SHA256 of each file's name and bytes under a secret key of the user's (the file
-``$BILEVEL_RAY_STATE_KEY`` names, else ``$XDG_CONFIG_HOME/bilevel_ray/state.key``, else
-``~/.config/bilevel_ray/state.key``; mode 0600, made on first use). Before Ray starts, a resume
-checks every such file against the seal: a file someone else wrote, edited or planted has no
-matching HMAC (they do not have the key), and the resume is refused with the reason.
+HMAC-SHA256 of each file's name and bytes under this account's key
+(:mod:`bilevel_ray.account_key`). Before Ray starts, a resume checks every such file against the
+seal: a file someone else wrote, edited or planted has no matching HMAC (they do not have the
+key), and the resume is refused with the reason.
 ``trust_state=True`` (``--trust-state``) resumes anyway, for a folder the user knows they wrote
 (copied from another machine, whose key differs).
 
@@ -24,13 +23,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
+from bilevel_ray.account_key import account_key, key_path, read_key
 from bilevel_ray.atomic_files import atomic_text
 from bilevel_ray.errors import ConfigError
 
@@ -38,7 +36,6 @@ __all__ = [
     "SEAL_FILE",
     "SealCallback",
     "check_state_seal",
-    "key_path",
     "seal_files",
     "state_files",
 ]
@@ -46,43 +43,7 @@ __all__ = [
 SEAL_FILE = "state_seal.json"
 KEEP = 8  # digests kept per file: the copy in the sweep's folder may lag a few saves behind
 _PATTERNS = ("*.pkl", "experiment_state-*.json", "basic-variant-state-*.json")
-_KEY_BYTES = 32
 _MAX_SEAL_BYTES = 1 << 20
-
-
-def key_path() -> Path:
-    """Where this account's sealing key lives (``$BILEVEL_RAY_STATE_KEY`` names another)."""
-    if os.environ.get("BILEVEL_RAY_STATE_KEY"):
-        return Path(os.environ["BILEVEL_RAY_STATE_KEY"])
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "bilevel_ray" / "state.key"
-
-
-def _read_key() -> bytes | None:
-    try:
-        key = key_path().read_bytes()
-    except OSError:
-        return None
-    return key if len(key) == _KEY_BYTES else None
-
-
-def _key() -> bytes | None:
-    """This account's key, made on first use (None when the folder cannot be written: the
-    sweep then runs unsealed, and its resume needs ``trust_state``)."""
-    key = _read_key()
-    if key is not None:
-        return key
-    path = key_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_key()  # another sweep made it first
-    except OSError:
-        return None
-    with os.fdopen(fd, "wb") as out:
-        out.write(secrets.token_bytes(_KEY_BYTES))
-    return _read_key()
 
 
 def state_files(folder: Path) -> list[Path]:
@@ -121,7 +82,7 @@ def _read_seal(sweep: Path) -> dict[str, list[str]]:
 def seal_files(sweep: Path, source: Path | None = None, only: str | None = None) -> bool:
     """Add the digests of the state files in ``source`` (default: the sweep's folder; ``only``:
     that file alone) to the sweep's seal; False when there is no key to seal with."""
-    key = _key()
+    key = account_key()
     if key is None:
         return False
     seal = _read_seal(sweep)
@@ -148,7 +109,7 @@ def check_state_seal(sweep: Path, trust_state: bool) -> None:
     files = state_files(sweep)
     if not files:
         return
-    key, seal = _read_key(), _read_seal(sweep)
+    key, seal = read_key(), _read_seal(sweep)
     if key is None or not seal:
         why = (
             f"it has no {SEAL_FILE}"
