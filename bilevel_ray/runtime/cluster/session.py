@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,8 +62,9 @@ def connect(address: str | None = None, runtime_env: object = None) -> int:
         if quiet:
             logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices on the driver
         local = address is None and _starts_local_ray()
+        _check_reachable(address)
         try:
-            with _guarded(local), _keep_sigterm_handler():
+            with _guarded(local), _keep_sigterm_handler(), _quiet_client(quiet and not local):
                 ray.init(
                     address=address,
                     # A local Ray serves this machine only: it binds to the loopback address.
@@ -97,6 +99,21 @@ def _keep_sigterm_handler() -> Iterator[None]:
     finally:
         if previous is not None:  # None: set outside Python, nothing to put back
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _quiet_client(quiet: bool) -> Iterator[None]:
+    """While joining a cluster: Ray's client logs a warning a second for a minute while the
+    address does not answer as a cluster's head does; the refusal comes as one line instead
+    (unless ``RAY_BACKEND_LOG_LEVEL`` is the user's own)."""
+    if not quiet or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "error"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
 
 
 def _starts_local_ray() -> bool:
@@ -134,6 +151,25 @@ def _guarded(local: bool) -> Iterator[None]:
     node = ray._private.worker._global_node
     if node is not None and node.all_processes:  # it did start them
         guardian.watch(node.get_session_dir_path())
+
+
+REACH_S = 5.0  # for a cluster's head to accept a connection
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse a ``host:port`` cluster address (``address``, else ``RAY_ADDRESS``) whose head
+    does not accept a connection within :data:`REACH_S`: ``ray.init`` would retry for a minute,
+    printing its client's warnings, before failing. ``auto`` and ``ray://`` are left to Ray."""
+    given = address if address is not None else os.environ.get("RAY_ADDRESS")
+    if not given or given in ("auto", "local") or "://" in given:
+        return
+    host, _, port = given.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise connect_error(address, ValueError(f"{given!r} is not host:port"))
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_S).close()
+    except (OSError, UnicodeError) as err:  # refused, unreachable, no such host
+        raise connect_error(address, err) from None
 
 
 def connect_error(address: str | None, err: BaseException) -> ConfigError:

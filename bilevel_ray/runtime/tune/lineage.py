@@ -41,6 +41,19 @@ __all__ = [
 
 BEST_SCHEDULE = "best_schedule.json"
 FORMAT = "bilevel_ray.best_schedule/1"
+_FIELDS = (
+    "format",
+    "trial_id",
+    "eval/upper_loss",
+    "eval/lower_gap",
+    "problem",
+    "problem_config",
+    "method",
+    "steps",
+    "seed",
+    "settings",
+    "lineage",
+)
 
 
 def extend_lineage(
@@ -123,6 +136,13 @@ def read_schedule_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{where}: its problem_config is a {type(document['problem_config']).__name__}, not "
             "a dict of the factory's settings; write it again with a sweep"
         )
+    unknown = sorted(set(document) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: {unknown} are not fields of a {BEST_SCHEDULE} (it has "
+            f"{', '.join(_FIELDS)}); give the file a sweep wrote, unedited"
+        )
+    _check_lineage(document, where)
     # A schedule replays what its sweep learned: the solver settings. A run setting in it would
     # steer the run by another way (and is the command line's to set).
     steering = sorted(
@@ -139,6 +159,36 @@ def read_schedule_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for key, value in document["settings"].items():
         settings[key] = schedules.from_dict(value, name=key) if isinstance(value, dict) else value
     return {**document, "settings": settings}
+
+
+def _check_lineage(document: dict[str, Any], where: str) -> None:
+    """A schedule's settings are what its lineage gives (:func:`lineage_schedule`): one edited
+    without the other would replay something no trial ran, saying nothing."""
+    lineage = document.get("lineage")
+    if lineage is None:
+        return
+    try:
+        expected = lineage_schedule(lineage)
+    except (ConfigError, TypeError, KeyError, ValueError, AttributeError, IndexError) as err:
+        raise ConfigError(
+            f"{where}: its lineage is not one a sweep writes ({type(err).__name__}); give the "
+            "file a sweep wrote, unedited"
+        ) from None
+    expected.pop("method", None)
+    differ = sorted(
+        key
+        for key in set(expected) | set(document["settings"])
+        if _canonical(expected.get(key)) != _canonical(document["settings"].get(key))
+    )
+    if differ:
+        raise ConfigError(
+            f"{where}: its settings {differ} are not what its lineage gives: the file was "
+            "edited; give the file a sweep wrote, unedited"
+        )
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _finite_or_none(value: Any) -> float | None:
