@@ -64,9 +64,8 @@ class MemoryLog:
 def hook_trial_events(log: MemoryLog, quiet: bool) -> None:
     """Record each ended trial through br.tune's progress callback (the one Tune callback a
     sweep has); with ``quiet`` its per-trial lines are not printed."""
-    from bilevel_ray.runtime.tune import driver as tune_driver
+    from bilevel_ray.runtime.tune.progress import SweepProgress as progress
 
-    progress = tune_driver._Progress
     complete, error = progress.on_trial_complete, progress.on_trial_error
 
     def on_complete(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -37,11 +37,12 @@ from bilevel_ray.runtime.local.history import HISTORY_SCHEMA, write_parquet
 from bilevel_ray.runtime.local.ranking import GAP, METRIC, SCORE
 from bilevel_ray.runtime.local.run_spec import declare_run_options, take_run_options
 from bilevel_ray.runtime.train.judge_actor import start_judge
-from bilevel_ray.runtime.tune.deaths import death_reason, handle_trial_deaths
+from bilevel_ray.runtime.tune.deaths import handle_trial_deaths
 from bilevel_ray.runtime.tune.folder import claim_sweep_folder
 from bilevel_ray.runtime.tune.lineage import BEST_SCHEDULE, write_best_schedule
 from bilevel_ray.runtime.tune.outcome import TuneResult, history_table, outcome, trials_table
 from bilevel_ray.runtime.tune.plan import SweepPlan, check_population_fits, plan_sweep
+from bilevel_ray.runtime.tune.progress import SweepProgress, short
 from bilevel_ray.runtime.tune.record import end_record, start_record
 from bilevel_ray.runtime.tune.state_seal import SealCallback, seal_files
 from bilevel_ray.runtime.tune.trial import TrialPlan, run_trial
@@ -62,56 +63,6 @@ __all__ = ["TuneResult", "run_sweep"]
 # the sweep's own lines, not a trial's, and a population sets checkpoint_every itself.
 TUNE_RUN_DEFAULTS = {"report_every": None}
 TUNE_RUN_EXCLUDED = ("progress", "checkpoint_every")
-
-
-class _Progress(ray_tune.Callback):
-    """One line per trial event on stderr (Tune's own tables are off)."""
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
-        print(f"[tune] {trial.trial_id} started: {shown}", file=sys.stderr, flush=True)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        m = trial.last_result or {}
-        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
-        status = m.get("status", "done")
-        status = "stopped early" if status == "running" else status
-        if status == "error":
-            shown = f"error: {m.get('error')}"
-        else:
-            shown = f"{METRIC}={_short(m.get(METRIC))} {GAP}={_short(m.get(GAP))}"
-        print(
-            f"[tune] {trial.trial_id} {status} at step {m.get('step')}: {shown} "
-            f"({ended}/{len(trials)} ended)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        reason = death_reason(_trial_error(trial))
-        step = (trial.last_result or {}).get("step")
-        at = "before its first report" if step is None else f"at step {step}"
-        print(
-            f"[tune] {trial.trial_id} failed {at}: {reason or 'see ' + trial.local_path}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _trial_error(trial: Any) -> BaseException | None:
-    """The error Tune ended ``trial`` with, from the file it has just written on this machine
-    (its copy in the sweep's storage comes later); None if unreadable."""
-    from ray import cloudpickle
-
-    try:
-        with open(trial.pickled_error_file, "rb") as f:
-            return cloudpickle.load(f)
-    except Exception:  # no error file (another Ray), or one that does not load here
-        return None
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @declare_run_options(defaults=TUNE_RUN_DEFAULTS, exclude=TUNE_RUN_EXCLUDED)
@@ -410,7 +361,7 @@ def _execute(
                     extra.tracking,
                     [
                         *extra.callbacks,
-                        *([_Progress()] if progress else []),
+                        *([SweepProgress()] if progress else []),
                         # Last: it seals what Tune saved once every callback's state is in.
                         SealCallback(plan.path),
                     ],
@@ -450,8 +401,8 @@ def _write(plan: SweepPlan, grid: Any, started: float) -> TuneResult:
         print(f"[tune] {took}; no trial completed", file=sys.stderr, flush=True)
     else:
         print(
-            f"[tune] {took}; best {METRIC}={_short(result.best_metrics.get(METRIC))} "
-            f"{GAP}={_short(result.best_metrics.get(GAP))}: {result.best_config}",
+            f"[tune] {took}; best {METRIC}={short(result.best_metrics.get(METRIC))} "
+            f"{GAP}={short(result.best_metrics.get(GAP))}: {result.best_config}",
             file=sys.stderr,
             flush=True,
         )
