@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 from importlib.util import find_spec
@@ -195,9 +196,12 @@ def _fake_run(folder: Path, **record) -> Path:
 
 
 def _resave(run: Path, change) -> None:
+    """result.pt changed, in a folder from before manifests (so that export's own checks of
+    the file are what refuses it; with its manifest, the change itself is refused)."""
     saved = torch.load(run / "result.pt", weights_only=True)
     change(saved)
     torch.save(saved, run / "result.pt")
+    (run / "manifest.json").unlink()
 
 
 def _nan_in_x(saved: dict) -> None:
@@ -245,6 +249,31 @@ def test_what_export_cannot_write_is_refused_by_name(runs, tmp_path):
             br.export(run, tmp_path / "out")
         assert message in str(err.value), (run.name, str(err.value))
         assert not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_that_does_not_match_its_manifest_is_refused(runs, tmp_path):
+    edited = _copy(runs["built"], tmp_path / "edited")
+    record = json.loads((edited / "run.json").read_text())
+    record["problem_config"]["lora_alpha"] = 9999
+    (edited / "run.json").write_text(json.dumps(record))
+    with pytest.raises(br.ConfigError) as err:
+        br.export(edited, tmp_path / "out")
+    assert re.search(
+        r"^export '.*edited' does not match its manifest \(output run\.json changed since it "
+        r"was written \(sha256 .*\)\): its files are not the ones its run wrote; restore the "
+        r"folder from the run's own copy, or rerun the run \(bilevel-ray show says more\)$",
+        str(err.value),
+    ), str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_from_before_manifests_is_exported_with_a_note(runs, tmp_path, capsys):
+    old = _copy(runs["built"], tmp_path / "old")
+    (old / "manifest.json").unlink()
+    out = br.export(old, tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16  # default
+    err = capsys.readouterr().err
+    assert re.search(r"^note: export '.*old' has no manifest\.json \(it predates manifests\)", err)
 
 
 def test_an_out_folder_that_is_not_new_and_empty_is_refused(runs, tmp_path):

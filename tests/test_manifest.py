@@ -44,6 +44,7 @@ FIELDS = {
     "continuations",
     "replay",
     "digest",
+    "seal",
 }
 
 
@@ -184,7 +185,8 @@ def test_show_finds_a_changed_output(solved, capsys):
         (lambda p: None, r"not a folder; give the folder of a result"),
         (
             lambda p: (p.mkdir(), (p / MANIFEST).write_text("{")),
-            r"manifest\.json is not valid JSON .*; restore it, or use a new --name",
+            r"manifest\.json is not valid JSON .*; restore the folder's manifest\.json from a "
+            r"copy of the folder$",
         ),
         (
             lambda p: (p.mkdir(), (p / MANIFEST).write_text('{"schema": "other"}')),
@@ -202,11 +204,11 @@ def test_show_finds_a_changed_output(solved, capsys):
                 p.mkdir(),
                 (p / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "schema_version": 1})),
             ),
-            r"manifest\.json lacks \['kind', .*'digest'\]; restore it, or use a new --name",
+            r"manifest\.json lacks \['kind', .*'digest'\]; restore the folder's manifest",
         ),
         (
             lambda p: (p / MANIFEST).mkdir(parents=True),
-            r"manifest\.json is not a file of a manifest's size; restore it",
+            r"manifest\.json is not a file of a manifest's size; restore the folder's",
         ),
     ],
 )

@@ -1,5 +1,11 @@
 """``bilevel-ray rerun DIR``: execute a result's manifest again, from scratch, into a new folder,
-and say whether the final parameters match (bitwise, else the largest difference)."""
+and say whether the final parameters match (bitwise, else the largest difference).
+
+A rerun runs what the manifest names (a problem's file or module is imported, its factory
+called), so it runs only a manifest this account sealed (:mod:`~bilevel_ray.records.seal`), or
+any with ``--trust-record``; either way each recorded run passes the checks the same settings
+would pass given on the command line (its steps, seed, solver settings, workers, threads) before
+anything is imported or built."""
 
 from __future__ import annotations
 
@@ -12,10 +18,12 @@ from bilevel_ray.cli import common
 from bilevel_ray.errors import ConfigError
 
 ORDER = 10  # its place in ``bilevel-ray --help``
+PLACEMENT_KEYS = ("num_workers", "use_gpu", "resources_per_worker", "max_failures")
 
 EXAMPLES = """examples:
   bilevel-ray solve quadratic --out runs/q && bilevel-ray rerun runs/q
   bilevel-ray rerun runs/sweep --out runs/sweep-again     # the sweep's best trial, replayed
+  bilevel-ray rerun from-alice/run --trust-record          # a folder another account wrote
 """
 
 HELP = "execute a result's manifest again and compare the final parameters"
@@ -25,8 +33,13 @@ DESCRIPTION = (
     "best trial (its schedule) or each method a comparison kept; write the parameters, "
     "rerun.json and a manifest to NEW (default DIR-rerun) and report whether the final "
     "parameters match the recorded ones bitwise (expected on CPU in float64 for the built-in "
-    "problems), or the largest difference. Exit 0 when every run matches bitwise, 1 otherwise."
+    "problems), or the largest difference. Exit 0 when every run matches bitwise, 1 otherwise. "
+    "A manifest this account did not seal (a colleague's folder, or an edited one) is refused "
+    "before anything runs: a rerun imports the problem's code it names; pass --trust-record if "
+    "you trust who wrote it."
 )
+
+SHOWN = 200  # characters of a recorded name or command shown in a message
 
 
 def add_parser(commands: Any) -> None:
@@ -34,18 +47,34 @@ def add_parser(commands: Any) -> None:
     rerun_cmd = common.new_command(commands, "rerun", HELP, DESCRIPTION, EXAMPLES)
     rerun_cmd.add_argument("folder", type=Path, metavar="DIR")
     common.out_option(rerun_cmd, "the new folder (default: DIR-rerun); new or empty")
+    rerun_cmd.add_argument(
+        "--trust-record",
+        action="store_true",
+        help="rerun a manifest this account did not seal (written by another account or "
+        "machine): it runs the problem code the record names, so only for a folder whose "
+        "writer you trust",
+    )
     common.output_options(rerun_cmd)
 
 
 def run(args: argparse.Namespace) -> int:
-    from bilevel_ray.records.manifest import finish, new_manifest, now, plain, read_manifest, verify
+    from bilevel_ray.records.manifest import (
+        RESTORE_FIX,
+        finish,
+        new_manifest,
+        now,
+        plain,
+        read_manifest,
+        sealed,
+        verify,
+    )
     from bilevel_ray.records.replay import compare_params, load_params, replay_runs
     from bilevel_ray.runtime.local.output_files import atomic_write
 
     started = now()
     folder = args.folder
     what = f"rerun {str(folder)!r}"
-    manifest = read_manifest(folder, what) if folder.is_dir() else None
+    manifest = read_manifest(folder, what, RESTORE_FIX) if folder.is_dir() else None
     if manifest is None:
         raise ConfigError(
             f"{what}: no manifest.json there; give the folder of a result written with one (a "
@@ -57,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
             f"{what}: the folder does not match its manifest ({'; '.join(problems)}): there is "
             "no trustworthy record to reproduce; bilevel-ray show says more"
         )
+    if not (args.trust_record or sealed(manifest)):
+        raise ConfigError(_untrusted(manifest, what))
     runs = replay_runs(manifest, what)
+    _check_entries(manifest, runs, what)
     for entry in runs:
         if not (folder / entry["params"]).is_file():
             raise ConfigError(f"{what}: {entry['params']} is gone: nothing to compare with")
@@ -95,6 +127,67 @@ def run(args: argparse.Namespace) -> int:
         finish(record, out, outcome, files)
     print(f"  wrote {out}: {', '.join(files)}, manifest.json")
     return 0 if same else 1
+
+
+def _untrusted(manifest: dict[str, Any], what: str) -> str:
+    """The refusal of a record this account did not seal, naming what it would run."""
+    invocation = manifest["invocation"]
+    asked = invocation.get("command") or f"{invocation.get('api')}(...)"
+    return (
+        f"{what}: its manifest is not sealed by this account (written elsewhere, or edited and "
+        "its digest recomputed), and a rerun runs what it names: the problem "
+        f"{_shown(manifest['problem'].get('name'))}, as {_shown(asked)}; nothing was imported "
+        "or run. If you trust who wrote the folder, pass --trust-record"
+    )
+
+
+def _shown(value: Any) -> str:
+    """A recorded value in a one-line message: quoted (no raw newline or control character
+    from the file reaches the terminal), cut at ``SHOWN`` characters."""
+    text = repr(str(value))
+    return text if len(text) <= SHOWN else text[: SHOWN - 4] + "...'"
+
+
+def _check_entries(manifest: dict[str, Any], runs: list[dict[str, Any]], what: str) -> None:
+    """Each recorded run passes the checks its settings would pass from a command line or
+    ``br.solve`` / ``br.train`` (steps, seed, the solver settings, the workers, the threads),
+    before the problem is built: a record is no way around them."""
+    from bilevel_ray.runtime.local.run_spec import Placement, build_run, take_run_options
+    from bilevel_ray.runtime.local.solve import solver_config
+    from bilevel_ray.runtime.local.threads import MAX_THREADS
+
+    placement = manifest["settings"].get("placement") or {}
+    for entry in runs:
+        method, options = entry["method"], take_run_options(dict(entry["run"]))
+        problems = _refusals(build_run, method, entry["steps"], options)
+        problems += _refusals(solver_config, method, dict(entry["solver"]))
+        if manifest["entry_point"] == "train":
+            problems += _refusals(
+                Placement, **{k: placement[k] for k in PLACEMENT_KEYS if k in placement}
+            )
+        threads = entry.get("threads")
+        whole = isinstance(threads, int) and not isinstance(threads, bool)
+        if threads is not None and not (whole and 1 <= threads <= MAX_THREADS):
+            problems.append(f"threads={threads!r}: must be a whole number in [1, {MAX_THREADS}]")
+        if problems:
+            raise ConfigError(
+                [
+                    f"{what}: its recorded run {_shown(entry['label'])} would be refused from a "
+                    f"command line: {p}; the record was edited or written by another bilevel_ray"
+                    for p in problems
+                ]
+            )
+
+
+def _refusals(check: Any, *args: Any, **kwargs: Any) -> list[str]:
+    """What ``check(*args, **kwargs)`` refuses (a keyword it does not take, too), one line each."""
+    try:
+        check(*args, **kwargs)
+    except ConfigError as err:
+        return list(err.problems)
+    except TypeError as err:
+        return [str(err)]
+    return []
 
 
 def _verdict(match: dict[str, Any]) -> str:

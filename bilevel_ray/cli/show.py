@@ -23,7 +23,10 @@ DESCRIPTION = (
     "folder, a diagnose --out folder): the command, the code and environment, the problem and "
     "a fingerprint of its data, the settings and seeds, the times, the outcome, the outputs "
     "and the continuations; then whether the record verifies (its content matches its digest "
-    "and every output its hash). Exit 0 when it verifies, 1 when it does not."
+    "and every output its hash) and whether this account sealed it (its key's HMAC of the "
+    "record: a record written elsewhere, or edited and its digest recomputed, is not sealed). "
+    "Exit 0 when it verifies, 1 when it does not; a record that verifies but is not sealed by "
+    "this account (a colleague's folder) exits 0, and rerun asks for --trust-record."
 )
 
 
@@ -34,7 +37,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bilevel_ray.records.manifest import MANIFEST, read_manifest, verify
+    from bilevel_ray.records.manifest import MANIFEST, RESTORE_FIX, read_manifest, sealed, verify
     from bilevel_ray.records.show import format_manifest
 
     if not args.folder.is_dir():
@@ -42,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
             f"show {str(args.folder)!r}: not a folder; give the folder of a result (a solve or "
             "train --out folder, a sweep's or a comparison's folder)"
         )
-    manifest = read_manifest(args.folder, f"show {str(args.folder)!r}")
+    manifest = read_manifest(args.folder, f"show {str(args.folder)!r}", RESTORE_FIX)
     if manifest is None:
         raise ConfigError(
             f"show {str(args.folder)!r}: the folder holds no {MANIFEST}; give the folder of a "
             "result (results written before manifests have none)"
         )
     problems = verify(args.folder, manifest)
-    print(format_manifest(str(args.folder), manifest, problems))
+    print(format_manifest(str(args.folder), manifest, problems, sealed(manifest)))
     return 1 if problems else 0

@@ -6,6 +6,8 @@ This floor imports no Ray, no runtime and no command line (any room may use it);
 imported here, so that the command line can name the invocation before it loads torch.
 
 * :mod:`~bilevel_ray.records.manifest`: the schema, writing (atomically), reading, verifying;
+* :mod:`~bilevel_ray.records.seal`: the seal that tells a record this account wrote;
+* :mod:`~bilevel_ray.records.folder_check`: a result's folder checked before a command reads it;
 * :mod:`~bilevel_ray.records.environment`: the code's identity, the libraries, the device;
 * :mod:`~bilevel_ray.records.fingerprint`: the data's fingerprint (:mod:`~bilevel_ray.records.
   files`: files hashed);

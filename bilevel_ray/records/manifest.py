@@ -17,9 +17,15 @@ Fields (``SCHEMA_VERSION`` 1):
 * ``outputs``: each output file's SHA-256 and size; ``continuations``: each later call that
   continued the result (a resume, an extension), what it changed;
 * ``replay``: what ``bilevel-ray rerun`` executes to reproduce the result's parameters;
-* ``digest``: the SHA-256 of everything above, so that an edit is seen.
+* ``digest``: the SHA-256 of everything above, so that an edit is seen;
+* ``seal``: an HMAC-SHA256 of the same content under this account's key
+  (:mod:`~bilevel_ray.records.seal`), so that a record this account wrote is told from one
+  written elsewhere or edited (anyone can recompute a digest). Optional: a manifest without it
+  (written before seals, or where no key could be made) reads as not sealed.
 
-Written atomically (a temporary file, then a rename).
+Written atomically (a temporary file, then a rename). Read back with bounds: its size, its
+nesting depth (a hostile file of 100000 nested brackets would otherwise exhaust the stack),
+and the type of each field.
 """
 
 from __future__ import annotations
@@ -38,10 +44,12 @@ from bilevel_ray.errors import ConfigError
 from bilevel_ray.records.environment import code_identity, environment
 from bilevel_ray.records.files import LARGE_FILE_BYTES, file_record, sha256_file
 from bilevel_ray.records.invocation import invocation
+from bilevel_ray.records.seal import make_seal, sealed_by_this_account
 
 __all__ = [
     "KINDS",
     "MANIFEST",
+    "RESTORE_FIX",
     "SCHEMA",
     "SCHEMA_VERSION",
     "finish",
@@ -52,6 +60,7 @@ __all__ = [
     "problem_name",
     "read_manifest",
     "record_digest",
+    "sealed",
     "update_outputs",
     "verify",
     "write_manifest",
@@ -81,8 +90,16 @@ FIELDS = (
     "continuations",
     "replay",
     "digest",
-)
+)  # and "seal", optional: manifests written before seals have none
+# Each field's JSON type (None: null allowed), checked on reading: show and rerun use them as such.
+TABLES = ("invocation", "code", "environment", "problem", "settings", "seeds", "outcome")
+TABLES += ("outputs",)
 MAX_MANIFEST_BYTES = 16 << 20
+# A manifest nests a few levels (settings, a schedule, a file list); far below the stack's limit.
+MAX_DEPTH = 64
+DEFAULT_FIX = "restore it, or use a new --name for a new result"
+# The way out for a command that reads a result and writes none into its folder (show, rerun).
+RESTORE_FIX = "restore the folder's manifest.json from a copy of the folder"
 
 
 def now() -> str:
@@ -190,34 +207,58 @@ def update_outputs(folder: Path, names: Iterable[str]) -> dict[str, Any] | None:
     return manifest
 
 
-def record_digest(manifest: Mapping[str, Any]) -> str:
-    """SHA-256 of the manifest's canonical JSON, ``digest`` left out."""
-    body = {k: v for k, v in manifest.items() if k != "digest"}
+def canonical(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest's canonical JSON, ``digest`` and ``seal`` left out: what both cover (a
+    manifest from before seals has the same digest as before)."""
+    body = {k: v for k, v in manifest.items() if k not in ("digest", "seal")}
     text = json.dumps(plain(body), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return text.encode()
+
+
+def record_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON."""
+    return hashlib.sha256(canonical(manifest)).hexdigest()
+
+
+def sealed(manifest: Mapping[str, Any]) -> bool:
+    """Whether this account wrote the manifest as it is: its seal is this account's key's."""
+    return sealed_by_this_account(canonical(manifest), manifest.get("seal"))
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """``folder/manifest.json``, with its digest, written atomically."""
-    manifest["digest"] = record_digest(manifest)
+    """``folder/manifest.json``, with its digest and this account's seal, written atomically."""
+    content = canonical(manifest)
+    manifest["digest"] = hashlib.sha256(content).hexdigest()
+    manifest["seal"] = make_seal(content)
     text = json.dumps(plain(manifest), indent=1, allow_nan=False) + "\n"
     return atomic_text(Path(folder) / MANIFEST, text)
 
 
-def read_manifest(folder: str | os.PathLike[str], what: str) -> dict[str, Any] | None:
-    """The manifest of ``folder`` (None when there is none), checked to be one: readable JSON,
-    our schema, a version this code reads, every field present. ``what`` starts the
-    messages (e.g. ``run 'runs/q'``)."""
+def read_manifest(
+    folder: str | os.PathLike[str], what: str, fix: str = DEFAULT_FIX
+) -> dict[str, Any] | None:
+    """The manifest of ``folder`` (None when there is none), checked to be one: a file of a
+    manifest's size, readable JSON nested at most ``MAX_DEPTH`` deep, our schema, a version
+    this code reads, every field present and of its type. ``what`` starts the messages (e.g.
+    ``run 'runs/q'``); ``fix`` ends them (the way out for the command that reads it)."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
-    fix = "restore it, or use a new --name for a new result"
     if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ConfigError(f"{what}: {MANIFEST} is not a file of a manifest's size; {fix}")
     try:
         manifest = json.loads(path.read_text())
+    except RecursionError:
+        raise ConfigError(
+            f"{what}: {MANIFEST} is nested too deeply to be a manifest; {fix}"
+        ) from None
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{what}: {MANIFEST} is not valid JSON ({err}); {fix}") from None
+    if _depth(manifest) > MAX_DEPTH:
+        raise ConfigError(
+            f"{what}: {MANIFEST} is nested more than {MAX_DEPTH} levels deep, which no "
+            f"manifest is; {fix}"
+        )
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise ConfigError(f"{what}: {MANIFEST} is not a bilevel_ray manifest; {fix}")
     version = manifest.get("schema_version")
@@ -229,7 +270,26 @@ def read_manifest(folder: str | os.PathLike[str], what: str) -> dict[str, Any] |
     missing = [f for f in FIELDS if f not in manifest]
     if missing:
         raise ConfigError(f"{what}: {MANIFEST} lacks {missing}; {fix}")
+    wrong = [f for f in TABLES if not isinstance(manifest[f], dict)]
+    wrong += [f for f in ("data", "replay") if not isinstance(manifest[f], (dict, type(None)))]
+    wrong += [] if isinstance(manifest["continuations"], list) else ["continuations"]
+    if wrong:
+        raise ConfigError(f"{what}: {MANIFEST}'s {wrong} are not of a manifest's types; {fix}")
     return manifest
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON ``value`` nests (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:  # past the bound the answer is known
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def verify(folder: str | os.PathLike[str], manifest: Mapping[str, Any]) -> list[str]:

@@ -1,6 +1,6 @@
 """A manifest on one screen (``bilevel-ray show DIR``): what produced the result (command, code,
 environment, problem, data, settings, seeds), when, how it ended, its outputs and its
-continuations, and whether the record still verifies."""
+continuations, whether the record still verifies, and whether this account sealed it."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ WIDTH = 100
 LABEL = 12
 
 
-def format_manifest(folder: str, manifest: Mapping[str, Any], problems: list[str]) -> str:
-    """The lines ``show`` prints; ``problems``: what does not verify (empty: it verifies)."""
+def format_manifest(
+    folder: str, manifest: Mapping[str, Any], problems: list[str], sealed: bool
+) -> str:
+    """The lines ``show`` prints; ``problems``: what does not verify (empty: it verifies);
+    ``sealed``: whether this account's key sealed the record."""
     outcome = manifest.get("outcome") or {}
     lines = [
         f"{folder}: {manifest.get('kind')} ({manifest.get('entry_point')}), "
@@ -64,6 +67,14 @@ def format_manifest(folder: str, manifest: Mapping[str, Any], problems: list[str
         lines.extend(f"    - {problem}" for problem in problems)
     else:
         lines.append("  verifies: the record is as written and every output has its hash")
+    if sealed:
+        lines.append("  sealed by this account")
+    else:
+        why = "" if manifest.get("seal") else " (it carries no seal, as records from before seals)"
+        lines.append(
+            f"  not sealed by this account: written elsewhere or edited{why}; bilevel-ray "
+            "rerun runs it only with --trust-record"
+        )
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 edited or outdated record), a result's manifest that is missing or does not verify (``show``,
 ``rerun``, ``solve --schedule``), ``declare_inputs`` given no path, and a comparison's folder
 that is not this call's (claimed by a running compare, unfinished without --resume, resumed
-with other arguments, finished, or holding nothing to resume). Each names what differs and the
-way out, before any work; nothing in the folder changes."""
+with other arguments, finished, or holding nothing to resume); a manifest this account did
+not seal (``rerun``), a replay a command line would refuse, a manifest nested past any
+record, and a run folder edited after its run (``diagnose --at-end``). Each names what
+differs and the way out, before any work; nothing in the folder changes."""
 
 from __future__ import annotations
 
@@ -94,6 +96,42 @@ def sweep_edited(tmp: Path) -> None:
     finish(manifest, folder, {"status": "completed"}, ["best_schedule.json"])
     schedule["settings"]["lr_x"] = 0.05
     (folder / "best_schedule.json").write_text(json.dumps(schedule))
+
+
+def _forged(tmp: Path, edit) -> None:
+    """runs/r's manifest edited as one without this account's key can: its plain digest
+    recomputed, no seal."""
+    import hashlib
+
+    from bilevel_ray.records.manifest import canonical
+
+    run_r(tmp)
+    path = tmp / "runs" / "r" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    manifest.pop("seal")
+    manifest["digest"] = hashlib.sha256(canonical(manifest)).hexdigest()
+    path.write_text(json.dumps(manifest))
+
+
+def forged_problem(tmp: Path) -> None:
+    (tmp / "evil.py").write_text("raise SystemExit('imported')\n")
+    _forged(tmp, lambda m: m["problem"].update(name=f"{tmp / 'evil.py'}:factory"))
+
+
+def forged_steps(tmp: Path) -> None:
+    _forged(tmp, lambda m: m["replay"]["runs"][0].update(steps=10**12))
+
+
+def nested_manifest(tmp: Path) -> None:
+    run_r(tmp)
+    (tmp / "runs" / "r" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def run_json_steps(tmp: Path) -> None:
+    run_r(tmp)
+    path = tmp / "runs" / "r" / "run.json"
+    path.write_text(path.read_text().replace('"steps": 2', '"steps": 1000000000000'))
 
 
 def rerun_target_used(tmp: Path) -> None:
@@ -258,6 +296,50 @@ CASES = [
         r".*\): there is no trustworthy record to reproduce; bilevel-ray show says more$",
         writes=("runs",),
         setup=edited,
+    ),
+    cli(
+        "record-rerun-not-sealed",
+        "config file",
+        "rerun a folder whose manifest names a problem file, digest recomputed, not sealed",
+        "rerun {tmp}/runs/r --out {tmp}/again",
+        r"^error: rerun '.*r': its manifest is not sealed by this account \(written elsewhere, "
+        r"or edited and its digest recomputed\), and a rerun runs what it names: the problem "
+        r"'.*evil\.py:factory', as 'bilevel-ray train regression .*'; nothing was imported or "
+        r"run\. If you trust who wrote the folder, pass --trust-record$",
+        writes=("runs",),
+        setup=forged_problem,
+    ),
+    cli(
+        "record-rerun-trusted-steps",
+        "config file",
+        "rerun --trust-record of a manifest whose replay runs 10**12 steps",
+        "rerun {tmp}/runs/r --out {tmp}/again --trust-record",
+        r"^error: rerun '.*r': its recorded run 'run' would be refused from a command line: "
+        r"steps=1000000000000: too large; must be an integer in \[1, .*\); the record was "
+        r"edited or written by another bilevel_ray$",
+        writes=("runs",),
+        setup=forged_steps,
+    ),
+    cli(
+        "record-show-nested",
+        "config file",
+        "show a manifest.json of 100000 nested brackets",
+        "show {tmp}/runs/r",
+        r"^error: show '.*r': manifest\.json is nested too deeply to be a manifest; restore the "
+        r"folder's manifest\.json from a copy of the folder$",
+        writes=("runs",),
+        setup=nested_manifest,
+    ),
+    cli(
+        "record-at-end-edited-run",
+        "config file",
+        "diagnose --at-end of a run whose run.json steps were edited to 10**12",
+        "diagnose --at-end {tmp}/runs/r",
+        r"^error: --at-end '.*r' does not match its manifest \(output run\.json changed since it "
+        r"was written \(sha256 .*\)\): its files are not the ones its run wrote; restore the "
+        r"folder from the run's own copy, or rerun the run \(bilevel-ray show says more\)$",
+        writes=("runs",),
+        setup=run_json_steps,
     ),
     cli(
         "record-rerun-used-out",

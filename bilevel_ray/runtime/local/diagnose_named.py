@@ -18,6 +18,7 @@ from bilevel_ray.diagnostics.verdict import Verdict
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.records.fingerprint import fingerprinted_spec
 from bilevel_ray.runtime.local.run_folder import read_result, read_run
+from bilevel_ray.runtime.local.run_spec import RunSpec
 from bilevel_ray.runtime.local.threads import use_work_threads
 
 __all__ = ["certify_run", "diagnose_problem"]
@@ -88,10 +89,22 @@ def certify_run(
 ) -> tuple[Verdict, dict[str, Any]]:
     """The end-of-run certificate (:mod:`~bilevel_ray.diagnostics.end_check`) of a finished
     PBGD-Free run's folder (``solve`` or ``train`` with ``--out``: its ``run.json`` and
-    ``result.pt``), on the problem and data the run named. Returns the verdict and the
-    settings it ran with."""
+    ``result.pt``), on the problem and data the run named, once the folder verifies against
+    its manifest (:func:`~bilevel_ray.runtime.local.run_folder.read_run`) and its steps and
+    seed pass a run's own checks (the continuation's length follows the steps). Returns the
+    verdict and the settings it ran with."""
     folder = Path(run_dir)
     record = read_run(folder, "--at-end")
+    try:  # the checks a command line's --steps and --seed pass
+        RunSpec(record.get("steps") or 1, seed=record.get("seed") or 0)
+    except ConfigError as err:
+        raise ConfigError(
+            [
+                f"--at-end {str(folder)!r}: its run.json's {p}; give the folder of a run "
+                "bilevel_ray finished"
+                for p in err.problems
+            ]
+        ) from None
     method = record.get("method")
     if method != "pbgd_free" or record.get("switched_at_step") is not None:
         raise ConfigError(

@@ -19,6 +19,13 @@ LoRA adapters) and y (the output head) from ``result.pt`` are put in place, and 
 
 Everything is written into a temporary folder beside ``DIR``, renamed to ``DIR`` at the end: a
 failure leaves no half export.
+
+The run folder is checked against its manifest first (``run.json`` and ``result.pt`` as the run
+wrote them, the record unedited; :func:`~bilevel_ray.records.folder_check.check_folder`): an
+edited file is refused by name, since the export would carry the edit (a ``lora_alpha`` the
+adapter was not trained with) under the run's name. A folder without a manifest is exported
+with a one-line note rather than refused: runs from before manifests have none, and everything
+export takes from it is checked on reading (a built-in problem only, tensors only, shapes).
 """
 
 from __future__ import annotations

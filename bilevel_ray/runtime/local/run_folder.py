@@ -1,7 +1,9 @@
 """A finished run's folder (``solve`` or ``train`` with ``--out``), read back: its ``run.json``
-(the run's record) and ``result.pt`` (its final x and y), checked before use: a size bound, JSON
-errors, tensors only (no code runs from the file), and x and y of the shapes the run's problem
-has, all finite. What ``diagnose --at-end`` and ``export`` read."""
+(the run's record) and ``result.pt`` (its final x and y), checked before use: against the
+folder's manifest (:func:`~bilevel_ray.records.folder_check.check_folder`: a file edited after
+the run is refused), a size bound, JSON errors, tensors only (no code runs from the file), and
+x and y of the shapes the run's problem has, all finite. What ``diagnose --at-end`` and
+``export`` read."""
 
 from __future__ import annotations
 
@@ -13,17 +15,20 @@ from typing import Any
 import torch
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.records.folder_check import check_folder
 from bilevel_ray.runtime.local.checkpoint import read_tensor_file
 from bilevel_ray.tree import Params
 
-__all__ = ["MAX_RECORD_BYTES", "read_result", "read_run"]
+__all__ = ["MAX_RECORD_BYTES", "RUN_FILES", "read_result", "read_run"]
 
 MAX_RECORD_BYTES = 1 << 20  # run.json holds settings and a few numbers: far below this
+RUN_FILES = ("run.json", "result.pt")  # what export and diagnose --at-end read
 
 
 def read_run(folder: Path, what: str) -> dict[str, Any]:
-    """The run record ``folder/run.json``; ``what`` (the command's label, e.g. ``--at-end``)
-    starts the messages about the folder."""
+    """The run record ``folder/run.json``, once the folder verifies against its manifest (a
+    folder from before manifests: a note on stderr); ``what`` (the command's label, e.g.
+    ``--at-end``) starts the messages about the folder."""
     folder = Path(folder)
     path = folder / "run.json"
     if not folder.is_dir():
@@ -35,6 +40,7 @@ def read_run(folder: Path, what: str) -> dict[str, Any]:
             f"{what} {str(folder)!r} holds no run.json: give the folder a finished `solve` "
             "or `train` wrote with --out"
         )
+    check_folder(folder, f"{what} {str(folder)!r}", RUN_FILES)
     if path.stat().st_size > MAX_RECORD_BYTES:
         raise ConfigError(f"{str(path)!r} is over 1 MiB: not a run record bilevel_ray wrote")
     try:
