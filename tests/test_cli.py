@@ -477,3 +477,18 @@ def test_the_help_texts_built_in_names_are_the_registrys():
     from bilevel_ray.problems import BUILTIN_PROBLEMS
 
     assert list(BUILTIN_NAMES) == list(BUILTIN_PROBLEMS)
+
+
+def test_solve_out_is_checked_for_room_before_the_run(tmp_path, capsys, monkeypatch):
+    """``solve --out`` refuses a folder without room for the run's files, as history_path is,
+    before the first step (nothing written)."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    out = tmp_path / "out"
+    assert main(["solve", "toy-negative", "--steps", "5", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.match(r"error: --out '.*out' has 0\.0 MiB free and the run's checkpoints need", err)
+    assert not (out / "history.parquet").exists()

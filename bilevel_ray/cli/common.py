@@ -30,24 +30,98 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+# A KEY=VALUE's JSON is a number, a schedule or a search space: a few hundred characters, a few
+# levels. Longer or deeper is no setting (and deep enough, a RecursionError in the parser).
+MAX_VALUE_CHARS = 65_536
+MAX_VALUE_DEPTH = 64
+
+
+class _DuplicateKey(Exception):
+    """A JSON object that names one key twice (json keeps the last one silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _depth(value: Any) -> int:
+    """How many objects and arrays deep ``value`` nests (a loop: the depth is the data's)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)) and depth <= MAX_VALUE_DEPTH + 1:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in _children(item))
+    return deepest
+
+
+def _children(item: dict | list) -> Any:
+    return item.values() if isinstance(item, dict) else item
+
+
+def parse_value(raw: str, where: str) -> Any:
+    """``raw`` as JSON, refused (naming ``where``, e.g. ``--set gamma``) when it is longer than
+    :data:`MAX_VALUE_CHARS`, nests deeper than :data:`MAX_VALUE_DEPTH` levels or names a key
+    of one object twice; raises ``json.JSONDecodeError`` when it is not JSON."""
+    if len(raw) > MAX_VALUE_CHARS:
+        raise ConfigError(
+            f"{where}: the value is {len(raw):,} characters, over the {MAX_VALUE_CHARS:,} a "
+            "setting can be; give a shorter value"
+        )
+    deep = (
+        f"{where}: the value nests deeper than {MAX_VALUE_DEPTH} levels of lists or objects; "
+        "give a flatter value"
+    )
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ConfigError(deep) from None
+    except _DuplicateKey as err:
+        raise ConfigError(
+            f"{where}: the JSON object names the key {err.args[0]!r} twice (only the last "
+            "would count); give each key once"
+        ) from None
+    if _depth(value) > MAX_VALUE_DEPTH:
+        raise ConfigError(deep)
+    return value
+
+
 def key_values(pairs: Sequence[str], flag: str, strict: bool = False) -> dict[str, Any]:
     """KEY=VALUE pairs; VALUE is read as JSON (numbers, lists, dicts, quoted strings) and taken
-    as a plain string when it is not JSON, unless ``strict`` (then it must be JSON)."""
+    as a plain string when it is not JSON, unless ``strict`` (then it must be JSON). A key
+    given twice is refused (the last would silently win)."""
     out: dict[str, Any] = {}
+    raws: dict[str, str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} gamma=20")
+        if key in raws:
+            raise ConfigError(
+                f"{flag} {key}=...: given twice ({key}={_short(raws[key])} and "
+                f"{key}={_short(raw)}); give each key once"
+            )
+        raws[key] = raw
         try:
-            out[key] = json.loads(raw)
+            out[key] = parse_value(raw, f"{flag} {key}")
         except json.JSONDecodeError as err:
             if strict:
                 raise ConfigError(
-                    f"{flag} {key}={raw!r}: not valid JSON ({err.msg}); e.g. "
+                    f"{flag} {key}={_short(raw)}: not valid JSON ({err.msg}); e.g. "
                     f"""{flag} {key}='{{"loguniform": [1, 100]}}'"""
                 ) from None
             out[key] = raw
     return out
+
+
+def _short(raw: str, limit: int = 60) -> str:
+    """``raw`` quoted, cut to ``limit`` characters: a message shows it on one line."""
+    return repr(raw if len(raw) <= limit else raw[: limit - 3] + "...")
 
 
 def new_command(

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.at_end is not None:
         return _certify(args, options, started)
     if args.problem is None:
-        raise common.UsageError(
+        raise ConfigError(
             "diagnose needs PROBLEM (a built-in name or file.py:factory), or --at-end RUN_DIR "
             "to certify a finished run"
         )
@@ -210,10 +210,17 @@ def _certify(args: argparse.Namespace, options: dict[str, Any], started: str) ->
             + ", ".join(given)
             + ")"
         )
+    # Checked before the run's folder is read and its problem built (certify_run checks again).
+    from bilevel_ray.diagnostics.end_check import end_check_problems
+
+    replicas = 3 if args.replicas is None else args.replicas
+    problems = end_check_problems(args.check_steps, replicas)
+    if problems:
+        raise ConfigError(problems)
     verdict, used = certify_run(
         args.at_end,
         check_steps=args.check_steps,
-        replicas=3 if args.replicas is None else args.replicas,
+        replicas=replicas,
         threads=args.threads,
         progress=common.progress_enabled(args),
     )

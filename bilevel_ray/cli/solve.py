@@ -65,12 +65,14 @@ def solve_problem(
     method: str,
     threads: int | None = None,
     expect_data: dict[str, Any] | None = None,
+    out_folder: Path | None = None,
     **options: Any,
 ) -> Any:
     """``br.solve`` on a problem named as on the command line (also run as a Ray task), with
     torch's threads from the problem's size unless ``threads`` is given; the result carries
     the fingerprint of the data. ``expect_data``: the fingerprint the data must have (a
-    schedule's sweep's), refused before the run when it differs."""
+    schedule's sweep's), refused before the run when it differs. ``out_folder``: the local
+    folder the run's files go to, checked for room before the run (as ``history_path`` is)."""
     from bilevel_ray.config import SolverConfig
     from bilevel_ray.records.continuation import data_difference
     from bilevel_ray.records.fingerprint import fingerprinted_spec
@@ -86,9 +88,28 @@ def solve_problem(
         )
     use_work_threads(spec.x0, spec.y0, threads)
     settings = {**SolverConfig.applicable(method, spec.defaults), **options}
+    if out_folder is not None:
+        _check_room(out_folder, spec, settings)
     result = solve(spec.problem, spec.x0, spec.y0, method=method, data=spec.data, **settings)
     result.fingerprint = fingerprint
     return with_held_out(result, spec.problem, spec.eval_data)
+
+
+def _check_room(out: Path, spec: Any, settings: dict[str, Any]) -> None:
+    """Refuse a run whose files (the history, result.pt, each written to a temporary name
+    first) cannot fit in ``out``: a full disk found at the end loses the run. Steps out of
+    range are left to the run's own checks, which name them."""
+    from bilevel_ray.counts import MAX_STEPS
+    from bilevel_ray.runtime.local.checkpoint import history_bytes, tensor_bytes
+    from bilevel_ray.runtime.local.output_files import check_free_space
+    from bilevel_ray.runtime.local.run_spec import RUN_OPTIONS
+
+    steps = settings.get("steps", 1000)
+    every = settings.get("report_every", RUN_OPTIONS["report_every"].default)
+    counts = (steps, every)
+    if all(type(n) is int and 1 <= n <= MAX_STEPS for n in counts):
+        need = 2 * (history_bytes(steps, every) + tensor_bytes((spec.x0, spec.y0)))
+        check_free_space(out, need, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         result = solve_problem(
-            args.problem, problem_config, args.method, args.threads, expect_data, **run
+            args.problem, problem_config, args.method, args.threads, expect_data, args.out, **run
         )
     common.show_result(args, problem_config, result, started)
     if args.out is not None and result.tracking is not None:

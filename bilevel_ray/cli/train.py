@@ -63,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from bilevel_ray.runtime.train.driver import default_run_name, train
 
     problem_config, options = common.read_options(args)  # br.train applies the problem's defaults
-    name = args.name or default_run_name(args.method)
+    # An empty --name is refused, not replaced by a timestamped one.
+    name = default_run_name(args.method) if args.name is None else args.name
     if args.out is not None:
-        check_output_path(name, "--name", is_file=False)
-        check_run_name(name)
+        check_output_path(name, "--name", is_file=False)  # a NUL byte, a name too long
+    check_run_name(name)
+    if args.out is not None:
         check_inside(args.out / name, args.out, "--name")
         common.check_run_files(args.out / name)
     result = train(

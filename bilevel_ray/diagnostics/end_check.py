@@ -45,12 +45,46 @@ from bilevel_ray.config import SolverConfig
 from bilevel_ray.data import FullBatch, as_batches
 from bilevel_ray.diagnostics.objective import SOLVE_STEPS, Objective
 from bilevel_ray.diagnostics.verdict import Verdict, tolerance
+from bilevel_ray.errors import ConfigError
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.tree import Params, cuda_devices
 
-__all__ = ["EndCheck", "check_steps_for", "end_check"]
+__all__ = ["MAX_REPLICAS", "EndCheck", "check_steps_for", "end_check", "end_check_problems"]
 
 REPLICA_SEED = 7919  # batch orders seed + k * 7919: another order for each replica
+
+
+# Both methods continue ``check_steps`` steps on each of ``replicas`` batch orders: more orders
+# than this, or more continued steps in all than a run may have, is a typo, not a check.
+MAX_REPLICAS = 100
+
+
+def end_check_problems(
+    check_steps: Any, replicas: Any, least: int = 1, horizon: Any = None
+) -> list[str]:
+    """Every rule ``check_steps`` (None: the default for the run's ``horizon``) and
+    ``replicas`` break, one line each."""
+    from bilevel_ray.counts import MAX_STEPS, check_count
+
+    problems: list[str] = []
+    if check_steps is not None:
+        check_count(
+            problems, "check_steps", check_steps, least, MAX_STEPS,
+            "the continuation of each method; e.g. check_steps=500, --check-steps 500",
+        )  # fmt: skip
+    check_count(
+        problems, "replicas", replicas, 1, MAX_REPLICAS,
+        "batch orders of the end check; e.g. replicas=3, --replicas 3",
+    )  # fmt: skip
+    if check_steps is None and isinstance(horizon, int) and 1 <= horizon <= MAX_STEPS:
+        check_steps = check_steps_for(horizon)
+    if not problems and check_steps is not None and check_steps * replicas > MAX_STEPS:
+        problems.append(
+            f"check_steps={check_steps} x replicas={replicas} = {check_steps * replicas:,} "
+            f"continued steps per method, more than the {MAX_STEPS:,} a run may have: lower "
+            "check_steps (--check-steps) or replicas (--replicas)"
+        )
+    return problems
 
 
 def check_steps_for(horizon: int) -> int:
@@ -74,6 +108,12 @@ class EndCheck:
     z: float = 2.0
     seed: int = 0
     solve_steps: int = SOLVE_STEPS  # y*(x)'s L-BFGS budget at each point phi is measured at
+
+    def __post_init__(self) -> None:
+        # Checked here too: certify_run builds one from its caller's numbers.
+        problems = end_check_problems(self.check_steps, self.replicas)
+        if problems:
+            raise ConfigError(problems)
 
 
 def _points(steps: int, fixed: bool) -> list[int]:

@@ -18,10 +18,24 @@ from bilevel_ray.updates import OPTIMIZERS
 __all__ = ["count_problem", "estimate_problems"]
 
 
-def count_problem(problems: list[str], name: str, value: Any, minimum: int) -> None:
-    """Add a message to ``problems`` unless ``value`` is an integer >= ``minimum`` (not a bool)."""
+# The estimator's own sizes: L-BFGS iterations per lower-level solve, and probe directions.
+MAX_SOLVE_STEPS = 100_000
+MAX_DIRECTIONS = 1_000
+
+
+def count_problem(
+    problems: list[str], name: str, value: Any, minimum: int, maximum: int | None = None
+) -> None:
+    """Add a message to ``problems`` unless ``value`` is an integer >= ``minimum`` (not a bool)
+    and at most ``maximum`` (when given)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         problems.append(f"{name}={value!r}: must be an integer >= {minimum}")
+    elif maximum is not None and value > maximum:
+        digits = int(value.bit_length() * 0.30103) + 1  # str() refuses over 4300 digits
+        shown = repr(value) if value < 10**30 else f"<an integer of about {digits} digits>"
+        problems.append(
+            f"{name}={shown}: too large; must be an integer in [{minimum}, {maximum:,}]"
+        )
 
 
 def _number(problems: list[str], name: str, value: Any, low: float, high: float, hint: str) -> None:
@@ -55,7 +69,7 @@ def estimate_problems(
     ``optimizer_name`` is what the caller calls the solves' optimizer."""
     problems: list[str] = []
     _number(problems, "gamma", gamma, 0, math.inf, "the penalty to diagnose at, e.g. 10.0")
-    count_problem(problems, "solve_steps", solve_steps, 1)
+    count_problem(problems, "solve_steps", solve_steps, 1, MAX_SOLVE_STEPS)
     _number(problems, "solve_lr", solve_lr, 0, math.inf, "e.g. solve_lr=0.05 with Adam")
     _number(problems, "solve_rtol", solve_rtol, 0, 1, "e.g. solve_rtol=1e-6")
     if not isinstance(optimizer, str) or optimizer not in (*OPTIMIZERS, "lbfgs"):
@@ -64,7 +78,7 @@ def estimate_problems(
             f"{sorted([*OPTIMIZERS, 'lbfgs'])}"
         )
     _number(problems, "gamma_factor", gamma_factor, 1, math.inf, "the second gamma, e.g. 4.0")
-    count_problem(problems, "directions", directions, 0)
+    count_problem(problems, "directions", directions, 0, MAX_DIRECTIONS)
     if not isinstance(delta_pairs, Sequence) or not all(_is_pair(p) for p in delta_pairs):
         problems.append(
             f"delta_pairs={delta_pairs!r}: must be (c, alpha) pairs with c >= 0 and alpha > 0, "

@@ -102,6 +102,10 @@ def follow(
     return state, predicted
 
 
+# The price averages this many batches at most (each costs lower-level solves).
+MAX_BATCHES = 1_000
+
+
 def count_problems(
     *,
     steps: Any,
@@ -119,18 +123,27 @@ def count_problems(
     predict_only: Any,
 ) -> list[str]:
     """Every rule the counts, thresholds and switches of :func:`diagnose` break."""
+    from bilevel_ray.counts import MAX_STEPS, check_count
+    from bilevel_ray.diagnostics.end_check import end_check_problems
+    from bilevel_ray.solvers.base import MAX_INNER_STEPS
+
     problems: list[str] = []
-    count_problem(problems, "steps", steps, 1)
-    if check_steps is not None:
-        count_problem(problems, "check_steps", check_steps, 2)
-    count_problem(problems, "replicas", replicas, 1)
-    count_problem(problems, "corrected_inner_steps", corrected_inner_steps, 1)
-    count_problem(problems, "warmup_steps", warmup_steps, 0)
-    count_problem(problems, "every", every, 1)
+    # Every count that sizes the work is bounded: a run's steps at most a run's, the rest by
+    # what a diagnosis can use (a typo of 10**12 would otherwise run for years).
+    check_count(problems, "steps", steps, 1, MAX_STEPS, "the horizon judged; e.g. steps=2000")
+    check_count(
+        problems, "corrected_inner_steps", corrected_inner_steps, 1, MAX_INNER_STEPS,
+        "the corrected method's inner loop; e.g. corrected_inner_steps=5",
+    )  # fmt: skip
+    for name, value, least in (("warmup_steps", warmup_steps, 0), ("every", every, 1)):
+        check_count(problems, name, value, least, MAX_STEPS, f"steps of the run; e.g. {name}=100")
     count_problem(problems, "seed", seed, 0)
-    count_problem(problems, "batches", batches, 1)
+    check_count(
+        problems, "batches", batches, 1, MAX_BATCHES, "batches the price averages; e.g. batches=4"
+    )
     if max_steps is not None:
-        count_problem(problems, "max_steps", max_steps, 0)
+        check_count(problems, "max_steps", max_steps, 0, MAX_STEPS, "e.g. max_steps=2000")
+    problems += end_check_problems(check_steps, replicas, least=2, horizon=steps)
     threshold_problem(problems, "settle", settle, 0, "e.g. settle=0.1")
     if max_seconds is not None:
         threshold_problem(problems, "max_seconds", max_seconds, 0, "or None for no time cap")

@@ -56,6 +56,11 @@ MARKER = "samples.json"  # lists what write_samples wrote: the folder may then b
 WRITER = "bilevel_ray.text.samples"
 MAX_POSITIONS = 256  # the model's context; every sample conversation is far shorter
 VOCAB_TARGET = 1000  # BPE stops earlier: merges end once every word of the table is one token
+# The sample model is for trying the pipeline out: a width, a depth and a size no such model
+# needs (16384 x 64 is a 275-billion-parameter model: memory runs out while it is made).
+MAX_HIDDEN = 4096
+MAX_LAYERS = 64
+MAX_PARAMETERS = 100_000_000  # 400 MB in float32: seconds to make and save on a CPU
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>")
 # Every turn is "<|role|>content</s>" after one <s>; the generation prompt is the next turn's
 # marker, so a prompt rendered with it is a prefix of the prompt rendered with its answer.
@@ -173,9 +178,26 @@ def _check_settings(*, rows: int, seed: int, hidden: int, layers: int, heads: in
         problems.append(
             f"seed={seed!r}: must be a whole number from 0 to {2**32 - 1}; pass --seed 0"
         )
-    for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads)):
+    for name, value, most in (
+        ("hidden", hidden, MAX_HIDDEN),
+        ("layers", layers, MAX_LAYERS),
+        ("heads", heads, MAX_HIDDEN // 2),
+    ):
         if not whole(value) or value < 1:
             problems.append(f"{name}={value!r}: must be a whole number >= 1; pass e.g. {name}=2")
+        elif value > most:
+            shown = value if value < 10**30 else f"<an integer of {value.bit_length()} bits>"
+            problems.append(
+                f"{name}={shown}: too large; must be a whole number from 1 to {most} (a small "
+                f"sample model); pass e.g. --{name} {dict(hidden=64, layers=2, heads=4)[name]}"
+            )
+    if not problems and parameter_count(hidden, layers) > MAX_PARAMETERS:
+        problems.append(
+            f"hidden={hidden}, layers={layers}: a model of about "
+            f"{parameter_count(hidden, layers):,} parameters, more than the "
+            f"{MAX_PARAMETERS:,} a sample model may have; pass a smaller --hidden or --layers "
+            "(e.g. --hidden 128 --layers 4)"
+        )
     if whole(hidden) and whole(heads) and heads >= 1 and hidden % (2 * heads):
         problems.append(
             f"hidden={hidden}, heads={heads}: hidden must be a multiple of 2 * heads (each head "
@@ -184,6 +206,12 @@ def _check_settings(*, rows: int, seed: int, hidden: int, layers: int, heads: in
         )
     if problems:
         raise ConfigError(problems)
+
+
+def parameter_count(hidden: int, layers: int) -> int:
+    """About how many parameters the sample Llama has: per layer four attention matrices and
+    three MLP ones of width 4 * hidden, and the (tied) embedding of the vocabulary."""
+    return layers * (4 * hidden**2 + 3 * 4 * hidden**2 + 2 * hidden) + VOCAB_TARGET * hidden
 
 
 def _check_libraries() -> None:

@@ -1143,6 +1143,213 @@ CASES = [
 ]
 
 
+def _spec_with_steps(steps: int) -> Any:
+    """toy-negative's spec, its suggested steps replaced (a factory's ``defaults``)."""
+    import dataclasses
+
+    spec = br.problems.BUILTIN_PROBLEMS["toy-negative"]({})
+    return dataclasses.replace(spec, defaults={**spec.defaults, "steps": steps})
+
+
+def _two_cpus(run: Callable[[Path], Any]) -> Callable[[Path], Any]:
+    """``run`` on a machine whose process may use two CPUs, with no Ray address set."""
+    import os
+
+    def patched(tmp: Path) -> Any:
+        with (
+            mock.patch.object(os, "sched_getaffinity", lambda pid: {0, 1}, create=True),
+            mock.patch.dict(os.environ, {}, clear=False) as env,
+        ):
+            env.pop("RAY_ADDRESS", None)
+            return run(tmp)
+
+    return patched
+
+
+STEPS_CAP = r"must be an integer in \[1, 100,000,000\]"
+
+# Every number that sizes work is bounded where it enters.
+CASES += [
+    cli(
+        "cli-steps-too-many",
+        "CLI",
+        "solve --steps 10**12 --report-every 1 (the history would grow without limit)",
+        "solve toy-negative --steps 1000000000000 --report-every 1 --out {tmp}/out",
+        r"^error: steps=1000000000000: too large; " + STEPS_CAP + r" \(.*e\.g\. steps=\d+\)$",
+        writes=("out",),
+    ),
+    cli(
+        "cli-history-rows-too-many",
+        "CLI",
+        "solve --steps 10**8 --report-every 1 (10**8 history rows in memory)",
+        "solve toy-negative --steps 100000000 --report-every 1 --out {tmp}/out",
+        r"^error: steps=100000000 with report_every=1 logs 100,000,000 history rows, more than "
+        r"the 10,000,000 a run keeps in memory: log less often, with report_every >= 10 "
+        r"\(--report-every 10\)$",
+        writes=("out",),
+    ),
+    api(
+        "api-factory-default-steps-too-many",
+        "API",
+        "br.solve(spec) whose factory suggests steps=10**12",
+        lambda tmp: br.solve(_spec_with_steps(10**12)),
+        r"^steps=1000000000000: too large; " + STEPS_CAP,
+    ),
+    api(
+        "api-train-steps-too-many",
+        "API",
+        "br.train(steps=10**12)",
+        lambda tmp: br.train("toy-negative", steps=10**12, storage_path=tmp / "out"),
+        r"^steps=1000000000000: too large; " + STEPS_CAP,
+    ),
+    cli(
+        "cli-workers-too-many",
+        "CLI",
+        "train --workers 1000000",
+        "train toy-negative --workers 1000000 --steps 2 --out {tmp}/out --name r --quiet",
+        r"^error: num_workers=1000000: too large; must be an integer in \[1, 10,000\] "
+        r"\(.*e\.g\. num_workers=4\)$",
+        writes=("out",),
+    ),
+    cli(
+        "cli-workers-over-this-machine",
+        "CLI",
+        "train --workers 5000 with a local Ray (more CPUs than this machine has)",
+        "train toy-negative --workers 5000 --steps 2 --out {tmp}/out --name r --quiet",
+        r"^error: num_workers=5000 x 1 CPU per worker = 5000 CPUs, and this machine has \d+ "
+        r"\(a local Ray gets no more\): lower num_workers \(--workers\) or resources_per_worker "
+        r"\(--cpus-per-worker, e\.g\. 0\.5\), or give the address \(--address\)",
+        writes=("out",),
+    ),
+    api(
+        "api-workers-over-two-cpus",
+        "API",
+        "br.train(num_workers=3) on a two-CPU machine, local Ray",
+        _two_cpus(
+            lambda tmp: br.train(
+                "toy-negative", num_workers=3, steps=2, storage_path=tmp / "out", name="r"
+            )
+        ),
+        r"^num_workers=3 x 1 CPU per worker = 3 CPUs, and this machine has 2 ",
+        writes=("out",),
+    ),
+    cli(
+        "cli-samples-too-many",
+        "CLI",
+        "tune --samples 10**9",
+        "tune toy-negative --samples 1000000000 --max-steps 5 --out {tmp}/sweeps",
+        r"^error: num_samples=1000000000: too large; must be an integer in \[1, 100,000\] \(.*"
+        r"e\.g\. num_samples=36\)$",
+        writes=("sweeps",),
+    ),
+    cli(
+        "cli-diagnose-check-steps-too-many",
+        "CLI",
+        "diagnose --check-steps 10**12",
+        "diagnose toy-negative --steps 50 --check-steps 1000000000000 --quiet",
+        r"^error: check_steps=1000000000000: too large; must be an integer in \[2, 100,000,000\] "
+        r"\(.*e\.g\. check_steps=500, --check-steps 500\)$",
+    ),
+    cli(
+        "cli-diagnose-replicas-too-many",
+        "CLI",
+        "diagnose --replicas 10**9",
+        "diagnose regression --steps 50 --replicas 1000000000 --quiet",
+        r"^error: replicas=1000000000: too large; must be an integer in \[1, 100\] \(.*"
+        r"e\.g\. replicas=3, --replicas 3\)$",
+    ),
+    cli(
+        "cli-diagnose-continuation-too-long",
+        "CLI",
+        "diagnose --check-steps 10**7 --replicas 100 (10**9 continued steps)",
+        "diagnose toy-negative --steps 50 --check-steps 10000000 --replicas 100 --quiet",
+        r"^error: check_steps=10000000 x replicas=100 = 1,000,000,000 continued steps per "
+        r"method, more than the 100,000,000 a run may have: lower check_steps",
+    ),
+    cli(
+        "cli-diagnose-at-end-check-steps-too-many",
+        "CLI",
+        "diagnose --at-end DIR --check-steps 10**12 (refused before the run is read)",
+        "diagnose --at-end {tmp}/empty_dir --check-steps 1000000000000 --quiet",
+        r"^error: check_steps=1000000000000: too large; " + STEPS_CAP,
+    ),
+    api(
+        "api-diagnose-check-steps-too-many",
+        "API",
+        "br.diagnose(check_steps=10**15)",
+        lambda tmp: br.diagnose(
+            NegativeToy(), {"x": torch.ones(1)}, {"y": torch.zeros(1)}, check_steps=10**15
+        ),
+        r"^check_steps=1000000000000000: too large; must be an integer in \[2, 100,000,000\]",
+    ),
+    api(
+        "api-diagnose-warmup-too-long",
+        "API",
+        "br.diagnose(warmup_steps=10**12, batches=10**6)",
+        lambda tmp: br.diagnose(
+            NegativeToy(),
+            {"x": torch.ones(1)},
+            {"y": torch.zeros(1)},
+            warmup_steps=10**12,
+            batches=10**6,
+        ),
+        r"warmup_steps=1000000000000: too large; .*\n?.*batches=1000000: too large; must be an "
+        r"integer in \[1, 1,000\]",
+    ),
+    api(
+        "api-diagnose-solve-steps-too-many",
+        "API",
+        "br.diagnose(solve_steps=10**9)",
+        lambda tmp: br.diagnose(
+            NegativeToy(), {"x": torch.ones(1)}, {"y": torch.zeros(1)}, solve_steps=10**9
+        ),
+        r"^solve_steps=1000000000: too large; must be an integer in \[1, 100,000\]",
+    ),
+    cli(
+        "cli-text-samples-too-wide",
+        "CLI",
+        "text-samples --hidden 16384 --layers 64",
+        "text-samples {tmp}/ts --hidden 16384 --layers 64",
+        r"^error: hidden=16384: too large; must be a whole number from 1 to 4096 \(a small "
+        r"sample model\); pass e\.g\. --hidden 64$",
+        writes=(".",),
+    ),
+    cli(
+        "cli-text-samples-too-deep",
+        "CLI",
+        "text-samples --layers 100000",
+        "text-samples {tmp}/ts --layers 100000",
+        r"^error: layers=100000: too large; must be a whole number from 1 to 64",
+        writes=(".",),
+    ),
+    cli(
+        "cli-text-samples-too-many-parameters",
+        "CLI",
+        "text-samples --hidden 2048 --layers 64 (4 billion parameters)",
+        "text-samples {tmp}/ts --hidden 2048 --layers 64",
+        r"^error: hidden=2048, layers=64: a model of about [\d,]+ parameters, more than the "
+        r"100,000,000 a sample model may have; pass a smaller --hidden or --layers",
+        writes=(".",),
+    ),
+]
+
+
+def test_train_refused_for_cpus_leaves_no_run_folder(tmp_path, no_ray):
+    """A group this machine cannot hold is refused before the run's folder is made."""
+    out = tmp_path / "out"
+    assert main(["train", "toy-negative", "--workers", "5000", "--steps", "2", "--out",
+                 str(out), "--name", "r", "--quiet"]) == 2  # fmt: skip
+    assert not (out / "r").exists()
+
+
+def test_bounds_accept_their_largest_values():
+    """The caps are inclusive: the largest value of each is a valid setting."""
+    from bilevel_ray.runtime.local.run_spec import Placement, RunSpec
+
+    RunSpec(100_000_000, report_every=10)
+    Placement(num_workers=10_000, max_failures=1_000)
+
+
 @pytest.mark.parametrize("case", params(CASES))
 def test_bad_input(case, tmp_path, request, no_compare_ray):
     run_case(case, tmp_path, request, CASES)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -540,6 +541,98 @@ CASES = [
         writes=(".",),
     ),
 ]
+
+
+CONTROL = r"contains a control character; give a name of printable characters, e.g. name='run1'$"
+
+
+def _deep_sweep_file(tmp: Path) -> None:
+    """tmp/sweeps/sw4/sweep.json nesting deeper than Python's parser goes."""
+    folder = tmp / "sweeps" / "sw4"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text("[" * 60000 + "]" * 60000)
+
+
+# A name is printable and not empty; a resume needs a sweep to resume; a sweep's own file is
+# read within bounds.
+CASES += [
+    cli(
+        "train-name-control-character",
+        "CLI",
+        "train --name $'a\\x01b'",
+        TRAIN + " --out {tmp}/out --name a\x01b",
+        r"^error: name='a\\x01b': " + CONTROL,
+        writes=(".",),
+    ),
+    cli(
+        "train-name-empty",
+        "CLI",
+        'train --name ""',
+        TRAIN + " --out {tmp}/out --name ''",
+        r"^error: name='': must be a plain folder name, not empty",
+        writes=(".",),
+    ),
+    api(
+        "api-train-name-empty",
+        "API",
+        'br.train(name="")',
+        lambda tmp: br.train("toy-negative", steps=2, storage_path=tmp / "out", name=""),
+        r"^name='': must be a plain folder name, not empty",
+        writes=(".",),
+    ),
+    cli(
+        "tune-name-control-character",
+        "CLI",
+        "tune --name $'a\\x1bb' (an escape sequence)",
+        TUNE + " --out {tmp}/sweeps --name a\x1bb",
+        r"^error: name='a\\x1bb': " + CONTROL,
+        writes=(".",),
+    ),
+    cli(
+        "compare-name-control-character",
+        "CLI",
+        "compare --name $'a\\x01b'",
+        COMPARE + " --out {tmp}/cmp --name a\x01b",
+        r"^error: name='a\\x01b': " + CONTROL,
+        writes=(".",),
+    ),
+    cli(
+        "tune-resume-nothing-there",
+        "CLI",
+        "tune --resume on a sweep folder that does not exist",
+        TUNE + " --out {tmp}/sweeps --name nosuch --resume",
+        r"^error: sweep folder '.*sweeps/nosuch' does not exist: there is nothing to resume; run "
+        r"without --resume \(resume=False\) to start the sweep",
+        writes=(".",),
+    ),
+    cli(
+        "tune-sweep-file-too-deep",
+        "CLI",
+        "tune --resume on a folder whose sweep.json nests 60000 levels",
+        TUNE + " --out {tmp}/sweeps --name sw4 --resume",
+        r"^error: sweep folder '.*sw4': sweep\.json nests deeper than any such file does; "
+        r"delete the folder or choose a new --name$",
+        writes=("sweeps",),
+        setup=_deep_sweep_file,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "problem"), [("a\x01b", "contains a control character"),
+                                                ("", "is empty")])  # fmt: skip
+def test_output_folder_refuses_an_empty_or_unprintable_name(tmp_path, name, problem):
+    from bilevel_ray.runtime.local.output_files import check_output_folder
+
+    match = rf"^name {re.escape(repr(name))} {problem}; give a folder name of printable characters"
+    with pytest.raises(br.ConfigError, match=match):
+        check_output_folder(tmp_path, name, "name")
+
+
+def test_tune_resume_nothing_there_makes_no_folder(tmp_path, no_ray):
+    """The refused resume leaves no sweep folder behind (it used to start a new sweep)."""
+    argv = [*TUNE.split(), "--out", str(tmp_path / "sweeps"), "--name", "nosuch", "--resume"]
+    assert main(argv) == 2
+    assert not (tmp_path / "sweeps" / "nosuch").exists()
 
 
 @pytest.mark.parametrize("case", params(CASES))

@@ -399,13 +399,16 @@ def test_bad_input(case, tmp_path, request, no_compare_ray):
 
 
 def test_an_address_that_is_not_one_is_a_clear_error(monkeypatch):
-    # Ray's own ValueError ("... is not a valid address") becomes the usual connect message.
+    # Refused before ray.init (not host:port); where Ray's own ValueError ("... is not a valid
+    # address") comes instead, it becomes the same connect message.
     import bilevel_ray.runtime.cluster.session as session
 
     def init(*args, **kwargs):
-        raise ValueError("'garbage' is not a valid address")
+        raise ValueError("'ray://x' is not a valid address")
 
     monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(session.ray, "init", init)
-    with pytest.raises(br.ConfigError, match=r"address='garbage': cannot connect .* not a valid"):
+    with pytest.raises(br.ConfigError, match=r"address='garbage': cannot connect .* not host:port"):
         session.connect("garbage")
+    with pytest.raises(br.ConfigError, match=r"address='ray://x': cannot connect .* not a valid"):
+        session.connect("ray://x")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bilevel_ray.counts import check_count
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.runtime.compare.rank import POINTS
-from bilevel_ray.runtime.local.run_spec import check_count
 from bilevel_ray.solvers import SOLVERS
 
 __all__ = ["check_arguments"]

@@ -96,12 +96,20 @@ def check_output_folder(
     files_what: str = "output file",
 ) -> Path:
     """``{storage}/{name}``, the folder a sweep or a comparison writes, checked before any
-    work: its name (NUL, length, UTF-8), that it stays inside ``storage`` (a link planted at
-    the name is refused, never followed out), that it is a folder if it exists, and that each of
-    ``files`` can be written in it (no folder, FIFO or device in its place). The files are then
-    written with :func:`atomic_write`: a link planted at one is replaced, never written
-    through."""
+    work: its name (not empty, no NUL or other control character, length, UTF-8), that it
+    stays inside ``storage`` (a link planted at the name is refused, never followed out), that
+    it is a folder if it exists, and that each of ``files`` can be written in it (no folder,
+    FIFO or device in its place). The files are then written with :func:`atomic_write`: a
+    link planted at one is replaced, never written through."""
     check_output_path(name, what, is_file=False)
+    if not name or any(not ch.isprintable() for ch in name):
+        # An empty name is the storage folder itself; a control character would reach the
+        # terminal raw in every line that names the folder.
+        problem = "is empty" if not name else "contains a control character"
+        raise ConfigError(
+            f"{what} {name!r} {problem}; give a folder name of printable characters, e.g. "
+            f"{what}=run1"
+        )
     folder = Path(storage).expanduser() / name
     check_inside(folder, Path(storage).expanduser(), what)
     if folder.exists() and not folder.is_dir():

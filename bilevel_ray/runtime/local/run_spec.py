@@ -18,9 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bilevel_ray.counts import MAX_STEPS, check_count
 from bilevel_ray.errors import ConfigError
 
 __all__ = [
+    "MAX_HISTORY_ROWS",
+    "MAX_WORKERS",
     "ON_UNSUITABLE",
     "REPORT_INTERVAL_S",
     "RUN_OPTIONS",
@@ -46,6 +49,13 @@ REPORT_INTERVAL_S = 5.0
 # (``--verbose`` on the command line); a run's progress and the library's warnings always do.
 VERBOSE_ENV = "BILEVEL_RAY_VERBOSE"
 
+
+# A history row is about 1 KB in memory, so 10**7 rows is ~10 GB (MAX_STEPS, and the count
+# checks, are on the floor: bilevel_ray.counts).
+MAX_HISTORY_ROWS = 10_000_000
+# A Train worker group of more ranks than this is a typo, not a cluster (each is a process).
+MAX_WORKERS = 10_000
+MAX_FAILURES = 1_000
 
 # The flatness watch's actions (``on_unsuitable``).
 ON_UNSUITABLE = ("fallback", "stop", "warn")
@@ -156,23 +166,25 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def check_count(problems: list[str], name: str, value: Any, minimum: int) -> None:
-    """Add a problem unless ``value`` is an integer >= ``minimum`` and below 2**63 (torch and
-    Arrow hold 64-bit integers: a larger one would overflow deep inside a run)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        problems.append(f"{name}={value!r}: must be an integer >= {minimum}")
-    elif value >= 2**63:
-        problems.append(f"{name}={value}: must be below 2**63 (a 64-bit integer)")
-
-
 def check_run_name(name: Any) -> str:
     """A run or sweep name is one folder inside the storage path: no separators, no '..'
-    (a name like '../x' or '/x' would put the run, and its files, outside it)."""
+    (a name like '../x' or '/x' would put the run, and its files, outside it), not empty, and
+    no control characters (they would reach the terminal raw in the resume hint)."""
     from pathlib import Path
 
+    from bilevel_ray.runtime.local.output_files import check_output_path
+
+    if isinstance(name, str):
+        check_output_path(name, "name", is_file=False)  # a NUL byte, not UTF-8, too long
+    if isinstance(name, str) and name and any(not ch.isprintable() for ch in name):
+        raise ConfigError(
+            f"name={name!r}: contains a control character; give a name of printable "
+            "characters, e.g. name='run1'"
+        )
     if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
         raise ConfigError(
-            f"name={name!r}: must be a plain folder name (no '/' or '..'), e.g. name='run1'"
+            f"name={name!r}: must be a plain folder name, not empty (no '/' or '..'), e.g. "
+            "name='run1'"
         )
     return name
 
@@ -226,10 +238,21 @@ class RunSpec:
         if isinstance(self.watch, Mapping):
             object.__setattr__(self, "watch", WatchSettings(**self.watch))
         problems: list[str] = []
-        check_count(problems, "steps", self.steps, 1)
+        check_count(
+            problems, "steps", self.steps, 1, MAX_STEPS,
+            "a longer run takes weeks; run fewer steps, e.g. steps=100000",
+        )  # fmt: skip
         check_count(problems, "seed", self.seed, 0)
         check_count(problems, "report_every", self.report_every, 1)
         check_count(problems, "checkpoint_every", self.checkpoint_every, 0)
+        if not problems and self.steps // self.report_every > MAX_HISTORY_ROWS:
+            least = -(-self.steps // MAX_HISTORY_ROWS)
+            problems.append(
+                f"steps={self.steps} with report_every={self.report_every} logs "
+                f"{self.steps // self.report_every:,} history rows, more than the "
+                f"{MAX_HISTORY_ROWS:,} a run keeps in memory: log less often, with "
+                f"report_every >= {least} (--report-every {least})"
+            )
         interval = self.report_interval_s
         if (
             isinstance(interval, bool)
@@ -282,8 +305,14 @@ class Placement:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        check_count(problems, "num_workers", self.num_workers, 1)
-        check_count(problems, "max_failures", self.max_failures, 0)
+        check_count(
+            problems, "num_workers", self.num_workers, 1, MAX_WORKERS,
+            "one process per worker; e.g. num_workers=4",
+        )  # fmt: skip
+        check_count(
+            problems, "max_failures", self.max_failures, 0, MAX_FAILURES,
+            "restarts of a failing group; e.g. max_failures=3",
+        )  # fmt: skip
         if not (self.use_gpu == "auto" or isinstance(self.use_gpu, bool)):
             problems.append(f"use_gpu={self.use_gpu!r}: must be 'auto', True or False")
         resources = self.resources_per_worker

@@ -177,8 +177,9 @@ def train(
     placement = Placement(num_workers, use_gpu, resources_per_worker, max_failures)
     _check_hooks(fault, datasets, batch_size, in_process, spec, run, num_workers)
     # A fresh run gets a unique name; pass name= (the same one) to resume a run.
-    name = check_run_name(name or default_run_name(method))
-    check_output_path(name, "name", is_file=False)
+    name = default_run_name(method) if name is None else name
+    check_output_path(name, "name", is_file=False)  # a NUL byte, a name too long: named so
+    name = check_run_name(name)
     tracking = open_tracking(mlflow, tensorboard, experiment=experiment, tags=tags, run_name=name)
     callbacks = check_train_callbacks(callbacks) if callbacks is not None else []
     runtime_env = check_runtime_env(runtime_env)
@@ -188,6 +189,9 @@ def train(
     needs_ray = max_failures or use_gpu is True or gpu_here or fault or datasets is not None or uri
     needs_ray = needs_ray or callbacks or runtime_env is not None
     here = num_workers == 1 and not needs_ray and in_process == "auto"
+    if not here:
+        # Before the run folder is made: a refusal leaves nothing behind.
+        check_fits_here(placement, datasets is not None, address)
     _check_run_folder(storage / name, here, settings, run.seed, placement.num_workers)
     recorder = start_record(
         storage / name,
@@ -375,6 +379,31 @@ def _train_on_group(
 
 # A sweep's scores (evaluation.evaluate's own two), not a problem's held-out numbers.
 _SCORES = ("eval/upper_loss", "eval/lower_gap")
+
+
+def check_fits_here(placement: Placement, with_data: bool, address: str | None) -> None:
+    """Refuse, before Ray starts, a worker group that a local Ray (no ``address``, no
+    ``RAY_ADDRESS``) could never hold: it gets this machine's CPUs, and Train would wait for
+    the rest forever. A cluster's room is checked once connected (``check_cluster_fits``)."""
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    from bilevel_ray.runtime.cluster.session import _starts_local_ray
+
+    if ray.is_initialized() or not _starts_local_ray():
+        return  # a Ray already running: its own CPUs count, checked when connected
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers, each = placement.num_workers, placement.cpus_per_worker
+    need = workers * each + (1.0 if with_data else 0.0)  # Ray Data needs a free CPU
+    if cpus is not None and need > cpus:
+        raise ConfigError(
+            f"num_workers={workers} x {each:g} CPU per worker"
+            + (" + 1 for Ray Data" if with_data else "")
+            + f" = {need:g} CPUs, and this machine has {cpus} (a local Ray gets no more): lower "
+            "num_workers (--workers) or resources_per_worker (--cpus-per-worker, e.g. 0.5), or "
+            "give the address (--address) of a cluster with room"
+        )
 
 
 def default_run_name(method: str) -> str:

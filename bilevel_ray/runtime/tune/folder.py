@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.handed_files import read_json
 from bilevel_ray.runtime.local.output_files import atomic_write, check_output_folder
 from bilevel_ray.runtime.tune.state_seal import check_state_seal
 
@@ -32,15 +33,23 @@ def claim_sweep_folder(
     check_output_folder(path.parent, path.name, "name", SWEEP_FILES, "sweep file")
     settings = json.loads(json.dumps(settings, default=repr))  # as the file will read back
     file = path / SWEEP_FILE
+    started = file.is_file() or (path / "trials.parquet").exists() or _tune_state(path)
+    if resume and not started:
+        # Nothing to continue: a resume here would start a new sweep and say it resumed one.
+        where = "does not exist" if not path.exists() else f"holds no sweep ({SWEEP_FILE})"
+        raise ConfigError(
+            f"sweep folder {str(path)!r} {where}: there is nothing to resume; run without "
+            "--resume (resume=False) to start the sweep, or give the --name (name=...) of the "
+            "sweep to resume"
+        )
     if file.is_file():
-        try:
-            saved = json.loads(file.read_text())
-        except (OSError, ValueError):
-            saved = None
+        # Bounded in size, nesting refused by name: the file is data anyone could have edited.
+        fix = "delete the folder or choose a new --name"
+        saved = read_json(file, f"sweep folder {str(path)!r}: {SWEEP_FILE}", fix)
         if not isinstance(saved, dict):
             raise ConfigError(
-                f"sweep folder {str(path)!r}: {SWEEP_FILE} cannot be read; delete the folder "
-                "or choose a new --name"
+                f"sweep folder {str(path)!r}: {SWEEP_FILE} cannot be read (not a JSON object); "
+                + fix
             )
         differences = [
             f"{key}: {saved.get(key)!r} then, {settings.get(key)!r} now"

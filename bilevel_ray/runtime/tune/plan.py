@@ -18,17 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.config import SolverConfig
+from bilevel_ray.counts import check_count
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.records.fingerprint import fingerprinted_spec
 from bilevel_ray.runtime.cluster.shipping import portable_factory
 from bilevel_ray.runtime.local.output_files import check_writable
-from bilevel_ray.runtime.local.run_spec import (
-    Placement,
-    RunSpec,
-    build_run,
-    check_count,
-    check_run_name,
-)
+from bilevel_ray.runtime.local.run_spec import Placement, RunSpec, build_run, check_run_name
 from bilevel_ray.runtime.local.spec_check import check_spec
 from bilevel_ray.runtime.tune.capacity import (
     DEFAULT_POPULATION,
@@ -45,6 +40,10 @@ from bilevel_ray.runtime.tune.space import check_search_space, default_search_sp
 from bilevel_ray.runtime.tune.strategy import scheduler_for, search_alg_for
 
 __all__ = ["SweepPlan", "check_population_fits", "plan_sweep", "sweep_capacity"]
+
+# A sweep of more trials than this is a typo: each is a whole run, and Tune holds every
+# trial's state in the driver (a billion would exhaust memory before the first finished).
+MAX_SAMPLES = 100_000
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,10 @@ def plan_sweep(
     problems: list[str] = []
     asked = num_samples
     num_samples = DEFAULT_POPULATION if num_samples is None else num_samples
-    check_count(problems, "num_samples", num_samples, 1)
+    check_count(
+        problems, "num_samples", num_samples, 1, MAX_SAMPLES,
+        "each sample is a whole run, and Tune keeps every trial in memory; e.g. num_samples=36",
+    )  # fmt: skip
     check_count(problems, "gap_steps", gap_steps, 1)
     check_count(problems, "steps", steps, 1)
     if problems:
