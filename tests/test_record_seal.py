@@ -210,3 +210,40 @@ def test_a_manifest_whose_fields_are_of_other_types_is_refused(solved, capsys):
     _forge(solved, lambda m: m.update(outcome=[1], continuations={}))
     err = _one_error(capsys, ["show", str(solved)])
     assert "manifest.json's ['outcome', 'continuations'] are not of a manifest's types" in err
+
+
+# --- diagnose --at-end ------------------------------------------------------------------------
+
+
+def _code_run(tmp_path, capsys):
+    """A finished run of a problem that is code (a factory file)."""
+    (tmp_path / "problem.py").write_text(
+        "import bilevel_ray as br\n\n\ndef factory(config):\n"
+        "    return br.problems.build_spec('toy-negative', {})\n"
+    )
+    run = tmp_path / "run"
+    argv = ["solve", f"{tmp_path}/problem.py:factory", "--steps", "200", "--out", str(run)]
+    assert main([*argv, "--quiet"]) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_at_end_imports_a_folders_code_only_when_this_account_sealed_it(tmp_path, capsys):
+    run = _code_run(tmp_path, capsys)
+    _forge(run)  # as a colleague's folder, or an edited one, reads
+    err = _one_error(capsys, ["diagnose", "--at-end", str(run), "--quiet"])
+    assert re.search(
+        r"its run names the code '.*problem\.py:factory', and its manifest is not sealed by "
+        r"this account .*: certifying it would import that code\. .*pass --trust-record",
+        err,
+    )
+    (run / MANIFEST).unlink()
+    err = _one_error(capsys, ["diagnose", "--at-end", str(run), "--quiet"])
+    assert "and its manifest is missing" in err
+    argv = ["diagnose", "--at-end", str(run), "--quiet", "--trust-record", "--check-steps", "20"]
+    assert main(argv) in (0, 3)  # certified: a verdict, whichever it is
+
+
+def test_trust_record_goes_with_at_end(capsys):
+    err = _one_error(capsys, ["diagnose", "toy-negative", "--trust-record"])
+    assert "--trust-record goes with --at-end RUN_DIR" in err

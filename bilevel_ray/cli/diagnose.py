@@ -84,6 +84,12 @@ def add_parser(commands: Any) -> None:
         diagnose_cmd, "write verdict.json (the verdict and its settings) and manifest.json to DIR"
     )
     diagnose_cmd.add_argument("--seed", type=int, default=0)
+    diagnose_cmd.add_argument(
+        "--trust-record",
+        action="store_true",
+        help="with --at-end: certify a run folder this account did not seal whose problem is "
+        "code (file.py:factory); certifying imports that code",
+    )
     common.output_options(diagnose_cmd)
     diagnose_cmd.add_argument(
         "--address", help="run the diagnostic as a task on this Ray cluster (default: here)"
@@ -127,6 +133,11 @@ def run(args: argparse.Namespace) -> int:
         check_diagnosis_folder(args.out)
     if args.at_end is not None:
         return _certify(args, options, started)
+    if args.trust_record:
+        raise ConfigError(
+            "--trust-record goes with --at-end RUN_DIR (a run folder another account wrote); "
+            "drop it"
+        )
     if args.problem is None:
         raise ConfigError(
             "diagnose needs PROBLEM (a built-in name or file.py:factory), or --at-end RUN_DIR "
@@ -223,6 +234,7 @@ def _certify(args: argparse.Namespace, options: dict[str, Any], started: str) ->
         replicas=replicas,
         threads=args.threads,
         progress=common.progress_enabled(args),
+        trust_record=args.trust_record,
     )
     _print_verdict(f"{args.at_end} (run of {used['problem']})", verdict, used)
     _write(args, used["problem"], used.get("problem_config") or {}, verdict, used, started)

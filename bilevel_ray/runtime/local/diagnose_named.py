@@ -6,6 +6,7 @@ folder (``bilevel-ray diagnose --at-end RUN_DIR``). No Ray."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from bilevel_ray.diagnostics.end_check import EndCheck, check_steps_for, end_che
 from bilevel_ray.diagnostics.verdict import Verdict
 from bilevel_ray.errors import ConfigError
 from bilevel_ray.records.fingerprint import fingerprinted_spec
-from bilevel_ray.runtime.local.run_folder import read_result, read_run
+from bilevel_ray.runtime.local.run_folder import MAX_RECORD_BYTES, read_result, read_run
 from bilevel_ray.runtime.local.run_spec import RunSpec
 from bilevel_ray.runtime.local.threads import use_work_threads
 
@@ -79,6 +80,33 @@ def diagnose_problem(
     return verdict, used
 
 
+def _check_trusted(folder: Path, trust_record: bool) -> None:
+    """Refuse to import the code a folder's run names unless this account sealed its manifest
+    (before the folder is read: a run.json that cannot be read is :func:`read_run`'s to say)."""
+    from bilevel_ray.problems import BUILTIN_PROBLEMS
+    from bilevel_ray.records.manifest import read_manifest, sealed
+
+    path = folder / "run.json"
+    try:
+        if not path.is_file():  # a FIFO or a device is read_run's to refuse, unread
+            return
+        with open(path, "rb") as f:
+            problem = json.loads(f.read(MAX_RECORD_BYTES))["problem"]
+    except (OSError, ValueError, RecursionError, TypeError, KeyError):
+        return
+    if trust_record or not isinstance(problem, str) or problem in BUILTIN_PROBLEMS:
+        return
+    manifest = read_manifest(folder, f"--at-end {str(folder)!r}", "rerun the run")
+    if manifest is None or not sealed(manifest):
+        shown = problem if len(problem) <= 200 else problem[:200] + "..."
+        raise ConfigError(
+            f"--at-end {str(folder)!r}: its run names the code {shown!r}, and its manifest is "
+            + ("missing" if manifest is None else "not sealed by this account")
+            + " (written elsewhere, or edited): certifying it would import that code. If you "
+            "trust who wrote the folder, pass --trust-record"
+        )
+
+
 def certify_run(
     run_dir: str | os.PathLike[str],
     *,
@@ -86,14 +114,18 @@ def certify_run(
     replicas: int = 3,
     threads: int | None = None,
     progress: bool = False,
+    trust_record: bool = False,
 ) -> tuple[Verdict, dict[str, Any]]:
     """The end-of-run certificate (:mod:`~bilevel_ray.diagnostics.end_check`) of a finished
     PBGD-Free run's folder (``solve`` or ``train`` with ``--out``: its ``run.json`` and
     ``result.pt``), on the problem and data the run named, once the folder verifies against
     its manifest (:func:`~bilevel_ray.runtime.local.run_folder.read_run`) and its steps and
-    seed pass a run's own checks (the continuation's length follows the steps). Returns the
-    verdict and the settings it ran with."""
+    seed pass a run's own checks (the continuation's length follows the steps). A run of a
+    problem that is code (``file.py:factory``, ``module:factory``) is certified only from a
+    folder this account sealed, or with ``trust_record``: certifying imports that code. Returns
+    the verdict and the settings it ran with."""
     folder = Path(run_dir)
+    _check_trusted(folder, trust_record)
     record = read_run(folder, "--at-end")
     try:  # the checks a command line's --steps and --seed pass
         RunSpec(record.get("steps") or 1, seed=record.get("seed") or 0)
