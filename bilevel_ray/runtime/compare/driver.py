@@ -246,6 +246,7 @@ def _run_methods(
         tracking_parent=extra.parent_run_id,
         key=ready.key,
         todo=tuple(resumed.todo) if resumed is not None else None,
+        start=ready.start,  # phi(x0), measured once here: each run's settle rule needs it
     )
     methods = sorted(ready.settings)
     watch = RunProgress(ready.estimate, ready.start, quiet=not progress)

@@ -25,9 +25,16 @@ from bilevel_ray.runtime.compare.rank import (
     best_row,
     divergence,
     method_table,
+    phi_at,
     time_to_target,
 )
-from bilevel_ray.runtime.compare.trial import CURVES, SCORED_POINTS, TRACK_STEPS
+from bilevel_ray.runtime.compare.trial import (
+    CURVES,
+    SCORED_POINTS,
+    SETTLE,
+    SETTLE_ROUNDS,
+    TRACK_STEPS,
+)
 from bilevel_ray.runtime.compare.verdict import recommend
 from bilevel_ray.runtime.local.history import write_parquet
 from bilevel_ray.runtime.local.output_files import atomic_write
@@ -43,6 +50,11 @@ RULES = {
     "target": "the best method's median phi at the ranked point, plus tau",
     "to_target": "the first scored time from which the run's ranked point stays at or below the "
     "target to the end of the run",
+    "scored": "a point's phi is f(x, y_hat) with y_hat solved for its x: warm-started rounds of "
+    f"{TRACK_STEPS} lower steps until the move of phi still to come, extrapolated from the "
+    f"last round's two halves, is at most {SETTLE:g} * tau (at most {SETTLE_ROUNDS} more "
+    "rounds); a point that did not settle is unscored: never the best "
+    "point, no value as the final point, and it neither reaches nor leaves a target",
     "divergence": f"final phi or f not finite, or final phi > phi(x0) + {EXPLODE:g} * "
     "max(|phi(x0)|, 1)",
     "rtol": RTOL,
@@ -102,6 +114,9 @@ def comparison_meta(factory, problem_config, arguments, fixed, settings, split) 
             else "the lowest phi on the same data (it cannot be split)",
             "split": split,
             "track_steps": TRACK_STEPS,
+            "settle": "a point is solved once phi's move still to come (extrapolated from "
+            f"the last round's two halves) is at most {SETTLE:g} * tau; at most "
+            f"{SETTLE_ROUNDS} rounds after the first, else unscored",
             "scored_points": SCORED_POINTS,
             "gap_steps": arguments["gap_steps"],
         },
@@ -201,7 +216,9 @@ def _run_points(run: dict[str, Any], curve: list[dict[str, Any]], ranking: Ranki
     if not curve:
         return
     chosen = best_row(curve) or {}
-    run["phi_final"] = max(curve, key=lambda r: r["wall_s"])["eval/phi"]
+    # Unscored points (a lower solve that did not settle) give NaN, never f at an unsolved y.
+    run["phi_final"] = phi_at(max(curve, key=lambda r: r["wall_s"]))
+    run["unscored_points"] = sum(1 for r in curve if r.get("eval/solved", True) is False)
     run["phi_best"] = chosen.get("eval/phi", math.nan)
     run["best_at_s"] = chosen.get("wall_s", math.nan)
     run["best_step"] = chosen.get("step")

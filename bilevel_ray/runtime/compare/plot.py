@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bilevel_ray.runtime.compare.rank import best_row
+from bilevel_ray.runtime.compare.rank import best_row, scored
 from bilevel_ray.runtime.local.output_files import atomic_write
 
 __all__ = ["draw_compare", "plot_compare"]
@@ -24,12 +24,14 @@ REASON_CHARS = 60  # a failed method's reason, cut to this in the legend
 
 
 def _value_at(curve: Sequence[Mapping[str, Any]], t: float) -> float:
-    """A run's phi at time t: its last logged value at or before t."""
+    """A run's phi at time t: its last scored value at or before t (an unscored point's f at
+    an unsolved y_hat is not phi: not drawn)."""
     value = math.nan
     for row in curve:
         if row["wall_s"] > t:
             break
-        value = row["eval/phi"]
+        if scored(row):
+            value = row["eval/phi"]
     return value
 
 

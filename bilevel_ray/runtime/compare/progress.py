@@ -66,6 +66,11 @@ class RunProgress(ray_tune.Callback):
         )
         if exploded:
             shown = f"diverged: {exploded}"
+        elif status == "completed" and m.get("final_solved", True) is False:
+            shown = (
+                f"final held-out phi unscored (the lower solve did not settle) after "
+                f"{m.get('steps')} steps"
+            )
         elif status == "completed":
             phi = m.get("final_phi", math.nan)
             shown = f"final held-out phi {phi:.5g} after {m.get('steps')} steps"

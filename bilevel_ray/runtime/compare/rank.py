@@ -1,8 +1,11 @@
 """A comparison's runs, ranked (pure; no Ray, no files).
 
 Quality is phi(x) = f(x, y*(x)) on the *test* half of the problem's held-out upper rows
-(``eval/phi``; :mod:`bilevel_ray.runtime.compare.trial` scores each logged point). Each run is
-read at two points:
+(``eval/phi``; :mod:`bilevel_ray.runtime.compare.trial` scores each logged point at a y_hat
+solved for its x). A point whose lower solve had not settled (``eval/solved`` False) is
+*unscored* (:func:`scored`): f at an unsolved y_hat is not phi, and can lie below every value
+phi takes. It is never a best point, its phi is NaN where it is the final point, and it neither
+reaches nor leaves a target. Each run is read at two points:
 
 * ``final``: its last scored point (where the budget ended it);
 * ``best``: early stopping, the scored point with the lowest phi on the *validation* half of the
@@ -51,6 +54,8 @@ __all__ = [
     "best_row",
     "divergence",
     "method_table",
+    "phi_at",
+    "scored",
     "time_to_target",
     "within",
 ]
@@ -105,23 +110,40 @@ def divergence(
     return None
 
 
+def scored(row: Mapping[str, Any]) -> bool:
+    """Whether the point's phi was read at a solved y_hat (``eval/solved``; a row without the
+    flag, hand-built or from an older comparison, counts as scored)."""
+    return row.get("eval/solved", True) is not False
+
+
+def phi_at(row: Mapping[str, Any] | None) -> float:
+    """The point's test phi, NaN where it is unscored."""
+    return _value(row, "eval/phi") if row is not None and scored(row) else math.nan
+
+
 def best_row(curve: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The early-stopping point: the lowest validation phi (the earliest on a tie)."""
+    """The early-stopping point: the lowest validation phi among the scored points (the
+    earliest on a tie)."""
     key = "eval/phi_val" if any("eval/phi_val" in r for r in curve) else "eval/phi"
-    scored = [r for r in curve if math.isfinite(_value(r, key))]
-    return min(scored, key=lambda r: (_value(r, key), r["wall_s"])) if scored else None
+    rows = [r for r in curve if scored(r) and math.isfinite(_value(r, key))]
+    return min(rows, key=lambda r: (_value(r, key), r["wall_s"])) if rows else None
 
 
 def _series(curve: Sequence[Mapping[str, Any]], point: str) -> list[tuple[float, float]]:
     """(time, test phi of the point the run would give at that time): the current point, or
-    the best validation point so far."""
+    the best validation point so far. An unscored point is left out (it says nothing of
+    the target), except the last: a run whose final point is unscored has not reached the
+    final point's target."""
+    rows = sorted(curve, key=lambda r: r["wall_s"])
     out, chosen = [], None
-    for row in sorted(curve, key=lambda r: r["wall_s"]):
+    for i, row in enumerate(rows):
+        if not scored(row) and i < len(rows) - 1:
+            continue
         if point == "best":
             chosen = best_row([chosen, row] if chosen is not None else [row]) or chosen
         else:
             chosen = row
-        out.append((float(row["wall_s"]), _value(chosen, "eval/phi") if chosen else math.nan))
+        out.append((float(row["wall_s"]), phi_at(chosen)))
     return out
 
 
@@ -152,15 +174,14 @@ class Ranking:
 def _run_values(run: Mapping[str, Any], curve: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One run's phi at each point, and when its best point was scored."""
     if not curve:  # a hand-built run without a curve: its own reported numbers
-        final = _value(run, "final_phi")
+        final = _value(run, "final_phi") if run.get("final_solved", True) is not False else math.nan
         best = _value(run, "best_phi")
         return {"final": final, "best": best if math.isfinite(best) else final, "at": math.nan}
-    chosen = best_row(curve) or {}
-    last = max(curve, key=lambda r: r["wall_s"])
+    chosen = best_row(curve)
     return {
-        "final": _value(last, "eval/phi"),
-        "best": _value(chosen, "eval/phi"),
-        "at": _value(chosen, "wall_s"),
+        "final": phi_at(max(curve, key=lambda r: r["wall_s"])),
+        "best": phi_at(chosen),
+        "at": _value(chosen or {}, "wall_s"),
     }
 
 

@@ -13,9 +13,37 @@ be split (none, as on a deterministic toy) serves as both.
 * ``eval/upper_loss``: f(x, y) at the run's own y, on the test rows;
 * ``eval/phi`` and ``eval/phi_val``: f(x, y_hat(x)) on the test and the validation rows, the
   bilevel objective phi(x) = f(x, y*(x)) with y_hat a tracked approximation of
-  argmin_y g(x, .) on the held-out lower sample (Adam, warm-started from the previous row's, a
-  few steps per row and more at the end). Methods are compared on phi: a penalty method's y
-  sits O(1/gamma) off the lower solution, where f can be lower than any bilevel solution's.
+  argmin_y g(x, .) on the held-out lower sample. Methods are compared on phi: a penalty
+  method's y sits O(1/gamma) off the lower solution, where f can be lower than any bilevel
+  solution's.
+* ``eval/solved``: whether y_hat had settled for that x, i.e. phi was read at a solved y. The
+  ranking (:mod:`~bilevel_ray.runtime.compare.rank`) reads only such points; the others are
+  kept in the curve, flagged, and scored as nothing.
+
+How y_hat is solved (:class:`_LowerSolution`). Adam on g(x, .), warm-started from the previous
+point's y_hat (x moves little between points), or from the run's own y where that has the lower
+g. Adam's step is about its learning rate whatever the gradient, so a fixed number of steps
+(the former rule: TRACK_STEPS per point) leaves y_hat where it was when y*(x) is far from it,
+and f(x, y_hat) is then not phi: on the negative toy (f = 10 y + x^2, min phi = -35) a
+y_hat left below y*(x) = x - 1 read phi = -52 at bome's first point and made bome "soonest
+to the target". Now each point runs rounds of
+TRACK_STEPS (the first with ``gap_steps`` more at the final point) until the distance phi has
+still to move, extrapolated from its moves m1, m2 over the two halves of the last round
+(:func:`remaining`: m2 r / (1 - r), r = |m2 / m1|, when they shrink one way; |m2| when they
+alternate; inf when they do not shrink), is at most
+
+    settle(phi) = SETTLE * (RTOL * max(phi(x0) - phi, 0) + ATOL),
+
+a tenth of the ranking's tolerance (:func:`~bilevel_ray.runtime.compare.rank.within`: 5% of
+the improvement from the problem's start), with at most SETTLE_ROUNDS rounds after the first.
+The extrapolation matters: Adam's steps shrink near the solution (its second moment remembers
+the larger gradients), so a slow last round is no proof that phi is within reach. A point that
+has not settled is left unscored, never reported at a y that is not a solution; the next point
+warm-starts from its y_hat and usually settles. A point that tracks costs one round, as
+before; the catching-up is paid once. Chosen over re-scoring only the best and the
+target-crossing points: the target is known only once every run has ended, and the final
+point's "to target" reads every point, so every point needs a sound phi. The solve is
+scoring: not charged to the budget.
 
 At the end the trial reports its final phi, the final f, the lower-level gap
 g(x, y) - g(x, y_hat), the steps it took, its solver state's bytes and its process's peak
@@ -44,6 +72,7 @@ from ray import tune as ray_tune
 from bilevel_ray.errors import DivergenceError
 from bilevel_ray.problems import build_spec
 from bilevel_ray.runtime.compare.finished import write_finished
+from bilevel_ray.runtime.compare.rank import within
 from bilevel_ray.runtime.local import loop
 from bilevel_ray.runtime.local.checkpoint import tensor_bytes
 from bilevel_ray.runtime.local.history import write_parquet
@@ -57,16 +86,21 @@ __all__ = [
     "CURVES",
     "PARAMS_FOLDER",
     "ComparePlan",
+    "remaining",
     "run_compare_trial",
+    "settle",
     "split_rows",
     "start_phi",
 ]
 
 CURVES = "curves"  # a comparison's folder of per-run curve files
 PARAMS_FOLDER = "params"  # each run's final parameters, until the comparison has chosen
-TRACK_STEPS = 50  # lower steps of y_hat per scored row (warm-started)
+TRACK_STEPS = 50  # lower steps of y_hat per round of a point's solve (warm-started)
 SCORED_POINTS = 40  # a curve's points over the budget: the scoring's cost stays bounded
 TRACK_LR = 1e-2
+# A point's y_hat has settled when phi's extrapolated remaining move is at most SETTLE times
+# the ranking's tolerance there; at most SETTLE_ROUNDS rounds after the first, else unscored.
+SETTLE, SETTLE_ROUNDS = 0.1, 40  # as many rounds as phi(x0)'s (START_ROUNDS)
 START_ROUNDS, START_SECONDS, START_RTOL = 40, 10.0, 1e-4  # phi(x0)'s tracking of y_hat
 
 
@@ -91,6 +125,9 @@ class ComparePlan:
     # seed) runs to run (None: every method and seed; a resume runs those not finished).
     key: str = ""
     todo: tuple[tuple[str, int], ...] | None = None
+    # phi(x0) on the test rows (start_phi), the scale of each point's settle tolerance; NaN:
+    # the trial measures it itself (a driver that does not pass it).
+    start: float = math.nan
 
 
 def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
@@ -128,6 +165,8 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
             "steps": int(final.get("step", 0)),
             "wall_s": float(final.get("wall_s", math.nan)),
             "final_phi": float(final.get("eval/phi", math.nan)) if completed else math.nan,
+            # False: the final point's y_hat had not settled, its phi is unscored (rank.py).
+            "final_solved": bool(final.get("eval/solved", False)) and completed,
             "final_upper_loss": float(final.get("eval/upper_loss", math.nan))
             if completed
             else math.nan,
@@ -199,6 +238,26 @@ def split_rows(upper: Any) -> tuple[Any, Any] | None:
     return cut(upper, 0), cut(upper, 1)
 
 
+def remaining(early: float, late: float) -> float:
+    """How far phi has still to move, from its moves over the two halves of a round: late *
+    r / (1 - r) with r = |late / early| where the solve converges geometrically (both moves
+    one way, shrinking); |late| where phi oscillates about its limit (the moves alternate);
+    inf where the moves do not shrink (y_hat still travels; Adam's step is ~lr however far)."""
+    if late == 0.0:
+        return 0.0
+    if early * late < 0:
+        return abs(late)
+    r = abs(late / early) if early != 0.0 else math.inf
+    return abs(late) * r / (1.0 - r) if r < 1.0 else math.inf
+
+
+def settle(start: float, phi: float) -> float:
+    """settle(phi) = SETTLE * (RTOL * max(phi(x0) - phi, 0) + ATOL): how far phi may still
+    have to move for a point to count as solved (module docstring); without phi(x0) (NaN)
+    the tolerance's scale is |phi|."""
+    return SETTLE * within(start, phi, 0.0, 0.0)
+
+
 class _LowerSolution:
     """y_hat(x), tracked: Adam on g(x, .) over the held-out lower sample, warm-started from the
     previous call's y_hat (x moves little between logged rows), or from the run's own y when
@@ -213,9 +272,25 @@ class _LowerSolution:
         self.y: dict[str, torch.Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def scores(self, x: Any, y: Any, steps: int) -> dict[str, float]:
+    def _phi(self, x: Any) -> float:
+        with torch.no_grad():
+            return float(self.problem.upper_loss(x, self.y, self.test))
+
+    def _descend(self, x: Any, steps: int) -> None:
+        for _ in range(steps):
+            self.optimizer.zero_grad()
+            self.problem.lower_loss(x, self.y, self.lower).backward()
+            self.optimizer.step()
+
+    def scores(
+        self, x: Any, y: Any, steps: int, start: float | None = None
+    ) -> dict[str, float | bool | int]:
         """phi = f(x, y_hat) on the test and validation rows, f(x, y) on the test rows and the
-        gap g(x, y) - g(x, y_hat), after ``steps`` more updates of y_hat."""
+        gap g(x, y) - g(x, y_hat), after ``steps`` more updates of y_hat; with ``start``
+        (phi(x0), NaN if unknown) then rounds of TRACK_STEPS until remaining() is at most
+        settle(start, phi), at most SETTLE_ROUNDS more (``eval/solved``: it settled;
+        ``eval/lower_steps``: the updates taken). Without ``start``: ``steps`` only, and
+        ``eval/solved`` says nothing (start_phi's own rule settles phi(x0))."""
         x = {k: v.detach() for k, v in x.items()}
         lower = self.lower
         with torch.no_grad():
@@ -225,14 +300,28 @@ class _LowerSolution:
         if restart:  # the run's own y is nearer the lower solution: start from it
             self.y = {k: v.detach().clone().requires_grad_(True) for k, v in y.items()}
             self.optimizer = torch.optim.Adam(self.y.values(), lr=TRACK_LR)
-        for _ in range(steps):
-            self.optimizer.zero_grad()
-            self.problem.lower_loss(x, self.y, lower).backward()
-            self.optimizer.step()
+        phi, taken, rounds = self._phi(x), 0, 0
+        solved = start is None
+        while True:
+            # A round in two halves: how far phi moved in each gives the rate at which the
+            # solve converges, and so how far phi has still to go (remaining()).
+            first = steps if rounds == 0 else TRACK_STEPS
+            half = first // 2 if start is not None else 0
+            before = phi
+            self._descend(x, half)
+            middle = self._phi(x)
+            self._descend(x, first - half)
+            phi, taken = self._phi(x), taken + first
+            if solved or not math.isfinite(phi):
+                break
+            if (solved := remaining(middle - before, phi - middle) <= settle(start, phi)) or (
+                rounds >= SETTLE_ROUNDS
+            ):
+                break
+            rounds += 1
         with torch.no_grad():
             g_run = float(self.problem.lower_loss(x, y, lower))
             g_hat = float(self.problem.lower_loss(x, self.y, lower))
-            phi = float(self.problem.upper_loss(x, self.y, self.test))
             return {
                 "eval/phi": phi,
                 "eval/phi_val": float(self.problem.upper_loss(x, self.y, self.validate))
@@ -240,6 +329,8 @@ class _LowerSolution:
                 else phi,
                 "eval/upper_loss": float(self.problem.upper_loss(x, y, self.test)),
                 "eval/lower_gap": max(g_run - min(g_hat, g_run), 0.0),
+                "eval/solved": bool(solved),
+                "eval/lower_steps": taken,
             }
 
 
@@ -270,9 +361,12 @@ class _BudgetSink:
 
     def __init__(self, spec: Any, plan: ComparePlan, method: str, seed: int):
         self.plan, self.method, self.seed = plan, method, seed
+        began = time.perf_counter()
+        # Each point's settle tolerance is measured from phi(x0): the driver's, else our own.
+        self.start = plan.start if math.isfinite(plan.start) else start_phi(spec)[0]
         self.lower = _LowerSolution(spec.problem, spec.eval_data)
-        self.started = time.perf_counter()
-        self.scoring_s = 0.0
+        self.started = began  # the method's time is the time since, less the scoring's
+        self.scoring_s = time.perf_counter() - began
         self.last_scored = -math.inf
         self.rows: list[dict[str, Any]] = []
         self.gap = math.nan
@@ -298,7 +392,7 @@ class _BudgetSink:
             return False
         self.last_scored = wall
         steps = TRACK_STEPS + (self.plan.gap_steps if final else 0)
-        scores = self.lower.scores(state.x, state.y, steps)
+        scores = self.lower.scores(state.x, state.y, steps, self.start)
         self.rows.append(
             {
                 "method": self.method,
@@ -308,6 +402,8 @@ class _BudgetSink:
                 "eval/phi": scores["eval/phi"],
                 "eval/phi_val": scores["eval/phi_val"],
                 "eval/upper_loss": scores["eval/upper_loss"],
+                "eval/solved": scores["eval/solved"],
+                "eval/lower_steps": scores["eval/lower_steps"],
             }
         )
         if final:
