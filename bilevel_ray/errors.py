@@ -7,6 +7,7 @@ Every message follows one template: *where*, *what*, *the value*, *the rule*, *t
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = ["BilevelRayError", "ConfigError", "DivergenceError"]
 
@@ -30,19 +31,36 @@ class ConfigError(BilevelRayError, ValueError):
 
 
 class DivergenceError(BilevelRayError, FloatingPointError):
-    """A loss became NaN or infinite; names the step and carries the last finite metrics."""
+    """A loss became NaN or infinite, or exploded (``grew``: its first logged value and the
+    value that crossed the bound); names the step and carries the last finite metrics."""
 
-    def __init__(self, step: int, metric: str, last_finite: Mapping[str, float] | None):
+    def __init__(
+        self,
+        step: int,
+        metric: str,
+        last_finite: Mapping[str, float] | None,
+        grew: tuple[float, float] | None = None,
+    ):
         self.step = step
         self.metric = metric
         self.last_finite = dict(last_finite or {})
+        self.grew = grew
         shown = (
             ", ".join(f"{k}={v:.6g}" for k, v in self.last_finite.items())
             if self.last_finite
             else "none (the first step already failed)"
         )
+        what = (
+            f"{metric} is not finite"
+            if grew is None
+            else f"{metric} grew from {grew[0]:.6g} to {grew[1]:.6g}, past any converging run"
+        )
         super().__init__(
-            f"diverged at step {step}: {metric} is not finite; last finite metrics: {shown}. "
+            f"diverged at step {step}: {what}; last finite metrics: {shown}. "
             "Lower the step sizes lr_x / lr_y; with a penalty method, a smaller gamma or a gamma "
             "ramp (br.schedules.pbgd_ramp) also helps."
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its fields, not its message, where it crosses processes (Ray).
+        return (type(self), (self.step, self.metric, self.last_finite, self.grew))

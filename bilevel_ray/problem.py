@@ -182,6 +182,11 @@ def check_params(x0: Any, y0: Any) -> None:
                     f"{name}[{key!r}] is a {type(value).__name__}: must be a torch.Tensor "
                     f"(wrap it: torch.tensor({value!r}))"
                 )
+            elif value.layout != torch.strided:
+                problems.append(
+                    f"{name}[{key!r}] is a {value.layout} tensor: the solvers update dense "
+                    "tensors in place; pass value.to_dense()"
+                )
             elif value.numel() == 0:
                 problems.append(
                     f"{name}[{key!r}] is empty (shape {tuple(value.shape)}): a level's tensors "

@@ -158,3 +158,80 @@ def test_a_full_disk_is_refused_before_the_run_starts(
         else:
             br.train("quadratic", steps=20, storage_path=tmp_path, name="r")
     assert not list(tmp_path.rglob("*.pt"))  # nothing written
+
+
+def _altered(path, change):
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: p["flatness"].update(method="alt_pbgd"),  # was KeyError 'y_g' mid-run
+        lambda p: p["state"].update(opt="garbage"),  # was TypeError mid-run
+        lambda p: p["state"]["extra"].update(multiplier=1.0),
+    ],
+)
+def test_an_altered_solver_state_falls_back_to_the_previous_one(
+    quadratic, origin, tmp_path, change, capsys
+):
+    """A checkpoint whose solver state is not what its method keeps counts as damaged."""
+    ckpt = tmp_path / "ckpt.pt"
+    whole = _run(quadratic, origin, 60)
+    _run(quadratic, origin, 40, checkpoint_path=ckpt, checkpoint_every=10)
+    _altered(ckpt, change)
+    resumed = _run(quadratic, origin, 60, checkpoint_path=ckpt, checkpoint_every=10, resume=True)
+    err = capsys.readouterr().err
+    assert "its solver state is not what" in err or "flatness" in err
+    assert "Resuming from the previous checkpoint" in err
+    assert torch.allclose(resumed.x["x"], whole.x["x"], atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pbgd_free", "f2sa", "alt_pbgd"])
+@pytest.mark.parametrize("optimizer", [{"optimizer": "adam"}, {"momentum": 0.9}])
+def test_every_methods_own_checkpoint_passes_the_state_check(
+    quadratic, origin, tmp_path, method, optimizer
+):
+    """The check compares with what the method keeps: a real checkpoint always fits it."""
+    from bilevel_ray.runtime.local.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "ckpt.pt"
+    _run(quadratic, origin, 20, checkpoint_path=ckpt, checkpoint_every=10, method=method,
+         **optimizer)  # fmt: skip
+    load_checkpoint(ckpt)
+    _altered(ckpt, lambda p: p["state"]["opt"]["x"].update(count=1.5))
+    with pytest.raises(br.ConfigError, match=r"state\.opt\['x'\]\['count'\]=1\.5 is not a"):
+        load_checkpoint(ckpt)
+
+
+def test_an_exploding_loss_stops_the_run_as_diverged(quadratic, origin):
+    """A loss that grows by 1e12 times its start diverged, though still finite."""
+    with pytest.raises(br.DivergenceError) as caught:
+        _run(quadratic, origin, 40, lr_x=5.0)
+    err = caught.value
+    assert err.grew is not None and abs(err.grew[1]) > 1e12 * max(1.0, abs(err.grew[0]))
+    assert str(err).startswith(f"diverged at step {err.step}: {err.metric} grew from ")
+    assert "Lower the step sizes lr_x / lr_y" in str(err)
+
+
+def test_divergence_error_crosses_processes_with_its_fields():
+    import pickle
+
+    err = br.DivergenceError(7, "upper/loss", {"step": 6}, grew=(1.0, 1e20))
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.step, back.metric, back.last_finite, back.grew, str(back)) == (
+        7, "upper/loss", {"step": 6}, (1.0, 1e20), str(err)
+    )  # fmt: skip
+
+
+def test_the_explosion_rule_leaves_large_but_bounded_losses_alone():
+    from bilevel_ray.runtime.local.history import HistoryRecorder, exploded
+
+    assert not exploded(-0.8, 9e11) and exploded(-0.8, 2e12) and exploded(1e3, -2e15)
+    recorder = HistoryRecorder("pbgd_free", 1)
+    recorder.record(1, {"upper/loss": 1e3, "lower/loss": 0.0})
+    recorder.record(2, {"upper/loss": 1e14, "lower/loss": 5e11})  # 1e11 times, not 1e12
+    with pytest.raises(br.DivergenceError, match=r"step 3: lower/loss grew from 0 to 2e\+12"):
+        recorder.record(3, {"upper/loss": 1.0, "lower/loss": 2e12})

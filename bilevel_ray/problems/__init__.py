@@ -1,7 +1,9 @@
 """Reference problems with known answers, and how the CLI and the runtimes find a problem.
 
 A *problem factory* is a picklable callable ``factory(config: dict) -> ProblemSpec``; Ray workers
-call it to build the problem, the initial point and the data locally. ``load_factory`` resolves a
+call it to build the problem, the initial point and the data locally. One that cannot take one
+positional argument is refused before it is called; an error the factory raises itself
+propagates unchanged. ``load_factory`` resolves a
 built-in name, ``path/to/file.py:factory`` or ``package.module:factory``.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +111,25 @@ def _import_module(where: str) -> Any:
     return importlib.import_module(where)
 
 
+def _check_signature(resolved: Any, factory: Any) -> None:
+    """Refuse, before calling it, a factory that cannot be called with one positional argument
+    (the config dict). A callable whose signature Python cannot read (some C functions) is
+    called as it is. The factory's own errors, once called, propagate unchanged."""
+    try:
+        signature = inspect.signature(resolved)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind({})
+    except TypeError as err:
+        name = getattr(resolved, "__name__", None) or repr(resolved)
+        raise ConfigError(
+            f"the factory {factory!r} takes {name}{signature} ({err}): a problem factory takes "
+            "one positional argument, the config dict; write it as def factory(config): ... "
+            "return br.ProblemSpec(...)"
+        ) from None
+
+
 def build_spec(factory: ProblemFactory | str, problem_config: dict[str, Any]) -> ProblemSpec:
     """Resolve ``factory`` (a callable, a built-in name or a ``file.py:factory`` string) and
     call it with ``problem_config``, checking that it returns a ProblemSpec."""
@@ -122,6 +144,7 @@ def build_spec(factory: ProblemFactory | str, problem_config: dict[str, Any]) ->
             "not a problem factory: give path/to/file.py:factory or package.module:factory, a "
             "function that takes the config dict and returns br.ProblemSpec(...)"
         )
+    _check_signature(resolved, factory)
     try:
         spec = resolved(dict(problem_config))
     except SystemExit as exit_:

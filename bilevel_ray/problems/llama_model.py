@@ -50,14 +50,16 @@ def libraries() -> tuple[Any, Any]:
     return transformers, peft
 
 
-def adapted_model(c: dict[str, Any], transformers: Any, peft: Any) -> nn.Module:
+def adapted_model(
+    c: dict[str, Any], transformers: Any, peft: Any, notes: list[str] | None = None
+) -> nn.Module:
     """The model the problem trains: :func:`base_model` with ``c["attention"]``, wrapped with
     LoRA (:func:`with_lora`), cast to ``c["dtype"]`` on ``c["device"]``, in eval mode (no
     dropout: f and g are functions of (x, y, batch) alone) except where a setting asks for it:
     ``lora_dropout`` > 0 switches the adapters' dropout on, and ``gradient_checkpointing``
     switches each decoder layer's recomputation on (transformers runs it in training mode
-    only; the layers' own dropout stays off)."""
-    model = base_model(c, transformers)
+    only; the layers' own dropout stays off). ``notes``: as :func:`base_model`'s."""
+    model = base_model(c, transformers, notes)
     if hasattr(model, "set_attn_implementation"):
         try:
             model.set_attn_implementation(c["attention"])
@@ -106,10 +108,12 @@ def _replay_as_called(function: Any, *args: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False)
 
 
-def base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
+def base_model(c: dict[str, Any], transformers: Any, notes: list[str] | None = None) -> nn.Module:
     """The base model pi of the settings ``c``, its head untied from the input embeddings. A
     preset, a config dict or a checkpoint must hold at least ``vocab`` tokens (the generated
-    token ids are below it); the built tiny Llama holds exactly ``vocab``."""
+    token ids are below it); the built tiny Llama holds exactly ``vocab``. ``notes``: where the
+    lines about its handling go, for the caller to print once its inputs are known good (None:
+    printed now)."""
     if c["model"] is None:
         return _tiny_llama(c, transformers)  # untied by its config, ``vocab`` tokens by its shape
     if isinstance(c["model"], dict) or c["model"] in PRESETS:
@@ -128,11 +132,15 @@ def base_model(c: dict[str, Any], transformers: Any) -> nn.Module:
         # y is the head alone: a tied head would move the input embeddings (frozen) with it.
         head.weight = nn.Parameter(embeddings.weight.detach().clone())
         if c["model"] is not None:
-            say(
+            line = (
                 "the model ties its output head to its input embeddings: the head is untied "
                 f"(a copy, {tuple(head.weight.shape)}), trained as y; the input embeddings "
                 "stay frozen (export writes the trained head beside the adapter)"
             )
+            if notes is None:
+                say(line)
+            else:
+                notes.append(line)
     model.config.tie_word_embeddings = False
     return model
 

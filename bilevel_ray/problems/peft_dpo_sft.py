@@ -84,6 +84,7 @@ from bilevel_ray.problems.model_presets import PRESETS
 from bilevel_ray.problems.preference_data import instruction_data, preference_data
 from bilevel_ray.problems.text_sets import (
     TEXT_DEFAULTS,
+    TEXT_FILES,
     check_text,
     say,
     text_sets,
@@ -152,10 +153,14 @@ LIMITS = {
 }
 
 
-def peft_model(config: dict[str, Any] | None = None) -> tuple[nn.Module, str, Any, dict]:
+def peft_model(
+    config: dict[str, Any] | None = None, notes: list[str] | None = None
+) -> tuple[nn.Module, str, Any, dict]:
     """The problem's model as the factory builds it, without its data: (the LoRA-wrapped
     model, the head's module name, the tokenizer or None, the settings after defaults). What
-    ``br.export`` rebuilds a run's adapter on."""
+    ``br.export`` rebuilds a run's adapter on. ``notes``: where the lines about the model's
+    handling go, for the caller to print (None: printed once the model is checked)."""
+    held: list[str] = [] if notes is None else notes
     c = factory_config(NAME, config, DEFAULTS)
     _check(c)
     if isinstance(c["model"], (str, Path)) and Path(c["model"]).is_dir():
@@ -165,7 +170,7 @@ def peft_model(config: dict[str, Any] | None = None) -> tuple[nn.Module, str, An
     tokenizer = _text_tokenizer(c) if uses_text(c) else None
     with torch.random.fork_rng(devices=[]):  # the model's initialisation leaves torch's RNG alone
         torch.manual_seed(c["seed"])
-        model = adapted_model(c, transformers, peft)
+        model = adapted_model(c, transformers, peft, held)
     if tokenizer is not None:
         rows = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > rows:
@@ -177,6 +182,9 @@ def peft_model(config: dict[str, Any] | None = None) -> tuple[nn.Module, str, An
             )
     head = model.get_output_embeddings()
     head_name = next(name for name, module in model.named_modules() if module is head)
+    if notes is None:
+        for line in held:
+            say(line)
     return model, head_name, tokenizer, c
 
 
@@ -198,7 +206,8 @@ def _text_tokenizer(c: dict[str, Any]) -> Any:
 def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
     """The problem, x0 (LoRA), y0 (head), minibatches of ``batch`` preference and ``batch``
     instruction samples per step, and held-out ``eval_data``. Settings: :data:`DEFAULTS`."""
-    model, head_name, tokenizer, c = peft_model(config)
+    notes: list[str] = []  # said once the data is read and checked: not before an error
+    model, head_name, tokenizer, c = peft_model(config, notes)
     device = torch.device(c["device"] or "cpu")
     inner, x0, y0 = module_problem(
         model,
@@ -237,6 +246,8 @@ def peft_dpo_sft(config: dict[str, Any] | None = None) -> ProblemSpec:
     if isinstance(c["model"], (str, Path)) and c["model"] not in PRESETS:
         check = (x0, y0, {k: v[:2] for k, v in pref.items()})
     problem = structured(inner, model, head_name, c, device, check)
+    for line in notes:
+        say(line)
     return ProblemSpec(
         problem,
         x0,
@@ -251,6 +262,7 @@ def _check(c: dict[str, Any]) -> None:
     problems = [integer_problem(NAME, key, c[key], limit) for key, limit in LIMITS.items()]
     problems = [p for p in problems if p is not None]
     problems += check_text(c)
+    problems += _data_file_problems(c)
     dropout = c["lora_dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         problems.append(f"problem {NAME!r}: lora_dropout={shown(dropout)}: must be in [0, 1)")
@@ -320,6 +332,22 @@ def _check(c: dict[str, Any]) -> None:
             f"problem {NAME!r}: batch={c['batch']} exceeds n_pref={c['n_pref']} or "
             f"n_sft={c['n_sft']}; use a batch of at most {min(c['n_pref'], c['n_sft'])}"
         )
+
+
+def _data_file_problems(c: dict[str, Any]) -> list[str]:
+    """The text files that are no regular file of bounded size (a FIFO, /dev/zero), named
+    before anything opens them: the cache hashes a file before it is read."""
+    from bilevel_ray.text.read import check_data_file
+
+    problems: list[str] = []
+    for key in TEXT_FILES:
+        value = c[key]
+        if isinstance(value, (str, Path)) and Path(value).exists():  # else check_text's
+            try:
+                check_data_file(value, f"problem {NAME!r}: {key}={str(value)!r}")
+            except ConfigError as err:
+                problems += err.problems
+    return problems
 
 
 _SMALLER_DATA = "lower n_pref, n_sft, n_eval, prompt_len, response_len or vocab"

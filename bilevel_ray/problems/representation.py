@@ -86,14 +86,29 @@ def synthetic_nlsy(n: int = 7244, seed: int = 0) -> tuple[Tensor, Tensor, Tensor
     return features.float(), income.float(), gender
 
 
+def _check_data(path: Path) -> None:
+    """A regular file of at most text.read's MAX_FILE_BYTES (not a FIFO, /dev/zero, a folder)."""
+    from bilevel_ray.runtime.local.handed_files import check_regular_file
+    from bilevel_ray.text import read
+
+    if not path.exists():
+        raise ConfigError(f"representation data {str(path)!r} does not exist")
+    check_regular_file(
+        path,
+        f"representation data {str(path)!r}",
+        "give the processed NLSY79 CSV file",
+        read.MAX_FILE_BYTES,
+        "bilevel_ray.text.read.MAX_FILE_BYTES",
+    )
+
+
 def load_nlsy(path: str | Path) -> tuple[Tensor, Tensor, Tensor]:
     """(features, income, gender) from the processed NLSY79 CSV."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"representation data {str(path)!r} does not exist")
+    _check_data(path)
     try:
         table = pacsv.read_csv(path)
     except (pa.ArrowException, OSError) as err:
@@ -157,6 +172,7 @@ def representation(config: dict[str, Any] | None = None) -> ProblemSpec:
     if c["data"] is None:
         features, income, gender = synthetic_nlsy(int(c["n"]), int(c["seed"]))
     else:
+        _check_data(Path(c["data"]))  # before the manifest hashes it: a FIFO would block
         declare_inputs(c["data"])  # the run's manifest hashes the file
         features, income, gender = load_nlsy(c["data"])
     gen = torch.Generator().manual_seed(int(c["seed"]))

@@ -15,7 +15,9 @@ Accepted:
 Text files are read as UTF-8 (a leading byte-order mark is dropped). A file that is not what its
 extension says, holds no rows, nests deeper than :data:`MAX_DEPTH` levels or is larger than
 :data:`MAX_FILE_BYTES` is refused with a :class:`~bilevel_ray.errors.ConfigError` that names the
-file, the line, and the fix.
+file, the line, and the fix. So is a path that is not a regular file once links are followed (a
+FIFO would block the read forever, ``/dev/zero`` would read until memory runs out):
+:func:`check_data_file` is that check, for whoever reads or hashes a data file first.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from bilevel_ray.errors import ConfigError
+from bilevel_ray.runtime.local.handed_files import check_regular_file
 
-__all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "SUFFIXES", "read_rows"]
+__all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "SUFFIXES", "check_data_file", "read_rows"]
 
 MAX_FILE_BYTES = 8 * 2**30
-"""Files (a ``datasets`` folder: its data files together) above this size are refused."""
+"""Files (a ``datasets`` folder: its data files together) above this size are refused: a text
+file is read whole into memory, and its rows as Python objects take several times its size, so
+8 GiB is past what a machine that trains this library's models holds in rows."""
 
 MAX_DEPTH = 64
 """JSON nested deeper than this is refused (messages with tool calls need fewer than 10)."""
@@ -62,13 +67,30 @@ _MAGIC = (
 def read_rows(path: str | Path, what: str) -> list[dict[str, Any]]:
     """The rows of ``path``, a file or a ``save_to_disk`` folder; ``what`` names it in messages."""
     p = Path(path)
-    where = what if str(p) in what else f"{what} ({p})"
-    if not p.exists():
-        raise ConfigError(_missing(p, where))
+    where = _where(p, what)
+    check_data_file(p, what)
     rows = _read_folder(p, where) if p.is_dir() else _read_file(p, where)
     if not rows:
         raise ConfigError(f"{where}: holds no rows; give a file or folder with at least one row")
     return rows
+
+
+def check_data_file(path: str | Path, what: str) -> None:
+    """Refuse ``path`` unless it is a folder or a regular file (links followed) of at most
+    :data:`MAX_FILE_BYTES`: before anything opens it (reading, hashing it for the cache)."""
+    p = Path(path)
+    where = _where(p, what)
+    if not p.exists():
+        raise ConfigError(_missing(p, where))
+    if p.is_dir():
+        return
+    fix = f"give a regular file ({', '.join(SUFFIXES)}) or a datasets folder"
+    # The limit is checked here, with this module's message, rather than by the house check.
+    _check_size(check_regular_file(p, where, fix, max_bytes=2**63), where)
+
+
+def _where(p: Path, what: str) -> str:
+    return what if str(p) in what else f"{what} ({p})"
 
 
 def _missing(p: Path, where: str) -> str:

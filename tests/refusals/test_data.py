@@ -12,6 +12,7 @@ positive control.
 from __future__ import annotations
 
 import math
+import os
 from collections import namedtuple
 
 import pyarrow as pa
@@ -21,10 +22,12 @@ import torch
 
 import bilevel_ray as br
 from bilevel_ray.data import BilevelBatch, as_batches
+from bilevel_ray.problems.peft_dpo_sft import peft_dpo_sft
 from bilevel_ray.problems.toys import NegativeToy
 from bilevel_ray.tables import read_table, table_to_tensors
+from bilevel_ray.text.read import read_rows
 
-from .catalogue import api, cli, params, run_case
+from .catalogue import api, cli, fifo_at, params, run_case
 from .support import (
     DATASETS,
     F64,
@@ -401,6 +404,19 @@ def test_train_refuses_datasets_that_are_not_ray_datasets(tmp_path, no_ray):
 
 # --- the catalogue's cases: x0 / y0, in-memory tensors, Arrow / Parquet, the CSV ----------------
 
+
+def _link_to_dev_zero(name):
+    """A data file that is a link to /dev/zero (a read never ends)."""
+
+    def setup(tmp):
+        if not os.path.exists("/dev/zero"):
+            return "no /dev/zero on this platform"
+        os.symlink("/dev/zero", tmp / name)
+        return None
+
+    return setup
+
+
 CASES = [
     api(
         "api-int-x0",
@@ -597,6 +613,45 @@ CASES = [
         "representation CSV with a header and no rows",
         "solve representation --config data={tmp}/header_only.csv",
         match=r"^error: representation data '.*header_only\.csv' has no rows",
+    ),
+    cli(
+        "data-csv-fifo",
+        "data",
+        "representation --config data=<a FIFO> (the read blocked forever)",
+        "solve representation --config data={tmp}/pipe.csv",
+        match=r"^error: representation data '.*pipe\.csv' is not a regular file \(a folder, FIFO "
+        r"or device\); give the processed NLSY79 CSV file$",
+        setup=fifo_at("pipe.csv"),
+    ),
+    cli(
+        "data-csv-dev-zero",
+        "data",
+        "representation --config data=<a link to /dev/zero>",
+        "solve representation --config data={tmp}/zero.csv",
+        match=r"^error: representation data '.*zero\.csv' is not a regular file",
+        setup=_link_to_dev_zero("zero.csv"),
+    ),
+    api(
+        "text-data-fifo-and-dev-zero",
+        "data",
+        "peft-dpo-sft preference=<a FIFO>, instruction=<a link to /dev/zero> (hung at full CPU)",
+        lambda tmp: peft_dpo_sft(
+            {"preference": tmp / "pref.jsonl", "instruction": tmp / "zero.jsonl", "tokenizer": tmp}
+        ),
+        r"problem 'peft-dpo-sft': preference='.*pref\.jsonl' is not a regular file \(a folder, "
+        r"FIFO or device\); give a regular file \(\.jsonl, \.json, \.parquet, \.csv\) or a "
+        r"datasets folder\n.*problem 'peft-dpo-sft': instruction='.*zero\.jsonl' is not a "
+        r"regular file",
+        setup=lambda tmp: fifo_at("pref.jsonl")(tmp) or _link_to_dev_zero("zero.jsonl")(tmp),
+    ),
+    api(
+        "text-read-rows-fifo",
+        "data",
+        "read_rows of a FIFO named .jsonl",
+        lambda tmp: read_rows(tmp / "rows.jsonl", "sft"),
+        r"^sft \(.*rows\.jsonl\) is not a regular file \(a folder, FIFO or device\); give a "
+        r"regular file",
+        setup=fifo_at("rows.jsonl"),
     ),
 ]
 

@@ -744,6 +744,51 @@ CASES = [
         writes=("runs",),
         setup=_planted_tune_state,
     ),
+    api(
+        "resume-flatness-method-altered",
+        "config file",
+        "resume from a checkpoint whose flatness.method says alt_pbgd, its state pbgd_free's "
+        "(was KeyError 'y_g' at the first step)",
+        resume(),
+        r"^checkpoint '.*c\.pt' is not a bilevel_ray checkpoint \(its solver state is not what "
+        r"alt_pbgd keeps: state\.opt holds \['x', 'y'\], not \['x', 'y', 'y_g'\]; "
+        r"state\.extra holds \[\], not \['y_g'\]\): it was written by something else or "
+        r"altered; delete it",
+        writes=("ck",),
+        setup=crafted(lambda p: p["flatness"].update(method="alt_pbgd")),
+    ),
+    api(
+        "resume-opt-a-string",
+        "config file",
+        "resume from a checkpoint whose state.opt is 'garbage' (was TypeError mid-run)",
+        resume(),
+        r"^checkpoint '.*c\.pt' is not a bilevel_ray checkpoint \(its solver state is not what "
+        r"pbgd_free keeps: state\.opt is a str, not a dict\)",
+        writes=("ck",),
+        setup=crafted(lambda p: p["state"].update(opt="garbage")),
+    ),
+    api(
+        "resume-opt-stray-buffer",
+        "config file",
+        "resume a plain-sgd run whose state.opt.x holds a momentum buffer",
+        resume(),
+        r"^checkpoint '.*c\.pt' is not a bilevel_ray checkpoint \(its solver state is not what "
+        r"pbgd_free keeps: state\.opt\['x'\] holds \['count', 'momentum'\], not \[\]\)",
+        writes=("ck",),
+        setup=crafted(
+            lambda p: p["state"]["opt"].update(x={"count": 1, "momentum": {"x": torch.zeros(5)}})
+        ),
+    ),
+    api(
+        "resume-flatness-not-a-method",
+        "config file",
+        "resume from a checkpoint whose flatness.method is 'nope'",
+        resume(),
+        r"^checkpoint '.*c\.pt' is not a bilevel_ray checkpoint \(flatness\.method='nope' is no "
+        r"method\)",
+        writes=("ck",),
+        setup=crafted(lambda p: p["flatness"].update(method="nope")),
+    ),
 ]
 
 

@@ -114,6 +114,32 @@ CASES = [
         r"^error: mlflow='bogus://host/x': unknown tracking URI scheme 'bogus:'",
         writes=("sweeps",),
     ),
+    cli(
+        "cli-mlflow-server-refuses",
+        "CLI",
+        "solve --mlflow http://127.0.0.1:1 (no server listens there; hung for minutes)",
+        "solve quadratic --steps 20 --mlflow http://127.0.0.1:1 --quiet --out {tmp}/out",
+        r"^error: mlflow='http://127\.0\.0\.1:1': no tracking server answers at 127\.0\.0\.1:1 "
+        r"\(.*\); start the server \(mlflow server .*\) or correct the address, or track into a "
+        r"local store instead: mlflow='mlruns' or mlflow='sqlite:///mlflow\.db'$",
+        writes=("out",),
+    ),
+    api(
+        "api-mlflow-host-unknown",
+        "API",
+        "br.solve mlflow='http://nosuchhost.invalid:5000' (a host no resolver knows)",
+        lambda tmp: solve(mlflow="http://nosuchhost.invalid:5000"),
+        r"^mlflow='http://nosuchhost\.invalid:5000': the host 'nosuchhost\.invalid' (cannot be "
+        r"resolved|was not resolved within \d+ s).*; start the server",
+    ),
+    api(
+        "api-mlflow-port-not-a-number",
+        "API",
+        "br.solve mlflow='http://localhost:99999'",
+        lambda tmp: solve(mlflow="http://localhost:99999"),
+        r"^mlflow='http://localhost:99999': the port is not a number in 1\.\.65535; start the "
+        r"server",
+    ),
 ]
 
 

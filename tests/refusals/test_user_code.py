@@ -22,6 +22,7 @@ from torch import nn
 
 import bilevel_ray as br
 from bilevel_ray.linear_solve import solve_cg
+from bilevel_ray.problems import build_spec
 
 from .catalogue import CKPT, api, cli, late_solve, params, run_case
 from .support import (
@@ -535,6 +536,14 @@ def no_eval_factory(config):
     return br.ProblemSpec(Quad(), {"x": t64(2.0)}, {"y": t64(0.0)})
 
 
+def _signature_file(tmp: Path) -> None:
+    (tmp / "sig.py").write_text("def no_args():\n    pass\n\n\ndef two_args(a, b):\n    pass\n")
+
+
+def _keyword_only(*, config):
+    raise AssertionError("never called")
+
+
 CASES = [
     # --- losses, at the initial point -------------------------------------------------------
     api(
@@ -703,6 +712,41 @@ CASES = [
         "the standard library's json:dumps given as the factory",
         "solve json:dumps",
         r"^error: factory='json:dumps' is json\.dumps, a function of Python's standard library",
+    ),
+    cli(
+        "factory-no-arguments",
+        "config file",
+        "a factory def no_args(): that takes no config",
+        "solve {tmp}/sig.py:no_args",
+        r"^error: the factory '.*sig\.py:no_args' takes no_args\(\) \(too many positional "
+        r"arguments\): a problem factory takes one positional argument, the config dict; write "
+        r"it as def factory\(config\): \.\.\. return br\.ProblemSpec\(\.\.\.\)$",
+        setup=_signature_file,
+    ),
+    cli(
+        "factory-two-arguments",
+        "config file",
+        "a factory def two_args(a, b): that needs two arguments",
+        "solve {tmp}/sig.py:two_args",
+        r"^error: the factory '.*sig\.py:two_args' takes two_args\(a, b\) \(missing a required "
+        r"argument: 'b'\): a problem factory takes one positional argument, the config dict",
+        setup=_signature_file,
+    ),
+    api(
+        "api-factory-keyword-only",
+        "API",
+        "build_spec (what br.train calls) with a factory whose config is keyword-only",
+        lambda tmp: build_spec(_keyword_only, {}),
+        r"^the factory <function _keyword_only at .*> takes _keyword_only\(\*, config\) \(too "
+        r"many positional arguments\): a problem factory takes one positional argument",
+    ),
+    api(
+        "api-sparse-x0",
+        "API",
+        "br.solve with x0 a sparse tensor",
+        lambda tmp: solve(x0={"x": t64(1.0, 0.0).to_sparse()}, y0={"y": t64(0.0, 0.0)}),
+        r"^x0\['x'\] is a torch\.sparse_coo tensor: the solvers update dense tensors in place; "
+        r"pass value\.to_dense\(\)$",
     ),
 ]
 

@@ -75,15 +75,37 @@ def test_a_file_that_is_no_database_is_refused(tmp_path):
         open_experiment(TrackingSettings(mlflow=f"sqlite:///{database}"))
 
 
-def test_a_server_nobody_answers_is_refused(monkeypatch):
-    # MLflow's HTTP client retries with back-off: once, quickly, here.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+def test_a_server_nobody_answers_is_refused():
+    """Refused by a socket check in seconds (MLflow's own client retried for minutes)."""
+    import time
+
     expected = (
-        r"mlflow='http://127.0.0.1:9': no tracking server answers there \(connection refused\)"
+        r"^mlflow='http://127.0.0.1:9': no tracking server answers at 127\.0\.0\.1:9 \(.*\); "
+        r"start the server .*or track into a local store instead: mlflow='mlruns' or "
+        r"mlflow='sqlite:///mlflow\.db'$"
     )
+    started = time.monotonic()
     with pytest.raises(ConfigError, match=expected):
         open_experiment(TrackingSettings(mlflow="http://127.0.0.1:9"))
+    assert time.monotonic() - started < 10
+
+
+def test_a_server_that_accepts_and_never_answers_is_refused_in_seconds():
+    """MLflow's retries and timeout are lowered while the driver opens the experiment."""
+    import socket
+    import time
+
+    from bilevel_ray.tracking import store
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts connections (the kernel does), answers nothing
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=rf"^mlflow='http://127\.0\.0\.1:{port}': "):
+            open_experiment(TrackingSettings(mlflow=f"http://127.0.0.1:{port}"))
+    limit = int(store.CHECK_HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    assert time.monotonic() - started < 4 * limit + 10
 
 
 def test_a_server_that_refuses_is_refused_with_its_reason(monkeypatch):

@@ -8,6 +8,7 @@ Layout of a run folder ``{storage_path}/{name}``: an in-process run keeps ``chec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -186,6 +187,7 @@ def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dic
     try:
         return load_checkpoint(path)
     except ConfigError as err:
+        said = err.problems[0] if err.problems[0].endswith(".") else f"{err.problems[0]}."
         existing = [p for p in list(older) or [previous_path(path)] if Path(p).exists()]
         for previous in reversed(existing):
             try:
@@ -195,7 +197,7 @@ def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dic
             state = payload["state"]
             step = state.get("step") if isinstance(state, dict) else None
             print(
-                f"warning: {err.problems[0]} Resuming from the previous checkpoint "
+                f"warning: {said} Resuming from the previous checkpoint "
                 f"{str(previous)!r} (step {step}) instead.",
                 file=sys.stderr,
                 flush=True,
@@ -204,7 +206,7 @@ def load_latest(path: str | os.PathLike[str], older: Sequence[Path] = ()) -> dic
         if not existing:
             raise
         raise ConfigError(
-            f"{err.problems[0]} The previous checkpoint {str(existing[-1])!r} cannot be read "
+            f"{said} The previous checkpoint {str(existing[-1])!r} cannot be read "
             "either: delete both to start afresh."
         ) from None
 
@@ -281,7 +283,100 @@ def _wrong_fields(payload: dict[str, Any]) -> list[str]:
             pa.Table.from_pylist(history, schema=HISTORY_SCHEMA)
     except (TypeError, ValueError, pa.ArrowException) as err:
         wrong.append(f"history does not fit the metric history's schema ({err})")
+    return wrong + _wrong_solver_state(payload)
+
+
+STATE_KEYS = {"step", "x", "y", "opt", "extra"}
+FLATNESS_STATUSES = ("completed", "unsuitable")  # ActiveSolver's own statuses
+SHOWN_MISMATCHES = 3
+
+
+def _wrong_solver_state(payload: dict[str, Any]) -> list[str]:
+    """The solver state's optimizer states and extra variables against what the method in force
+    (the flatness fallback's, where the run switched) keeps for the state's own x and y: a
+    checkpoint altered or written by another version fails here, at load, not as a KeyError or
+    TypeError at its first step. A state whose keys, step, x or y are wrong is left to
+    ``state_from_dict`` and :func:`check_resume_shapes`, which name those."""
+    from bilevel_ray.config import METHOD_OPTIONS, SolverConfig
+
+    state, flatness = payload["state"], payload.get("flatness")
+    wrong = []
+    if flatness:
+        if not isinstance(flatness, dict) or not {"method", "verdict", "status"} <= set(flatness):
+            return [f"flatness={flatness!r} is not the flatness watch's outcome"]
+        if flatness["method"] not in METHOD_OPTIONS:
+            wrong.append(f"flatness.method={flatness['method']!r} is no method")
+        if flatness["status"] not in FLATNESS_STATUSES:
+            wrong.append(f"flatness.status={flatness['status']!r} is not one of the watch's")
+        if flatness["verdict"] is not None and not isinstance(flatness["verdict"], dict):
+            wrong.append(f"flatness.verdict is a {type(flatness['verdict']).__name__}, no dict")
+    if wrong or not isinstance(state, dict) or set(state) != STATE_KEYS:
+        return wrong
+    if not all(_tensors(state[level]) for level in ("x", "y")):
+        return wrong
+    try:
+        settings = SolverConfig.from_dict(payload["config"])
+    except (ConfigError, TypeError, ValueError) as err:
+        return [f"config is not a solver's settings ({err})"]
+    method = flatness["method"] if flatness else settings.method
+    if method != settings.method:
+        from bilevel_ray.runtime.local.active_solver import fallback_config
+
+        settings = fallback_config(settings, method)
+    # The state a fresh run of the method starts from, on the meta device: shapes, no memory.
+    # Its precision is fp32 there (autocast refuses the meta device); fp16 adds its loss scale.
+    meta = [{k: torch.empty_like(v, device="meta") for k, v in state[lv].items()} for lv in "xy"]
+    expected = dataclasses.replace(settings, precision="fp32").build(None).init(*meta)
+    if settings.precision == "fp16":
+        expected.extra.update(loss_scale=1.0, loss_scale_streak=0)  # solvers/compute.py's
+    mismatches = _mismatches(state["opt"], expected.opt, "state.opt")
+    mismatches += _mismatches(state["extra"], expected.extra, "state.extra")
+    if mismatches:
+        shown = "; ".join(mismatches[:SHOWN_MISMATCHES])
+        more = len(mismatches) - SHOWN_MISMATCHES
+        wrong.append(
+            f"its solver state is not what {method} keeps: {shown}"
+            + (f" (and {more} more)" if more > 0 else "")
+        )
     return wrong
+
+
+def _tensors(group: Any) -> bool:
+    return isinstance(group, dict) and all(isinstance(v, torch.Tensor) for v in group.values())
+
+
+def _mismatches(saved: Any, expected: Any, where: str) -> list[str]:
+    """Where ``saved`` differs from ``expected`` in structure: the keys of each dict, the length
+    of each list, each tensor's shape and dtype, each number's kind."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            return [f"{where} is a {type(saved).__name__}, not a tensor"]
+        if saved.shape != expected.shape or saved.dtype != expected.dtype:
+            return [
+                f"{where} is {tuple(saved.shape)} {saved.dtype}, not "
+                f"{tuple(expected.shape)} {expected.dtype}"
+            ]
+        return []
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict):
+            return [f"{where} is a {type(saved).__name__}, not a dict"]
+        if set(saved) != set(expected):
+            have, want = sorted(map(repr, saved)), sorted(map(repr, expected))
+            return [f"{where} holds [{', '.join(have)}], not [{', '.join(want)}]"]
+        return [m for k in expected for m in _mismatches(saved[k], expected[k], f"{where}[{k!r}]")]
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(expected):
+            return [f"{where} is {type(saved).__name__}, not a sequence of {len(expected)}"]
+        pairs = zip(saved, expected)
+        return [m for i, (s, e) in enumerate(pairs) for m in _mismatches(s, e, f"{where}[{i}]")]
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        kinds = (int,) if isinstance(expected, int) else (int, float)
+        if isinstance(saved, bool) or not isinstance(saved, kinds):
+            return [f"{where}={saved!r} is not a {type(expected).__name__}"]
+        return []
+    if type(saved) is not type(expected):
+        return [f"{where} is a {type(saved).__name__}, not a {type(expected).__name__}"]
+    return []
 
 
 HISTORY_ROW_BYTES = 256  # about one logged row in a checkpoint or a Parquet file

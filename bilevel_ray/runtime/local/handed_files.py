@@ -13,25 +13,36 @@ from typing import Any
 
 from bilevel_ray.errors import ConfigError
 
-__all__ = ["MAX_JSON_BYTES", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "check_regular_file", "read_json"]
 
 MAX_JSON_BYTES = 16 << 20  # a schedule or a record is kilobytes; 16 MiB is no such file
 
 
-def read_json(path: str | os.PathLike[str], what: str, fix: str) -> Any:
-    """The JSON document at ``path``; anything else is a ConfigError naming ``what`` (e.g.
-    "schedule file 'x.json'") and ``fix`` (what to give instead)."""
+def check_regular_file(
+    path: str | os.PathLike[str], what: str, fix: str, max_bytes: int, limit_name: str = ""
+) -> int:
+    """The size of ``path``, a regular file (links followed) of at most ``max_bytes``; anything
+    else (missing, a folder, a FIFO, a device such as /dev/zero, too large) is a ConfigError
+    naming ``what`` and ``fix``. ``limit_name``: where the limit is set, said when it is hit."""
     try:
         info = os.stat(path)
     except OSError as err:
         raise ConfigError(f"{what} cannot be read ({err.strerror}); {fix}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{what} is not a regular file (a folder, FIFO or device); {fix}")
-    if info.st_size > MAX_JSON_BYTES:
+    if info.st_size > max_bytes:
+        where = f" ({limit_name})" if limit_name else ""
         raise ConfigError(
-            f"{what} is {info.st_size:,} bytes, over the {MAX_JSON_BYTES:,} such a file can be; "
-            f"{fix}"
+            f"{what} is {info.st_size:,} bytes, over the {max_bytes:,} such a file can be"
+            f"{where}; {fix}"
         )
+    return info.st_size
+
+
+def read_json(path: str | os.PathLike[str], what: str, fix: str) -> Any:
+    """The JSON document at ``path``; anything else is a ConfigError naming ``what`` (e.g.
+    "schedule file 'x.json'") and ``fix`` (what to give instead)."""
+    check_regular_file(path, what, fix, MAX_JSON_BYTES)
     try:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as err:

@@ -20,6 +20,13 @@ Columns (NaN where a method has no such quantity):
 ``time/tokens_per_s``  tokens this process's batches held per second of the window (padding left
                        out), for a problem that counts them (``batch_tokens``); else NaN
 =====================  ==========================================================================
+
+A run diverges (:class:`DivergenceError`, status ``diverged``) when a loss of a logged window is
+not finite, or explodes (:func:`exploded`): its magnitude passes :data:`EXPLODE_FACTOR` times
+max(1, |its first value|). The bound is far above anything a converging run reaches (the upper
+loss may rise while y moves toward y*(x), by orders of magnitude at most), and far below where
+float32 overflows, so a run that blows up stops with its step named instead of ending
+"completed" at 1e32.
 """
 
 from __future__ import annotations
@@ -38,7 +45,15 @@ import torch
 from bilevel_ray.errors import DivergenceError
 from bilevel_ray.runtime.local.output_files import atomic_write
 
-__all__ = ["HISTORY_SCHEMA", "LOSS_KEYS", "METRIC_KEYS", "HistoryRecorder", "write_parquet"]
+__all__ = [
+    "EXPLODE_FACTOR",
+    "HISTORY_SCHEMA",
+    "LOSS_KEYS",
+    "METRIC_KEYS",
+    "HistoryRecorder",
+    "exploded",
+    "write_parquet",
+]
 
 METRIC_KEYS = (
     "upper/loss",
@@ -55,6 +70,14 @@ HISTORY_SCHEMA = pa.schema(
         for k in (*METRIC_KEYS, "time/step_s", "time/elapsed_s", "time/tokens_per_s")
     ]
 )
+
+
+EXPLODE_FACTOR = 1e12  # a loss past this many times max(1, |its first value|) has diverged
+
+
+def exploded(start: float, value: float) -> bool:
+    """Whether a loss that started at ``start`` has exploded at ``value`` (finite both)."""
+    return abs(value) > EXPLODE_FACTOR * max(1.0, abs(start))
 
 
 class HistoryRecorder:
@@ -77,6 +100,14 @@ class HistoryRecorder:
         self._tokens = 0
         self._elapsed_before = elapsed_before
         self._started = self._window_started = time.perf_counter()
+        # Each loss's first logged value: what the explosion rule measures against (a resumed
+        # run's first row stands in for its first step).
+        first = self.rows[0] if self.rows else {}
+        self._start = {
+            k: float(first[k])
+            for k in LOSS_KEYS
+            if isinstance(first.get(k), (int, float)) and math.isfinite(first[k])
+        }
 
     @property
     def elapsed(self) -> float:
@@ -91,7 +122,7 @@ class HistoryRecorder:
     ) -> dict[str, Any] | None:
         """Add the metrics of the step that completed ``step`` steps (and the ``tokens`` its
         batches held); returns a row when one is logged. Raises :class:`DivergenceError` when a
-        logged window holds a non-finite loss."""
+        logged window holds a non-finite or exploded loss."""
         self._window.append((step, metrics))
         self._tokens += tokens
         if step % self.report_every == 0:
@@ -112,8 +143,13 @@ class HistoryRecorder:
         }
         for (step, _), row_values in zip(window, values):
             for k, v in zip(keys, row_values):
-                if k in LOSS_KEYS and not math.isfinite(v):
+                if k not in LOSS_KEYS:
+                    continue
+                if not math.isfinite(v):
                     raise DivergenceError(step, k, last_finite)
+                start = self._start.setdefault(k, v)
+                if exploded(start, v):
+                    raise DivergenceError(step, k, last_finite, grew=(start, v))
             last_finite = {"step": step}
             last_finite.update((k, v) for k, v in zip(keys, row_values) if math.isfinite(v))
         now = time.perf_counter()
