@@ -88,7 +88,7 @@ def synthetic_nlsy(n: int = 7244, seed: int = 0) -> tuple[Tensor, Tensor, Tensor
 
 def _check_data(path: Path) -> None:
     """A regular file of at most text.read's MAX_FILE_BYTES (not a FIFO, /dev/zero, a folder)."""
-    from bilevel_ray.runtime.local.handed_files import check_regular_file
+    from bilevel_ray.handed_files import check_regular_file
     from bilevel_ray.text import read
 
     if not path.exists():

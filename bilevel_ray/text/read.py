@@ -35,7 +35,7 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.local.handed_files import check_regular_file
+from bilevel_ray.handed_files import check_regular_file
 
 __all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "SUFFIXES", "check_data_file", "read_rows"]
 

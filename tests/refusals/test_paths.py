@@ -738,7 +738,7 @@ def test_resuming_a_finished_sweep_whose_tune_state_is_gone_is_refused(tmp_path)
     from bilevel_ray.runtime.tune.state_seal import seal_files
 
     folder = tmp_path / "sweep"
-    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=False)
+    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=False).release()
     (folder / "trials.parquet").write_bytes(b"the finished sweep's table")
     with pytest.raises(br.ConfigError, match=r"whose Tune state .* is gone: there is nothing"):
         claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)
@@ -746,4 +746,4 @@ def test_resuming_a_finished_sweep_whose_tune_state_is_gone_is_refused(tmp_path)
     (folder / "tuner.pkl").write_bytes(b"")
     (folder / "experiment_state-2026.json").write_text("{}")
     seal_files(folder)  # as the sweep seals the state it saves
-    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True)  # resumable: accepted
+    claim_sweep_folder(folder, {"method": "pbgd_free"}, resume=True).release()  # accepted

@@ -14,6 +14,7 @@ among trials whose lower gap is within ``gap_tol``); Tune's searcher and schedul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -195,7 +196,24 @@ def run_sweep(
         base_options=base_options,
         address=address,
     )
-    claim_sweep_folder(plan.path, plan.record, resume, trust_state)
+    lock = claim_sweep_folder(plan.path, plan.record, resume, trust_state)
+    try:
+        extra = Extras(tracking, None, callbacks, stop)
+        return _sweep(plan, resume, base_options, (address, runtime_env), progress, extra)
+    finally:
+        lock.release()  # the folder is another process's to write from here
+
+
+def _sweep(
+    plan: SweepPlan,
+    resume: bool,
+    base_options: dict[str, Any],
+    where: tuple[str | None, Any],
+    progress: bool,
+    extra: Extras,
+) -> TuneResult:
+    """The sweep in its claimed folder: recorded, tracked, run and written; ``where`` is
+    (address, runtime_env)."""
     recorder = start_record(plan, resume, base_options)
     # Save the sweep's state at most every second (Tune's default adapts up to minutes; every
     # step would rewrite the whole state after each event: quadratic in the number of trials),
@@ -203,19 +221,18 @@ def run_sweep(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     handle_trial_deaths()  # a dead trial fails alone, and is said once, by the sweep
     started = time.perf_counter()
-    sweep = None
+    tracking, sweep = extra.tracking, None
     if tracking is not None:
         sweep = open_sweep_run(tracking, plan.path.name, sweep_params(plan))
+        extra = dataclasses.replace(extra, parent_run_id=sweep.run_id)
     try:
         with recorder.running():
             with steady_working_dir(plan.path):  # all of the sweep's paths are absolute by now
-                gpus = connect(address, runtime_env)
+                gpus = connect(*where)
                 check_population_fits(plan)  # a cluster the pre-flight could not see
                 if tracking is not None:
                     tracking.check_cluster(len(ray.nodes()))
                 trial_cpus, concurrent = _place(plan, ray.cluster_resources().get("CPU", 0.0))
-                parent = None if sweep is None else sweep.run_id
-                extra = Extras(tracking, parent, callbacks, stop)
                 grid = _execute(plan, trial_cpus, concurrent, bool(gpus), resume, progress, extra)
             result = _write(plan, grid, started)
         end_record(recorder, plan, result)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.local.handed_files import read_json
+from bilevel_ray.handed_files import read_json
+from bilevel_ray.runtime.local.folder_lock import FolderLock, lock_folder
 from bilevel_ray.runtime.local.output_files import atomic_write, check_output_folder
 from bilevel_ray.runtime.tune.state_seal import check_state_seal
 
@@ -26,10 +27,11 @@ SWEEP_FILES = (SWEEP_FILE, "trials.parquet", "history.parquet")  # each written 
 
 def claim_sweep_folder(
     path: Path, settings: dict[str, Any], resume: bool, trust_state: bool = False
-) -> None:
-    """Refuse ``path`` when it holds another sweep, or this one without ``resume``, or Tune
-    state this account did not seal (unless ``trust_state``); otherwise record ``settings`` as
-    the folder's sweep. ``path`` is ``{storage_path}/{name}``."""
+) -> FolderLock:
+    """Refuse ``path`` when another process is writing it, when it holds another sweep, or this
+    one without ``resume``, or Tune state this account did not seal (unless ``trust_state``);
+    otherwise record ``settings`` as the folder's sweep. ``path`` is ``{storage_path}/{name}``.
+    Returns the folder's lock, to release when the sweep ends."""
     check_output_folder(path.parent, path.name, "name", SWEEP_FILES, "sweep file")
     settings = json.loads(json.dumps(settings, default=repr))  # as the file will read back
     file = path / SWEEP_FILE
@@ -42,6 +44,19 @@ def claim_sweep_folder(
             "--resume (resume=False) to start the sweep, or give the --name (name=...) of the "
             "sweep to resume"
         )
+    # One writer: two sweeps into one folder at once would both find it new, or both resume it.
+    lock = lock_folder(path, "sweep folder")
+    try:
+        _settle(path, settings, resume, trust_state)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _settle(path: Path, settings: dict[str, Any], resume: bool, trust_state: bool) -> None:
+    """The folder's own checks (this process holding it), then ``settings`` recorded."""
+    file = path / SWEEP_FILE
     if file.is_file():
         # Bounded in size, nesting refused by name: the file is data anyone could have edited.
         fix = "delete the folder or choose a new --name"

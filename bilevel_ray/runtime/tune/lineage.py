@@ -27,7 +27,7 @@ from typing import Any
 
 from bilevel_ray import schedules
 from bilevel_ray.errors import ConfigError
-from bilevel_ray.runtime.local.handed_files import read_json
+from bilevel_ray.handed_files import read_json
 from bilevel_ray.runtime.local.output_files import atomic_write
 from bilevel_ray.runtime.local.run_spec import RUN_OPTIONS
 
