@@ -50,16 +50,19 @@ class DivergenceError(BilevelRayError, FloatingPointError):
             if self.last_finite
             else "none (the first step already failed)"
         )
-        what = (
-            f"{metric} is not finite"
-            if grew is None
-            else f"{metric} grew from {grew[0]:.6g} to {grew[1]:.6g}, past any converging run"
-        )
         super().__init__(
-            f"diverged at step {step}: {what}; last finite metrics: {shown}. "
+            f"diverged at step {step}: {self.what}; last finite metrics: {shown}. "
             "Lower the step sizes lr_x / lr_y; with a penalty method, a smaller gamma or a gamma "
             "ramp (br.schedules.pbgd_ramp) also helps."
         )
+
+    @property
+    def what(self) -> str:
+        """What happened to the loss, in words."""
+        if self.grew is None:
+            return f"{self.metric} is not finite"
+        start, value = self.grew
+        return f"{self.metric} grew from {start:.6g} to {value:.6g}, past any converging run"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from its fields, not its message, where it crosses processes (Ray).

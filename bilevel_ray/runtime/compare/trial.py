@@ -153,7 +153,7 @@ def run_compare_trial(point: dict[str, Any], plan: ComparePlan) -> None:
                     sink.tracker.log_row({"step": result.state.step, **held_out})
                 sink.tracker.end(result.status)
         except DivergenceError as err:
-            status, reason = "diverged", f"diverged at step {err.step}: {err.metric} not finite"
+            status, reason = "diverged", f"diverged at step {err.step}: {err.what}"
         write_parquet(
             pa.Table.from_pylist(sink.rows), Path(plan.folder) / CURVES / f"{name}.parquet"
         )

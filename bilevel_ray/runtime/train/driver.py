@@ -14,6 +14,7 @@ Ray is imported only when a worker group is started.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import uuid
@@ -359,7 +360,11 @@ def _train_on_group(
         )
     if metrics.get("status") == "diverged":
         last = {k: v for k, v in metrics.items() if k == "step" or "/" in k}
-        raise DivergenceError(metrics["diverged_at_step"], metrics["diverged_metric"], last)
+        grew = (metrics.get("diverged_from", math.nan), metrics.get("diverged_to", math.nan))
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in grew)
+        raise DivergenceError(
+            metrics["diverged_at_step"], metrics["diverged_metric"], last, grew if finite else None
+        )
     state = state_from_dict(payload["state"])
     history = pa.Table.from_pylist(payload["history"], schema=HISTORY_SCHEMA)
     flatness = payload.get("flatness") or {}

@@ -215,6 +215,10 @@ def _run(
             "status": "diverged",
             "diverged_at_step": err.step,
             "diverged_metric": err.metric,
+            # An explosion's start and crossing value (NaN for a non-finite loss): the driver
+            # names it as the worker saw it.
+            "diverged_from": err.grew[0] if err.grew else float("nan"),
+            "diverged_to": err.grew[1] if err.grew else float("nan"),
         }
         if job.gap_steps is not None:  # a sweep's trial: its searcher must not see a good score
             verdict[SCORE] = FAILED

@@ -110,7 +110,8 @@ def trials_table(grid: Any) -> pa.Table:
             status = "error"
             reason = death_reason(result.error) or one_line(result.error)
         if status == "diverged":
-            reason = f"diverged at step {metrics.get('diverged_at_step')}: a loss was not finite"
+            how = metrics.get("diverged_how") or "a loss was not finite"
+            reason = f"diverged at step {metrics.get('diverged_at_step')}: {how}"
         row = {
             "trial_id": trial_id,
             "status": status,

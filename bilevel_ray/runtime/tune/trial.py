@@ -263,7 +263,7 @@ class _TuneSink:
             "diverged_at_step": err.step,
         }
         self.rows.append({"trial_id": self.trial_id, **_numbers(err.last_finite), **ended})
-        self.report({**self.last, **_numbers(err.last_finite), **ended})
+        self.report({**self.last, **_numbers(err.last_finite), **ended, "diverged_how": err.what})
 
 
 def _trial_on_worker_group(
