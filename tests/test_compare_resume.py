@@ -422,3 +422,44 @@ def test_a_comparison_on_ray_resumes_the_run_it_lost(ray_2cpu, tmp_path, monkeyp
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["outcome"]["status"] == "completed" and len(manifest["continuations"]) == 1
     assert (folder / "results" / "pbgd.pt").is_file() and not (folder / CLAIM).exists()
+
+
+# --- a real kill: the CLI's driver and its Ray killed after its first run ---------------------
+
+
+@pytest.mark.slow
+def test_a_killed_comparison_resumes_with_only_the_runs_it_lacks(tmp_path):
+    import signal
+    import time
+
+    argv = [sys.executable, "-m", "bilevel_ray", "compare", "toy-negative", "--methods",
+            "alt_pbgd,pbgd", "--budget", "2", "--seeds", "3", "--out", str(tmp_path), "--name",
+            "c", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(argv, env=env, cwd=root, start_new_session=True)
+    runs = tmp_path / "c" / RUNS
+    deadline = time.monotonic() + 300
+    try:
+        while not (runs.is_dir() and any(runs.glob("*.json"))):
+            assert child.poll() is None, "the comparison ended before its first run did"
+            assert time.monotonic() < deadline, "no run finished"
+            time.sleep(0.2)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the driver and the Ray it started
+        child.wait()
+    time.sleep(10)  # a trial that was ending may still save its run before the guardian ends it
+    kept = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    assert 1 <= len(kept) < 6, "the kill came after the comparison had finished"
+
+    done = subprocess.run([*argv, "--resume"], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(rf"resumed: {len(kept)} of 6 runs read from .*, {6 - len(kept)} runs? now",
+                     done.stdout), done.stdout  # fmt: skip
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json") if p.name in kept} == kept
+    table = pq.read_table(tmp_path / "c" / "compare.parquet").to_pylist()
+    assert sorted((row["method"], row["seed"]) for row in table) == [
+        (m, k) for m in METHODS for k in range(3)
+    ]
+    assert not (tmp_path / "c" / CLAIM).exists()

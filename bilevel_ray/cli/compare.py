@@ -90,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     print(result.recommendation["text"])
     if result.resumed is not None:
         read, ran = len(result.resumed["runs_read"]), len(result.resumed["runs_run"])
-        print(f"  resumed: {read} of {read + ran} runs read from {result.path}/runs, {ran} run now")
+        print(
+            f"  resumed: {read} of {read + ran} runs read from {result.path}/runs, {ran} "
+            f"run{'s' if ran != 1 else ''} now"
+        )
     print(
         f"  wrote {result.path}/compare.parquet, curves.parquet, compare.json, compare.png, "
         "results/<method>.pt (each method's best run's parameters), manifest.json"
