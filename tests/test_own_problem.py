@@ -130,9 +130,9 @@ def test_space_values_are_the_bounds_categories_and_grid_values():
 
 def test_a_sweep_folder_refuses_another_sweep_and_a_changed_resume(tmp_path):
     settings = {"problem": "quadratic", "num_samples": 8, "steps": 100}
-    claim_sweep_folder(tmp_path / "s", settings, resume=False)
+    claim_sweep_folder(tmp_path / "s", settings, resume=False).release()
     assert (tmp_path / "s" / SWEEP_FILE).is_file()
-    claim_sweep_folder(tmp_path / "s", settings, resume=True)  # the same sweep, resumed
+    claim_sweep_folder(tmp_path / "s", settings, resume=True).release()  # the same sweep, resumed
     with pytest.raises(br.ConfigError, match=r"already holds this sweep: pass --resume"):
         claim_sweep_folder(tmp_path / "s", settings, resume=False)
     other = {**settings, "num_samples": 4}
