@@ -37,6 +37,9 @@ class Recorder:
         path = self.folder / MANIFEST
         if self.before is None:
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # left empty by the refusal: as it was, absent
+                if not any(self.folder.iterdir()):
+                    self.folder.rmdir()
         else:
             text = self.before
             atomic_text(path, text)

@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,17 +105,24 @@ def _keep_sigterm_handler() -> Iterator[None]:
 
 @contextmanager
 def _quiet_client(quiet: bool) -> Iterator[None]:
-    """While joining a cluster: Ray's client logs a warning a second for a minute while the
-    address does not answer as a cluster's head does; the refusal comes as one line instead
-    (unless ``RAY_BACKEND_LOG_LEVEL`` is the user's own)."""
-    if not quiet or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+    """While joining a cluster: Ray's client writes a warning a second to the process's stderr
+    (from C++, past Python's logging and ``RAY_BACKEND_LOG_LEVEL``) for as long as the address
+    does not answer as a cluster's head does; the refusal comes as one line instead, so the
+    file descriptor itself is pointed elsewhere until ``ray.init`` returns."""
+    if not quiet:
         yield
         return
-    os.environ["RAY_BACKEND_LOG_LEVEL"] = "error"
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        yield
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
     finally:
-        os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+        os.close(saved)
 
 
 def _starts_local_ray() -> bool:
