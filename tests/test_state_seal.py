@@ -34,13 +34,17 @@ def sweep(tmp_path, monkeypatch):
     return folder
 
 
-def test_the_state_files_are_what_tune_unpickles(sweep):
+def test_the_state_files_are_every_json_and_pkl_tune_restores_but_the_sweeps_own(sweep):
     (sweep / "basic-variant-state-1.json").write_text("{}")
     (sweep / "callback-states-1.pkl").write_bytes(b"")
+    (sweep / "search_gen_state-1.json").write_bytes(b"")
+    for own in ("best_schedule.json", "manifest.json", "trials.parquet"):
+        (sweep / own).write_text("{}")
     assert [f.name for f in state_files(sweep)] == [
         "basic-variant-state-1.json",
         "callback-states-1.pkl",
         "experiment_state-2026-12-06.json",
+        "search_gen_state-1.json",
         "searcher-state-2026-12-06.pkl",
         "tuner.pkl",
     ]
@@ -65,8 +69,14 @@ def test_a_sealed_sweep_resumes_and_the_seal_is_an_hmac_of_name_and_bytes(sweep)
             lambda s: (s / "experiment_state-2026-12-06.json").write_text('{"x": 1}'),
             "experiment_state-2026-12-06.json",
         ),
+        (
+            lambda s: (s / "search_gen_state-9999.json").write_bytes(b"cos\nsystem\n"),
+            "search_gen_state-9999.json",
+        ),
+        (lambda s: os.mkfifo(s / "searcher-state-9.pkl"), "searcher-state-9.pkl"),
+        (lambda s: (s / "z.pkl").symlink_to("/dev/zero"), "z.pkl"),
     ],
-    ids=["edited", "planted", "edited-json"],
+    ids=["edited", "planted", "edited-json", "search-gen-state", "fifo", "link"],
 )
 def test_a_file_the_sweep_did_not_write_is_refused(sweep, tamper, named):
     seal_files(sweep)

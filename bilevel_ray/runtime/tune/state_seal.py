@@ -42,14 +42,27 @@ __all__ = [
 
 SEAL_FILE = "state_seal.json"
 KEEP = 8  # digests kept per file: the copy in the sweep's folder may lag a few saves behind
-_PATTERNS = ("*.pkl", "experiment_state-*.json", "basic-variant-state-*.json")
+# Tune's restore copies every top-level .json and .pkl of the sweep's folder and may unpickle
+# any of them (tuner.pkl, experiment_state-*, searcher-state-*, search_gen_state-*,
+# basic-variant-state-*, callback-states-*, ...): all are sealed but the sweep's own files,
+# which bilevel_ray reads as plain JSON and never unpickles.
+_SUFFIXES = (".json", ".pkl")
+_OWN = frozenset({SEAL_FILE, "sweep.json", "best_schedule.json", "manifest.json"})
 _MAX_SEAL_BYTES = 1 << 20
 
 
 def state_files(folder: Path) -> list[Path]:
-    """The files in ``folder`` that Tune unpickles when it restores a sweep."""
-    found = {p for pattern in _PATTERNS for p in folder.glob(pattern) if p.is_file()}
-    return sorted(found)
+    """The entries of ``folder`` that Tune may unpickle when it restores a sweep (whatever they
+    are: a link or a FIFO at such a name is one too)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if p.suffix in _SUFFIXES and p.name not in _OWN)
+
+
+def _regular(file: Path) -> bool:
+    return not file.is_symlink() and file.is_file()
 
 
 def _digest(key: bytes, file: Path) -> str:
@@ -87,7 +100,7 @@ def seal_files(sweep: Path, source: Path | None = None, only: str | None = None)
         return False
     seal = _read_seal(sweep)
     changed = False
-    files = state_files(source or sweep)
+    files = [f for f in state_files(source or sweep) if _regular(f)]
     for file in files if only is None else [f for f in files if f.name == only]:
         digest = _digest(key, file)
         kept = seal.setdefault(file.name, [])
@@ -118,7 +131,9 @@ def check_state_seal(sweep: Path, trust_state: bool) -> None:
         )
         unsealed = [f.name for f in files]
     else:
-        unsealed = [f.name for f in files if _digest(key, f) not in seal.get(f.name, [])]
+        unsealed = [
+            f.name for f in files if not _regular(f) or _digest(key, f) not in seal.get(f.name, [])
+        ]
         why = "they changed since the sweep wrote them, or it never wrote them"
     if unsealed:
         raise ConfigError(
@@ -161,7 +176,7 @@ class SealCallback(Callback):
         if self._staging is None or not self._staging.is_dir():
             return
         stats = {}
-        for file in state_files(self._staging):
+        for file in filter(_regular, state_files(self._staging)):
             st = file.stat()
             stats[file.name] = (st.st_size, st.st_mtime_ns)
         if stats != self._seen:
