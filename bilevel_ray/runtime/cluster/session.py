@@ -54,6 +54,11 @@ def connect(address: str | None = None, runtime_env: object = None) -> int:
     # Train otherwise writes a worker's print() both to its log and to the console: each
     # progress line would show twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ctrl-C stops a sweep or a comparison where it is, as SIGTERM does: Tune's own handler
+    # would end every trial and return as if the sweep had finished (its best from stopped
+    # trials, exit 0); the interrupt instead ends the record "interrupted", and --resume goes on
+    # from the state Tune saved.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     quiet = not verbose()
     if quiet:
         # Tune's newer console output prints a box of the experiment's settings and a
