@@ -67,7 +67,17 @@ def _trainer_class() -> Any:
     do (and a local Ray ends with its driver: ``bilevel_ray.runtime.cluster.guardian``). Where
     a Ray version names the method otherwise, the cleaner stays, and ``ray_logs`` keeps its
     traceback off the terminal.
+
+    And Ctrl-C ends the run as an interrupt: Train's own handler aborts the group, then exits
+    the process with status 1 and no word (the run's record left "running"); this one aborts
+    the group, then raises ``KeyboardInterrupt`` where the driver waits, so the run ends as
+    SIGTERM ends it (one line, exit 130, the record "interrupted", resumable from its last
+    checkpoint).
     """
+    import contextlib
+    import signal
+
+    import ray
     from ray.train.torch import TorchTrainer
 
     class Trainer(TorchTrainer):
@@ -76,6 +86,16 @@ def _trainer_class() -> Any:
             if _serves_state_api():
                 return callbacks
             return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            def interrupt(signum: int, frame: Any) -> None:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second: at once
+                # The controller may be gone already: nothing left to abort then.
+                with contextlib.suppress(Exception):
+                    ray.get(controller.abort.remote(), timeout=30)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, interrupt)
 
     return Trainer
 
