@@ -463,3 +463,25 @@ def test_a_killed_comparison_resumes_with_only_the_runs_it_lacks(tmp_path):
         (m, k) for m in METHODS for k in range(3)
     ]
     assert not (tmp_path / "c" / CLAIM).exists()
+
+
+def test_a_run_whose_numbers_were_edited_is_not_trusted(tmp_path, monkeypatch):
+    from bilevel_ray.runtime.compare.finished import read_finished
+
+    _finish_run(tmp_path, "k", "pbgd", 0)
+    path = tmp_path / RUNS / "pbgd-seed0.json"
+    assert read_finished(tmp_path, "k", "pbgd", 0)[0] is not None
+    record = json.loads(path.read_text())
+    record["report"]["final_phi"] = -1000.0  # every plain hash still holds
+    for row in record["curve"]:
+        row["eval/phi"] = -1000.0
+    path.write_text(json.dumps(record))
+    assert read_finished(tmp_path, "k", "pbgd", 0) == (
+        None,
+        "not sealed by this account: written elsewhere, or its numbers edited",
+    )
+    # Another account's key (another machine's run): the same.
+    monkeypatch.setenv("BILEVEL_RAY_STATE_KEY", str(tmp_path / "other.key"))
+    _finish_run(tmp_path, "k", "alt_pbgd", 0)
+    monkeypatch.setenv("BILEVEL_RAY_STATE_KEY", str(tmp_path / "mine.key"))
+    assert read_finished(tmp_path, "k", "alt_pbgd", 0)[1].startswith("not sealed by this account")

@@ -11,17 +11,21 @@ SHA-256 of its parameters file (``params/<method>-seed<k>.pt``); it names the co
 belongs to by a key of the problem, its data and every setting (:func:`comparison_key`), so
 that a file from another comparison is not taken for one of this one's. Written atomically (a
 temporary file, then a rename): a killed run leaves no half file. JSON as Python writes it: a
-NaN (the final phi of a run that did not complete) is ``NaN``.
+NaN (the final phi of a run that did not complete) is ``NaN``. It carries this account's seal
+(an HMAC under :mod:`bilevel_ray.account_key`): a file whose numbers someone edited, who could
+recompute every plain hash, is not trusted, and the run runs again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bilevel_ray.account_key import account_key, keyed_digest, read_key
 from bilevel_ray.atomic_files import atomic_text
 from bilevel_ray.records.files import sha256_file
 from bilevel_ray.records.manifest import now, plain
@@ -57,6 +61,10 @@ RUN_COLUMNS = (
     "peak_rss_mb",
     "rss_growth_mb",
 )
+
+
+SEAL_CONTEXT = b"bilevel_ray.compare-run/1"
+_UNSEALED = "not sealed by this account: written elsewhere, or its numbers edited"
 
 
 def run_name(method: str, seed: int) -> str:
@@ -109,8 +117,29 @@ def write_finished(
         "curve": curve,
         "params": kept,
     }
+    record = json.loads(json.dumps(record, default=str))  # as it will read back
+    record["seal"] = _seal(record)
     path = folder / RUNS / f"{run_name(method, seed)}.json"
-    return atomic_text(path, json.dumps(record, indent=1, default=str) + "\n")
+    return atomic_text(path, json.dumps(record, indent=1) + "\n")
+
+
+def _seal(record: Mapping[str, Any]) -> str | None:
+    """This account's HMAC of the record (all but the seal): a run's numbers edited by someone
+    without the key no longer match it (None without a key: the run is then run again on a
+    resume)."""
+    key = account_key()
+    if key is None:
+        return None
+    content = json.dumps({k: v for k, v in record.items() if k != "seal"}, sort_keys=True)
+    return keyed_digest(key, SEAL_CONTEXT, content.encode())
+
+
+def _sealed(record: Mapping[str, Any]) -> bool:
+    key, seal = read_key(), record.get("seal")
+    if key is None or not isinstance(seal, str):
+        return False
+    content = json.dumps({k: v for k, v in record.items() if k != "seal"}, sort_keys=True)
+    return hmac.compare_digest(seal, keyed_digest(key, SEAL_CONTEXT, content.encode()))
 
 
 def read_finished(
@@ -148,7 +177,9 @@ def _problem(folder: Path, record: Any, key: str, method: str, seed: int) -> str
     if not isinstance(curve, list) or not all(_point(r, method, seed) for r in curve):
         return "its curve rows are not this run's (method, seed, step, wall_s, eval/phi)"
     if report["status"] != "completed":
-        return None
+        return (
+            None if _sealed(record) else "not sealed by this account: written elsewhere, or edited"
+        )
     steps, phi = report.get("steps"), report.get("final_phi")
     if not isinstance(steps, int) or not isinstance(phi, (int, float)) or not curve:
         return "a completed run without its steps, final phi or curve"
@@ -160,6 +191,8 @@ def _problem(folder: Path, record: Any, key: str, method: str, seed: int) -> str
         return f"its parameters file {params['path']} is gone"
     if sha256_file(folder / where) != params.get("sha256"):
         return f"its parameters file {params['path']} changed since the run wrote it"
+    if not _sealed(record):
+        return _UNSEALED
     return None
 
 
