@@ -229,6 +229,22 @@ def test_a_stale_claim_is_taken_over_by_resume_only(tmp_path, monkeypatch, capsy
     assert calls == [[("pbgd", 0)]] and not (folder / CLAIM).exists()
 
 
+def test_a_claim_left_before_anything_was_written_lets_a_new_start_take_it(tmp_path, monkeypatch):
+    """A comparison killed before it wrote anything but its claim: there is nothing to resume,
+    and a new start takes the stale claim over (the two messages no longer point at each
+    other)."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    _plant_claim(folder, _dead_pid())
+    with pytest.raises(br.ConfigError, match=r"holds no comparison to resume: run it without"):
+        br.compare("toy-negative", storage_path=str(tmp_path), resume=True, **ARGS)
+    calls: list = []
+    monkeypatch.setattr(compare_module, "_run_all", _fake_runs(calls))
+    br.compare("toy-negative", storage_path=str(tmp_path), **ARGS)
+    assert len(calls) == 1 and not (folder / CLAIM).exists()
+    assert (folder / "compare.parquet").is_file()
+
+
 # --- stopped and resumed ------------------------------------------------------------------------
 
 

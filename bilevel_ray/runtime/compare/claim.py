@@ -176,7 +176,7 @@ def _refuse_held(folder: Path, held: dict[str, Any] | None, resume: bool) -> Non
             f"{where} is being written by {who}: use a new --name (name=...), or wait until "
             "it ends and pass --resume (resume=True) if it did not finish"
         )
-    if not resume:
+    if not resume and _held(folder):  # a writer killed before it wrote anything: a new start
         raise ConfigError(
             f"{where} holds an unfinished comparison (its writer, {who}, ended without "
             "finishing it): pass --resume (resume=True) to continue it, or use a new --name "
@@ -187,7 +187,7 @@ def _refuse_held(folder: Path, held: dict[str, Any] | None, resume: bool) -> Non
 def _check_contents(folder: Path, resume: bool) -> None:
     """A new comparison needs an empty folder; a resume, an unfinished comparison."""
     where = f"comparison folder {str(folder)!r}"
-    held = [p for p in folder.iterdir() if p.name != CLAIM and not p.name.startswith(f".{CLAIM}")]
+    held = _held(folder)
     if not resume:
         if not held:
             return
@@ -222,6 +222,11 @@ def _check_contents(folder: Path, resume: bool) -> None:
             "there is nothing to resume, and its files stay as they are (bilevel-ray show "
             "shows it); use a new --name (name=...) to run it again"
         )
+
+
+def _held(folder: Path) -> list[Path]:
+    """What the folder holds besides claims."""
+    return [p for p in folder.iterdir() if p.name != CLAIM and not p.name.startswith(f".{CLAIM}")]
 
 
 def _unfinished(folder: Path) -> bool:
