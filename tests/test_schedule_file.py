@@ -11,7 +11,7 @@ import pytest
 import bilevel_ray as br
 from bilevel_ray.runtime.tune.lineage import read_schedule_file, write_best_schedule
 
-A = {"lr_x": 0.01, "lr_y": 0.1, "gamma": 1.0, "optimizer": "adam"}
+A = {"method": "pbgd_free", "lr_x": 0.01, "lr_y": 0.1, "gamma": 1.0, "optimizer": "adam"}
 
 
 def _schedule(folder):
@@ -48,11 +48,31 @@ def test_an_unknown_field_is_refused(tmp_path):
         (lambda d: d["settings"].update(gamma=1e6), r"its settings \['gamma'\] are not what its"),
         (lambda d: d["settings"].update(lr_x=0.5), r"its settings \['lr_x'\] are not what its"),
         (lambda d: d["lineage"][1]["settings"].update(gamma=1e6), r"settings \['gamma'\] are not"),
-        (lambda d: d.update(lineage=[]), r"its lineage is not one a sweep writes \(ConfigError\)"),
+        (lambda d: d.update(lineage=[]), r"its lineage is not one a sweep writes \(segments"),
+        (lambda d: d["lineage"][0].update(foo=1), r"its lineage is not one a sweep writes"),
+        (lambda d: d["lineage"][1].update(from_step=500), r"increasing steps below steps=60"),
+        (lambda d: d["lineage"][1].update(from_step=0), r"increasing steps below steps=60"),
+        (lambda d: d.update(method="alt_pbgd"), r"its method 'alt_pbgd' is not its lineage's"),
+        (
+            lambda d: d["lineage"][1]["settings"].update(method="alt_pbgd"),
+            r"its method 'pbgd_free' is not its lineage's 'alt_pbgd'",
+        ),
         (lambda d: d.update(lineage=[{"x": 1}]), r"its lineage is not one a sweep writes"),
         (lambda d: d.update(lineage="a"), r"its lineage is not one a sweep writes"),
     ],
-    ids=["settings-gamma", "settings-lr_x", "lineage-gamma", "empty", "no-settings", "a-string"],
+    ids=[
+        "settings-gamma",
+        "settings-lr_x",
+        "lineage-gamma",
+        "empty",
+        "unknown-field",
+        "past-the-end",
+        "not-increasing",
+        "top-method",
+        "lineage-method",
+        "no-settings",
+        "a-string",
+    ],
 )
 def test_settings_that_contradict_the_lineage_are_refused(tmp_path, edit, match):
     path = _edit(_schedule(tmp_path), edit)

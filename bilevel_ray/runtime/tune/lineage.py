@@ -18,6 +18,7 @@ point, replays the trial: the same batches, the same steps, the same final x and
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ __all__ = [
 
 BEST_SCHEDULE = "best_schedule.json"
 FORMAT = "bilevel_ray.best_schedule/1"
+_SEGMENT = frozenset({"from_step", "trial_id", "settings"})  # a lineage entry's fields
 _FIELDS = (
     "format",
     "trial_id",
@@ -167,6 +169,33 @@ def _check_lineage(document: dict[str, Any], where: str) -> None:
     lineage = document.get("lineage")
     if lineage is None:
         return
+    steps = document.get("steps")
+    shapes = isinstance(lineage, list) and all(
+        isinstance(s, dict)
+        and set(s) == _SEGMENT
+        and isinstance(s["from_step"], int)
+        and not isinstance(s["from_step"], bool)
+        and 0 <= s["from_step"] < (steps if isinstance(steps, int) else s["from_step"] + 1)
+        and isinstance(s["settings"], dict)
+        for s in lineage
+    )
+    if (
+        not shapes
+        or not lineage
+        or lineage[0]["from_step"] != 0
+        or any(a["from_step"] >= b["from_step"] for a, b in itertools.pairwise(lineage))
+    ):
+        raise ConfigError(
+            f"{where}: its lineage is not one a sweep writes (segments of {sorted(_SEGMENT)}, the "
+            f"first from step 0, then at increasing steps below steps={steps!r}); give the file a "
+            "sweep wrote, unedited"
+        )
+    method = lineage[-1]["settings"].get("method", document.get("method"))
+    if method != document.get("method"):
+        raise ConfigError(
+            f"{where}: its method {document.get('method')!r} is not its lineage's {method!r}: the "
+            "file was edited; give the file a sweep wrote, unedited"
+        )
     try:
         expected = lineage_schedule(lineage)
     except (ConfigError, TypeError, KeyError, ValueError, AttributeError, IndexError) as err:
