@@ -4,6 +4,7 @@ keeps the command's own SIGTERM handler (``runtime.cluster.session``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,3 +80,35 @@ def test_ray_init_keeps_the_processs_own_sigterm_handler(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_where_it_is_not_as_a_finished_one(tmp_path):
+    # Tune's own handler would stop every trial and report them as a finished sweep (exit 0,
+    # a best config and best_schedule.json from stopped trials).
+    argv = ["tune", "quadratic", "--samples", "2", "--max-steps", "10000000", "--report-every",
+            "1000", "--scheduler", "fifo", "--out", str(tmp_path), "--name", "s"]  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bilevel_ray", *argv],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        for line in child.stderr:
+            if " started: " in line:  # a trial runs
+                break
+            assert time.monotonic() < deadline, "no trial started"
+        time.sleep(3)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["outcome"]["status"] == "interrupted"
+    assert not (tmp_path / "s" / "best_schedule.json").exists()
