@@ -237,3 +237,20 @@ def test_an_edited_schedule_is_refused(sweep, capsys):
     err = capsys.readouterr().err
     assert "does not match its manifest (output best_schedule.json changed" in err
     assert "restore it, or run the sweep again" in err
+
+
+def test_the_code_warning_names_what_differs():
+    from bilevel_ray.records.continuation import _code_difference
+
+    same = "a" * 64
+    code = {
+        "then": {"bilevel_ray": "0.9", "source_sha256": same, "git": {"commit": "b" * 40}},
+        "now": {
+            "bilevel_ray": "0.9",
+            "source_sha256": same,
+            "git": {"commit": "c" * 40, "dirty": True},
+        },
+    }
+    assert _code_difference(code) == "git bbbbbbbbbbbb -> cccccccccccc (dirty)"
+    code["now"]["source_sha256"] = "d" * 64
+    assert _code_difference(code).startswith("source aaaaaaaaaaaa -> dddddddddddd; git ")

@@ -138,6 +138,26 @@ def code_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
     return {"then": {k: then.get(k) for k in keys}, "now": {k: now_.get(k) for k in keys}}
 
 
+def _code_difference(code: Mapping[str, Any]) -> str:
+    """What differs between the code then and now, each part shown as ``then -> now``: the
+    version, the source's hash, the git commit and whether its tree was dirty."""
+    names = {"bilevel_ray": "bilevel_ray", "source_sha256": "source", "git": "git"}
+    parts = []
+    for key, name in names.items():
+        then, now_ = code["then"].get(key), code["now"].get(key)
+        if then != now_:
+            parts.append(f"{name} {_short(then)} -> {_short(now_)}")
+    return "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    """A hash cut to 12 characters; a git record as its commit (and "dirty")."""
+    if isinstance(value, Mapping):
+        commit = str(value.get("commit"))[:12]
+        return commit + (" (dirty)" if value.get("dirty") else "")
+    return str(value)[:12] if isinstance(value, str) and len(value) > 16 else str(value)
+
+
 def check_continuation(
     folder: Path,
     new: Mapping[str, Any],
@@ -184,11 +204,8 @@ def check_continuation(
     code = code_change(old, new)
     if code is not None:
         print(
-            f"warning: {what} was started with other code (bilevel_ray "
-            f"{code['then']['bilevel_ray']}, source {str(code['then']['source_sha256'])[:12]}..."
-            f"; now {code['now']['bilevel_ray']}, source "
-            f"{str(code['now']['source_sha256'])[:12]}...): continuing it; the manifest records "
-            "both",
+            f"warning: {what} was started with other code ({_code_difference(code)}): "
+            "continuing it; the manifest records both",
             file=sys.stderr,
         )
     if from_step is None:
