@@ -127,18 +127,27 @@ def _create(path: Path, record: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        try:
-            os.link(tmp, path)  # atomic, and fails where the name exists (also on NFS)
-            return
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links: created exclusively, then written
-            pass
+        linked = _link(tmp, path)
     finally:
         os.unlink(tmp)
+    if linked:
+        return
+    # A file system without hard links: created exclusively, then written.
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+
+
+def _link(tmp: str, path: Path) -> bool:
+    """Link ``tmp`` at ``path``: atomic, and FileExistsError where the name exists (also on
+    NFS); False where the file system has no hard links."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        return False
+    return True
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -246,12 +255,15 @@ def is_alive(pid: int, process_start: Any = None) -> bool:
     reuses the pid, where the process start differs from ``process_start``)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
-    except PermissionError:  # another user's process: it exists
-        pass
-    except (OverflowError, ValueError):
-        return False
+    except PermissionError:  # another user's process: it exists; its state is read below
+        return _alive_by_stat(pid, process_start)
+    return _alive_by_stat(pid, process_start)
+
+
+def _alive_by_stat(pid: int, process_start: Any) -> bool:
+    """From /proc: not a zombie, and started when the claim says (not a reused pid)."""
     stat = _stat(pid)
     if stat is None:
         return True  # no /proc: the pid answering is all we know
